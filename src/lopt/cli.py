@@ -1,0 +1,242 @@
+"""The ``lopt`` command: train, compare, demo (and, from the dynamics toolkit, analyze and report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lopt.errors import UserError
+
+DEMO_DIR = "lopt-demo"
+
+
+# -- option parsing helpers ------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+  if not value > 0 or value == float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+  return value
+
+
+def _unit_interval(text: str) -> float:
+  value = _positive_float(text)
+  if not value < 1:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+  return value
+
+
+def _nonnegative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+  if not 0 <= value < float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text}")
+  return value
+
+
+def _task_option(text: str) -> tuple[str, object]:
+  """KEY=VALUE, VALUE parsed as JSON when it can be (numbers, lists), else kept as a string (paths)."""
+  if "=" not in text:
+    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+  key, value = text.split("=", 1)
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
+# The meta-training options the CLI exposes: (flag, config field, type, help).
+TRAIN_OPTIONS = [
+    ("--steps", "num_steps", _positive_int, "outer (meta-training) steps"),
+    ("--meta-batch-size", "meta_batch_size", _positive_int, "sampled problems per outer step"),
+    ("--horizon", "horizon", _positive_int, "inner steps per unroll (default: the task's horizon)"),
+    ("--hidden-size", "hidden_size", _positive_int, "GRU units (paper: 256)"),
+    ("--input-scale", "input_scale", _positive_float, "gradient multiplier before the GRU"),
+    ("--output-scale", "output_scale", _positive_float, "multiplier on the GRU readout"),
+    ("--input-encoding", "input_encoding", str, "'scale' (input_scale*g) or 'log1p_sign' ([log1p|g|, sign g])"),
+    ("--learning-rate", "learning_rate", _positive_float, "outer Adam learning rate"),
+    ("--decay-rate", "decay_rate", _positive_float, "learning rate multiplier every --decay-steps steps"),
+    ("--decay-steps", "decay_steps", _positive_int, "steps per learning-rate decay"),
+    ("--clip-value", "clip_value", _positive_float, "element-wise meta-gradient clipping"),
+    ("--l2-penalty", "l2_penalty", _nonnegative_float, "penalty on the L2 norm of the meta-parameters"),
+    ("--meta-loss", "meta_loss", str, "'mean' (mean loss_t/loss_0, the paper's) or 'log_mean'"),
+    ("--loss-cap", "loss_cap", _positive_float, "a problem's normalized loss is capped here (divergence guard)"),
+    ("--seed", "seed", int, "seed of the meta-parameters and the training problem stream"),
+    ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
+    ("--checkpoint-every", "checkpoint_every", _positive_int, "outer steps between checkpoints"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from lopt.meta.config import PRESETS
+  from lopt.tasks import REGISTRY
+  parser = argparse.ArgumentParser(
+      prog="lopt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      description="Learned optimizers: meta-train them, compare them with tuned baselines, and analyze them.")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  demo_defaults = PRESETS["demo"]
+  train = commands.add_parser(
+      "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="meta-train a GRU learned optimizer on a task",
+      description="Meta-train a component-wise GRU optimizer. Defaults come from --preset; each option overrides it.")
+  train.add_argument("task", choices=list(REGISTRY), help="the task to meta-train on")
+  train.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, "
+                     "optimizer/)")
+  train.add_argument("--preset", choices=list(PRESETS), default="demo",
+                     help="starting settings: 'demo' (laptop CPU) or 'paper' (the paper's linear-regression run)")
+  train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+  train.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
+                     help="a task option, e.g. path=mnist.npz for mnist_cnn or dim=10 for linear_regression")
+  for flag, name, kind, text in TRAIN_OPTIONS:
+    train.add_argument(flag, dest=name, type=kind, default=None,
+                       help=f"{text} (preset demo: {getattr(demo_defaults, name)})")
+
+  compare = commands.add_parser(
+      "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="tune the baselines and compare them with a trained optimizer",
+      description="Tune SGD, momentum, RMSProp and Adam on tuning problems, then evaluate them and the run's learned "
+                  "optimizer on fresh problems; writes DIR/comparison/.")
+  compare.add_argument("run_dir", metavar="DIR", help="a run directory written by `lopt train`")
+  compare.add_argument("--eval-problems", type=_positive_int, default=128, help="fresh evaluation problems")
+  compare.add_argument("--tuning-problems", type=_positive_int, default=32, help="problems used to tune baselines")
+
+  demo = commands.add_parser(
+      "demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="train on linear regression (laptop-sized), compare with tuned baselines, write a report",
+      description="The whole pipeline in a few minutes on a CPU: meta-train, tune baselines, compare, report.")
+  demo.add_argument("--out", default=DEMO_DIR, help="run directory")
+  demo.add_argument("--steps", type=_positive_int, default=None,
+                    help=f"outer steps (default {demo_defaults.num_steps})")
+  demo.add_argument("--eval-problems", type=_positive_int, default=128, help="fresh evaluation problems")
+  return parser
+
+
+# -- commands --------------------------------------------------------------------------------------------------------
+
+def _train(config, out: str, resume: bool) -> None:
+  from lopt.meta.train import meta_train
+  from lopt.progress import say, training_bar
+  say(f"meta-training on {config.task} for {config.num_steps} outer steps -> {out}")
+  with training_bar(config.num_steps) as update:
+    state = meta_train(config, out, resume=resume, progress=update)
+  say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
+      f"{state.skipped_steps} skipped steps; trained optimizer in {Path(out) / 'optimizer'}")
+
+
+def command_train(args) -> None:
+  from lopt.meta.config import PRESETS, MetaTrainConfig
+  from lopt.checkpoint import read_json
+  overrides = {name: getattr(args, name) for _, name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
+  task_options = dict(args.task_option)
+  saved_path = Path(args.out) / "config.json"
+  if args.resume and saved_path.exists():
+    base = MetaTrainConfig.from_dict(read_json(saved_path, "run config"))
+  else:
+    base = PRESETS[args.preset].replace(task=args.task)
+  config = base.replace(**overrides)
+  if task_options:
+    config = config.replace(task_options={**config.task_options, **task_options})
+  if config.task != args.task:
+    raise UserError(f"{saved_path}: the run in {args.out} trains on {config.task!r}, not {args.task!r}")
+  _validate(config)
+  _train(config, args.out, args.resume)
+
+
+def _validate(config) -> None:
+  """Builds the task and optimizer once, so that bad values surface as user errors before any work starts."""
+  from lopt.meta.objectives import META_LOSSES
+  from lopt.meta.train import optimizer_from, task_from
+  if config.meta_loss not in META_LOSSES:
+    raise UserError(f"--meta-loss must be one of {', '.join(META_LOSSES)}, got {config.meta_loss!r}")
+  try:
+    optimizer_from(config)
+    task_from(config)
+  except (TypeError, ValueError) as e:
+    if isinstance(e, UserError):
+      raise
+    raise UserError(str(e)) from None
+
+
+def command_compare(args) -> dict:
+  from lopt.checkpoint import load_optimizer, read_json
+  from lopt.meta.config import MetaTrainConfig
+  from lopt.meta.evaluate import compare
+  from lopt.meta.train import task_from
+  from lopt.optimizers import as_optax
+  from lopt.progress import say
+  from lopt.report.comparison import text_table, verdicts, write_comparison
+  run_dir = Path(args.run_dir)
+  if not run_dir.is_dir():
+    raise UserError(f"{run_dir}: no such run directory (create one with `lopt train TASK --out {run_dir}`)")
+  config = MetaTrainConfig.from_dict(read_json(run_dir / "config.json", "run config"))
+  optimizer, theta, _ = load_optimizer(run_dir)
+  task = task_from(config)
+  started = time.perf_counter()
+  comparison = compare(task, {"learned": as_optax(optimizer, theta)}, num_eval_problems=args.eval_problems,
+                       num_tuning_problems=args.tuning_problems, progress=say)
+  comparison["settings"]["seconds"] = round(time.perf_counter() - started, 1)
+  paths = write_comparison(run_dir / "comparison", comparison)
+  print(text_table(comparison))
+  for line in verdicts(comparison):
+    print(" -", line)
+  say(f"results in {paths['results'].parent}/ (results.json, table.md, loss_curves.png, tuning.png)")
+  return comparison
+
+
+def command_demo(args) -> None:
+  from lopt.meta.config import PRESETS
+  from lopt.progress import say
+  from lopt.report.build import write_report
+  config = PRESETS["demo"]
+  if args.steps is not None:
+    config = config.replace(num_steps=args.steps)
+  out = Path(args.out)
+  resume = (out / "config.json").exists()
+  if resume:
+    say(f"{out} already holds a demo run: resuming it (delete the directory to start over)")
+  started = time.perf_counter()
+  _train(config, str(out), resume)
+  command_compare(argparse.Namespace(run_dir=str(out), eval_problems=args.eval_problems, tuning_problems=32))
+  report = write_report(out)
+  say(f"demo finished in {time.perf_counter() - started:.0f} s; open {report} (also: {out}/comparison/, "
+      f"{out}/optimizer/, {out}/metrics.jsonl)")
+
+
+COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    COMMANDS[args.command](args)
+  except UserError as e:
+    print(f"lopt {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"lopt {args.command}: interrupted; a run resumes from its last checkpoint with --resume", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,142 @@
+"""Evaluation over seeds, baseline tuning, and the fair comparison (SPEC §4).
+
+Everything is ranked by the *normalized mean loss*: per problem, the mean over the horizon of loss_t / loss_0
+(the meta-objective), then averaged over problems. A problem whose loss becomes non-finite scores +inf.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lopt.meta.unroll import normalized_mean_loss, unroll
+from lopt.optimizers import baselines
+
+TUNING_SEED = 10_000     # tuning problems: one stream ...
+EVALUATION_SEED = 20_000  # ... evaluation problems: another; neither is the meta-training stream fold_in(seed, step)
+
+
+def problem_keys(seed: int, count: int) -> jax.Array:
+  """(count,) problem keys of a named stream."""
+  return jax.random.split(jax.random.key(seed), count)
+
+
+def run_problems(task, optimizer: optax.GradientTransformation, keys: jax.Array, horizon: int) -> np.ndarray:
+  """(num_keys, horizon) raw training losses of ``optimizer`` on the problems ``keys``."""
+  return np.asarray(jax.jit(jax.vmap(lambda k: unroll(task, optimizer, k, horizon)))(keys))
+
+
+def scores(losses: np.ndarray) -> np.ndarray:
+  """(..., T) losses -> (...) normalized mean losses with non-finite values as +inf."""
+  score = np.asarray(normalized_mean_loss(jnp.asarray(losses)))
+  return np.where(np.isfinite(score), score, np.inf)
+
+
+def summarize_losses(losses: np.ndarray) -> dict:
+  """Summary of (num_problems, T) raw losses: both metrics (mean and standard error) and the curves."""
+  losses = np.asarray(losses, np.float64)
+  n = losses.shape[0]
+  per_problem = scores(losses)
+  normalized = losses / losses[:, :1]
+  final = normalized[:, -1]
+  finite = np.isfinite(per_problem)
+
+  def mean_se(x):
+    if not np.all(np.isfinite(x)):
+      return float("inf"), float("nan")
+    return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+  nml, nml_se = mean_se(per_problem)
+  fin, fin_se = mean_se(final)
+  with np.errstate(invalid="ignore"):
+    curve_mean = np.mean(normalized, axis=0)
+    curve_se = np.std(normalized, axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(curve_mean)
+  return {
+      "normalized_mean_loss": nml, "normalized_mean_loss_se": nml_se,
+      "final_normalized_loss": fin, "final_normalized_loss_se": fin_se,
+      "final_loss": float(np.mean(losses[:, -1])), "diverged_problems": int(np.sum(~finite)),
+      "num_problems": n,
+      "curve_mean": curve_mean.tolist(), "curve_se": curve_se.tolist(),
+      "raw_curve_mean": np.mean(losses, axis=0).tolist(),
+      "per_problem": per_problem.tolist(),
+  }
+
+
+def tune_baseline(task, name: str, keys: jax.Array, horizon: int,
+                  learning_rates=baselines.LEARNING_RATES, chunk: int = 32) -> dict:
+  """Grid search of baseline ``name`` on problems ``keys``; returns the candidates' scores and the best.
+
+  All candidates run in one compiled call: ``lax.map`` over candidates (``chunk`` at a time, vmapped) of a vmap over
+  the tuning problems.
+  """
+  candidates = baselines.grid(name, learning_rates)
+
+  def candidate_score(hyperparameters):
+    optimizer = baselines.build(name, **hyperparameters)
+    losses = jax.vmap(lambda k: unroll(task, optimizer, k, horizon))(keys)
+    score = normalized_mean_loss(losses)
+    return jnp.mean(jnp.where(jnp.isfinite(score), score, jnp.inf))
+
+  started = time.perf_counter()
+  grid_scores = np.asarray(jax.jit(lambda c: jax.lax.map(candidate_score, c, batch_size=chunk))(
+      {k: jnp.asarray(v) for k, v in candidates.items()}))
+  best = int(np.argmin(np.where(np.isnan(grid_scores), np.inf, grid_scores)))
+  return {
+      "name": name,
+      "best": {k: float(v[best]) for k, v in candidates.items()},
+      "best_tuning_score": float(grid_scores[best]),
+      "candidates": {k: v.tolist() for k, v in candidates.items()},
+      "scores": grid_scores.tolist(),
+      "num_candidates": int(grid_scores.size),
+      "num_tuning_problems": int(keys.shape[0]),
+      "seconds": round(time.perf_counter() - started, 2),
+  }
+
+
+def compare(task, learned: dict[str, optax.GradientTransformation], *, horizon: int | None = None,
+            baseline_names=("sgd", "momentum", "rmsprop", "adam"), num_tuning_problems: int = 32,
+            num_eval_problems: int = 128, learning_rates=baselines.LEARNING_RATES,
+            progress: Callable[[str], None] | None = None) -> dict:
+  """Tunes the baselines, then evaluates them and the ``learned`` optimizers on the same fresh problems.
+
+  Returns {"results": {name: summary + hyperparameters}, "tuning": {...}, "settings": {...}}.
+  """
+  horizon = horizon or task.horizon
+  tuning_keys = problem_keys(TUNING_SEED, num_tuning_problems)
+  eval_keys = problem_keys(EVALUATION_SEED, num_eval_problems)
+  say = progress or (lambda message: None)
+  results, tuning = {}, {}
+  for name, optimizer in learned.items():
+    say(f"evaluating {name} on {num_eval_problems} problems")
+    results[name] = {"kind": "learned", **summarize_losses(run_problems(task, optimizer, eval_keys, horizon))}
+  for name in baseline_names:
+    say(f"tuning {name} over {baselines.grid(name, learning_rates)['learning_rate'].size} candidates")
+    tuned = tune_baseline(task, name, tuning_keys, horizon, learning_rates)
+    tuning[name] = tuned
+    optimizer = baselines.build(name, **tuned["best"])
+    say(f"evaluating tuned {name} on {num_eval_problems} problems")
+    results[name] = {"kind": "baseline", "hyperparameters": tuned["best"],
+                     **summarize_losses(run_problems(task, optimizer, eval_keys, horizon))}
+  for name, result in results.items():
+    result["rank"] = 1 + sum(r["normalized_mean_loss"] < result["normalized_mean_loss"] for r in results.values())
+  settings = {"task": task.name, "task_options": task.options, "horizon": horizon,
+              "num_tuning_problems": num_tuning_problems, "tuning_seed": TUNING_SEED,
+              "num_eval_problems": num_eval_problems, "evaluation_seed": EVALUATION_SEED,
+              "learning_rates": list(learning_rates), "grids": {n: baselines.GRIDS[n] for n in baseline_names},
+              "tuning_budget": {n: tuning[n]["num_candidates"] * num_tuning_problems for n in tuning}}
+  return {"results": results, "tuning": tuning, "settings": settings}
+
+
+def paired_ratio(a: dict, b: dict) -> dict:
+  """Ratio of normalized mean losses a / b, and the paired per-problem difference a - b with its standard error."""
+  x, y = np.asarray(a["per_problem"]), np.asarray(b["per_problem"])
+  diff = x - y
+  ok = np.all(np.isfinite(diff))
+  se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if ok and len(diff) > 1 else float("nan")
+  return {"ratio": float(np.mean(x) / np.mean(y)) if ok else float("nan"),
+          "difference": float(np.mean(diff)) if ok else float("nan"), "difference_se": se}

@@ -1,0 +1,118 @@
+"""The component-wise GRU learned optimizer (Andrychowicz et al. 2016; the paper's optimizer).
+
+One small GRU runs independently on every scalar parameter: parameters live on the batch axis, so the same
+meta-parameters optimize any pytree of any size. Per coordinate, with gradient g and state h (size H):
+
+  x  = encode(g)                                  # input_scale * g, or [log1p|g|, sign g]
+  u  = sigmoid(A_u x + W_u h + b_u)               # update gate
+  r  = sigmoid(A_r x + W_r h + b_r)               # reset gate
+  c  = tanh(A_c x + W_c (r * h) + b_c)            # candidate
+  h' = u * h + (1 - u) * c
+  dx = output_scale * (w . h' + b)                # readout of the *new* state, zero at initialization
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Theta = dict[str, jax.Array]  # flat {name: array}: maps one-to-one onto a safetensors file
+
+ENCODINGS = ("scale", "log1p_sign")
+
+
+class GRUState(NamedTuple):
+  """hidden: a pytree like params, each leaf of shape leaf.shape + (hidden_size,); step: int32 scalar."""
+  hidden: Any
+  step: jax.Array
+
+
+@dataclass(frozen=True)
+class GRUOptimizer:
+  """Component-wise GRU optimizer.
+
+  Attributes:
+    hidden_size: GRU units (paper: 256).
+    input_scale: the gradient is multiplied by this before encoding (paper, linear regression: 1.0).
+    output_scale: the readout is multiplied by this (paper, linear regression: 1.0).
+    input_encoding: "scale" (1 input: input_scale*g) or "log1p_sign" (2 inputs: [log1p|input_scale*g|, sign g]).
+  """
+  hidden_size: int = 256
+  input_scale: float = 1.0
+  output_scale: float = 1.0
+  input_encoding: str = "scale"
+
+  def __post_init__(self):
+    if not (isinstance(self.hidden_size, int) and self.hidden_size >= 1):
+      raise ValueError(f"GRUOptimizer: hidden_size must be a positive integer, got {self.hidden_size!r}")
+    if self.input_encoding not in ENCODINGS:
+      raise ValueError(f"GRUOptimizer: input_encoding must be one of {ENCODINGS}, got {self.input_encoding!r}")
+
+  @property
+  def num_inputs(self) -> int:
+    return 1 if self.input_encoding == "scale" else 2
+
+  def config(self) -> dict:
+    """JSON-serializable constructor arguments, plus the architecture name."""
+    return {"architecture": "gru", **asdict(self)}
+
+  # -- meta-parameters --------------------------------------------------------------------------------------------
+
+  def init(self, key: jax.Array) -> Theta:
+    """Fan-in normal GRU weights, zero biases, zero initial state, zero readout (an untrained optimizer is inert)."""
+    in_key, rec_key = jax.random.split(key)
+    hidden, inputs = self.hidden_size, self.num_inputs
+    return {
+        "input_weights": jax.random.normal(in_key, (inputs, 3 * hidden)) / jnp.sqrt(inputs),
+        "recurrent_weights": jax.random.normal(rec_key, (hidden, 3 * hidden)) / jnp.sqrt(hidden),
+        "bias": jnp.zeros((3 * hidden,)),
+        "initial_state": jnp.zeros((hidden,)),
+        "readout_weights": jnp.zeros((hidden, 1)),
+        "readout_bias": jnp.zeros((1,)),
+    }
+
+  def param_shapes(self) -> dict[str, tuple[int, ...]]:
+    hidden, inputs = self.hidden_size, self.num_inputs
+    return {"input_weights": (inputs, 3 * hidden), "recurrent_weights": (hidden, 3 * hidden), "bias": (3 * hidden,),
+            "initial_state": (hidden,), "readout_weights": (hidden, 1), "readout_bias": (1,)}
+
+  # -- the recurrent map F(h, g) and readout R(h), for training and for the dynamics toolkit -------------------------
+
+  def encode(self, gradient: jax.Array) -> jax.Array:
+    """(...) gradients -> (..., num_inputs) network inputs."""
+    scaled = self.input_scale * gradient
+    if self.input_encoding == "scale":
+      return scaled[..., None]
+    return jnp.stack([jnp.log1p(jnp.abs(scaled)), jnp.sign(scaled)], axis=-1)
+
+  def cell(self, theta: Theta, hidden: jax.Array, gradient: jax.Array) -> jax.Array:
+    """h' = F(h, g): hidden (..., H), gradient (...) -> new hidden (..., H)."""
+    size = self.hidden_size
+    from_input = self.encode(gradient) @ theta["input_weights"] + theta["bias"]  # (..., 3H)
+    weights = theta["recurrent_weights"]
+    gates = jax.nn.sigmoid(from_input[..., :2 * size] + hidden @ weights[:, :2 * size])
+    update_gate, reset_gate = gates[..., :size], gates[..., size:]
+    candidate = jnp.tanh(from_input[..., 2 * size:] + (reset_gate * hidden) @ weights[:, 2 * size:])
+    return update_gate * hidden + (1.0 - update_gate) * candidate
+
+  def readout(self, theta: Theta, hidden: jax.Array) -> jax.Array:
+    """dx = R(h): hidden (..., H) -> parameter change (...)."""
+    return self.output_scale * (hidden @ theta["readout_weights"] + theta["readout_bias"])[..., 0]
+
+  # -- the optimizer ---------------------------------------------------------------------------------------------
+
+  def init_state(self, theta: Theta, params: Any) -> GRUState:
+    """Every coordinate starts from the learned initial state h0."""
+    h0 = theta["initial_state"]
+    hidden = jax.tree.map(lambda p: jnp.broadcast_to(h0, p.shape + h0.shape).astype(p.dtype), params)
+    return GRUState(hidden, jnp.zeros((), jnp.int32))
+
+  def update(self, theta: Theta, state: GRUState, grads: Any, params: Any = None, *, loss=None, step=None):
+    """One step for every coordinate: returns (updates like grads, new state). params/loss/step are unused."""
+    del params, loss, step
+    new_hidden = jax.tree.map(lambda h, g: self.cell(theta, h, g), state.hidden, grads)
+    updates = jax.tree.map(lambda h: self.readout(theta, h), new_hidden)
+    return updates, GRUState(new_hidden, state.step + 1)

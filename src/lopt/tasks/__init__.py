@@ -1,0 +1,43 @@
+"""Tasks: distributions of optimization problems. ``lopt.tasks.get(name, **options)`` builds one by name."""
+
+from __future__ import annotations
+
+import inspect
+
+from lopt.errors import UserError
+from lopt.tasks.base import Task
+from lopt.tasks.networks import digits_cnn, mnist_cnn, two_moons
+from lopt.tasks.quadratic import heavy_ball_optimum, linear_regression
+from lopt.tasks.rosenbrock import rosenbrock
+
+REGISTRY = {
+    "linear_regression": linear_regression,
+    "rosenbrock": rosenbrock,
+    "two_moons": two_moons,
+    "digits_cnn": digits_cnn,
+    "mnist_cnn": mnist_cnn,
+}
+
+
+class TaskError(UserError, ValueError):
+  """Unknown task name or option; the message lists what is allowed."""
+
+
+def get(name: str, **options) -> Task:
+  """Builds the task called ``name`` with keyword ``options`` (see each builder's signature)."""
+  if name not in REGISTRY:
+    raise TaskError(f"unknown task {name!r}; choose one of: {', '.join(REGISTRY)}")
+  builder = REGISTRY[name]
+  allowed = inspect.signature(builder).parameters
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise TaskError(f"task {name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+                    f"{', '.join(allowed)}")
+  missing = [p for p, spec in allowed.items() if spec.default is inspect.Parameter.empty and p not in options]
+  if missing:
+    raise TaskError(f"task {name!r} needs option(s) {', '.join(missing)}")
+  return builder(**options)
+
+
+__all__ = ["Task", "TaskError", "get", "REGISTRY", "linear_regression", "rosenbrock", "two_moons", "digits_cnn",
+           "mnist_cnn", "heavy_ball_optimum"]

@@ -1,0 +1,39 @@
+"""The Task protocol: a distribution of optimization problems, one problem per PRNG key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+
+Params = Any  # a pytree of arrays
+
+
+@dataclass(frozen=True)
+class Task:
+  """A family of optimization problems.
+
+  One problem key defines the problem instance *and* its initialization: ``params = task.init(key)``, then
+  ``task.loss(params, key, t)`` for ``t = 0, 1, ...``. Minibatched tasks pick batch ``t`` deterministically from
+  ``(key, t)``. Everything random comes from keys, so a batch of problems is ``jax.vmap`` over keys.
+
+  Attributes:
+    name: registry name, e.g. ``"linear_regression"``.
+    init: ``key -> params`` (a pytree of float arrays).
+    loss: ``(params, key, step) -> scalar`` training loss.
+    horizon: default number of optimization steps.
+    valid_loss: optional ``(params, key, step) -> scalar`` loss on held-out data.
+    options: the keyword options the task was built with (JSON-serializable), so it can be rebuilt by name.
+  """
+  name: str
+  init: Callable[[jax.Array], Params]
+  loss: Callable[[Params, jax.Array, Any], jax.Array]
+  horizon: int
+  valid_loss: Callable[[Params, jax.Array, Any], jax.Array] | None = None
+  options: dict = field(default_factory=dict)
+
+  def num_params(self) -> int:
+    """Number of scalar parameters of one problem."""
+    shapes = jax.eval_shape(self.init, jax.random.key(0))
+    return sum(int(x.size) for x in jax.tree.leaves(shapes))
