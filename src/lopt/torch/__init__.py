@@ -1,0 +1,10 @@
+"""PyTorch path for trained lopt optimizers (``pip install "lopt[torch]"``): no JAX needed.
+
+  from lopt.torch import LearnedOptimizer
+  optimizer = LearnedOptimizer(model.parameters(), "runs/lr", lr=1.0)
+"""
+
+from lopt.torch.checkpoint import GRUSpec, read_trained_optimizer
+from lopt.torch.optimizer import LearnedOptimizer
+
+__all__ = ["LearnedOptimizer", "GRUSpec", "read_trained_optimizer"]

@@ -1,0 +1,84 @@
+"""A trained optimizer loaded from disk, ready to use: ``lopt.load(path_or_name).as_optax()``.
+
+This module imports neither jax nor torch at module level: ``resolve_optimizer_path`` is shared with
+``lopt.torch``, which must work in a PyTorch-only process.
+
+Names. A ``path_or_name`` that is an existing path is used as is (a trained-optimizer directory, or a run directory
+holding ``optimizer/``). Otherwise it is a name, looked up as ``<dir>/<name>`` in each directory of the environment
+variable ``LOPT_OPTIMIZER_PATH`` (``os.pathsep``-separated) and then in ``~/.cache/lopt/optimizers`` *(ours)*.
+Nothing is ever downloaded: a name is a local directory someone put there (``lopt train ... --out`` or a copy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lopt.checkpoint import CheckpointError
+
+OPTIMIZER_PATH_VARIABLE = "LOPT_OPTIMIZER_PATH"
+DEFAULT_OPTIMIZER_DIRECTORY = Path("~/.cache/lopt/optimizers")
+
+
+def optimizer_search_directories() -> list[Path]:
+  """Where names are looked up, in order: ``$LOPT_OPTIMIZER_PATH`` entries, then the per-user default."""
+  entries = [e for e in os.environ.get(OPTIMIZER_PATH_VARIABLE, "").split(os.pathsep) if e]
+  return [Path(e).expanduser() for e in entries] + [DEFAULT_OPTIMIZER_DIRECTORY.expanduser()]
+
+
+def resolve_optimizer_path(path_or_name: str | os.PathLike) -> Path:
+  """An existing path as is; otherwise the first ``<dir>/<name>`` that exists. Raises CheckpointError listing the
+  places searched when nothing matches."""
+  path = Path(path_or_name).expanduser()
+  if path.exists():
+    return path
+  name = str(path_or_name)
+  is_plain_name = name and os.sep not in name and (os.altsep is None or os.altsep not in name) and name not in (".", "..")
+  searched = []
+  if is_plain_name:
+    for directory in optimizer_search_directories():
+      candidate = directory / name
+      if candidate.exists():
+        return candidate
+      searched.append(str(candidate))
+  where = f"; also looked for the name in {searched} (set ${OPTIMIZER_PATH_VARIABLE} to add directories)" \
+      if searched else ""
+  raise CheckpointError(f"{path}: no such trained optimizer (expected a directory with config.json and "
+                        f"weights.safetensors, or a run directory holding optimizer/){where}")
+
+
+@dataclass(frozen=True)
+class TrainedOptimizer:
+  """A learned optimizer with its trained meta-parameters.
+
+  Attributes:
+    optimizer: the architecture (e.g. ``GRUOptimizer``), rebuilt from the checkpoint's config.
+    theta: meta-parameters, ``{name: numpy array}`` with the shapes ``optimizer.param_shapes()`` gives.
+    config: the checkpoint's ``config.json`` (format, versions, tensor table, checksum, free-form ``info``).
+    path: the directory the weights were read from.
+  """
+  optimizer: Any
+  theta: dict
+  config: dict = field(repr=False)
+  path: Path | None = None
+
+  def as_optax(self):
+    """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optimizers.optax_adapter.as_optax``)."""
+    from lopt.optimizers.optax_adapter import as_optax
+    return as_optax(self.optimizer, self.theta)
+
+  def __iter__(self):
+    """Unpacks like ``load_optimizer``: ``optimizer, theta, config = lopt.load(path)``."""
+    return iter((self.optimizer, self.theta, self.config))
+
+
+def load(path_or_name: str | os.PathLike) -> TrainedOptimizer:
+  """Loads and validates a trained optimizer (see ``lopt.checkpoint.load_optimizer``) by path or name."""
+  from lopt.checkpoint import load_optimizer
+  path = resolve_optimizer_path(path_or_name)
+  optimizer, theta, config = load_optimizer(path)
+  if (path / "optimizer" / "config.json").is_file():  # load_optimizer accepted a run directory
+    path = path / "optimizer"
+  return TrainedOptimizer(optimizer, theta, config, path)
