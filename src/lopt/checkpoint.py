@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -22,29 +23,54 @@ from lopt.errors import UserError
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a safetensors header larger than this is refused before it is parsed
 MAX_JSON_BYTES = 16 * 1024 * 1024
+MAX_HIDDEN_SIZE = 65536  # far above the paper's 256; bounds what a hostile optimizer config can make us allocate
+
+
+TMP_SUFFIX = ".tmp"  # temporary files of atomic writes: ``.NAME.XXXX.tmp`` beside the target
+# safetensors dtypes numpy can hold, and their sizes in bytes (the header is checked against them before any load).
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                      "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(UserError, ValueError):
   """A file is missing, truncated, altered or of the wrong architecture; the message names the file and problem."""
 
 
+class WriteError(UserError, OSError):
+  """A file could not be written (disk full, read-only, permissions); the message names the file."""
+
+
 # -- atomic writes ---------------------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory)."""
+  """Writes ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
+
+  A disk error (full, read-only, permissions) raises ``WriteError`` naming the file; the previous ``path``, if any,
+  is left untouched and the temporary file is removed.
+  """
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  dir_fd = os.open(path.parent, os.O_RDONLY)
+    tmp = None
+    _fsync_directory(path.parent)
+  except OSError as e:
+    raise WriteError(f"{path}: cannot write ({e.strerror or e}); the previous version of the file, if any, is "
+                     f"intact") from None
+  finally:
+    if tmp is not None:
+      Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+  """Makes the rename durable (without it a power cut can undo the rename on some file systems)."""
+  dir_fd = os.open(directory, os.O_RDONLY)
   try:
     os.fsync(dir_fd)
   finally:
@@ -75,30 +101,89 @@ def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
   return save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}, metadata=metadata)
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """Reads a safetensors file into numpy arrays, checking the header before trusting it."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load
+def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
+  """Reads and checks a safetensors header without reading the tensor data.
+
+  Returns ``(entries, metadata, data_start)``: entries map names to ``{"dtype", "shape", "data_offsets"}``. The header
+  size is checked against ``MAX_HEADER_BYTES`` and the file size before it is parsed, and every entry's dtype, shape
+  and byte range are checked, so a hostile header can neither exhaust memory nor make the loader read out of range.
+  """
   path = Path(path)
   if not path.is_file():
     raise CheckpointError(f"{path}: weights file not found")
-  raw = path.read_bytes()
-  if len(raw) < 8:
-    raise CheckpointError(f"{path}: truncated ({len(raw)} bytes; a safetensors file starts with an 8-byte header size)")
-  (header_size,) = struct.unpack("<Q", raw[:8])
-  if header_size > MAX_HEADER_BYTES or 8 + header_size > len(raw):
-    raise CheckpointError(f"{path}: header claims {header_size} bytes but the file holds {len(raw)} bytes "
-                          f"(truncated or altered; limit {MAX_HEADER_BYTES})")
+  file_size = path.stat().st_size
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise CheckpointError(f"{path}: truncated ({file_size} bytes; a safetensors file starts with an 8-byte header "
+                            f"size)")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+      raise CheckpointError(f"{path}: header claims {header_size} bytes but the file holds {file_size} bytes "
+                            f"(truncated or altered; limit {MAX_HEADER_BYTES})")
+    raw_header = f.read(header_size)
   try:
-    header = json.loads(raw[8:8 + header_size])
-    metadata = header.get("__metadata__", {}) or {}
-    return load(raw), metadata
-  except (SafetensorError, ValueError, RecursionError, AttributeError) as e:
+    header = json.loads(raw_header)
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise CheckpointError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise CheckpointError(f"{path}: header field '__metadata__' must map names to strings")
+  data_size = file_size - 8 - header_size
+  for name, entry in header.items():
+    _check_entry(path, name, entry, data_size)
+  covered = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values())
+  if covered != data_size:
+    raise CheckpointError(f"{path}: tensors cover {covered} bytes but the file holds {data_size} bytes of data "
+                          f"(truncated or altered)")
+  return header, metadata, 8 + header_size
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
+  """One header entry: a known dtype, a shape of non-negative ints, and a byte range inside the data that fits it."""
+  if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    raise CheckpointError(f"{path}: header entry {name!r} must have exactly 'dtype', 'shape' and 'data_offsets'")
+  dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+  if dtype not in SAFETENSORS_DTYPES:
+    raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+  if not (isinstance(shape, list) and len(shape) <= 32 and all(_is_count(d) for d in shape)):
+    raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {str(shape)[:100]}")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+          and offsets[0] <= offsets[1] <= data_size):
+    raise CheckpointError(f"{path}: tensor {name!r} has byte range {str(offsets)[:100]} outside the file's "
+                          f"{data_size} data bytes (truncated or altered)")
+  expected = SAFETENSORS_DTYPES[dtype] * math.prod(shape)
+  if offsets[1] - offsets[0] != expected:
+    raise CheckpointError(f"{path}: tensor {name!r} of dtype {dtype} and shape {tuple(shape)} needs {expected} "
+                          f"bytes, found {offsets[1] - offsets[0]}")
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Reads a safetensors file into numpy arrays, checking the header (``read_header``) before trusting it."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load
+  path = Path(path)
+  _, metadata, _ = read_header(path)
+  try:
+    tensors = load(path.read_bytes())
+  except (SafetensorError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+  return tensors, metadata
 
 
 def sha256(path: str | Path) -> str:
-  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+  """Streams the file (constant memory, whatever its size)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 # -- trained optimizers ----------------------------------------------------------------------------------------------
@@ -110,6 +195,12 @@ def save_optimizer(directory: str | Path, optimizer, theta: dict, info: dict | N
   directory = Path(directory)
   tensors = {k: np.asarray(v) for k, v in theta.items()}
   weights = tensors_to_bytes(tensors)
+  # config.json holds the weights' checksum: remove it first and write it last, so that a kill in between leaves an
+  # unfinished export (no config.json) rather than a config that does not match its weights.
+  try:
+    (directory / "config.json").unlink(missing_ok=True)
+  except OSError as e:
+    raise WriteError(f"{directory / 'config.json'}: cannot replace ({e.strerror or e})") from None
   atomic_write_bytes(directory / "weights.safetensors", weights)
   config = {
       "format": "lopt-optimizer",
@@ -130,7 +221,6 @@ def load_optimizer(path: str | Path):
   Returns ``(optimizer, theta, config)``. Validates the format, architecture, checksum, and every tensor's name,
   shape and dtype; a problem raises ``CheckpointError`` naming the file and what was expected versus found.
   """
-  from lopt.optimizers import from_config
   path = Path(path)
   if (path / "optimizer" / "config.json").is_file():  # a run directory
     path = path / "optimizer"
@@ -139,17 +229,20 @@ def load_optimizer(path: str | Path):
                           f"weights.safetensors)")
   config_path, weights_path = path / "config.json", path / "weights.safetensors"
   config = read_json(config_path, "optimizer config")
-  if not isinstance(config, dict) or config.get("format") != "lopt-optimizer":
-    raise CheckpointError(f"{config_path}: field 'format' must be 'lopt-optimizer'")
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+  if config.get("format") != "lopt-optimizer":
+    raise CheckpointError(f"{config_path}: field 'format' must be 'lopt-optimizer', found {config.get('format')!r}")
   if config.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"{config_path}: format_version {config.get('format_version')!r} is not supported "
                           f"(this lopt reads version {FORMAT_VERSION})")
-  try:
-    optimizer = from_config(config.get("optimizer", {}))
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{config_path}: field 'optimizer' does not describe a known optimizer ({e})") from None
+  optimizer = _optimizer_from(config.get("optimizer"), config_path)
   if not weights_path.is_file():
     raise CheckpointError(f"{weights_path}: weights file not found")
+  # Names, shapes and dtypes from the header first: a file for another architecture is refused before its data is
+  # read, so memory stays bounded by the architecture's size.
+  entries, _, _ = read_header(weights_path)
+  check_theta({k: _HeaderTensor(v) for k, v in entries.items()}, optimizer, weights_path)
   digest = sha256(weights_path)
   if digest != config.get("weights_sha256"):
     raise CheckpointError(f"{weights_path}: checksum mismatch (file is truncated or altered): expected SHA-256 "
@@ -157,6 +250,34 @@ def load_optimizer(path: str | Path):
   tensors, _ = read_tensors(weights_path)
   check_theta(tensors, optimizer, weights_path)
   return optimizer, tensors, config
+
+
+class _HeaderTensor:
+  """Shape and dtype of a header entry, enough for ``check_theta`` to judge a tensor before its data is read."""
+
+  def __init__(self, entry: dict):
+    self.shape = tuple(entry["shape"])
+    self.dtype = np.dtype({"F64": np.float64, "F32": np.float32}.get(entry["dtype"], np.uint8))
+    self.dtype_name = entry["dtype"]
+
+
+def _optimizer_from(fields, config_path: Path):
+  """The learned optimizer the config's ``optimizer`` field describes; every field checked, errors name the field."""
+  from lopt.optimizers import from_config
+  if not isinstance(fields, dict):
+    raise CheckpointError(f"{config_path}: field 'optimizer' must be an object, found {type(fields).__name__}")
+  for name in ("input_scale", "output_scale"):
+    value = fields.get(name, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise CheckpointError(f"{config_path}: field 'optimizer.{name}' must be a finite number, found {value!r}")
+  size = fields.get("hidden_size", 1)
+  if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_HIDDEN_SIZE:
+    raise CheckpointError(f"{config_path}: field 'optimizer.hidden_size' must be an integer in [1, {MAX_HIDDEN_SIZE}]"
+                          f", found {size!r}")
+  try:
+    return from_config(fields)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{config_path}: field 'optimizer' does not describe a known optimizer ({e})") from None
 
 
 def check_theta(tensors: dict, optimizer, where: str | Path) -> None:
@@ -171,4 +292,8 @@ def check_theta(tensors: dict, optimizer, where: str | Path) -> None:
     if tuple(found.shape) != tuple(shape):
       raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(found.shape)}, expected {tuple(shape)}")
     if found.dtype not in (np.float32, np.float64):
-      raise CheckpointError(f"{where}: tensor {name!r} has dtype {found.dtype}, expected float32 or float64")
+      found_dtype = getattr(found, "dtype_name", found.dtype)
+      raise CheckpointError(f"{where}: tensor {name!r} has dtype {found_dtype}, expected float32 or float64")
+    if isinstance(found, np.ndarray) and not np.all(np.isfinite(found)):
+      raise CheckpointError(f"{where}: tensor {name!r} holds {int(np.sum(~np.isfinite(found)))} non-finite values "
+                            f"(NaN or inf)")

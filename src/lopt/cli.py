@@ -52,6 +52,15 @@ def _nonnegative_float(text: str) -> float:
   return value
 
 
+def _run_directory(text: str) -> str:
+  """A run directory path: not empty (that would be the current directory) and without NUL bytes."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+  if "\0" in text:
+    raise argparse.ArgumentTypeError(f"a path cannot contain a NUL byte, got {text!r}")
+  return text
+
+
 def _task_option(text: str) -> tuple[str, object]:
   """KEY=VALUE, VALUE parsed as JSON when it can be (numbers, lists), else kept as a string (paths)."""
   if "=" not in text:
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="meta-train a GRU learned optimizer on a task",
       description="Meta-train a component-wise GRU optimizer. Defaults come from --preset; each option overrides it.")
   train.add_argument("task", choices=list(REGISTRY), help="the task to meta-train on")
-  train.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, "
+  train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",
                      help="starting settings: 'demo' (laptop CPU) or 'paper' (the paper's linear-regression run)")
@@ -115,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="tune the baselines and compare them with a trained optimizer",
       description="Tune SGD, momentum, RMSProp and Adam on tuning problems, then evaluate them and the run's learned "
                   "optimizer on fresh problems; writes DIR/comparison/.")
-  compare.add_argument("run_dir", metavar="DIR", help="a run directory written by `lopt train`")
+  compare.add_argument("run_dir", metavar="DIR", type=_run_directory, help="a run directory written by `lopt train`")
   compare.add_argument("--eval-problems", type=_positive_int, default=128, help="fresh evaluation problems")
   compare.add_argument("--tuning-problems", type=_positive_int, default=32, help="problems used to tune baselines")
 
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
       "demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       help="train on linear regression (laptop-sized), compare with tuned baselines, write a report",
       description="The whole pipeline in a few minutes on a CPU: meta-train, tune baselines, compare, report.")
-  demo.add_argument("--out", default=DEMO_DIR, help="run directory")
+  demo.add_argument("--out", default=DEMO_DIR, type=_run_directory, help="run directory")
   demo.add_argument("--steps", type=_positive_int, default=None,
                     help=f"outer steps (default {demo_defaults.num_steps})")
   demo.add_argument("--eval-problems", type=_positive_int, default=128, help="fresh evaluation problems")
@@ -149,7 +158,7 @@ def command_train(args) -> None:
   task_options = dict(args.task_option)
   saved_path = Path(args.out) / "config.json"
   if args.resume and saved_path.exists():
-    base = MetaTrainConfig.from_dict(read_json(saved_path, "run config"))
+    base = MetaTrainConfig.from_dict(read_json(saved_path, "run config"), str(saved_path))
   else:
     base = PRESETS[args.preset].replace(task=args.task)
   config = base.replace(**overrides)
@@ -161,35 +170,60 @@ def command_train(args) -> None:
   _train(config, args.out, args.resume)
 
 
-def _validate(config) -> None:
-  """Builds the task and optimizer once, so that bad values surface as user errors before any work starts."""
-  from lopt.meta.objectives import META_LOSSES
+def _validate(config, source: str = "options") -> None:
+  """Checks every setting and builds the task and optimizer once (tracing, not running, one loss evaluation), so
+  that bad values surface as user errors before any work starts."""
   from lopt.meta.train import optimizer_from, task_from
-  if config.meta_loss not in META_LOSSES:
-    raise UserError(f"--meta-loss must be one of {', '.join(META_LOSSES)}, got {config.meta_loss!r}")
+  config.validate(source)
   try:
     optimizer_from(config)
-    task_from(config)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{source}: {e}") from None
+  try:
+    task = task_from(config)
   except (TypeError, ValueError) as e:
     if isinstance(e, UserError):
       raise
-    raise UserError(str(e)) from None
+    raise UserError(f"task {config.task!r} with options {config.task_options}: {e}") from None
+  _check_task_builds(task, config)
+
+
+def _check_task_builds(task, config) -> None:
+  """Task options of the wrong type (dim="abc", hidden=[[1]]) only fail when the problem is built or traced; doing
+  that here with abstract values (jax.eval_shape: no memory, no compute) turns them into a clear error now instead
+  of a traceback after compilation."""
+  import jax
+  horizon = task.horizon
+  if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+    raise UserError(f"task option 'horizon' must be a positive integer, found {horizon!r}")
+  try:
+    jax.eval_shape(lambda key: task.loss(task.init(key), key, 0), jax.random.key(0))
+  except Exception as e:  # noqa: BLE001 -- any failure to build a problem is a bad option, reported as such
+    options = config.task_options or "defaults"
+    raise UserError(f"task {config.task!r} with options {options} cannot build a problem "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
 
 
 def command_compare(args) -> dict:
   from lopt.checkpoint import load_optimizer, read_json
   from lopt.meta.config import MetaTrainConfig
-  from lopt.meta.evaluate import compare
   from lopt.meta.train import task_from
-  from lopt.optimizers import as_optax
-  from lopt.progress import say
-  from lopt.report.comparison import text_table, verdicts, write_comparison
   run_dir = Path(args.run_dir)
   if not run_dir.is_dir():
     raise UserError(f"{run_dir}: no such run directory (create one with `lopt train TASK --out {run_dir}`)")
-  config = MetaTrainConfig.from_dict(read_json(run_dir / "config.json", "run config"))
+  config_path = run_dir / "config.json"
+  config = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path))
+  _validate(config, str(config_path))
   optimizer, theta, _ = load_optimizer(run_dir)
-  task = task_from(config)
+  return _compare(run_dir, task_from(config), optimizer, theta, args)
+
+
+def _compare(run_dir: Path, task, optimizer, theta, args) -> dict:
+  """The work of `lopt compare`, once its inputs are validated: tune, evaluate, write DIR/comparison/."""
+  from lopt.meta.evaluate import compare
+  from lopt.optimizers import as_optax
+  from lopt.progress import say
+  from lopt.report.comparison import text_table, verdicts, write_comparison
   started = time.perf_counter()
   comparison = compare(task, {"learned": as_optax(optimizer, theta)}, num_eval_problems=args.eval_problems,
                        num_tuning_problems=args.tuning_problems, progress=say)
@@ -231,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     COMMANDS[args.command](args)
   except UserError as e:
     print(f"lopt {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    # The environment, not a bug: a full or read-only disk, a missing permission. Say which file, not a traceback.
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"lopt {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"lopt {args.command}: interrupted; a run resumes from its last checkpoint with --resume", file=sys.stderr)

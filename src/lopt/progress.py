@@ -27,7 +27,7 @@ def training_bar(total: int, description: str = "meta-training", start: int = 0)
         eta = elapsed / max(step - start, 1) * (total_steps - step)
         print(f"{description}: step {step}/{total_steps}  meta-loss {record['meta_loss']:.4g}  "
               f"held-out {record.get('best_held_out_loss', float('nan')):.4g}  diverged {record['diverged_problems']}"
-              f"  skipped {record['total_skipped_steps']}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+              f"  dropped {record['dropped_problems']}  skipped {record['total_skipped_steps']}  eta {eta:.0f}s", file=sys.stderr, flush=True)
     yield update
     return
   columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -37,7 +37,8 @@ def training_bar(total: int, description: str = "meta-training", start: int = 0)
 
     def update(step, total_steps, record):
       status = (f"meta-loss {record['meta_loss']:.4g}  held-out {record.get('best_held_out_loss', float('nan')):.4g}"
-                f"  diverged {record['diverged_problems']}  skipped {record['total_skipped_steps']}")
+                f"  diverged {record['diverged_problems']}  dropped {record['dropped_problems']}"
+                f"  skipped {record['total_skipped_steps']}")
       bar.update(task, completed=step, status=status)
     yield update
 

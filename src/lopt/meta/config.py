@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from lopt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,92 @@ class MetaTrainConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, values: dict) -> "MetaTrainConfig":
+  def from_dict(cls, values: dict, source: str = "run config") -> "MetaTrainConfig":
+    """Builds a config from JSON values, checking every field's type and range first.
+
+    ``source`` (usually the file's path) starts every error message, so a user knows which file to fix.
+    """
+    if not isinstance(values, dict):
+      raise ConfigError(f"{source}: expected a JSON object of settings, found {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
-      raise ValueError(f"unknown meta-training setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+      raise ConfigError(f"{source}: unknown meta-training setting(s) {unknown}; known: {sorted(known)}")
+    config = cls(**values)
+    config.validate(source)
+    return config
+
+  def validate(self, source: str = "config") -> "MetaTrainConfig":
+    """Raises ConfigError naming the first field whose type or range is wrong (expected vs found)."""
+    for name, (check, expected) in FIELD_RULES.items():
+      value = getattr(self, name)
+      if not check(value):
+        raise ConfigError(f"{source}: field {name!r} must be {expected}, found {value!r}")
+    return self
+
+
+class ConfigError(UserError, ValueError):
+  """A meta-training setting of the wrong type or out of range; the message names the source and the field."""
+
+
+# Type and range of every field. JSON gives ints where floats are meant (1 for 1.0): numbers accept both, but never
+# booleans (True is an int in Python) nor NaN/inf, which would silently poison training.
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _positive_int(value) -> bool:
+  return _is_int(value) and value >= 1
+
+
+def _positive(value) -> bool:
+  return _is_number(value) and value > 0
+
+
+def _nonnegative(value) -> bool:
+  return _is_number(value) and value >= 0
+
+
+def _beta(value) -> bool:
+  return _is_number(value) and 0 <= value < 1
+
+
+META_LOSS_NAMES = ("mean", "log_mean")  # keys of lopt.meta.objectives.META_LOSSES (not imported: no jax here)
+ENCODING_NAMES = ("scale", "log1p_sign")
+SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
+
+FIELD_RULES = {
+    "task": (lambda v: isinstance(v, str) and v != "", "a task name (string)"),
+    "task_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                     "an object of task options"),
+    "hidden_size": (_positive_int, "a positive integer"),
+    "input_scale": (_positive, "a positive finite number"),
+    "output_scale": (_positive, "a positive finite number"),
+    "input_encoding": (lambda v: v in ENCODING_NAMES, f"one of {list(ENCODING_NAMES)}"),
+    "horizon": (lambda v: v is None or _positive_int(v), "a positive integer or null (the task's default)"),
+    "num_steps": (_positive_int, "a positive integer"),
+    "meta_batch_size": (_positive_int, "a positive integer"),
+    "learning_rate": (_positive, "a positive finite number"),
+    "decay_rate": (_positive, "a positive finite number"),
+    "decay_steps": (_positive_int, "a positive integer"),
+    "b1": (_beta, "a number in [0, 1)"),
+    "b2": (_beta, "a number in [0, 1)"),
+    "eps": (_nonnegative, "a non-negative finite number"),
+    "clip_value": (_positive, "a positive finite number"),
+    "l2_penalty": (_nonnegative, "a non-negative finite number"),
+    "meta_loss": (lambda v: v in META_LOSS_NAMES, f"one of {list(META_LOSS_NAMES)}"),
+    "loss_cap": (_positive, "a positive finite number"),
+    "remat": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
+    "eval_every": (_positive_int, "a positive integer"),
+    "num_eval_problems": (_positive_int, "a positive integer"),
+    "log_every": (_positive_int, "a positive integer"),
+    "checkpoint_every": (_positive_int, "a positive integer"),
+}
 
 
 PRESETS = {

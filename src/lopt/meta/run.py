@@ -12,13 +12,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from lopt.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_json, read_json, read_tensors,
-                             save_optimizer, tensors_to_bytes)
+from lopt.checkpoint import (TMP_SUFFIX, CheckpointError, WriteError, atomic_write_bytes, atomic_write_json,
+                             read_json, read_tensors, save_optimizer, tensors_to_bytes)
 from lopt.errors import UserError
 from lopt.meta.config import MetaTrainConfig
 
@@ -45,8 +46,8 @@ class RunDirectory:
     try:
       self.path.mkdir(parents=True, exist_ok=True)
       self._lock_fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      raise RunError(f"{self.path}: cannot create the run directory ({e.strerror})") from None
+    except (OSError, ValueError) as e:
+      raise RunError(f"{self.path}: cannot create the run directory ({getattr(e, 'strerror', None) or e})") from None
     try:
       fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -54,20 +55,32 @@ class RunDirectory:
       self._lock_fd = None
       raise RunError(f"{self.path}: another lopt process is using this run directory (it holds {self.path}/.lock); "
                      f"wait for it to finish or use another --out") from None
+    try:
+      self._check_config(config, resume=resume)
+    except BaseException:
+      self.close()
+      raise
+    self._remove_stale_temporaries()
+
+  def _check_config(self, config: MetaTrainConfig, *, resume: bool) -> None:
     config_path = self.path / "config.json"
     if config_path.exists():
       if not resume:
-        self.close()
         raise RunError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
-      saved = read_json(config_path, "run config")
+      saved = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path)).to_dict()
       if saved != config.to_dict():
         differing = sorted(k for k in set(saved) | set(config.to_dict())
                            if saved.get(k) != config.to_dict().get(k))
-        self.close()
         raise RunError(f"{config_path}: the saved run differs from the requested one in {differing}; resume with the "
                        f"same settings (or omit them: `lopt train --resume --out {self.path}` reuses the saved ones)")
     else:
       atomic_write_json(config_path, config.to_dict())
+
+  def _remove_stale_temporaries(self) -> None:
+    """Deletes temporary files left by a process killed mid-write; safe because we hold the lock."""
+    for folder in (self.path, self.checkpoints, self.path / "optimizer"):
+      for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
   def close(self) -> None:
     if self._lock_fd is not None:
@@ -78,9 +91,15 @@ class RunDirectory:
   # -- metrics -------------------------------------------------------------------------------------------------------
 
   def log(self, record: dict) -> None:
-    with open(self.path / "metrics.jsonl", "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    """Appends one line. A kill can tear only this last line, which resume drops (``_truncate_metrics``)."""
+    path = self.path / "metrics.jsonl"
+    try:
+      with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+    except OSError as e:
+      raise WriteError(f"{path}: cannot append metrics ({e.strerror or e}); checkpoints so far are intact, resume "
+                       f"with --resume once the disk is fixed") from None
 
   def _truncate_metrics(self, step: int) -> None:
     """Drops lines after ``step`` (written after the checkpoint we resume from) and any torn line."""
@@ -106,32 +125,37 @@ class RunDirectory:
     metadata = {"step": str(state.step), "best_score": repr(state.best_score), "best_step": str(state.best_step),
                 "skipped_steps": str(state.skipped_steps), "dropped_problems": str(state.dropped_problems)}
     path = self.checkpoints / f"step_{state.step:08d}.safetensors"
-    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
+    try:
+      atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
+    except WriteError as e:
+      raise WriteError(f"{e}; earlier checkpoints in {self.checkpoints} are intact: free space or fix permissions, "
+                       f"then continue with `lopt train --resume --out {self.path}`") from None
+    # Older checkpoints go only once the new one is safely on disk.
     for old in sorted(self.checkpoints.glob("step_*.safetensors"))[:-KEEP_CHECKPOINTS]:
       old.unlink(missing_ok=True)
     return path
 
   def restore(self, template):
-    """Loads the newest readable checkpoint into a copy of ``template``; None when there is none."""
-    from lopt.meta.train import TrainState
-    for path in sorted(self.checkpoints.glob("step_*.safetensors"), reverse=True):
+    """Loads the newest readable checkpoint into a copy of ``template``; None when there is none.
+
+    An unreadable checkpoint (only possible if something outside lopt altered it: writes are atomic) is skipped with
+    a warning for the next older one; when checkpoints exist but none is readable, RunError, rather than silently
+    starting over.
+    """
+    paths = sorted(self.checkpoints.glob("step_*.safetensors"), reverse=True)
+    problems = []
+    for path in paths:
       try:
-        tensors, meta = read_tensors(path)
-        theta = {k: jax.numpy.asarray(tensors[f"theta/{k}"]) for k in template.theta}
-        best = {k: jax.numpy.asarray(tensors[f"best_theta/{k}"]) for k in template.theta}
-        leaves, treedef = jax.tree.flatten(template.outer_state)
-        restored = [tensors[f"outer_state/{i:04d}"] for i in range(len(leaves))]
-        for i, (a, b) in enumerate(zip(restored, leaves)):
-          if a.shape != np.shape(b):
-            raise CheckpointError(f"{path}: outer_state/{i:04d} has shape {a.shape}, expected {np.shape(b)}")
-        outer_state = jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in restored])
-        state = TrainState(int(meta["step"]), theta, outer_state, best, float(meta["best_score"]),
-                           int(meta["best_step"]), int(meta["skipped_steps"]), int(meta["dropped_problems"]))
+        state = _state_from_checkpoint(path, template)
       except (CheckpointError, KeyError, ValueError) as e:
-        print(f"warning: skipping unreadable checkpoint {path}: {e}")
+        problems.append(str(e))
+        print(f"lopt: warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
         continue
       self._truncate_metrics(state.step)
       return state
+    if problems:
+      raise RunError(f"{self.checkpoints}: no checkpoint is readable ({'; '.join(problems)}); move the directory "
+                     f"aside to start over")
     self._truncate_metrics(0)
     return None
 
@@ -139,3 +163,34 @@ class RunDirectory:
     info = {"training": config.to_dict(), "best_step": state.best_step, "held_out_loss": state.best_score,
             "final_step": state.step, "skipped_steps": state.skipped_steps}
     return save_optimizer(self.path / "optimizer", optimizer, state.best_theta, info)
+
+
+def _state_from_checkpoint(path: Path, template):
+  """A TrainState from one checkpoint file, every tensor checked against ``template`` (names, shapes, dtypes)."""
+  from lopt.meta.train import TrainState
+  tensors, meta = read_tensors(path)
+  theta = _matching(tensors, "theta", template.theta, path)
+  best = _matching(tensors, "best_theta", template.theta, path)
+  leaves, treedef = jax.tree.flatten(template.outer_state)
+  restored = _matching(tensors, "outer_state", {f"{i:04d}": leaf for i, leaf in enumerate(leaves)}, path)
+  outer_state = jax.tree.unflatten(treedef, [restored[f"{i:04d}"] for i in range(len(leaves))])
+  try:
+    return TrainState(int(meta["step"]), theta, outer_state, best, float(meta["best_score"]), int(meta["best_step"]),
+                      int(meta["skipped_steps"]), int(meta["dropped_problems"]))
+  except KeyError as e:
+    raise CheckpointError(f"{path}: metadata field {e} missing") from None
+
+
+def _matching(tensors: dict, prefix: str, template: dict, path: Path) -> dict:
+  """``tensors[prefix/name]`` for every name of ``template``, as jax arrays, with the template's shape and dtype."""
+  out = {}
+  for name, like in template.items():
+    key = f"{prefix}/{name}"
+    if key not in tensors:
+      raise CheckpointError(f"{path}: tensor {key!r} missing")
+    found, like = tensors[key], np.asarray(like)
+    if found.shape != like.shape or found.dtype != like.dtype:
+      raise CheckpointError(f"{path}: tensor {key!r} is {found.dtype}{list(found.shape)}, expected "
+                            f"{like.dtype}{list(like.shape)}")
+    out[name] = jax.numpy.asarray(found)
+  return out
