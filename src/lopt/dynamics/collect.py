@@ -1,0 +1,71 @@
+"""State collection: run a learned optimizer on test problems and keep everything per step (SPEC §5.1).
+
+This is the one place that knows about optimizers and tasks; everything after it sees plain arrays and callables.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+class Collected(NamedTuple):
+  """What a learned optimizer did on P problems over T steps (C = P * parameters per problem coordinates).
+
+  losses: (P, T) loss before each update.
+  params: (T, C) parameters before each update.
+  gradients: (T, C) gradients at those parameters.
+  updates: (T, C) the optimizer's parameter changes.
+  hidden: (T, C, H) optimizer state before each update (hidden[0] is h0 for every coordinate).
+  """
+  losses: np.ndarray
+  params: np.ndarray
+  gradients: np.ndarray
+  updates: np.ndarray
+  hidden: np.ndarray
+
+  @property
+  def visited_states(self) -> np.ndarray:
+    """(T * C, H) every state seen, flattened over steps and coordinates."""
+    return self.hidden.reshape(-1, self.hidden.shape[-1])
+
+
+def _flat_hidden(hidden_tree, size: int) -> jax.Array:
+  return jnp.concatenate([leaf.reshape(-1, size) for leaf in jax.tree.leaves(hidden_tree)])
+
+
+def collect_states(task, optimizer, theta, keys, num_steps: int | None = None) -> Collected:
+  """Runs ``optimizer`` (a GRUOptimizer or anything with init_state/update and a ``hidden`` state) on each problem.
+
+  Args:
+    task: a lopt Task.
+    optimizer: the learned optimizer; theta: its meta-parameters.
+    keys: (P,) problem keys.
+    num_steps: steps per problem (default: the task's horizon).
+  """
+  num_steps = num_steps or task.horizon
+  size = int(np.shape(theta["initial_state"])[-1])
+
+  def run(key):
+    params = task.init(key)
+    state = optimizer.init_state(theta, params)
+
+    def body(carry, t):
+      params, state = carry
+      loss, grads = jax.value_and_grad(task.loss)(params, key, t)
+      updates, new_state = optimizer.update(theta, state, grads, params, loss=loss, step=t)
+      record = (loss, ravel_pytree(params)[0], ravel_pytree(grads)[0], ravel_pytree(updates)[0],
+                _flat_hidden(state.hidden, size))
+      return (jax.tree.map(jnp.add, params, updates), new_state), record
+
+    _, records = jax.lax.scan(body, (params, state), jnp.arange(num_steps))
+    return records
+
+  losses, params, grads, updates, hidden = jax.jit(jax.vmap(run))(keys)
+  # Problems onto the coordinate axis: (P, T, n, ...) -> (T, P * n, ...).
+  merge = lambda x: np.asarray(jnp.moveaxis(x, 0, 1)).reshape(num_steps, -1, *x.shape[3:])  # noqa: E731
+  return Collected(np.asarray(losses), merge(params), merge(grads), merge(updates), merge(hidden))

@@ -1,0 +1,85 @@
+"""Fixed points of a nonlinear map with nine known fixed points, slow points, and the Adam and Newton stages."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt import dynamics
+
+ANGLE = 0.6
+ROTATION = np.array([[np.cos(ANGLE), -np.sin(ANGLE)], [np.sin(ANGLE), np.cos(ANGLE)]])
+
+
+def _bistable(rotation, h, x):
+  """Rotated per-coordinate z + 0.1 (z - z^3): fixed points at rotation @ {-1, 0, 1}^2.
+
+  dF/dz is 0.8 at z = +-1 (stable) and 1.1 at z = 0 (unstable): 4 stable nodes, 4 saddles, 1 unstable node.
+  """
+  z = rotation.T @ h
+  return rotation @ (z + 0.1 * (z - z**3)) + 0.0 * x
+
+
+def _known_points():
+  grid = np.array([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], float)
+  return grid @ ROTATION.T, np.all(np.abs(grid) == 1, axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nine_known_fixed_points_each_once_with_stability(dtype):
+  with jax.enable_x64(dtype == np.float64):
+    step = functools.partial(_bistable, jnp.asarray(ROTATION, dtype))
+  seeds = np.random.default_rng(1).uniform(-1.6, 1.6, size=(512, 2))
+  fixed = dynamics.find_fixed_points(step, seeds, 0.0, dtype=dtype)
+  points, stable = _known_points()
+  assert len(fixed.points) == 9, fixed.points
+  assert fixed.converged.all() and not fixed.outlier.any()
+  matched = [int(np.argmin(np.linalg.norm(points - p, axis=1))) for p in fixed.points]
+  assert sorted(matched) == list(range(9))  # each known point exactly once
+  atol = 1e-12 if dtype == np.float64 else 1e-5
+  np.testing.assert_allclose(fixed.points, points[matched], atol=atol)
+  np.testing.assert_array_equal(fixed.stable, stable[matched])
+  expected_radius = np.where(stable[matched], 0.8, 1.1)
+  np.testing.assert_allclose(fixed.max_abs_eigenvalue, expected_radius, atol=10 * atol)
+  assert fixed.counts.sum() + np.sum(fixed.assignment < 0) == 512
+  if dtype == np.float64:
+    assert fixed.speeds.max() < 1e-28
+
+
+def test_slow_point_is_reported_as_slow():
+  # h - F(h) = -(1e-5 + 0.1 h^2) is never zero; q has its minimum 5e-11 at h = 0: a slow point, not a fixed point.
+  step = lambda h, x: h + 1e-5 + 0.1 * h**2 + 0.0 * x  # noqa: E731
+  fixed = dynamics.find_fixed_points(step, np.linspace(-0.5, 0.5, 16)[:, None], 0.0, dtype=np.float64)
+  assert len(fixed.points) == 1
+  assert fixed.slow[0] and not fixed.converged[0]
+  assert fixed.speeds[0] == pytest.approx(5e-11, rel=1e-3)
+  np.testing.assert_allclose(fixed.points[0], [0.0], atol=1e-3)
+
+
+def test_polishing_beats_adam_alone():
+  # A random tanh network (one fixed point): Adam alone stalls far above working precision, Newton gets there.
+  rng = np.random.default_rng(0)
+  size = 16
+  with jax.enable_x64(True):
+    weights = jnp.asarray(0.6 * rng.normal(size=(size, size)) / np.sqrt(size))
+    step = functools.partial(lambda w, h, x: jnp.tanh(w @ h + x), weights)
+    seeds = jnp.asarray(rng.normal(size=(32, size)))
+    _, q_adam, _ = dynamics.adam_minimize(step, seeds, 0.1, 1e-30, max_steps=300)
+    q_adam = np.asarray(q_adam)
+  fixed = dynamics.find_fixed_points(step, seeds, 0.1, dtype=np.float64, first_order_steps=50)
+  assert fixed.converged.all() and fixed.speeds.max() < 1e-26
+  assert float(np.max(q_adam)) > 1e-20
+  assert fixed.newton_steps <= 20
+
+
+def test_outliers_flagged_and_duplicates_scale_aware():
+  points = np.array([[0.0, 0.0], [1e-9, 0.0], [1.0, 0.0]])
+  kept, assignment = dynamics.deduplicate(points, np.array([3.0, 1.0, 2.0]), 1e-6)
+  assert list(kept) == [1, 2] and list(assignment) == [0, 0, 1]
+  # A fixed point far from where the seeds are gets flagged (here: h* = 10 for F(h) = 0.5 h + 5).
+  step = lambda h, x: 0.5 * h + 5.0 + 0.0 * x  # noqa: E731
+  fixed = dynamics.find_fixed_points(step, np.random.default_rng(0).normal(0, 0.1, size=(8, 1)), 0.0,
+                                     dtype=np.float64)
+  assert len(fixed.points) == 1 and fixed.outlier[0] and fixed.converged[0]
