@@ -98,7 +98,9 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 
 def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
   from safetensors.numpy import save
-  return save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}, metadata=metadata)
+  # np.ascontiguousarray turns 0-d arrays into shape (1,); the reshape keeps scalars (Adam's step count) scalars.
+  return save({k: np.ascontiguousarray(np.asarray(v)).reshape(np.shape(v)) for k, v in tensors.items()},
+              metadata=metadata)
 
 
 def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:

@@ -189,6 +189,8 @@ def _matching(tensors: dict, prefix: str, template: dict, path: Path) -> dict:
     if key not in tensors:
       raise CheckpointError(f"{path}: tensor {key!r} missing")
     found, like = tensors[key], np.asarray(like)
+    if like.shape == () and found.shape == (1,):
+      found = found.reshape(())  # checkpoints written before lopt kept scalars scalar stored them as shape (1,)
     if found.shape != like.shape or found.dtype != like.dtype:
       raise CheckpointError(f"{path}: tensor {key!r} is {found.dtype}{list(found.shape)}, expected "
                             f"{like.dtype}{list(like.shape)}")
