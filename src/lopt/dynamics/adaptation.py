@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lopt.dynamics._precision import default_dtype, precision
 from lopt.dynamics.fixed_points import find_fixed_points
 from lopt.dynamics.update_functions import effective_learning_rate
 
@@ -75,6 +76,11 @@ def adaptation_curve(step, readout, seeds, gradients, *, dtype=None, **fixed_poi
     ordered by |g*|, "falls": alpha_eff at the largest |g*| below 0.8 times that at the smallest on both arms, and
     "rmsprop_fit" (see ``fit_rmsprop``).
   """
+  with precision(dtype):
+    return _adaptation_curve(step, readout, seeds, gradients, dtype=dtype, **fixed_point_options)
+
+
+def _adaptation_curve(step, readout, seeds, gradients, *, dtype=None, **fixed_point_options) -> dict:
   seeds = np.asarray(seeds)
   if len(seeds) > MAX_SEEDS:
     seeds = seeds[np.linspace(0, len(seeds) - 1, MAX_SEEDS).astype(int)]
@@ -100,7 +106,8 @@ def adaptation_curve(step, readout, seeds, gradients, *, dtype=None, **fixed_poi
   found = np.all(np.isfinite(points), axis=1)
   alpha = np.full(len(gradients), np.nan)
   if np.any(found):
-    alpha[found] = np.asarray(effective_learning_rate(step, readout, points[found].astype(seeds.dtype)), np.float64)
+    alpha[found] = np.asarray(effective_learning_rate(step, readout, points[found].astype(default_dtype(dtype))),
+                              np.float64)
   arms = {}
   falls = []
   for name, sign in (("negative", -1.0), ("positive", 1.0)):

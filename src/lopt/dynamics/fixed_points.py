@@ -137,8 +137,27 @@ def adam_minimize(step, states, x_star, tolerance, *, per_seed: bool = False, ma
   return h, q, t
 
 
-def _polish_one(step, h, x, mu, done, tolerance):
-  """One damped-Newton / Levenberg-Marquardt iteration for one state; returns (h, q, mu, done)."""
+class _Polish(NamedTuple):
+  """Per-state polishing state. While ``trial``, ``h`` is a tentative full Newton step taken from ``anchor``."""
+  h: jax.Array
+  q: jax.Array
+  mu: jax.Array
+  done: jax.Array
+  trial: jax.Array
+  anchor: jax.Array
+  anchor_q: jax.Array
+  fallback: jax.Array
+  fallback_q: jax.Array
+
+
+def _polish_one(step, s: _Polish, x, tolerance) -> _Polish:
+  """One damped-Newton / Levenberg-Marquardt iteration for one state, with a watchdog.
+
+  A full Newton step can raise q even when it lands next to the fixed point (q is a poor merit function where F is
+  strongly curved), so a rejected Newton step is taken tentatively once: if the next iteration beats the point it
+  left, it is kept; otherwise the search returns to the best damped candidate from before (Chamberlain's watchdog).
+  """
+  h = s.h
   residual = lambda v: v - step(v, x)  # noqa: E731
   r = residual(h)
   q = 0.5 * jnp.sum(r * r)
@@ -147,50 +166,69 @@ def _polish_one(step, h, x, mu, done, tolerance):
   newton = -jnp.linalg.solve(jac, r)
   normal = jac.T @ jac
   # Damping relative to the curvature scale, so mu means the same thing for any state scale.
-  damping = mu * (jnp.trace(normal) / size + jnp.finfo(h.dtype).tiny)
+  damping = s.mu * (jnp.trace(normal) / size + jnp.finfo(h.dtype).tiny)
   levenberg = -jnp.linalg.solve(normal + damping * jnp.eye(size, dtype=h.dtype), jac.T @ r)
   # Candidates: full Newton step, two backtracked ones, and the damped Gauss-Newton step.
-  steps = jnp.stack([newton, 0.5 * newton, 0.125 * newton, levenberg])
-  candidates = h + steps
+  candidates = h + jnp.stack([newton, 0.5 * newton, 0.125 * newton, levenberg])
   q_candidates = jax.vmap(lambda v: speed(step, v, x))(candidates)
   q_candidates = jnp.where(jnp.isfinite(q_candidates), q_candidates, jnp.inf)
   best = jnp.argmin(q_candidates)
-  improved = (q_candidates[best] < q) & ~done
-  h_new = jnp.where(improved, candidates[best], h)
-  q_new = jnp.where(improved, q_candidates[best], q)
+  h_best, q_best = candidates[best], q_candidates[best]
+  reference = jnp.where(s.trial, s.anchor_q, q)
+  improved = q_best < reference
+  newton_finite = jnp.all(jnp.isfinite(newton))
+  start_trial = ~improved & ~s.trial & newton_finite
+  failed_trial = ~improved & s.trial
+  # Where to go: the improving candidate; a tentative full Newton step; back to the fallback; or stay.
+  fallback = jnp.where(q_best < q, h_best, h)
+  fallback_q = jnp.minimum(q_best, q)
+  back = jnp.where(s.fallback_q < s.anchor_q, s.fallback, s.anchor)
+  back_q = jnp.minimum(s.fallback_q, s.anchor_q)
+  h_new = jnp.where(improved, h_best, jnp.where(start_trial, candidates[0], jnp.where(failed_trial, back, h)))
+  q_new = jnp.where(improved, q_best, jnp.where(start_trial, q_candidates[0], jnp.where(failed_trial, back_q, q)))
   # Newton accepted: trust the model more; only the damped step helped: keep mu; nothing helped: damp harder.
-  mu_new = jnp.where(improved, jnp.where(best < 3, mu * 0.1, mu), mu * 10.0)
+  mu_new = jnp.where(improved, jnp.where(best < 3, s.mu * 0.1, s.mu), jnp.where(start_trial, s.mu, s.mu * 10.0))
   mu_new = jnp.clip(mu_new, 1e-12, 1e12)
-  # Done at working precision, or stuck (no step decreases q even heavily damped): a slow point or a floor.
+  settled = ~start_trial
   # Also done at the rounding floor: within 1e4 of tolerance, quadratic convergence would gain far more than a
   # factor 10 in one step, so a smaller gain is rounding noise, and iterating on would only chase it.
-  at_floor = (q_new <= 1e4 * tolerance) & (q_new > 0.1 * q)
-  done_new = done | (q_new <= tolerance) | at_floor | (~improved & (mu >= 1e8))
-  return h_new, q_new, mu_new, done_new
+  at_floor = settled & (q_new <= 1e4 * tolerance) & (q_new > 0.1 * reference)
+  stuck = failed_trial & (s.mu >= 1e8) | (~improved & ~newton_finite & (s.mu >= 1e8))
+  done_new = s.done | (settled & (q_new <= tolerance)) | at_floor | stuck
+  keep = lambda new, old: jnp.where(s.done, old, new)  # noqa: E731
+  return _Polish(keep(h_new, s.h), keep(q_new, s.q), keep(mu_new, s.mu), done_new, keep(start_trial, s.trial),
+                 keep(jnp.where(start_trial, h, s.anchor), s.anchor), keep(jnp.where(start_trial, q, s.anchor_q),
+                                                                         s.anchor_q),
+                 keep(jnp.where(start_trial, fallback, s.fallback), s.fallback),
+                 keep(jnp.where(start_trial, fallback_q, s.fallback_q), s.fallback_q))
 
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed", "max_steps"))
 def newton_polish(step, states, x_star, tolerance, *, per_seed: bool = False, max_steps: int = NEWTON_STEPS):
   """Damped Newton / Levenberg-Marquardt on r(h) = h - F(h, x*) for a batch of states (N, H).
 
-  Returns (states (N, H), speeds (N,), iterations run ()).
+  Returns (states (N, H), speeds (N,), iterations run ()). A state still on a tentative Newton step when the
+  iterations run out returns to the best point it had before.
   """
-  one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, 0, 0, None))
+  one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
   size = states.shape[0]
 
   def cond(carry):
-    _, _, _, done, t = carry
-    return (t < max_steps) & ~jnp.all(done)
+    s, t = carry
+    return (t < max_steps) & ~jnp.all(s.done)
 
   def body(carry):
-    h, _, mu, done, t = carry
-    h, q, mu, done = one(h, x_star, mu, done, tolerance)
-    return h, q, mu, done, t + 1
+    s, t = carry
+    return one(s, x_star, tolerance), t + 1
 
   q0 = speeds(step, states, x_star, per_seed)
-  init = (states, q0, jnp.full((size,), 1e-3, states.dtype), q0 <= tolerance, jnp.zeros((), jnp.int32))
-  h, q, _, _, t = jax.lax.while_loop(cond, body, init)
-  return h, q, t
+  false = jnp.zeros((size,), bool)
+  init = _Polish(states, q0, jnp.full((size,), 1e-3, states.dtype), q0 <= tolerance, false, states, q0, states, q0)
+  s, t = jax.lax.while_loop(cond, body, (init, jnp.zeros((), jnp.int32)))
+  # Undo unfinished trials.
+  revert = s.trial & (s.q >= s.anchor_q)
+  h = jnp.where(revert[:, None], jnp.where((s.fallback_q < s.anchor_q)[:, None], s.fallback, s.anchor), s.h)
+  return h, speeds(step, h, x_star, per_seed), t
 
 
 # -- classification ----------------------------------------------------------------------------------------------------
