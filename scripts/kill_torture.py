@@ -204,6 +204,8 @@ def torture(workdir: Path, kills: int, seed: int, log=print) -> dict:
   while results["kills"] < kills:
     phase_file.write_text("not started")
     was_killed, rc, stderr = run_train(out, env, kill_after=rng.uniform(0.0, duration))
+    if "warning" in stderr:  # a resume that skipped a checkpoint lost work, even if the end result matches
+      results["invalid_states"].append(f"after kill {results['kills']}: {stderr.strip()[-300:]}")
     if was_killed:
       results["kills"] += 1
       where = phase_file.read_text()
