@@ -18,12 +18,14 @@ import torch
 
 
 def prepare_theta(tensors: dict, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-  """Meta-parameters on ``device`` in ``dtype``, the recurrent matrix pre-split into its gate and candidate blocks
-  (contiguous, so each product is one plain GEMM)."""
+  """Meta-parameters on ``device`` in ``dtype``, with input weights, recurrent weights and bias pre-split into their
+  gate [update | reset] and candidate blocks, each contiguous: every product below is then one plain GEMM written
+  straight into a contiguous (N, 2H) or (N, H) buffer, with no strided copies."""
   theta = {name: torch.as_tensor(value).to(device=device, dtype=dtype) for name, value in tensors.items()}
   size = theta["initial_state"].shape[0]
-  theta["recurrent_gates"] = theta["recurrent_weights"][:, :2 * size].contiguous()       # (H, 2H)
-  theta["recurrent_candidate"] = theta["recurrent_weights"][:, 2 * size:].contiguous()   # (H, H)
+  for name in ("input_weights", "recurrent_weights", "bias"):
+    theta[name + "_gates"] = theta[name][..., :2 * size].contiguous()       # (I or H, 2H) / (2H,)
+    theta[name + "_candidate"] = theta[name][..., 2 * size:].contiguous()   # (I or H, H) / (H,)
   return theta
 
 
@@ -35,15 +37,25 @@ def encode(gradient: torch.Tensor, input_scale: float, input_encoding: str) -> t
   return torch.stack([torch.log1p(scaled.abs()), torch.sign(scaled)], dim=-1)
 
 
+def input_projection(theta: dict, inputs: torch.Tensor, block: str) -> torch.Tensor:
+  """bias + inputs @ input_weights for one block: (N, I) -> (N, 2H) or (N, H), contiguous. (A K=1 GEMM measured
+  faster on CPU than the equivalent broadcasting addcmul.)"""
+  return torch.addmm(theta["bias_" + block], inputs, theta["input_weights_" + block])
+
+
 def cell(theta: dict, hidden: torch.Tensor, gradient: torch.Tensor, input_scale: float,
          input_encoding: str) -> torch.Tensor:
-  """h' = F(h, g): hidden (N, H), gradient (N,) -> new hidden (N, H), one batched computation for all N."""
+  """h' = F(h, g): hidden (N, H), gradient (N,) -> new hidden (N, H), one batched computation for all N.
+
+  h' = u*h + (1-u)*c is computed as lerp(c, h, u) = c + u*(h - c): the same value in one pass (rounding may differ
+  in the last bit)."""
   size = hidden.shape[-1]
-  from_input = torch.addmm(theta["bias"], encode(gradient, input_scale, input_encoding), theta["input_weights"])
-  gates = from_input[:, :2 * size].addmm_(hidden, theta["recurrent_gates"]).sigmoid_()   # in place: (N, 3H) once
+  inputs = encode(gradient, input_scale, input_encoding)
+  gates = input_projection(theta, inputs, "gates").addmm_(hidden, theta["recurrent_weights_gates"]).sigmoid_()
   update_gate, reset_gate = gates[:, :size], gates[:, size:]
-  candidate = from_input[:, 2 * size:].addmm_(reset_gate * hidden, theta["recurrent_candidate"]).tanh_()
-  return torch.addcmul((1.0 - update_gate).mul_(candidate), update_gate, hidden)
+  candidate = input_projection(theta, inputs, "candidate")
+  candidate.addmm_(reset_gate * hidden, theta["recurrent_weights_candidate"]).tanh_()
+  return torch.lerp(candidate, hidden, update_gate)
 
 
 def readout(theta: dict, hidden: torch.Tensor, output_scale: float) -> torch.Tensor:
