@@ -72,7 +72,8 @@ class MetaTrainConfig:
     for name, (check, expected) in FIELD_RULES.items():
       value = getattr(self, name)
       if not check(value):
-        raise ConfigError(f"{source}: field {name!r} must be {expected}, found {value!r}")
+        found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(f"{source}: field {name!r} must be {expected}, found {found}")
     return self
 
 
@@ -87,7 +88,8 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-  return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+  # A huge JSON integer is a number Python cannot turn into a float (math.isfinite would raise): not finite either.
+  return (_is_int(value) and abs(value) <= MAX_FLOAT) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _positive_int(value) -> bool:
@@ -108,13 +110,15 @@ def _beta(value) -> bool:
 
 META_LOSS_NAMES = ("mean", "log_mean")  # keys of lopt.meta.objectives.META_LOSSES (not imported: no jax here)
 ENCODING_NAMES = ("scale", "log1p_sign")
+MAX_FLOAT = 1.7976931348623157e308
+MAX_HIDDEN_SIZE = 65536  # far above the paper's 256; a larger GRU could not be allocated anyway
 SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
 
 FIELD_RULES = {
     "task": (lambda v: isinstance(v, str) and v != "", "a task name (string)"),
     "task_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
                      "an object of task options"),
-    "hidden_size": (_positive_int, "a positive integer"),
+    "hidden_size": (lambda v: _positive_int(v) and v <= MAX_HIDDEN_SIZE, f"an integer in [1, {MAX_HIDDEN_SIZE}]"),
     "input_scale": (_positive, "a positive finite number"),
     "output_scale": (_positive, "a positive finite number"),
     "input_encoding": (lambda v: v in ENCODING_NAMES, f"one of {list(ENCODING_NAMES)}"),
