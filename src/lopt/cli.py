@@ -136,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--steps", type=_positive_int, default=None,
                     help=f"outer steps (default {demo_defaults.num_steps})")
   demo.add_argument("--eval-problems", type=_positive_int, default=128, help="fresh evaluation problems")
+
+  analyze = commands.add_parser(
+      "analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="reverse-engineer a trained optimizer: fixed points, momentum, clipping, schedule, adaptation",
+      description="Runs the dynamics analyses on a run directory or a saved optimizer directory; writes "
+                  "DIR/analysis/summary.json and one PNG per mechanism.")
+  analyze.add_argument("run_dir", metavar="DIR", help="a run directory (optimizer/ + config.json) or a saved optimizer")
+  analyze.add_argument("--task", choices=list(REGISTRY), default=None,
+                       help="the task to collect states on (default: the one the optimizer was trained on)")
+  analyze.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
+                       help="a task option (with --task)")
+  analyze.add_argument("--problems", type=_positive_int, default=8, help="test problems whose states are collected")
+
+  report = commands.add_parser(
+      "report", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="write DIR/report.html: comparison, meta-training and every analysis, self-contained",
+      description="Assembles one self-contained HTML file (figures embedded, no external requests) from what DIR "
+                  "holds: comparison/ (lopt compare), metrics.jsonl, analysis/ (lopt analyze).")
+  report.add_argument("run_dir", metavar="DIR", help="a run directory")
   return parser
 
 
@@ -250,12 +269,42 @@ def command_demo(args) -> None:
   started = time.perf_counter()
   _train(config, str(out), resume)
   command_compare(argparse.Namespace(run_dir=str(out), eval_problems=args.eval_problems, tuning_problems=32))
+  command_analyze(argparse.Namespace(run_dir=str(out), task=None, task_option=[], problems=8))
   report = write_report(out)
   say(f"demo finished in {time.perf_counter() - started:.0f} s; open {report} (also: {out}/comparison/, "
       f"{out}/optimizer/, {out}/metrics.jsonl)")
 
 
-COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo}
+def command_analyze(args) -> dict:
+  from lopt.progress import say
+  from lopt.report.analyze_run import analyze_directory
+  if args.task_option and args.task is None:
+    raise UserError("--task-option needs --task")
+  summary = analyze_directory(args.run_dir, args.task, dict(args.task_option), num_problems=args.problems,
+                              progress=say)
+  momentum, clipping = summary.get("momentum") or {}, summary.get("clipping") or {}
+  say(f"analysis in {Path(args.run_dir) / 'analysis'}/ (summary.json, {', '.join(summary['source']['figures'])}); "
+      f"dominant momentum beta {momentum.get('beta', float('nan')):.3g}, clipping threshold "
+      f"{clipping.get('threshold') if clipping.get('threshold') is not None else 'none'}, schedule "
+      f"{summary.get('schedule', {}).get('shape', '?')}")
+  return summary
+
+
+def command_report(args) -> Path:
+  from lopt.progress import say
+  from lopt.report.build import write_report
+  run_dir = Path(args.run_dir)
+  if not run_dir.is_dir():
+    raise UserError(f"{run_dir}: no such directory")
+  if not any((run_dir / name).exists() for name in ("comparison", "metrics.jsonl", "analysis")):
+    raise UserError(f"{run_dir}: nothing to report (run `lopt compare {run_dir}` or `lopt analyze {run_dir}` first)")
+  path = write_report(run_dir)
+  say(f"report: {path}")
+  return path
+
+
+COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo, "analyze": command_analyze,
+            "report": command_report}
 
 
 def main(argv: list[str] | None = None) -> int:

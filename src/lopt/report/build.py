@@ -56,5 +56,7 @@ def write_report(run_dir: str | Path, extra_sections: list[Section] | None = Non
   training = training_section(run_dir)
   if training is not None:
     sections.append(training)
+  from lopt.report.dynamics_report import analysis_sections
+  sections.extend(analysis_sections(run_dir))  # analysis/ from `lopt analyze`, when present
   sections.extend(extra_sections or [])
   return write(run_dir / "report.html", f"lopt report: {run_dir.name}", sections)

@@ -1,0 +1,112 @@
+"""``lopt analyze``: run every dynamics analysis on a trained optimizer and write ``analysis/`` (JSON + PNGs).
+
+This is the glue between files (run directories, saved optimizers, tasks) and the model-agnostic toolkit: it binds
+the GRU's cell and readout to its weights and hands plain callables to ``lopt.dynamics``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lopt.checkpoint import atomic_write_bytes, load_optimizer, read_json
+from lopt.errors import UserError
+
+ANALYSIS_SEED = 30_000  # problems for the analysis: a stream distinct from training, tuning and evaluation
+NUM_PROBLEMS = 8        # test problems whose states are collected (ours; the paper's notebook used a handful)
+FIGURES = ("clipping", "momentum", "schedule", "adaptation", "pca")
+
+
+def resolve(path: str | Path, task_name: str | None = None, task_options: dict | None = None):
+  """(optimizer, theta, task) from a run directory (its config names the task) or a saved optimizer + task name."""
+  from lopt import tasks
+  from lopt.meta.config import MetaTrainConfig
+  from lopt.meta.train import task_from
+  path = Path(path)
+  if not path.is_dir():
+    raise UserError(f"{path}: no such directory (expected a run directory or a saved optimizer directory)")
+  optimizer, theta, saved = load_optimizer(path)
+  if task_name is not None:
+    try:
+      task = tasks.get(task_name, **(task_options or {}))
+    except (TypeError, ValueError) as e:
+      raise UserError(str(e)) from None
+  elif (path / "config.json").is_file() and (path / "optimizer").is_dir():
+    task = task_from(MetaTrainConfig.from_dict(read_json(path / "config.json", "run config")))
+  elif "training" in saved.get("info", {}):
+    task = task_from(MetaTrainConfig.from_dict(saved["info"]["training"]))
+  else:
+    raise UserError(f"{path}: a saved optimizer without its training config; name the task with --task "
+                    f"(one of: {', '.join(tasks.REGISTRY)})")
+  return optimizer, theta, task
+
+
+def heavy_ball_reference(task) -> dict | None:
+  """The optimal heavy ball for tasks where it is known in closed form (linear regression)."""
+  from lopt.tasks import heavy_ball_optimum
+  if task.name != "linear_regression":
+    return None
+  options = task.options
+  return heavy_ball_optimum(10.0**options.get("log10_min_eig", -3.0), 10.0**options.get("log10_max_eig", 0.0))
+
+
+def analyze_directory(path: str | Path, task_name: str | None = None, task_options: dict | None = None, *,
+                      num_problems: int = NUM_PROBLEMS, dtype=np.float64, progress=None) -> dict:
+  """Analyzes the optimizer in ``path`` and writes ``path/analysis/`` (summary.json and one PNG per figure).
+
+  Returns the summary dict (also written). Analyses run in float64 by default (fixed points to machine precision).
+  """
+  import jax
+
+  from lopt import dynamics
+  from lopt.meta.evaluate import problem_keys
+  from lopt.report import dynamics_figures as figs
+  from lopt.report.figures import to_png
+  say = progress or (lambda message: None)
+  started = time.perf_counter()
+  path = Path(path)
+  optimizer, theta, task = resolve(path, task_name, task_options)
+  out = path / "analysis"
+
+  say(f"collecting optimizer states on {num_problems} {task.name} problems")
+  collected = dynamics.collect_states(task, optimizer, theta, problem_keys(ANALYSIS_SEED, num_problems))
+  if not np.all(np.isfinite(collected.hidden)):
+    raise UserError(f"{path}: the optimizer's states became non-finite on {task.name}; nothing to analyze")
+  # Analyses run in float64: bind float64 weights (the cell promotes to its inputs' dtype).
+  with jax.enable_x64(True):
+    weights = {k: jax.numpy.asarray(np.asarray(v, np.float64)) for k, v in theta.items()}
+  step = functools.partial(optimizer.cell, weights)
+  readout = functools.partial(optimizer.readout, weights)
+  h0 = np.asarray(theta["initial_state"], np.float64)
+  say("fixed points, linearization, clipping, schedule and adaptation")
+  with jax.enable_x64(True):
+    results = dynamics.analyze(step, readout, h0, visited_states=collected.visited_states.astype(np.float64),
+                               gradients=collected.gradients, heavy_ball=heavy_ball_reference(task),
+                               schedule_steps=task.horizon, dtype=dtype)
+    results["visited"] = collected.visited_states[::max(1, len(collected.visited_states) // 4000)]
+    summary = dynamics.summarize(results)
+    say("drawing figures")
+    drawn = {
+        "clipping": lambda: figs.clipping_figure(results),
+        "momentum": lambda: figs.momentum_figure(results, step, readout) if results["momentum"] else None,
+        "schedule": lambda: figs.schedule_figure(results),
+        "adaptation": lambda: figs.adaptation_figure(results, step, readout),
+        "pca": lambda: figs.pca_figure(results, collected.hidden),
+    }
+    written = []
+    for name in FIGURES:
+      figure = drawn[name]()
+      if figure is not None:
+        atomic_write_bytes(out / f"{name}.png", to_png(figure))
+        written.append(f"{name}.png")
+  losses = collected.losses
+  summary["source"] = {"path": str(path), "task": task.name, "task_options": task.options,
+                       "optimizer": optimizer.config(), "num_problems": num_problems, "horizon": task.horizon,
+                       "normalized_final_loss_median": float(np.median(losses[:, -1] / losses[:, 0])),
+                       "figures": written, "seconds": round(time.perf_counter() - started, 1)}
+  atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+  return summary
