@@ -1,0 +1,131 @@
+"""Meta-training: the meta-gradient against finite differences, exact resume, robustness to divergence."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lopt import tasks
+from lopt.meta.config import MetaTrainConfig
+from lopt.meta.train import build_outer_step, load_metrics, meta_train, problem_meta_loss
+from lopt.optimizers import GRUOptimizer
+from lopt.tasks.base import Task
+
+TINY = MetaTrainConfig(hidden_size=4, meta_batch_size=4, horizon=8, num_steps=12, eval_every=4, log_every=1,
+                       checkpoint_every=4, num_eval_problems=4, task_options={"dim": 3})
+
+
+def test_meta_gradient_matches_finite_differences_float64():
+  with jax.enable_x64(True):
+    task = tasks.get("linear_regression", dim=3, horizon=6)
+    optimizer = GRUOptimizer(hidden_size=4, input_scale=0.3, output_scale=2.0)
+    theta = optimizer.init(jax.random.key(0))
+    theta["readout_weights"] = 0.2 * jax.random.normal(jax.random.key(1), theta["readout_weights"].shape)
+    theta["initial_state"] = 0.3 * jax.random.normal(jax.random.key(2), theta["initial_state"].shape)
+    key = jax.random.key(3)
+
+    def loss(t):
+      return problem_meta_loss(task, optimizer, t, key, horizon=6, remat=True)[0]
+
+    grad = jax.grad(loss)(theta)
+    for seed in range(3):
+      direction = jax.tree.map(lambda x, k=jax.random.key(10 + seed): jax.random.normal(k, x.shape, x.dtype), theta)
+      eps = 1e-6
+      plus = loss(jax.tree.map(lambda t, d: t + eps * d, theta, direction))
+      minus = loss(jax.tree.map(lambda t, d: t - eps * d, theta, direction))
+      numeric = (plus - minus) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+      assert abs(float(analytic)) > 1e-4  # a real, non-trivial derivative
+      np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
+
+
+def test_meta_training_reduces_the_held_out_loss(tmp_path):
+  config = TINY.replace(num_steps=40, eval_every=20, learning_rate=1e-2, input_scale=0.1, output_scale=10.0)
+  state = meta_train(config, tmp_path / "run")
+  metrics = load_metrics(tmp_path / "run")
+  held_out = [m["held_out_loss"] for m in metrics if "held_out_loss" in m]
+  untrained = 1.0  # a zero readout leaves the loss at its initial value: normalized mean loss exactly 1
+  assert held_out[-1] < 0.8 * untrained
+  assert state.best_score == min(held_out)
+  assert (tmp_path / "run" / "optimizer" / "weights.safetensors").exists()
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_run_resumes_to_the_same_theta(tmp_path):
+  reference = meta_train(TINY, tmp_path / "reference")
+
+  def stop_at_step_7(step, total, record):
+    if step == 7:
+      raise _Interrupt  # like a kill after the checkpoint at step 4: steps 5-7 are lost and redone
+
+  with pytest.raises(_Interrupt):
+    meta_train(TINY, tmp_path / "resumed", progress=stop_at_step_7)
+  resumed = meta_train(TINY, tmp_path / "resumed", resume=True)
+  for name in reference.theta:
+    np.testing.assert_array_equal(np.asarray(reference.theta[name]), np.asarray(resumed.theta[name]))
+    np.testing.assert_array_equal(np.asarray(reference.best_theta[name]), np.asarray(resumed.best_theta[name]))
+  steps = [m["step"] for m in load_metrics(tmp_path / "resumed")]
+  assert steps == sorted(set(steps)) == list(range(1, TINY.num_steps + 1))  # no duplicate or missing log lines
+  reference_log = [m["meta_loss"] for m in load_metrics(tmp_path / "reference")]
+  assert [m["meta_loss"] for m in load_metrics(tmp_path / "resumed")] == reference_log
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+  from lopt.meta.run import RunError
+  meta_train(TINY.replace(num_steps=1), tmp_path / "run")
+  with pytest.raises(RunError, match="pass --resume"):
+    meta_train(TINY.replace(num_steps=1), tmp_path / "run")
+  with pytest.raises(RunError, match=r"differs from the requested one in \['num_steps'\]"):
+    meta_train(TINY.replace(num_steps=2), tmp_path / "run", resume=True)
+
+
+def _poisoned_task(bad_fraction=0.5):
+  """Linear regression whose loss becomes NaN after step 2 on about ``bad_fraction`` of the problem keys."""
+  base = tasks.get("linear_regression", dim=3, horizon=8)
+
+  def loss(params, key, step):
+    bad = jax.random.uniform(jax.random.fold_in(key, 99)) < bad_fraction
+    return jnp.where(bad & (step > 2), jnp.nan, 1.0) * base.loss(params, key, step)
+
+  return Task("poisoned", base.init, loss, 8)
+
+
+@pytest.mark.parametrize("bad_fraction,expect_skip", [(0.5, False), (1.0, True)])
+def test_diverging_problems_do_not_poison_theta(bad_fraction, expect_skip):
+  optimizer = GRUOptimizer(hidden_size=4, input_scale=0.1, output_scale=10.0)
+  outer = optax.adam(1e-2)
+  step = build_outer_step(_poisoned_task(bad_fraction), optimizer, outer, horizon=8)
+  theta = optimizer.init(jax.random.key(0))
+  theta["readout_weights"] = 0.1 * jnp.ones_like(theta["readout_weights"])
+  state = outer.init(theta)
+  keys = jax.random.split(jax.random.key(1), 8)
+  new_theta, _, metrics = step(theta, state, keys)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_theta))
+  assert int(metrics.diverged_problems) > 0
+  assert int(metrics.skipped) == int(expect_skip)
+  changed = any(not np.array_equal(new_theta[k], theta[k]) for k in theta)
+  assert changed != expect_skip
+  if not expect_skip:
+    assert 0 < int(metrics.dropped_problems) < 8
+
+
+def test_exploding_inner_problem_costs_a_bounded_loss():
+  optimizer = GRUOptimizer(hidden_size=4, output_scale=1000.0)
+  theta = optimizer.init(jax.random.key(0))
+  theta["readout_weights"] = -jnp.ones_like(theta["readout_weights"])  # steps *up* the gradient: divergence
+  task = tasks.get("linear_regression", dim=3)
+  value, diverged = problem_meta_loss(task, optimizer, theta, jax.random.key(2), horizon=30, loss_cap=10.0)
+  assert bool(diverged) and 1.0 < float(value) <= 10.0
+
+
+def test_config_round_trip_and_unknown_keys():
+  config = MetaTrainConfig().replace(hidden_size=7)
+  assert MetaTrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  with pytest.raises(ValueError, match="unknown meta-training setting"):
+    MetaTrainConfig.from_dict({"hiden_size": 3})
