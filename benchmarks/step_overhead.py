@@ -60,7 +60,11 @@ def jax_times(shapes, path, device: str, repeats: int, warmup: int) -> dict:
   import jax.numpy as jnp
   import optax
   import lopt
-  backend = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+  try:
+    backend = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+  except RuntimeError as e:  # e.g. a CPU-only jaxlib on the GPU machine: still time PyTorch, say why JAX is missing
+    print(f"JAX has no {device} backend ({e}); JAX columns left empty", flush=True)
+    return {"adam": float("nan"), "learned": float("nan")}
   rng = np.random.default_rng(0)
   results = {}
   for name, transformation in [("learned", lopt.load(path).as_optax()), ("adam", optax.adam(1e-3))]:
@@ -115,7 +119,8 @@ def machine_description(device: str) -> str:
     pass
   import os
   lines = [f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-           f"- CPU: {cpu}, {os.cpu_count()} logical cores visible",
+           f"- CPU: {cpu}, {os.cpu_count()} logical cores visible; load average at the end "
+           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes share these cores: timings are noisy)",
            f"- python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
            f"optax {optax.__version__}, torch {torch.__version__}, numpy {np.__version__}"]
   if device == "cuda":

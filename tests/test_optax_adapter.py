@@ -217,7 +217,7 @@ def test_meta_gradient_flows_through_the_transformation(optimizer_and_theta):
     updates, _ = transformation.update(grads, transformation.init(params), params)
     return sum(jnp.sum(u) for u in jax.tree.leaves(updates))
 
-  meta_grads = jax.grad(total_update)({k: jnp.asarray(v) for k, v in theta.items()})
+  meta_grads = jax.jit(jax.grad(total_update))({k: jnp.asarray(v) for k, v in theta.items()})
   # d(sum of updates)/d(readout bias) = output_scale * number of coordinates, exactly.
   np.testing.assert_allclose(meta_grads["readout_bias"], [optimizer.output_scale * (12 + 3 + 8)], rtol=1e-6)
   assert all(np.isfinite(np.asarray(g)).all() for g in meta_grads.values())

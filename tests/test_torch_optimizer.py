@@ -283,7 +283,7 @@ def test_found_by_name(checkpoint, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("problem, message", [
     ("no weights", r"weights.safetensors: weights file not found"),
-    ("altered weights", r"weights.safetensors: checksum mismatch .* expected SHA-256 [0-9a-f]{64} .*found [0-9a-f]{64}"),
+    ("altered weights", r"weights.safetensors: checksum mismatch .* SHA-256 [0-9a-f]{64} .*found [0-9a-f]{64}"),
     ("hidden size", r"weights.safetensors: tensor 'input_weights' has shape \(\d, 18\), expected \(\d, 24\)"),
     ("encoding", r"config.json: field 'optimizer.input_encoding' must be one of .*found 'sign'"),
     ("architecture", r"config.json: field 'optimizer.architecture' is 'lstm'"),

@@ -35,7 +35,8 @@ def resolve_optimizer_path(path_or_name: str | os.PathLike) -> Path:
   if path.exists():
     return path
   name = str(path_or_name)
-  is_plain_name = name and os.sep not in name and (os.altsep is None or os.altsep not in name) and name not in (".", "..")
+  separators = [sep for sep in (os.sep, os.altsep) if sep]
+  is_plain_name = bool(name) and not any(sep in name for sep in separators) and name not in (".", "..")
   searched = []
   if is_plain_name:
     for directory in optimizer_search_directories():
