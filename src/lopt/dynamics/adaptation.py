@@ -95,7 +95,8 @@ def _adaptation_curve(step, readout, seeds, gradients, *, dtype=None, **fixed_po
     order = [i for i in np.argsort(np.abs(gradients)) if np.sign(gradients[i]) == sign]
     previous = None
     for i in order:
-      arm_seeds = seeds if previous is None else np.concatenate([seeds, previous[None]])
+      # The previous point replaces the last seed: same shapes for every g*, so the search compiles once.
+      arm_seeds = seeds if previous is None else np.concatenate([seeds[:-1], previous[None]])
       fixed = find_fixed_points(step, arm_seeds, gradients[i], dtype=dtype, **fixed_point_options)
       counts[i] = len(fixed.points)
       k = _choose(fixed, previous)
