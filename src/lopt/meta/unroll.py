@@ -19,10 +19,11 @@ def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, 
   O(num_steps * |activations|), the paper's choice for backpropagating through long unrolls.
   """
   params = task.init(key)
+  problem_loss = task.bind(key)  # the problem's data are drawn once, outside the scan
 
   def step(carry, t):
     params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, key, t)
+    loss, grads = jax.value_and_grad(problem_loss)(params, t)
     updates, state = optimizer.update(grads, state, params, value=loss)
     return (optax.apply_updates(params, updates), state), loss
 

@@ -25,6 +25,8 @@ class Task:
     horizon: default number of optimization steps.
     valid_loss: optional ``(params, key, step) -> scalar`` loss on held-out data.
     options: the keyword options the task was built with (JSON-serializable), so it can be rebuilt by name.
+    sample: optional ``key -> problem`` that draws a problem's data once (e.g. a quadratic's Hessian), with
+      ``loss_from_sample(params, problem, step)``; the inner loop then samples outside its scan instead of every step.
   """
   name: str
   init: Callable[[jax.Array], Params]
@@ -32,6 +34,15 @@ class Task:
   horizon: int
   valid_loss: Callable[[Params, jax.Array, Any], jax.Array] | None = None
   options: dict = field(default_factory=dict)
+  sample: Callable[[jax.Array], Any] | None = None
+  loss_from_sample: Callable[[Params, Any, Any], jax.Array] | None = None
+
+  def bind(self, key: jax.Array) -> Callable[[Params, Any], jax.Array]:
+    """``(params, step) -> loss`` of the problem ``key``, with the problem's data drawn once."""
+    if self.sample is None:
+      return lambda params, step: self.loss(params, key, step)
+    problem = self.sample(key)
+    return lambda params, step: self.loss_from_sample(params, problem, step)
 
   def num_params(self) -> int:
     """Number of scalar parameters of one problem."""

@@ -39,14 +39,21 @@ def linear_regression(dim: int = 5, log10_min_eig: float = -3.0, log10_max_eig: 
   def init(key):
     return jax.random.normal(jax.random.fold_in(key, 0), (dim,))
 
-  def loss(x, key, step=0):
+  def sample(key):
+    return sample_quadratic(key, dim, log10_min_eig, log10_max_eig)
+
+  def loss_from_sample(x, problem, step=0):
     del step  # deterministic: the whole problem is the quadratic
-    hessian, linear, offset = sample_quadratic(key, dim, log10_min_eig, log10_max_eig)
+    hessian, linear, offset = problem
     hx = jnp.matmul(hessian, x, precision=jax.lax.Precision.HIGHEST)
     return 0.5 * x @ hx + linear @ x + offset
 
+  def loss(x, key, step=0):
+    return loss_from_sample(x, sample(key), step)
+
   options = dict(dim=dim, log10_min_eig=log10_min_eig, log10_max_eig=log10_max_eig, horizon=horizon)
-  return Task("linear_regression", init, loss, horizon, options=options)
+  return Task("linear_regression", init, loss, horizon, options=options, sample=sample,
+              loss_from_sample=loss_from_sample)
 
 
 def heavy_ball_optimum(min_eig: float = 1e-3, max_eig: float = 1.0) -> dict:
