@@ -49,6 +49,7 @@ def child_main(argv: list[str]) -> int:
   """Runs lopt.cli.main(argv) with the sleeps installed; records the current phase in $LOPT_TORTURE_PHASE_FILE."""
   import lopt.cli
   import lopt.meta.train as train
+  assert os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] in lopt.cli.__file__, "not running the snapshot"
   phase_file = os.environ.get("LOPT_TORTURE_PHASE_FILE")
   step_delay = float(os.environ.get("LOPT_TORTURE_STEP_DELAY", "0"))
   write_delay = float(os.environ.get("LOPT_TORTURE_WRITE_DELAY", "0"))
@@ -89,10 +90,24 @@ def child_main(argv: list[str]) -> int:
 
 # -- the parent ----------------------------------------------------------------------------------------------------
 
+def snapshot_source(workdir: Path) -> Path:
+  """Copies the lopt package once, so every child of one torture runs the same code even while the working tree is
+  being edited (a mid-run edit would otherwise show up as a resume mismatch)."""
+  import shutil
+  import lopt
+  target = workdir / "src"
+  if not target.exists():
+    shutil.copytree(Path(lopt.__file__).parent, target / "lopt", ignore=shutil.ignore_patterns("__pycache__"))
+  return target
+
+
 def child_environment(cache_dir: Path, phase_file: Path | None = None, *, step_delay: float = STEP_DELAY,
                       write_delay: float = WRITE_DELAY) -> dict:
-  """CPU only (bit-exact comparisons), a shared persistent compilation cache (a process starts in ~3 s, not ~15)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+  """CPU only (bit-exact comparisons), a shared persistent compilation cache (a process starts in ~3 s, not ~15),
+  and the snapshot of the source beside the cache first on the path."""
+  source = snapshot_source(cache_dir.parent)
+  path = os.pathsep.join([str(source)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+  env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              LOPT_TORTURE_STEP_DELAY=str(step_delay), LOPT_TORTURE_WRITE_DELAY=str(write_delay))
   if phase_file is not None:
