@@ -272,7 +272,7 @@ def test_a_pickle_file_in_place_of_the_weights(run_dir, capsys):
 
 @pytest.mark.parametrize("text,fragments", [
     ("", ["not valid JSON"]), ('{"hidden_size": 4', ["not valid JSON"]), ("[" * 100_000, ["not valid JSON"]),
-    ('{"hidden_size": "abc"}', ["field 'hidden_size'", "positive integer", "'abc'"]),
+    ('{"hidden_size": "abc"}', ["field 'hidden_size'", "an integer in [1, 65536]", "'abc'"]),
     ('{"meta_batch_size": -4}', ["field 'meta_batch_size'", "-4"]),
     ('{"learning_rate": NaN}', ["field 'learning_rate'", "nan"]),
     ('{"remat": "yes"}', ["field 'remat'", "'yes'"]),
