@@ -41,7 +41,7 @@ def test_truncated_file_is_detected(saved):
   path = saved[0]
   weights = path / "weights.safetensors"
   weights.write_bytes(weights.read_bytes()[:100])
-  with pytest.raises(CheckpointError, match="weights.safetensors: checksum mismatch"):
+  with pytest.raises(CheckpointError, match=r"weights.safetensors: .*truncated"):
     lopt.load_optimizer(path)
 
 
@@ -53,7 +53,7 @@ def test_wrong_shape_with_matching_checksum_is_detected(saved, tmp_path):
   (path / "weights.safetensors").write_bytes((tmp_path / "other" / "weights.safetensors").read_bytes())
   config["weights_sha256"] = json.loads((tmp_path / "other" / "config.json").read_text())["weights_sha256"]
   (path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"tensor 'bias' has shape \(21,\), expected \(18,\)"):
+  with pytest.raises(CheckpointError, match=r"weights.safetensors: tensor '\w+' has shape \((1, )?21,?\), expected \((1, )?18,?\)"):
     lopt.load_optimizer(path)
 
 
