@@ -193,6 +193,9 @@ def main(argv=None) -> None:
     winner.train(args.chunk)
     winner.score()
   training_seconds = time.perf_counter() - started
+  atomic_write_json(out / "sweep.json", {"task": args.task, "device": device, "seconds_per_step": per_step,
+                                         "decay_steps": decay_steps, "variants": sweep_records,
+                                         "winner": winner.record()})
   say(f"winner {winner.index} {winner.changes}: best held-out {winner.best_score:.4f} at step {winner.best_step}/"
       f"{winner.step}; training took {training_seconds:.0f} s")
 
