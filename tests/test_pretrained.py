@@ -1,0 +1,54 @@
+"""The shipped optimizers (lopt.pretrained): they load offline, have the right shapes, and actually optimize."""
+
+import jax
+import numpy as np
+import pytest
+
+from lopt import pretrained, tasks
+from lopt.meta.evaluate import EVALUATION_SEED, problem_keys, run_problems, scores
+from lopt.optimizers import as_optax
+
+TASKS = ("digits_cnn", "linear_regression", "rosenbrock", "two_moons")
+# Problems x steps per check, sized for a 2-core CPU: the networks run the GRU on ~8,000 coordinates per problem, so
+# they get fewer problems and a shorter horizon than the 2- and 5-parameter tasks (the full-horizon numbers on 128
+# problems are in each config's info and docs/REPRODUCTION.md).
+BUDGET = {"linear_regression": (16, None), "rosenbrock": (16, None), "two_moons": (4, 50), "digits_cnn": (2, 30)}
+
+
+def test_lists_the_four_tasks():
+  assert pretrained.list() == sorted(TASKS)
+
+
+def test_unknown_name_lists_the_available_ones():
+  with pytest.raises(ValueError, match="available: digits_cnn"):
+    pretrained.load("no_such_task")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_loads_with_the_shapes_of_its_architecture(name):
+  optimizer, theta, config = pretrained.load(name)
+  assert {k: tuple(v.shape) for k, v in theta.items()} == optimizer.param_shapes()
+  assert all(np.all(np.isfinite(v)) for v in theta.values())
+  info = config["info"]
+  assert info["training"]["task"] == name
+  assert info["training"]["hidden_size"] == optimizer.hidden_size
+  assert info["training"]["input_scale"] == optimizer.input_scale
+  assert set(info["evaluation"]["results"]) == {"learned", "sgd", "momentum", "rmsprop", "adam"}
+  assert info["evaluation"]["results"]["learned"]["num_problems"] == 128
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_optimizes_its_task(name):
+  optimizer, theta, config = pretrained.load(name)
+  count, horizon = BUDGET[name]
+  task = tasks.get(name, **config["info"]["training"]["task_options"])
+  keys = problem_keys(EVALUATION_SEED, count)
+  score = scores(run_problems(task, as_optax(optimizer, theta), keys, horizon or task.horizon))
+  # An untrained (zero-readout) optimizer scores exactly 1; below 1 means the loss went down on every problem's
+  # average, and finite means no problem diverged.
+  assert np.all(np.isfinite(score))
+  assert float(np.mean(score)) < 1.0
+  if horizon is None:
+    # Full horizon, the evaluation problems: close to the recorded 128-problem mean (CPU here vs the GPU there).
+    recorded = config["info"]["evaluation"]["results"]["learned"]
+    assert abs(float(np.mean(score)) - recorded["normalized_mean_loss"]) < 0.5 * recorded["normalized_mean_loss"] + 0.02
