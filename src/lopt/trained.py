@@ -5,8 +5,10 @@ This module imports neither jax nor torch at module level: ``resolve_optimizer_p
 
 Names. A ``path_or_name`` that is an existing path is used as is (a trained-optimizer directory, or a run directory
 holding ``optimizer/``). Otherwise it is a name, looked up as ``<dir>/<name>`` in each directory of the environment
-variable ``LOPT_OPTIMIZER_PATH`` (``os.pathsep``-separated) and then in ``~/.cache/lopt/optimizers`` *(ours)*.
-Nothing is ever downloaded: a name is a local directory someone put there (``lopt train ... --out`` or a copy).
+variable ``LOPT_OPTIMIZER_PATH`` (``os.pathsep``-separated), then in ``~/.cache/lopt/optimizers`` *(ours)*, and
+last among the optimizers shipped in the package (``lopt.pretrained``: ``lopt.load("linear_regression")``).
+Nothing is ever downloaded: a name is a local directory someone put there (``lopt train ... --out`` or a copy) or
+package data.
 """
 
 from __future__ import annotations
@@ -44,10 +46,20 @@ def resolve_optimizer_path(path_or_name: str | os.PathLike) -> Path:
       if candidate.exists():
         return candidate
       searched.append(str(candidate))
-  where = f"; also looked for the name in {searched} (set ${OPTIMIZER_PATH_VARIABLE} to add directories)" \
+    shipped = _shipped_path(name)
+    if shipped is not None:
+      return shipped
+  where = f"; also looked for the name in {searched} (set ${OPTIMIZER_PATH_VARIABLE} to add directories) and among the shipped optimizers" \
       if searched else ""
   raise CheckpointError(f"{path}: no such trained optimizer (expected a directory with config.json and "
                         f"weights.safetensors, or a run directory holding optimizer/){where}")
+
+
+def _shipped_path(name: str) -> Path | None:
+  """The directory of the shipped optimizer ``name`` (``lopt.pretrained``), or None. Looked up after local paths so
+  that a user's own optimizer of the same name wins."""
+  from lopt import pretrained  # no jax at import: it only lists package data
+  return pretrained.path(name) if name in pretrained.list() else None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _seeds(h0, visited_states, count: int, seed: int = 0) -> np.ndarray:
 
 def analyze(step, readout, h0, *, visited_states=None, gradients=None, heavy_ball: dict | None = None,
             schedule_steps: int = SCHEDULE_STEPS, num_seeds: int = MAX_SEEDS, adaptation_limit: float | None = None,
-            dtype=None) -> dict:
+            adaptation_seeds: int | None = None, dtype=None) -> dict:
   """Runs the analyses: PCA, fixed points at g = 0, momentum modes, clipping, schedule, adaptation.
 
   Args:
@@ -39,6 +39,8 @@ def analyze(step, readout, h0, *, visited_states=None, gradients=None, heavy_bal
     schedule_steps: length of the autonomous run.
     num_seeds: fixed-point seeds at g = 0.
     adaptation_limit: largest |g*| of the adaptation sweep (default: the 99.9th percentile of |gradients|, or 1).
+    adaptation_seeds: seeds per g* of the adaptation sweep (default: the g = 0 seeds, capped by the sweep). The
+      sweep runs 30 searches; with 256 units each Newton iteration costs O(seeds H^3), so a CPU needs few seeds.
     dtype: passed to the fixed-point searches (float64 for machine-precision points).
 
   Returns:
@@ -70,5 +72,6 @@ def analyze(step, readout, h0, *, visited_states=None, gradients=None, heavy_bal
     observed = np.abs(np.asarray(gradients, np.float64).ravel()) if gradients is not None else np.zeros(0)
     observed = observed[np.isfinite(observed)]
     adaptation_limit = float(np.quantile(observed, 0.999)) if observed.size and np.any(observed > 0) else 1.0
-  results["adaptation"] = adaptation_curve(step, readout, seeds, gradient_sweep(adaptation_limit), dtype=dtype)
+  sweep_seeds = seeds if adaptation_seeds is None else seeds[:max(1, adaptation_seeds)]  # h0 first, then visited
+  results["adaptation"] = adaptation_curve(step, readout, sweep_seeds, gradient_sweep(adaptation_limit), dtype=dtype)
   return results

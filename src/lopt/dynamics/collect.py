@@ -38,7 +38,8 @@ def _flat_hidden(hidden_tree, size: int) -> jax.Array:
   return jnp.concatenate([leaf.reshape(-1, size) for leaf in jax.tree.leaves(hidden_tree)])
 
 
-def collect_states(task, optimizer, theta, keys, num_steps: int | None = None) -> Collected:
+def collect_states(task, optimizer, theta, keys, num_steps: int | None = None,
+                   coordinates=None) -> Collected:
   """Runs ``optimizer`` (a GRUOptimizer or anything with init_state/update and a ``hidden`` state) on each problem.
 
   Args:
@@ -46,9 +47,12 @@ def collect_states(task, optimizer, theta, keys, num_steps: int | None = None) -
     optimizer: the learned optimizer; theta: its meta-parameters.
     keys: (P,) problem keys.
     num_steps: steps per problem (default: the task's horizon).
+    coordinates: optional index array into one problem's flattened parameters: only these coordinates are kept
+      (per problem). Network tasks have thousands of parameters, and (T, C, H) states would take gigabytes.
   """
   num_steps = num_steps or task.horizon
   size = int(np.shape(theta["initial_state"])[-1])
+  keep = (lambda x: x) if coordinates is None else (lambda x: x[jnp.asarray(coordinates)])  # noqa: E731
 
   def run(key):
     params = task.init(key)
@@ -58,8 +62,8 @@ def collect_states(task, optimizer, theta, keys, num_steps: int | None = None) -
       params, state = carry
       loss, grads = jax.value_and_grad(task.loss)(params, key, t)
       updates, new_state = optimizer.update(theta, state, grads, params, loss=loss, step=t)
-      record = (loss, ravel_pytree(params)[0], ravel_pytree(grads)[0], ravel_pytree(updates)[0],
-                _flat_hidden(state.hidden, size))
+      record = (loss, keep(ravel_pytree(params)[0]), keep(ravel_pytree(grads)[0]), keep(ravel_pytree(updates)[0]),
+                keep(_flat_hidden(state.hidden, size)))
       return (jax.tree.map(jnp.add, params, updates), new_state), record
 
     _, records = jax.lax.scan(body, (params, state), jnp.arange(num_steps))

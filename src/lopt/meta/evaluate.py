@@ -68,13 +68,18 @@ def summarize_losses(losses: np.ndarray) -> dict:
 
 
 def tune_baseline(task, name: str, keys: jax.Array, horizon: int,
-                  learning_rates=baselines.LEARNING_RATES, chunk: int = 32) -> dict:
+                  learning_rates=baselines.LEARNING_RATES, chunk: int = 32, candidates: dict | None = None) -> dict:
   """Grid search of baseline ``name`` on problems ``keys``; returns the candidates' scores and the best.
+
+  ``candidates`` ({hyperparameter: (n,) values}, every hyperparameter of the baseline) replaces the full grid
+  ``baselines.grid(name, learning_rates)``, e.g. for a local re-tuning around a known optimum.
 
   All candidates run in one compiled call: ``lax.map`` over candidates (``chunk`` at a time, vmapped) of a vmap over
   the tuning problems.
   """
-  candidates = baselines.grid(name, learning_rates)
+  if candidates is None:
+    candidates = baselines.grid(name, learning_rates)
+  candidates = {k: np.asarray(v, np.float32) for k, v in candidates.items()}
 
   def candidate_score(hyperparameters):
     optimizer = baselines.build(name, **hyperparameters)

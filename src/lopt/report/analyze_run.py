@@ -60,20 +60,43 @@ def analyze_directory(path: str | Path, task_name: str | None = None, task_optio
 
   Returns the summary dict (also written). Analyses run in float64 by default (fixed points to machine precision).
   """
+  path = Path(path)
+  optimizer, theta, task = resolve(path, task_name, task_options)
+  return analyze_optimizer(optimizer, theta, task, path / "analysis", source=path, num_problems=num_problems,
+                           dtype=dtype, progress=progress)
+
+
+def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | Path | None = None,
+                      num_problems: int = NUM_PROBLEMS, num_coordinates: int | None = None,
+                      num_seeds: int | None = None, adaptation_seeds: int | None = None, dtype=np.float64,
+                      progress=None) -> dict:
+  """Runs every analysis of ``optimizer`` (weights ``theta``) on ``task`` and writes ``out`` (summary.json + PNGs).
+
+  Args:
+    source: where the optimizer came from (recorded in the summary); default ``out``'s parent.
+    num_problems: test problems whose states are collected.
+    num_coordinates: keep only this many random coordinates per problem (network tasks: thousands of parameters
+      times T steps times H units would not fit in memory); None keeps all.
+    num_seeds: fixed-point seeds (default ``lopt.dynamics.analysis.MAX_SEEDS``); fewer is faster and coarser.
+    adaptation_seeds: seeds per g* of the adaptation sweep (default: as many as the sweep takes).
+  """
   import jax
 
   from lopt import dynamics
+  from lopt.dynamics.analysis import MAX_SEEDS
   from lopt.meta.evaluate import problem_keys
   from lopt.report import dynamics_figures as figs
   from lopt.report.figures import to_png
   say = progress or (lambda message: None)
   started = time.perf_counter()
-  path = Path(path)
-  optimizer, theta, task = resolve(path, task_name, task_options)
-  out = path / "analysis"
+  out = Path(out)
+  path = Path(source) if source is not None else out.parent
+  coordinates = _coordinate_subset(task, num_coordinates)
 
-  say(f"collecting optimizer states on {num_problems} {task.name} problems")
-  collected = dynamics.collect_states(task, optimizer, theta, problem_keys(ANALYSIS_SEED, num_problems))
+  kept = "" if coordinates is None else f" ({len(coordinates)} coordinates each)"
+  say(f"collecting optimizer states on {num_problems} {task.name} problems{kept}")
+  collected = dynamics.collect_states(task, optimizer, theta, problem_keys(ANALYSIS_SEED, num_problems),
+                                      coordinates=coordinates)
   if not np.all(np.isfinite(collected.hidden)):
     raise UserError(f"{path}: the optimizer's states became non-finite on {task.name}; nothing to analyze")
   # Analyses run in float64: bind float64 weights (the cell promotes to its inputs' dtype).
@@ -86,7 +109,8 @@ def analyze_directory(path: str | Path, task_name: str | None = None, task_optio
   with jax.enable_x64(True):
     results = dynamics.analyze(step, readout, h0, visited_states=collected.visited_states.astype(np.float64),
                                gradients=collected.gradients, heavy_ball=heavy_ball_reference(task),
-                               schedule_steps=task.horizon, dtype=dtype)
+                               schedule_steps=task.horizon, num_seeds=num_seeds or MAX_SEEDS,
+                               adaptation_seeds=adaptation_seeds, dtype=dtype)
     results["visited"] = collected.visited_states[::max(1, len(collected.visited_states) // 4000)]
     summary = dynamics.summarize(results)
     say("drawing figures")
@@ -106,7 +130,21 @@ def analyze_directory(path: str | Path, task_name: str | None = None, task_optio
   losses = collected.losses
   summary["source"] = {"path": str(path), "task": task.name, "task_options": task.options,
                        "optimizer": optimizer.config(), "num_problems": num_problems, "horizon": task.horizon,
+                       "coordinates_per_problem": None if coordinates is None else len(coordinates),
+                       "fixed_point_seeds": num_seeds or MAX_SEEDS, "adaptation_seeds": adaptation_seeds,
                        "normalized_final_loss_median": float(np.median(losses[:, -1] / losses[:, 0])),
                        "figures": written, "seconds": round(time.perf_counter() - started, 1)}
   atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
   return summary
+
+
+def _coordinate_subset(task, count: int | None):
+  """Sorted random coordinates of one problem's flattened parameters (all of them when ``count`` covers them)."""
+  if count is None:
+    return None
+  import jax
+  from jax.flatten_util import ravel_pytree
+  size = int(jax.eval_shape(lambda k: ravel_pytree(task.init(k))[0], jax.random.key(0)).shape[0])
+  if count >= size:
+    return None
+  return np.sort(np.random.default_rng(ANALYSIS_SEED).choice(size, count, replace=False))
