@@ -47,7 +47,7 @@ PAPER = {  # what the paper found, one line per mechanism (for the findings tabl
     "momentum": "momentum-like dynamics; on linear regression the dominant beta is near the optimal heavy ball's",
     "clipping": "the update saturates for large gradients, at a threshold matched to the gradient distribution",
     "schedule": "an autonomous learning-rate schedule (warm-up and/or decay)",
-    "adaptation": "alpha_eff falls as |g*| grows (RMSProp-like adaptation)",
+    "adaptation": "alpha_eff falls as the constant gradient g* grows in magnitude (RMSProp-like adaptation)",
 }
 
 
