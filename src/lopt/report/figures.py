@@ -60,7 +60,8 @@ def tuning_curves(comparison: dict):
   axis.set_xlabel("learning rate")
   axis.set_ylabel("normalized mean loss (tuning problems)")
   axis.set_title("baseline tuning (diverged candidates omitted)")
-  axis.legend(fontsize=8)
+  if comparison["tuning"]:  # empty when the baselines ran with given hyperparameters (lopt reproduce --tuning shipped)
+    axis.legend(fontsize=8)
   axis.grid(alpha=0.3, which="both")
   return figure
 
