@@ -91,10 +91,15 @@ def build_outer_step(task, optimizer, outer_optimizer: optax.GradientTransformat
   return outer_step
 
 
+def learning_rate_schedule(config: MetaTrainConfig) -> optax.Schedule:
+  """The outer learning rate at each step: learning_rate * decay_rate ** (step / decay_steps) (not staircase)."""
+  return optax.exponential_decay(config.learning_rate, config.decay_steps, config.decay_rate)
+
+
 def outer_optimizer_from(config: MetaTrainConfig) -> optax.GradientTransformation:
   """Element-wise meta-gradient clipping, then Adam with exponential learning-rate decay (the paper's outer loop)."""
-  schedule = optax.exponential_decay(config.learning_rate, config.decay_steps, config.decay_rate)
-  return optax.chain(optax.clip(config.clip_value), optax.adam(schedule, config.b1, config.b2, config.eps))
+  return optax.chain(optax.clip(config.clip_value),
+                     optax.adam(learning_rate_schedule(config), config.b1, config.b2, config.eps))
 
 
 def optimizer_from(config: MetaTrainConfig) -> GRUOptimizer:
@@ -154,7 +159,7 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
 
   task, optimizer = task_from(config), optimizer_from(config)
   horizon = config.horizon or task.horizon
-  outer = outer_optimizer_from(config)
+  outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
   outer_step = build_outer_step(task, optimizer, outer, horizon=horizon, meta_loss=config.meta_loss,
                                 loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat)
   evaluate = build_evaluator(task, optimizer, horizon)
@@ -171,14 +176,20 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
       if restored is not None:
         state = restored
 
+  # The counters stay on the device between log steps: reading them every step would make the host wait for each
+  # outer step to finish before dispatching the next one.
+  skipped, dropped = jnp.asarray(state.skipped_steps), jnp.asarray(state.dropped_problems)
+
+  def sync_counters():
+    state.skipped_steps, state.dropped_problems = int(skipped), int(dropped)
+
   started = time.perf_counter()
   try:
     while state.step < config.num_steps:
       keys = step_keys(config.seed, state.step, config.meta_batch_size)
       theta, outer_state, metrics = outer_step(state.theta, state.outer_state, keys)
       state.theta, state.outer_state, state.step = theta, outer_state, state.step + 1
-      state.skipped_steps += int(metrics.skipped)
-      state.dropped_problems += int(metrics.dropped_problems)
+      skipped, dropped = skipped + metrics.skipped, dropped + metrics.dropped_problems
       record = None
       if state.step % config.eval_every == 0 or state.step == config.num_steps:
         score = float(jnp.mean(evaluate(state.theta, eval_keys)))
@@ -186,11 +197,12 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
           state.best_theta, state.best_score, state.best_step = state.theta, score, state.step
         record = {"held_out_loss": score, "best_held_out_loss": state.best_score}
       if record is not None or state.step % config.log_every == 0:
+        sync_counters()
         record = {
             "step": state.step, "meta_loss": float(metrics.meta_loss), "gradient_norm": float(metrics.gradient_norm),
             "diverged_problems": int(metrics.diverged_problems), "dropped_problems": int(metrics.dropped_problems),
             "skipped": int(metrics.skipped), "total_skipped_steps": state.skipped_steps,
-            "learning_rate": float(config.learning_rate * config.decay_rate**(state.step / config.decay_steps)),
+            "learning_rate": float(schedule(state.step)),
             "seconds": round(time.perf_counter() - started, 3), "best_held_out_loss": state.best_score,
             **(record or {})}
         if run is not None:
@@ -198,7 +210,9 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
         if progress is not None:
           progress(state.step, config.num_steps, record)
       if run is not None and (state.step % config.checkpoint_every == 0 or state.step == config.num_steps):
+        sync_counters()
         run.checkpoint(state)
+    sync_counters()
     if run is not None:
       run.export(optimizer, state, config)
   finally:
@@ -220,4 +234,4 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
 
 
 __all__ = ["build_outer_step", "meta_train", "MetaTrainConfig", "TrainState", "StepMetrics", "step_keys",
-           "build_evaluator", "outer_optimizer_from", "optimizer_from", "task_from", "load_metrics"]
+           "build_evaluator", "learning_rate_schedule", "outer_optimizer_from", "optimizer_from", "task_from", "load_metrics"]
