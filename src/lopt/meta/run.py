@@ -68,9 +68,9 @@ class RunDirectory:
       if not resume:
         raise RunError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
       saved = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path)).to_dict()
-      if saved != config.to_dict():
-        differing = sorted(k for k in set(saved) | set(config.to_dict())
-                           if saved.get(k) != config.to_dict().get(k))
+      requested = config.to_dict()
+      if saved != requested:
+        differing = sorted(k for k in set(saved) | set(requested) if saved.get(k) != requested.get(k))
         raise RunError(f"{config_path}: the saved run differs from the requested one in {differing}; resume with the "
                        f"same settings (or omit them: `lopt train --resume --out {self.path}` reuses the saved ones)")
     else:

@@ -95,7 +95,6 @@ def task_section(out: Path, name: str, task: dict, comparison: dict) -> Section:
 
 def write_reproduce_report(out: str | Path, findings: dict) -> Path:
   """Writes ``out/reproduce.html`` and returns its path."""
-  from lopt.report.comparison import HEADERS  # noqa: F401 -- fail early if the comparison module is broken
   out = Path(out)
   comparisons = {name: json.loads((out / name / "comparison" / "results.json").read_text())
                  for name in findings["tasks"]}

@@ -26,6 +26,7 @@ def prepare_theta(tensors: dict, dtype: torch.dtype, device: torch.device) -> di
   for name in ("input_weights", "recurrent_weights", "bias"):
     theta[name + "_gates"] = theta[name][..., :2 * size].contiguous()       # (I or H, 2H) / (2H,)
     theta[name + "_candidate"] = theta[name][..., 2 * size:].contiguous()   # (I or H, H) / (H,)
+    del theta[name]  # only the split blocks are used: do not keep a second copy on the device
   return theta
 
 
