@@ -151,8 +151,7 @@ def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_prob
   eval_keys = evaluate.problem_keys(evaluate.EVALUATION_SEED, num_eval_problems)
   tuning_keys = evaluate.problem_keys(evaluate.TUNING_SEED, LOCAL_TUNING_PROBLEMS)
   _say(progress, f"evaluating learned on {num_eval_problems} problems")
-  results = {"learned": {"kind": "learned",
-                         **evaluate.summarize_losses(evaluate.run_problems(task, learned, eval_keys, horizon))}}
+  results = {"learned": evaluate.evaluate_learned(task, learned, eval_keys, horizon)}
   tuning = {}
   for name in BASELINES:
     hyperparameters = shipped[name]
@@ -165,11 +164,8 @@ def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_prob
           np.isclose(tuning[name]["best"]["learning_rate"], hyperparameters["learning_rate"], rtol=1e-3))
       hyperparameters = tuning[name]["best"]
     _say(progress, f"evaluating {mode} {name} on {num_eval_problems} problems")
-    optimizer = baselines.build(name, **hyperparameters)
-    results[name] = {"kind": "baseline", "hyperparameters": hyperparameters,
-                     **evaluate.summarize_losses(evaluate.run_problems(task, optimizer, eval_keys, horizon))}
-  for result in results.values():
-    result["rank"] = 1 + sum(r["normalized_mean_loss"] < result["normalized_mean_loss"] for r in results.values())
+    results[name] = evaluate.evaluate_baseline(task, name, hyperparameters, eval_keys, horizon)
+  evaluate.add_ranks(results)
   learning_rates = sorted({float(x) for t in tuning.values() for x in t["candidates"]["learning_rate"]})
   settings = {"task": task.name, "task_options": task.options, "horizon": horizon,
               "num_tuning_problems": LOCAL_TUNING_PROBLEMS if mode == "local" else 0,
@@ -184,18 +180,17 @@ def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_prob
 
 def comparison_findings(comparison: dict) -> dict:
   """Learned vs each tuned baseline: normalized mean losses ± s.e., ratio, paired difference, verdict."""
-  from lopt.meta.evaluate import paired_ratio
+  from lopt.meta.evaluate import paired_ratio, verdict
   results = comparison["results"]
   learned = results["learned"]
   rows = {}
   for name in BASELINES:
     base = results[name]
     paired = paired_ratio(learned, base)
-    d, se = paired["difference"], paired["difference_se"]
-    verdict = "better" if d < -2 * se else "worse" if d > 2 * se else "indistinguishable"
     rows[name] = {"baseline": base["normalized_mean_loss"], "baseline_se": base["normalized_mean_loss_se"],
-                  "hyperparameters": base.get("hyperparameters"), "ratio": paired["ratio"], "difference": d,
-                  "difference_se": se, "verdict": verdict}
+                  "hyperparameters": base.get("hyperparameters"), "ratio": paired["ratio"],
+                  "difference": paired["difference"], "difference_se": paired["difference_se"],
+                  "verdict": verdict(paired)}
   beaten = [n for n in ("momentum", "rmsprop", "adam") if rows[n]["verdict"] == "better"]
   status = "reproduced" if len(beaten) == 3 else "partly reproduced" if beaten else "did not reproduce"
   return {"learned": learned["normalized_mean_loss"], "learned_se": learned["normalized_mean_loss_se"],

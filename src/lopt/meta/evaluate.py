@@ -103,6 +103,24 @@ def tune_baseline(task, name: str, keys: jax.Array, horizon: int,
   }
 
 
+def evaluate_learned(task, optimizer: optax.GradientTransformation, keys: jax.Array, horizon: int) -> dict:
+  """A comparison entry for a learned optimizer: ``summarize_losses`` on the problems ``keys``."""
+  return {"kind": "learned", **summarize_losses(run_problems(task, optimizer, keys, horizon))}
+
+
+def evaluate_baseline(task, name: str, hyperparameters: dict, keys: jax.Array, horizon: int) -> dict:
+  """A comparison entry for baseline ``name`` with the given (tuned) hyperparameters."""
+  optimizer = baselines.build(name, **hyperparameters)
+  return {"kind": "baseline", "hyperparameters": hyperparameters,
+          **summarize_losses(run_problems(task, optimizer, keys, horizon))}
+
+
+def add_ranks(results: dict) -> None:
+  """Sets each entry's ``rank`` by normalized mean loss (1 = best; ties share a rank)."""
+  for result in results.values():
+    result["rank"] = 1 + sum(r["normalized_mean_loss"] < result["normalized_mean_loss"] for r in results.values())
+
+
 def compare(task, learned: dict[str, optax.GradientTransformation], *, horizon: int | None = None,
             baseline_names=("sgd", "momentum", "rmsprop", "adam"), num_tuning_problems: int = 32,
             num_eval_problems: int = 128, learning_rates=baselines.LEARNING_RATES,
@@ -118,23 +136,26 @@ def compare(task, learned: dict[str, optax.GradientTransformation], *, horizon: 
   results, tuning = {}, {}
   for name, optimizer in learned.items():
     say(f"evaluating {name} on {num_eval_problems} problems")
-    results[name] = {"kind": "learned", **summarize_losses(run_problems(task, optimizer, eval_keys, horizon))}
+    results[name] = evaluate_learned(task, optimizer, eval_keys, horizon)
   for name in baseline_names:
     say(f"tuning {name} over {baselines.grid(name, learning_rates)['learning_rate'].size} candidates")
     tuned = tune_baseline(task, name, tuning_keys, horizon, learning_rates)
     tuning[name] = tuned
-    optimizer = baselines.build(name, **tuned["best"])
     say(f"evaluating tuned {name} on {num_eval_problems} problems")
-    results[name] = {"kind": "baseline", "hyperparameters": tuned["best"],
-                     **summarize_losses(run_problems(task, optimizer, eval_keys, horizon))}
-  for name, result in results.items():
-    result["rank"] = 1 + sum(r["normalized_mean_loss"] < result["normalized_mean_loss"] for r in results.values())
+    results[name] = evaluate_baseline(task, name, tuned["best"], eval_keys, horizon)
+  add_ranks(results)
   settings = {"task": task.name, "task_options": task.options, "horizon": horizon,
               "num_tuning_problems": num_tuning_problems, "tuning_seed": TUNING_SEED,
               "num_eval_problems": num_eval_problems, "evaluation_seed": EVALUATION_SEED,
               "learning_rates": list(learning_rates), "grids": {n: baselines.GRIDS[n] for n in baseline_names},
               "tuning_budget": {n: tuning[n]["num_candidates"] * num_tuning_problems for n in tuning}}
   return {"results": results, "tuning": tuning, "settings": settings}
+
+
+def verdict(paired: dict) -> str:
+  """'better', 'worse' or 'indistinguishable': whether ``paired_ratio``'s difference is beyond two standard errors."""
+  d, se = paired["difference"], paired["difference_se"]
+  return "better" if d < -2 * se else "worse" if d > 2 * se else "indistinguishable"
 
 
 def paired_ratio(a: dict, b: dict) -> dict:

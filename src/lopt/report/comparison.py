@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lopt.checkpoint import atomic_write_bytes
-from lopt.meta.evaluate import paired_ratio
+from lopt.meta.evaluate import paired_ratio, verdict as paired_verdict
 from lopt.report import figures
 
 HEADERS = ["optimizer", "normalized mean loss", "± s.e.", "final loss / initial", "learned / this",
@@ -65,7 +65,7 @@ def verdicts(comparison: dict) -> list[str]:
       if d != d:
         out.append(f"{lname} vs tuned {bname}: not comparable (a run diverged).")
         continue
-      verdict = "better than" if d < -2 * se else "worse than" if d > 2 * se else "indistinguishable from"
+      verdict = {"better": "better than", "worse": "worse than"}.get(paired_verdict(paired), "indistinguishable from")
       out.append(f"{lname} is {verdict} tuned {bname}: normalized mean loss {learned['normalized_mean_loss']:.4g} vs "
                  f"{base['normalized_mean_loss']:.4g} (ratio {paired['ratio']:.3g}; paired difference "
                  f"{d:+.3g} ± {se:.2g} s.e.)")
