@@ -42,6 +42,45 @@ def test_meta_gradient_matches_finite_differences_float64():
       np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
 
 
+def test_first_order_meta_gradient_treats_inner_gradients_as_constants():
+  # Independent construction: a task whose gradient is taken at stop_gradient(params) has, for autodiff, inner
+  # gradients that do not depend on theta. Its meta-gradient must equal first_order's; the losses are unchanged and
+  # the full meta-gradient (which has the second-order terms) must differ.
+  with jax.enable_x64(True):
+    task = tasks.get("linear_regression", dim=3, horizon=6)
+    optimizer = GRUOptimizer(hidden_size=4, input_scale=0.3, output_scale=2.0)
+    theta = optimizer.init(jax.random.key(0))
+    theta["readout_weights"] = 0.2 * jax.random.normal(jax.random.key(1), theta["readout_weights"].shape)
+    key = jax.random.key(3)
+
+    def meta_loss(t, first_order):
+      return problem_meta_loss(task, optimizer, t, key, horizon=6, first_order=first_order)[0]
+
+    def frozen_gradient_meta_loss(t):
+      from lopt.optimizers import as_optax
+      inner = as_optax(optimizer, t)
+      params = task.init(key)
+      state, losses = inner.init(params), []
+      for step in range(6):
+        loss = task.loss(params, key, step)
+        grads = jax.grad(task.loss)(jax.lax.stop_gradient(params), key, step)
+        updates, state = inner.update(grads, state, params, value=jax.lax.stop_gradient(loss))
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+      losses = jnp.stack(losses)
+      return jnp.mean(losses / losses[0])
+
+    np.testing.assert_allclose(float(meta_loss(theta, True)), float(meta_loss(theta, False)), rtol=1e-12)
+    np.testing.assert_allclose(float(meta_loss(theta, True)), float(frozen_gradient_meta_loss(theta)), rtol=1e-10)
+    first = jax.grad(meta_loss)(theta, True)
+    full = jax.grad(meta_loss)(theta, False)
+    expected = jax.grad(frozen_gradient_meta_loss)(theta)
+    for name in theta:
+      np.testing.assert_allclose(np.asarray(first[name]), np.asarray(expected[name]), rtol=1e-8, atol=1e-12)
+    difference = sum(float(jnp.sum((first[n] - full[n]) ** 2)) for n in theta)
+    assert difference > 1e-8  # the second-order terms are really gone
+
+
 def test_meta_training_reduces_the_held_out_loss(tmp_path):
   config = TINY.replace(num_steps=40, eval_every=20, learning_rate=1e-2, input_scale=0.1, output_scale=10.0)
   state = meta_train(config, tmp_path / "run")
@@ -81,8 +120,20 @@ def test_existing_run_without_resume_is_refused(tmp_path):
   meta_train(TINY.replace(num_steps=1), tmp_path / "run")
   with pytest.raises(RunError, match="pass --resume"):
     meta_train(TINY.replace(num_steps=1), tmp_path / "run")
-  with pytest.raises(RunError, match=r"differs from the requested one in \['num_steps'\]"):
-    meta_train(TINY.replace(num_steps=2), tmp_path / "run", resume=True)
+  with pytest.raises(RunError, match=r"differs from the requested one in \['learning_rate'\]"):
+    meta_train(TINY.replace(num_steps=1, learning_rate=1e-3), tmp_path / "run", resume=True)
+
+
+def test_resume_with_more_steps_extends_the_run(tmp_path):
+  # --resume --steps N: the trajectory depends on the step alone, so 3 steps then 3 more equal 6 steps in one go.
+  reference = meta_train(TINY.replace(num_steps=6), tmp_path / "reference")
+  meta_train(TINY.replace(num_steps=3), tmp_path / "run")
+  extended = meta_train(TINY.replace(num_steps=6), tmp_path / "run", resume=True)
+  assert extended.step == 6
+  for name in reference.theta:
+    np.testing.assert_array_equal(np.asarray(reference.theta[name]), np.asarray(extended.theta[name]))
+  from lopt.checkpoint import read_json
+  assert read_json(tmp_path / "run" / "config.json", "run config")["num_steps"] == 6
 
 
 def _poisoned_task(bad_fraction=0.5):

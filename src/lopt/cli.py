@@ -87,6 +87,8 @@ TRAIN_OPTIONS = [
     ("--clip-value", "clip_value", _positive_float, "element-wise meta-gradient clipping"),
     ("--l2-penalty", "l2_penalty", _nonnegative_float, "penalty on the L2 norm of the meta-parameters"),
     ("--meta-loss", "meta_loss", str, "'mean' (mean loss_t/loss_0, the paper's) or 'log_mean'"),
+    ("--meta-gradient", "meta_gradient", str,
+     "'full' (backpropagate through the inner gradients, the paper's) or 'first_order' (treat them as constants)"),
     ("--loss-cap", "loss_cap", _positive_float, "a problem's normalized loss is capped here (divergence guard)"),
     ("--seed", "seed", int, "seed of the meta-parameters and the training problem stream"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),

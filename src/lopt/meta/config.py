@@ -41,6 +41,9 @@ class MetaTrainConfig:
   meta_loss: str = "mean"
   loss_cap: float = 10.0
   remat: bool = True
+  # 'full': backpropagate through everything (the paper's); 'first_order': the inner gradients are constants (no
+  # second derivatives), which keeps meta-gradients finite on the network tasks (see unroll's docstring).
+  meta_gradient: str = "full"
   seed: int = 0
   # Book-keeping: held-out selection (the best theta on held-out problems is the one exported), logging, checkpoints.
   eval_every: int = 50
@@ -113,6 +116,7 @@ def _beta(value) -> bool:
 
 META_LOSS_NAMES = ("mean", "log_mean")  # keys of lopt.meta.objectives.META_LOSSES (not imported: no jax here)
 ENCODING_NAMES = ("scale", "log1p_sign")
+META_GRADIENT_NAMES = ("full", "first_order")
 MAX_FLOAT = 1.7976931348623157e308
 MAX_HIDDEN_SIZE = 65536  # far above the paper's 256; a larger GRU could not be allocated anyway
 SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
@@ -139,6 +143,7 @@ FIELD_RULES = {
     "meta_loss": (lambda v: v in META_LOSS_NAMES, f"one of {list(META_LOSS_NAMES)}"),
     "loss_cap": (_positive, "a positive finite number"),
     "remat": (lambda v: isinstance(v, bool), "true or false"),
+    "meta_gradient": (lambda v: v in META_GRADIENT_NAMES, f"one of {list(META_GRADIENT_NAMES)}"),
     "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
     "eval_every": (_positive_int, "a positive integer"),
     "num_eval_problems": (_positive_int, "a positive integer"),

@@ -24,6 +24,9 @@ from lopt.errors import UserError
 from lopt.meta.config import MetaTrainConfig
 
 KEEP_CHECKPOINTS = 2
+# Settings a resumed run may change: none alters the trajectory (step keys and the learning-rate schedule depend on the
+# step alone), so `--resume --steps N` extends a run, or ends it at its last checkpoint and exports.
+RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every")
 
 
 class RunError(UserError, RuntimeError):
@@ -69,10 +72,14 @@ class RunDirectory:
         raise RunError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
       saved = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path)).to_dict()
       requested = config.to_dict()
-      if saved != requested:
-        differing = sorted(k for k in set(saved) | set(requested) if saved.get(k) != requested.get(k))
+      differing = sorted(k for k in set(saved) | set(requested)
+                         if saved.get(k) != requested.get(k) and k not in RESUMABLE_CHANGES)
+      if differing:
         raise RunError(f"{config_path}: the saved run differs from the requested one in {differing}; resume with the "
-                       f"same settings (or omit them: `lopt train --resume --out {self.path}` reuses the saved ones)")
+                       f"same settings (or omit them: `lopt train --resume --out {self.path}` reuses the saved ones); "
+                       f"only {list(RESUMABLE_CHANGES)} may change on resume")
+      if saved != requested:
+        atomic_write_json(config_path, requested)
     else:
       atomic_write_json(config_path, config.to_dict())
 

@@ -37,9 +37,9 @@ class StepMetrics(NamedTuple):
 
 
 def problem_meta_loss(task, optimizer, theta, key, *, horizon: int, meta_loss: str = "mean", loss_cap: float = 10.0,
-                      remat: bool = True):
+                      remat: bool = True, first_order: bool = False):
   """Meta-loss of one sampled problem; returns (scalar, diverged flag)."""
-  losses = unroll(task, as_optax(optimizer, theta), key, horizon, remat=remat)
+  losses = unroll(task, as_optax(optimizer, theta), key, horizon, remat=remat, first_order=first_order)
   ratio = losses / losses[0]
   diverged = ~jnp.all(jnp.isfinite(ratio) & (ratio < loss_cap))
   return META_LOSSES[meta_loss](losses, loss_cap), diverged
@@ -47,7 +47,7 @@ def problem_meta_loss(task, optimizer, theta, key, *, horizon: int, meta_loss: s
 
 def build_outer_step(task, optimizer, outer_optimizer: optax.GradientTransformation, *, horizon: int,
                      meta_loss: str = "mean", loss_cap: float = 10.0, l2_penalty: float = 0.0,
-                     remat: bool = True) -> Callable:
+                     remat: bool = True, first_order: bool = False) -> Callable:
   """Returns ``outer_step(theta, outer_state, keys) -> (theta, outer_state, StepMetrics)``, jitted.
 
   ``keys`` is the meta-batch: (meta_batch_size,) problem keys on the leading axis, so the batch can be sharded across
@@ -58,7 +58,7 @@ def build_outer_step(task, optimizer, outer_optimizer: optax.GradientTransformat
 
   def one_problem(theta, key):
     return problem_meta_loss(task, optimizer, theta, key, horizon=horizon, meta_loss=meta_loss, loss_cap=loss_cap,
-                             remat=remat)
+                             remat=remat, first_order=first_order)
 
   def batch_loss(theta, keys):
     losses, diverged = jax.vmap(one_problem, in_axes=(None, 0))(theta, keys)
@@ -161,7 +161,8 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
   horizon = config.horizon or task.horizon
   outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
   outer_step = build_outer_step(task, optimizer, outer, horizon=horizon, meta_loss=config.meta_loss,
-                                loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat)
+                                loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat,
+                                first_order=config.meta_gradient == "first_order")
   evaluate = build_evaluator(task, optimizer, horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
