@@ -8,6 +8,8 @@ import pytest
 
 import lopt
 from lopt.checkpoint import CheckpointError, save_optimizer
+from lopt.errors import UserError
+from lopt.gru_spec import DEFAULTS, check_optimizer_fields
 from lopt.optimizers import GRUOptimizer
 
 
@@ -64,7 +66,8 @@ def test_missing_files_and_bad_config(saved, tmp_path):
   config = json.loads((path / "config.json").read_text())
   config["optimizer"]["architecture"] = "lstm"
   (path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match="config.json: field 'optimizer' does not describe a known optimizer"):
+  with pytest.raises(CheckpointError,
+                     match=r"config.json: field 'optimizer.architecture' must be 'gru' .*found 'lstm'"):
     lopt.load_optimizer(path)
   (path / "config.json").write_text("{not json")
   with pytest.raises(CheckpointError, match="config.json: optimizer config is not valid JSON"):
@@ -72,3 +75,72 @@ def test_missing_files_and_bad_config(saved, tmp_path):
   (path / "config.json").unlink()
   with pytest.raises(CheckpointError, match="config.json: optimizer config not found"):
     lopt.load_optimizer(path)
+
+
+# -- one reader for JAX and PyTorch -------------------------------------------------------------------------------
+
+def load_with_torch(path):
+  torch_checkpoint = pytest.importorskip("lopt.torch.checkpoint")  # needs torch (the lopt[torch] extra)
+  return torch_checkpoint.read_trained_optimizer(path)
+
+
+@pytest.mark.parametrize("field, value, fragments", [
+    ("input_scale", float("nan"), ["found nan"]),
+    ("input_scale", float("inf"), ["found inf"]),
+    ("input_scale", 10**400, ["found 1000"]),  # an integer no float holds
+    ("output_scale", 0, ["found 0"]),
+    ("output_scale", -1.5, ["found -1.5"]),
+    ("hidden_size", 65537, ["an integer in [1, 65536]", "found 65537"]),
+    ("input_encoding", "cube", ["one of ['scale', 'log1p_sign']", "found 'cube'"]),
+    ("hidden_size", None, ["is missing"]),  # None: the field is removed
+])
+def test_jax_and_torch_refuse_a_bad_optimizer_field_alike(saved, field, value, fragments):
+  path = saved[0]
+  config = json.loads((path / "config.json").read_text())
+  if value is None:
+    del config["optimizer"][field]
+  else:
+    config["optimizer"][field] = value
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError) as jax_error:
+    lopt.load_optimizer(path)
+  with pytest.raises(CheckpointError) as torch_error:
+    load_with_torch(path)
+  message = str(jax_error.value)
+  assert isinstance(torch_error.value, UserError) and str(torch_error.value) == message
+  assert message.startswith(f"{path / 'config.json'}: field 'optimizer.{field}'"), message
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+def test_weights_file_is_opened_once_per_load(saved, monkeypatch):
+  """Header check, checksum and parse all come from one open and one read of weights.safetensors."""
+  import builtins
+  import io
+  import os
+  opened = []
+
+  def spy(real):
+    def open_and_count(file, *args, **kwargs):
+      if str(file).endswith("weights.safetensors"):
+        opened.append(file)
+      return real(file, *args, **kwargs)
+    return open_and_count
+  path = saved[0]
+  load_with_torch(path)  # imports lopt.torch before the spies are in place
+  for module, name in [(builtins, "open"), (io, "open"), (os, "open")]:
+    monkeypatch.setattr(module, name, spy(getattr(module, name)))
+  lopt.load_optimizer(path)
+  assert len(opened) == 1, opened
+  load_with_torch(path)
+  assert len(opened) == 2, opened
+
+
+@pytest.mark.parametrize("encoding", ["scale", "log1p_sign"])
+def test_gru_optimizer_and_file_spec_agree(encoding):
+  optimizer = GRUOptimizer(hidden_size=5, input_encoding=encoding)
+  spec = check_optimizer_fields(optimizer.config(), "test")
+  assert spec.config() == optimizer.config() and spec.param_shapes() == optimizer.param_shapes()
+  assert {k: v.shape for k, v in optimizer.init(jax.random.key(0)).items()} == optimizer.param_shapes()
+  defaults = GRUOptimizer()
+  assert {name: getattr(defaults, name) for name in DEFAULTS} == DEFAULTS

@@ -291,9 +291,9 @@ def test_found_by_name(checkpoint, tmp_path, monkeypatch):
     ("altered weights", r"weights.safetensors: checksum mismatch .* SHA-256 [0-9a-f]{64} .*found [0-9a-f]{64}"),
     ("hidden size", r"weights.safetensors: tensor 'input_weights' has shape \(\d, 18\), expected \(\d, 24\)"),
     ("encoding", r"config.json: field 'optimizer.input_encoding' must be one of .*found 'sign'"),
-    ("architecture", r"config.json: field 'optimizer.architecture' is 'lstm'"),
-    ("version", r"config.json: field 'format_version' is 7, expected 1"),
-    ("hidden size type", r"config.json: field 'optimizer.hidden_size' must be int, found '6'"),
+    ("architecture", r"config.json: field 'optimizer.architecture' must be 'gru' .*found 'lstm'"),
+    ("version", r"config.json: field 'format_version' must be 1 .*found 7"),
+    ("hidden size type", r"config.json: field 'optimizer.hidden_size' must be an integer in \[1, 65536\], found '6'"),
 ])
 def test_mismatched_checkpoint_gives_a_precise_error(checkpoint, tmp_path, problem, message):
   path = copy_checkpoint(checkpoint[0], tmp_path)

@@ -7,6 +7,7 @@ either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,22 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from lopt.errors import UserError
+from lopt.errors import CheckpointError, UserError
+from lopt.gru_spec import MAX_HIDDEN_SIZE, GRUSpec, check_optimizer_fields  # noqa: F401 (MAX_HIDDEN_SIZE: re-export)
 
+FORMAT = "lopt-optimizer"  # config.json's 'format'
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a safetensors header larger than this is refused before it is parsed
 MAX_JSON_BYTES = 16 * 1024 * 1024
-MAX_HIDDEN_SIZE = 65536  # far above the paper's 256; bounds what a hostile optimizer config can make us allocate
 
 
 TMP_SUFFIX = ".tmp"  # temporary files of atomic writes: ``.NAME.XXXX.tmp`` beside the target
 # safetensors dtypes numpy can hold, and their sizes in bytes (the header is checked against them before any load).
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                       "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-
-
-class CheckpointError(UserError, ValueError):
-  """A file is missing, truncated, altered or of the wrong architecture; the message names the file and problem."""
 
 
 class WriteError(UserError, OSError):
@@ -90,7 +88,7 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
     raise CheckpointError(f"{path}: {what} is {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} allowed")
   try:
     return json.loads(path.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or a 5000-digit integer
     raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
@@ -110,20 +108,33 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
   size is checked against ``MAX_HEADER_BYTES`` and the file size before it is parsed, and every entry's dtype, shape
   and byte range are checked, so a hostile header can neither exhaust memory nor make the loader read out of range.
   """
+  with _open_weights(path) as (f, file_size):
+    entries, metadata, head = _read_header_from(f, Path(path), file_size)
+  return entries, metadata, len(head)
+
+
+@contextlib.contextmanager
+def _open_weights(path: str | Path):
+  """Yields ``(file, size)``: the one open of a safetensors file per read."""
   path = Path(path)
   if not path.is_file():
     raise CheckpointError(f"{path}: weights file not found")
-  file_size = path.stat().st_size
   with open(path, "rb") as f:
-    prefix = f.read(8)
-    if len(prefix) < 8:
-      raise CheckpointError(f"{path}: truncated ({file_size} bytes; a safetensors file starts with an 8-byte header "
-                            f"size)")
-    (header_size,) = struct.unpack("<Q", prefix)
-    if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
-      raise CheckpointError(f"{path}: header claims {header_size} bytes but the file holds {file_size} bytes "
-                            f"(truncated or altered; limit {MAX_HEADER_BYTES})")
-    raw_header = f.read(header_size)
+    yield f, os.fstat(f.fileno()).st_size
+
+
+def _read_header_from(f, path: Path, file_size: int) -> tuple[dict, dict[str, str], bytes]:
+  """``read_header`` on a file opened at its start; returns ``(entries, metadata, head)``, ``head`` being the bytes
+  read (size prefix and header), after which ``f`` stands at the start of the tensor data."""
+  prefix = f.read(8)
+  if len(prefix) < 8:
+    raise CheckpointError(f"{path}: truncated ({file_size} bytes; a safetensors file starts with an 8-byte header "
+                          f"size)")
+  (header_size,) = struct.unpack("<Q", prefix)
+  if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+    raise CheckpointError(f"{path}: header claims {header_size} bytes but the file holds {file_size} bytes "
+                          f"(truncated or altered; limit {MAX_HEADER_BYTES})")
+  raw_header = f.read(header_size)
   try:
     header = json.loads(raw_header)
   except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -140,7 +151,7 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str], int]:
   if covered != data_size:
     raise CheckpointError(f"{path}: tensors cover {covered} bytes but the file holds {data_size} bytes of data "
                           f"(truncated or altered)")
-  return header, metadata, 8 + header_size
+  return header, metadata, prefix + raw_header
 
 
 def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
@@ -168,15 +179,20 @@ def _is_count(value) -> bool:
 
 def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a safetensors file into numpy arrays, checking the header (``read_header``) before trusting it."""
+  path = Path(path)
+  with _open_weights(path) as (f, file_size):
+    _, metadata, head = _read_header_from(f, path, file_size)
+    data = head + f.read(file_size - len(head))
+  return _parse_tensors(data, path), metadata
+
+
+def _parse_tensors(data: bytes, path: Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load
-  path = Path(path)
-  _, metadata, _ = read_header(path)
   try:
-    tensors = load(path.read_bytes())
+    return load(data)
   except (SafetensorError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
-  return tensors, metadata
 
 
 def sha256(path: str | Path) -> str:
@@ -205,7 +221,7 @@ def save_optimizer(directory: str | Path, optimizer, theta: dict, info: dict | N
     raise WriteError(f"{directory / 'config.json'}: cannot replace ({e.strerror or e})") from None
   atomic_write_bytes(directory / "weights.safetensors", weights)
   config = {
-      "format": "lopt-optimizer",
+      "format": FORMAT,
       "format_version": FORMAT_VERSION,
       "lopt_version": __version__,
       "optimizer": optimizer.config(),
@@ -221,7 +237,21 @@ def load_optimizer(path: str | Path):
   """Loads a trained optimizer directory (or a run directory holding ``optimizer/``).
 
   Returns ``(optimizer, theta, config)``. Validates the format, architecture, checksum, and every tensor's name,
-  shape and dtype; a problem raises ``CheckpointError`` naming the file and what was expected versus found.
+  shape and dtype (``read_optimizer_directory``); a problem raises ``CheckpointError`` naming the file and what was
+  expected versus found.
+  """
+  from lopt.optimizers import from_config
+  spec, tensors, config, _ = read_optimizer_directory(path)
+  return from_config(spec.config()), tensors, config
+
+
+def read_optimizer_directory(path: str | Path) -> tuple[GRUSpec, dict[str, np.ndarray], dict, Path]:
+  """Reads and validates a trained-optimizer directory (or a run directory holding ``optimizer/``) without JAX: the
+  one reader behind ``load_optimizer`` and ``lopt.torch``, so both refuse the same files with the same messages.
+
+  Returns ``(spec, tensors, config, directory)``: tensors are numpy arrays named and shaped as
+  ``spec.param_shapes()``. Raises ``CheckpointError`` naming the file, the field or tensor, and what was expected
+  versus found.
   """
   path = Path(path)
   if (path / "optimizer" / "config.json").is_file():  # a run directory
@@ -233,25 +263,31 @@ def load_optimizer(path: str | Path):
   config = read_json(config_path, "optimizer config")
   if not isinstance(config, dict):
     raise CheckpointError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
-  if config.get("format") != "lopt-optimizer":
-    raise CheckpointError(f"{config_path}: field 'format' must be 'lopt-optimizer', found {config.get('format')!r}")
+  if config.get("format") != FORMAT:
+    raise CheckpointError(f"{config_path}: field 'format' must be {FORMAT!r}, found {config.get('format')!r}")
   if config.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{config_path}: format_version {config.get('format_version')!r} is not supported "
-                          f"(this lopt reads version {FORMAT_VERSION})")
-  optimizer = _optimizer_from(config.get("optimizer"), config_path)
-  if not weights_path.is_file():
-    raise CheckpointError(f"{weights_path}: weights file not found")
-  # Names, shapes and dtypes from the header first: a file for another architecture is refused before its data is
-  # read, so memory stays bounded by the architecture's size.
-  entries, _, _ = read_header(weights_path)
-  check_theta({k: _HeaderTensor(v) for k, v in entries.items()}, optimizer, weights_path)
-  digest = sha256(weights_path)
-  if digest != config.get("weights_sha256"):
-    raise CheckpointError(f"{weights_path}: checksum mismatch (file is truncated or altered): expected SHA-256 "
-                          f"{config.get('weights_sha256')}, found {digest}")
-  tensors, _ = read_tensors(weights_path)
-  check_theta(tensors, optimizer, weights_path)
-  return optimizer, tensors, config
+    raise CheckpointError(f"{config_path}: field 'format_version' must be {FORMAT_VERSION} (the version this lopt "
+                          f"reads), found {config.get('format_version')!r}")
+  spec = check_optimizer_fields(config.get("optimizer"), config_path)
+  tensors = _read_weights(weights_path, spec, config.get("weights_sha256"))
+  return spec, tensors, config, path
+
+
+def _read_weights(path: Path, spec: GRUSpec, expected_sha256) -> dict[str, np.ndarray]:
+  """The weights file, opened and read once. Names, shapes and dtypes from the header first: a file for another
+  architecture is refused before its data is read, so memory stays bounded by the architecture's size. Then the
+  checksum and the tensors come from the same bytes."""
+  with _open_weights(path) as (f, file_size):
+    entries, _, head = _read_header_from(f, path, file_size)
+    check_theta({k: _HeaderTensor(v) for k, v in entries.items()}, spec, path)
+    data = head + f.read(file_size - len(head))
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != expected_sha256:
+    raise CheckpointError(f"{path}: checksum mismatch (file is truncated or altered): expected SHA-256 "
+                          f"{expected_sha256} (config.json 'weights_sha256'), found {digest}")
+  tensors = _parse_tensors(data, path)
+  check_theta(tensors, spec, path)
+  return tensors
 
 
 class _HeaderTensor:
@@ -261,25 +297,6 @@ class _HeaderTensor:
     self.shape = tuple(entry["shape"])
     self.dtype = np.dtype({"F64": np.float64, "F32": np.float32}.get(entry["dtype"], np.uint8))
     self.dtype_name = entry["dtype"]
-
-
-def _optimizer_from(fields, config_path: Path):
-  """The learned optimizer the config's ``optimizer`` field describes; every field checked, errors name the field."""
-  from lopt.optimizers import from_config
-  if not isinstance(fields, dict):
-    raise CheckpointError(f"{config_path}: field 'optimizer' must be an object, found {type(fields).__name__}")
-  for name in ("input_scale", "output_scale"):
-    value = fields.get(name, 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise CheckpointError(f"{config_path}: field 'optimizer.{name}' must be a finite number, found {value!r}")
-  size = fields.get("hidden_size", 1)
-  if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_HIDDEN_SIZE:
-    raise CheckpointError(f"{config_path}: field 'optimizer.hidden_size' must be an integer in [1, {MAX_HIDDEN_SIZE}]"
-                          f", found {size!r}")
-  try:
-    return from_config(fields)
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{config_path}: field 'optimizer' does not describe a known optimizer ({e})") from None
 
 
 def check_theta(tensors: dict, optimizer, where: str | Path) -> None:

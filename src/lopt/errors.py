@@ -1,5 +1,13 @@
-"""The one exception type for user mistakes: the CLI prints its message (no traceback) and exits with code 2."""
+"""Exception types for user mistakes: the CLI prints their message (no traceback) and exits with code 2."""
 
 
 class UserError(Exception):
   """Bad input from a user: the message says what was wrong, where, and what is allowed."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A file is missing, truncated, altered or of the wrong architecture; the message names the file and problem.
+
+  Defined here rather than in ``lopt.checkpoint`` (which re-exports it) so that ``lopt.gru_spec``, which
+  ``lopt.checkpoint`` imports, can raise it too.
+  """

@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-Theta = dict[str, jax.Array]  # flat {name: array}: maps one-to-one onto a safetensors file
+from lopt import gru_spec
+from lopt.gru_spec import ENCODINGS
 
-ENCODINGS = ("scale", "log1p_sign")
+Theta = dict[str, jax.Array]  # flat {name: array}: maps one-to-one onto a safetensors file
 
 
 class GRUState(NamedTuple):
@@ -53,7 +54,7 @@ class GRUOptimizer:
 
   @property
   def num_inputs(self) -> int:
-    return 1 if self.input_encoding == "scale" else 2
+    return gru_spec.NUM_INPUTS[self.input_encoding]
 
   def config(self) -> dict:
     """JSON-serializable constructor arguments, plus the architecture name."""
@@ -64,20 +65,16 @@ class GRUOptimizer:
   def init(self, key: jax.Array) -> Theta:
     """Fan-in normal GRU weights, zero biases, zero initial state, zero readout (an untrained optimizer is inert)."""
     in_key, rec_key = jax.random.split(key)
-    hidden, inputs = self.hidden_size, self.num_inputs
+    shapes = self.param_shapes()
     return {
-        "input_weights": jax.random.normal(in_key, (inputs, 3 * hidden)) / jnp.sqrt(inputs),
-        "recurrent_weights": jax.random.normal(rec_key, (hidden, 3 * hidden)) / jnp.sqrt(hidden),
-        "bias": jnp.zeros((3 * hidden,)),
-        "initial_state": jnp.zeros((hidden,)),
-        "readout_weights": jnp.zeros((hidden, 1)),
-        "readout_bias": jnp.zeros((1,)),
+        "input_weights": jax.random.normal(in_key, shapes["input_weights"]) / jnp.sqrt(self.num_inputs),
+        "recurrent_weights": jax.random.normal(rec_key, shapes["recurrent_weights"]) / jnp.sqrt(self.hidden_size),
+        **{name: jnp.zeros(shapes[name]) for name in ("bias", "initial_state", "readout_weights", "readout_bias")},
     }
 
   def param_shapes(self) -> dict[str, tuple[int, ...]]:
-    hidden, inputs = self.hidden_size, self.num_inputs
-    return {"input_weights": (inputs, 3 * hidden), "recurrent_weights": (hidden, 3 * hidden), "bias": (3 * hidden,),
-            "initial_state": (hidden,), "readout_weights": (hidden, 1), "readout_bias": (1,)}
+    """Names and shapes of the meta-parameters (``lopt.gru_spec.param_shapes``, which the file format shares)."""
+    return gru_spec.param_shapes(self.hidden_size, self.num_inputs)
 
   # -- the recurrent map F(h, g) and readout R(h), for training and for the dynamics toolkit -------------------------
 

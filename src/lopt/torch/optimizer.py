@@ -13,9 +13,10 @@ import os
 
 import torch
 
-from lopt.checkpoint import CheckpointError
+from lopt.checkpoint import CheckpointError, check_theta
+from lopt.gru_spec import GRUSpec, check_optimizer_fields
 from lopt.torch import gru
-from lopt.torch.checkpoint import GRUSpec, gru_spec_from_config, read_trained_optimizer
+from lopt.torch.checkpoint import read_trained_optimizer
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -40,7 +41,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if isinstance(optimizer, (str, os.PathLike)):
       spec, tensors, config, _ = read_trained_optimizer(optimizer)
     elif hasattr(optimizer, "optimizer") and hasattr(optimizer, "theta"):  # a lopt.TrainedOptimizer
-      spec = gru_spec_from_config(optimizer.optimizer.config(), type(optimizer).__name__)
+      spec = check_optimizer_fields(optimizer.optimizer.config(), type(optimizer).__name__)
       tensors = {name: torch.as_tensor(_to_numpy(value)) for name, value in optimizer.theta.items()}
       config = dict(getattr(optimizer, "config", {}) or {})
       _check_tensors(spec, tensors, type(optimizer).__name__)
@@ -161,7 +162,6 @@ def _to_numpy(value):
 
 
 def _check_tensors(spec: GRUSpec, tensors: dict, where: str) -> None:
-  from lopt.checkpoint import check_theta
   check_theta({k: v.numpy() for k, v in tensors.items()}, spec, where)
 
 
