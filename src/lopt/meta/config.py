@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from lopt.errors import UserError
+from lopt.gru_spec import ENCODINGS, MAX_HIDDEN_SIZE
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,9 @@ def _beta(value) -> bool:
 
 
 META_LOSS_NAMES = ("mean", "log_mean")  # keys of lopt.meta.objectives.META_LOSSES (not imported: no jax here)
-ENCODING_NAMES = ("scale", "log1p_sign")
+ENCODING_NAMES = ENCODINGS  # the GRU's facts live in lopt.gru_spec (no jax there either)
 META_GRADIENT_NAMES = ("full", "first_order")
 MAX_FLOAT = 1.7976931348623157e308
-MAX_HIDDEN_SIZE = 65536  # far above the paper's 256; a larger GRU could not be allocated anyway
 SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
 
 FIELD_RULES = {
