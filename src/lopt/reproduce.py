@@ -14,6 +14,7 @@ the full grid and, on the network tasks, re-tunes each baseline's learning rate 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ import numpy as np
 from lopt.errors import UserError
 
 TASKS = ("linear_regression", "rosenbrock", "two_moons", "digits_cnn")
-NETWORK_TASKS = ("two_moons", "digits_cnn")  # thousands of parameters: slow to tune on a CPU, big states
+NETWORK_TASKS = ("two_moons", "digits_cnn")  # thousands of parameters: slow to tune on a CPU, big states, and
+                                             # evaluated one problem at a time (faster on a CPU, see problem_runner)
 TUNING_MODES = ("auto", "full", "local", "shipped")
 BASELINES = ("sgd", "momentum", "rmsprop", "adam")
 
@@ -150,21 +152,25 @@ def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_prob
   horizon = task.horizon
   eval_keys = evaluate.problem_keys(evaluate.EVALUATION_SEED, num_eval_problems)
   tuning_keys = evaluate.problem_keys(evaluate.TUNING_SEED, LOCAL_TUNING_PROBLEMS)
+  one_at_a_time = task.name in NETWORK_TASKS
   _say(progress, f"evaluating learned on {num_eval_problems} problems")
-  results = {"learned": evaluate.evaluate_learned(task, learned, eval_keys, horizon)}
+  results = {"learned": evaluate.evaluate_learned(task, learned, eval_keys, horizon, one_at_a_time=one_at_a_time)}
   tuning = {}
   for name in BASELINES:
     hyperparameters = shipped[name]
+    # One compiled unroll per baseline (hyperparameters traced) for its re-tuning and its evaluation.
+    runner = evaluate.problem_runner(task, functools.partial(baselines.build, name), horizon,
+                                     one_at_a_time=one_at_a_time)
     if mode == "local":
       _say(progress, f"re-tuning {name}'s learning rate locally (5 rates around the shipped "
                      f"{hyperparameters['learning_rate']:.3g}, {LOCAL_TUNING_PROBLEMS} problems)")
       tuning[name] = evaluate.tune_baseline(task, name, tuning_keys, horizon,
-                                            candidates=local_candidates(hyperparameters))
+                                            candidates=local_candidates(hyperparameters), runner=runner)
       tuning[name]["local_optimum_is_shipped"] = bool(
           np.isclose(tuning[name]["best"]["learning_rate"], hyperparameters["learning_rate"], rtol=1e-3))
       hyperparameters = tuning[name]["best"]
     _say(progress, f"evaluating {mode} {name} on {num_eval_problems} problems")
-    results[name] = evaluate.evaluate_baseline(task, name, hyperparameters, eval_keys, horizon)
+    results[name] = evaluate.evaluate_baseline(task, name, hyperparameters, eval_keys, horizon, runner=runner)
   evaluate.add_ranks(results)
   learning_rates = sorted({float(x) for t in tuning.values() for x in t["candidates"]["learning_rate"]})
   settings = {"task": task.name, "task_options": task.options, "horizon": horizon,

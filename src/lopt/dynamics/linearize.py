@@ -5,6 +5,7 @@ Near (h*, x*): h_{t+1} ~ h* + J_rec (h_t - h*) + J_in (x_t - x*), with J_rec = d
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@functools.partial(jax.jit, static_argnames=("step",))
 def linearize(step, h_star, x_star=0.0):
   """Jacobians of ``step`` at (h*, x*).
 
@@ -21,7 +23,7 @@ def linearize(step, h_star, x_star=0.0):
     x_star: the input there (a scalar for the optimizers; any shape works).
 
   Returns:
-    (J_rec (H, H), J_in (H,) + x.shape) as JAX arrays.
+    (J_rec (H, H), J_in (H,) + x.shape) as JAX arrays. Jitted with ``step`` static (one compilation per callable).
   """
   h_star = jnp.asarray(h_star)
   x_star = jnp.asarray(x_star, h_star.dtype)

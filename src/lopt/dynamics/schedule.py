@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ WARMUP_FRACTION = 0.9  # warm-up ends when alpha_eff first reaches this fraction
 FLAT_CHANGE = 0.1      # relative changes below this are "flat" when naming the shape (ours)
 
 
+@functools.partial(jax.jit, static_argnames=("step", "num_steps"))
 def autonomous_trajectory(step, h0, num_steps: int, x=0.0) -> jax.Array:
   """(num_steps + 1, H) states h_0 .. h_T of the map with a constant input (zero gradient by default)."""
   h0 = jnp.asarray(h0)

@@ -2,11 +2,14 @@
 
 Every function takes plain callables ``step(h, x) -> h'`` (one state of shape (H,), a scalar input) and
 ``readout(h) -> y`` (a scalar), with their parameters already bound, e.g. ``functools.partial(opt.cell, theta)``.
-The readout is applied to the *new* state, as in the component-wise GRU optimizer.
+The readout is applied to the *new* state, as in the component-wise GRU optimizer. Each function is jitted with
+``step`` and ``readout`` static: one compilation per callable object and shape, instead of one per operation run
+eagerly (pass the same objects across calls to reuse it).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -20,6 +23,7 @@ def _update(step: Step, readout: Readout, h: jax.Array, g: jax.Array) -> jax.Arr
   return readout(step(h, g))
 
 
+@functools.partial(jax.jit, static_argnames=("step", "readout"))
 def update_function(step: Step, readout: Readout, states: jax.Array, gradients: jax.Array) -> jax.Array:
   """U_h(g) on a grid of gradients.
 
@@ -39,6 +43,7 @@ def update_function(step: Step, readout: Readout, states: jax.Array, gradients: 
   return jax.vmap(lambda h: one(gradients, h))(states)
 
 
+@functools.partial(jax.jit, static_argnames=("step", "readout"))
 def update_slope(step: Step, readout: Readout, states: jax.Array, gradient=0.0) -> jax.Array:
   """dU_h/dg at ``gradient`` by autodiff: (H,) -> () or (S, H) -> (S,)."""
   states = jnp.asarray(states)
@@ -46,6 +51,7 @@ def update_slope(step: Step, readout: Readout, states: jax.Array, gradient=0.0) 
   return slope(states) if states.ndim == 1 else jax.vmap(slope)(states)
 
 
+@functools.partial(jax.jit, static_argnames=("step", "readout"))
 def effective_learning_rate(step: Step, readout: Readout, states: jax.Array) -> jax.Array:
   """alpha_eff(h) = -dU_h/dg at g = 0 (autodiff, not finite differences): (H,) -> () or (S, H) -> (S,).
 
@@ -54,6 +60,7 @@ def effective_learning_rate(step: Step, readout: Readout, states: jax.Array) -> 
   return -update_slope(step, readout, states, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("step", "readout"))
 def offset(step: Step, readout: Readout, states: jax.Array) -> jax.Array:
   """U_h(0), the update with no gradient (a momentum-like bias): (H,) -> () or (S, H) -> (S,)."""
   states = jnp.asarray(states)
