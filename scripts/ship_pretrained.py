@@ -22,6 +22,17 @@ from lopt.meta.train import load_metrics
 CURVES = ("curve_mean", "curve_se", "raw_curve_mean", "per_problem")
 
 
+def evaluation_info(comparison: dict, seconds: float | None) -> dict:
+  """A ``lopt.meta.evaluate.compare`` result as a shipped config's ``info["evaluation"]``: settings, results without
+  their curves (small enough for config.json), paired ratios of the learned optimizer to each baseline."""
+  results = comparison["results"]
+  learned = results["learned"]
+  return {"settings": {k: v for k, v in comparison["settings"].items() if k not in ("learning_rates", "seconds")},
+          "results": {name: {k: v for k, v in r.items() if k not in CURVES} for name, r in results.items()},
+          "ratios": {name: evaluation.paired_ratio(learned, r) for name, r in results.items() if name != "learned"},
+          "seconds": seconds}
+
+
 def training_seconds(metrics: list[dict]) -> float:
   """Wall seconds of a run resumed several times: the clock restarts at each resume, so sum each segment's last."""
   total, last = 0.0, 0.0
@@ -44,18 +55,13 @@ def main(argv=None) -> None:
   optimizer, theta, config = load_optimizer(args.run_dir / "optimizer")
   comparison = read_json(args.run_dir / "comparison" / "results.json", "comparison")
   metrics = load_metrics(args.run_dir)
-  results = comparison["results"]
-  learned = results["learned"]
+  learned = comparison["results"]["learned"]
   seconds = training_seconds(metrics)
   info = {**config["info"],
           "search": json.loads(args.search.read_text()),
           "compute": {"device": args.device, "outer_steps_total": metrics[-1]["step"],
                       "training_seconds": round(seconds), "seconds_per_outer_step": seconds / metrics[-1]["step"]},
-          "evaluation": {
-              "settings": {k: v for k, v in comparison["settings"].items() if k not in ("learning_rates", "seconds")},
-              "results": {name: {k: v for k, v in r.items() if k not in CURVES} for name, r in results.items()},
-              "ratios": {name: evaluation.paired_ratio(learned, r) for name, r in results.items() if name != "learned"},
-              "seconds": comparison["settings"].get("seconds")},
+          "evaluation": evaluation_info(comparison, comparison["settings"].get("seconds")),
           "provenance": args.provenance}
   out = Path(__file__).resolve().parents[1] / "src" / "lopt" / "pretrained" / args.name
   save_optimizer(out, optimizer, theta, info)

@@ -38,6 +38,7 @@ from lopt.meta.config import PRESETS
 from lopt.meta.train import (build_evaluator, build_outer_step, held_out_keys, optimizer_from, outer_optimizer_from,
                              step_keys, task_from)
 from lopt.optimizers import as_optax
+from ship_pretrained import evaluation_info  # scripts/, beside this file
 
 # Search spaces per task (ours). Input scales put the typical per-coordinate gradient near 0.1-1 (measured at
 # initialization: rms |g| ~ 0.008 on both networks, ~100 on Rosenbrock); output scales allow steps of the size a tuned
@@ -80,7 +81,8 @@ class Variant:
     self.horizon = config.horizon or task.horizon
     outer = outer_optimizer_from(config)
     self.outer_step = build_outer_step(task, optimizer, outer, horizon=self.horizon, meta_loss=config.meta_loss,
-                                       loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat)
+                                       loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat,
+                                       first_order=config.meta_gradient == "first_order")
     self.evaluate = build_evaluator(task, optimizer, self.horizon)
     self.eval_keys = held_out_keys(config.seed, config.num_eval_problems)
     self.theta = optimizer.init(jax.random.key(config.seed))
@@ -126,11 +128,6 @@ def seconds_per_step(config) -> float:
     jax.block_until_ready(variant.theta)
     times.append(time.perf_counter() - started)
   return float(np.median(times))
-
-
-def strip_curves(result: dict) -> dict:
-  """A compare() entry without its long arrays (curves, per-problem scores): small enough for config.json."""
-  return {k: v for k, v in result.items() if k not in ("curve_mean", "curve_se", "raw_curve_mean", "per_problem")}
 
 
 def main(argv=None) -> None:
@@ -215,12 +212,7 @@ def main(argv=None) -> None:
   comparison = evaluation.compare(winner.task, {"learned": as_optax(winner.optimizer, winner.best_theta)},
                                   progress=say, **reduced)
   results = comparison["results"]
-  learned = results["learned"]
-  info["evaluation"] = {
-      "settings": {k: v for k, v in comparison["settings"].items() if k != "learning_rates"},
-      "results": {name: strip_curves(r) for name, r in results.items()},
-      "ratios": {name: evaluation.paired_ratio(learned, r) for name, r in results.items() if name != "learned"},
-      "seconds": round(time.perf_counter() - compare_started)}
+  info["evaluation"] = evaluation_info(comparison, round(time.perf_counter() - compare_started))
   atomic_write_json(out / "results.json", {**comparison, "ratios": info["evaluation"]["ratios"], "info": info})
   save_optimizer(out / "optimizer", winner.optimizer, {k: np.asarray(v) for k, v in winner.best_theta.items()}, info)
   for name, r in results.items():
