@@ -78,7 +78,7 @@ def test_as_optax_runs_under_jit():
 
 
 def test_bad_constructor_arguments():
-  with pytest.raises(ValueError, match="input_encoding must be one of"):
+  with pytest.raises(ValueError, match="field 'input_encoding' must be one of"):
     GRUOptimizer(input_encoding="raw")
-  with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+  with pytest.raises(ValueError, match=r"field 'hidden_size' must be an integer in \[1, 65536\]"):
     GRUOptimizer(hidden_size=0)

@@ -120,7 +120,7 @@ def test_existing_run_without_resume_is_refused(tmp_path):
   meta_train(TINY.replace(num_steps=1), tmp_path / "run")
   with pytest.raises(RunError, match="pass --resume"):
     meta_train(TINY.replace(num_steps=1), tmp_path / "run")
-  with pytest.raises(RunError, match=r"differs from the requested one in \['learning_rate'\]"):
+  with pytest.raises(RunError, match=r"differs from the requested one in \['outer.learning_rate'\]"):
     meta_train(TINY.replace(num_steps=1, learning_rate=1e-3), tmp_path / "run", resume=True)
 
 
@@ -133,7 +133,7 @@ def test_resume_with_more_steps_extends_the_run(tmp_path):
   for name in reference.theta:
     np.testing.assert_array_equal(np.asarray(reference.theta[name]), np.asarray(extended.theta[name]))
   from lopt.checkpoint import read_json
-  assert read_json(tmp_path / "run" / "config.json", "run config")["num_steps"] == 6
+  assert read_json(tmp_path / "run" / "config.json", "run config")["outer"]["num_steps"] == 6
 
 
 def _poisoned_task(bad_fraction=0.5):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lopt.cli
 from lopt.checkpoint import save_optimizer
-from lopt.meta.config import MetaTrainConfig
+from lopt.meta.config import LEGACY_FIELDS, MetaTrainConfig
 from lopt.optimizers import GRUOptimizer
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -165,7 +165,7 @@ def test_malformed_command_lines(argv, capsys, recorded):
 
 FIELD_ORACLE = {
     "hidden_size": lambda v: type(v) is int and 1 <= v <= 65536,
-    "meta_batch_size": lambda v: type(v) is int and v >= 1,
+    "meta_batch_size": lambda v: type(v) is int and 1 <= v <= 2**24,
     "num_steps": lambda v: type(v) is int and v >= 1,
     "horizon": lambda v: v is None or (type(v) is int and v >= 1),
     "learning_rate": lambda v: type(v) in (int, float) and math.isfinite(float(v)) and v > 0,
@@ -202,7 +202,9 @@ def _run_directory(tmp_path_factory, optimizer_dir, config: dict, text: str | No
 @given(changes=st.dictionaries(st.sampled_from(sorted(FIELD_ORACLE)), JSON_VALUES, min_size=1, max_size=3),
        unknown=st.booleans())
 def test_run_config_files(changes, unknown, tmp_path_factory, optimizer_dir, capsys, recorded):
-  config = {**MetaTrainConfig(hidden_size=4, horizon=10).to_dict(), **changes}
+  # lopt 0.1's flat run config (still read, and upgraded to sections on resume), with fuzzed fields.
+  base = MetaTrainConfig(hidden_size=4, horizon=10)
+  config = {**{name: getattr(base, name) for name in LEGACY_FIELDS}, "task": base.task.name, **changes}
   if unknown:
     config["not_a_setting"] = 1
   run_dir = _run_directory(tmp_path_factory, optimizer_dir, config)

@@ -238,7 +238,7 @@ def test_param_groups_take_their_own_lr_and_zero_grad(checkpoint):
 
 
 def test_one_batched_gru_call_per_group(checkpoint, monkeypatch):
-  from lopt.torch import gru
+  from lopt.architectures.gru import torch as gru
   path, _, _ = checkpoint
   calls = []
   original = gru.cell
@@ -291,8 +291,8 @@ def test_found_by_name(checkpoint, tmp_path, monkeypatch):
     ("altered weights", r"weights.safetensors: checksum mismatch .* SHA-256 [0-9a-f]{64} .*found [0-9a-f]{64}"),
     ("hidden size", r"weights.safetensors: tensor 'input_weights' has shape \(\d, 18\), expected \(\d, 24\)"),
     ("encoding", r"config.json: field 'optimizer.input_encoding' must be one of .*found 'sign'"),
-    ("architecture", r"config.json: field 'optimizer.architecture' must be 'gru' .*found 'lstm'"),
-    ("version", r"config.json: field 'format_version' must be 1 .*found 7"),
+    ("architecture", r"config.json: field 'optimizer.architecture': unknown learned-optimizer architecture 'lstm'"),
+    ("version", r"config.json: field 'format_version' must be one of \[1, 2\] .*found 7"),
     ("hidden size type", r"config.json: field 'optimizer.hidden_size' must be an integer in \[1, 65536\], found '6'"),
 ])
 def test_mismatched_checkpoint_gives_a_precise_error(checkpoint, tmp_path, problem, message):

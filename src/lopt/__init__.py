@@ -1,6 +1,6 @@
 """lopt: learned optimizers — meta-train them, compare them fairly, use them anywhere, and reverse-engineer them."""
 
-__version__ = "0.1.0"
+from lopt._version import __version__  # noqa: E402,F401
 
 from lopt.checkpoint import CheckpointError, load_optimizer  # noqa: E402
 from lopt.trained import TrainedOptimizer, load  # noqa: E402

@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from lopt import architectures
+from lopt.architectures.gru.spec import MAX_HIDDEN_SIZE  # noqa: F401 (re-export, lopt 0.1)
+from lopt.architectures.spec import ArchitectureConfig, show
 from lopt.errors import CheckpointError, UserError
-from lopt.gru_spec import MAX_HIDDEN_SIZE, GRUSpec, check_optimizer_fields  # noqa: F401 (MAX_HIDDEN_SIZE: re-export)
 
 FORMAT = "lopt-optimizer"  # config.json's 'format'
-FORMAT_VERSION = 1
+# Version 2: any registered architecture, theta any pytree stored by key path. Version 1 (lopt 0.1): the GRU only,
+# with flat tensor names (which are also its key paths), so one reader serves both.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a safetensors header larger than this is refused before it is parsed
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -206,12 +211,14 @@ def sha256(path: str | Path) -> str:
 
 # -- trained optimizers ----------------------------------------------------------------------------------------------
 
-def save_optimizer(directory: str | Path, optimizer, theta: dict, info: dict | None = None) -> Path:
-  """Writes ``directory/weights.safetensors`` and ``directory/config.json`` (architecture, tensor shapes and dtypes,
-  the weights' SHA-256, and free-form ``info`` such as the training config and evaluation results)."""
-  from lopt import __version__
+def save_optimizer(directory: str | Path, optimizer, theta, info: dict | None = None) -> Path:
+  """Writes ``directory/weights.safetensors`` (theta's leaves by key path) and ``directory/config.json``
+  (architecture and its fields, tensor shapes and dtypes, the weights' SHA-256, and free-form ``info`` such as the
+  training config and evaluation results)."""
+  from lopt._version import __version__
+  from lopt.pytree import flatten_by_path
   directory = Path(directory)
-  tensors = {k: np.asarray(v) for k, v in theta.items()}
+  tensors = {k: np.asarray(v) for k, v in flatten_by_path(theta).items()}
   weights = tensors_to_bytes(tensors)
   # config.json holds the weights' checksum: remove it first and write it last, so that a kill in between leaves an
   # unfinished export (no config.json) rather than a config that does not match its weights.
@@ -236,26 +243,59 @@ def save_optimizer(directory: str | Path, optimizer, theta: dict, info: dict | N
 def load_optimizer(path: str | Path):
   """Loads a trained optimizer directory (or a run directory holding ``optimizer/``).
 
-  Returns ``(optimizer, theta, config)``. Validates the format, architecture, checksum, and every tensor's name,
-  shape and dtype (``read_optimizer_directory``); a problem raises ``CheckpointError`` naming the file and what was
-  expected versus found.
+  Returns ``(optimizer, theta, config)``: theta is the architecture's pytree with numpy leaves. Validates the format,
+  architecture, checksum, and every tensor's name, shape and dtype (``read_optimizer_directory``); a problem raises
+  ``CheckpointError`` naming the file and what was expected versus found.
   """
-  from lopt.optimizers import from_config
-  spec, tensors, config, _ = read_optimizer_directory(path)
-  return from_config(spec.config()), tensors, config
+  import jax
+
+  from lopt.pytree import unflatten_by_path
+  architecture, tensors, config, _ = read_optimizer_directory(path)
+  optimizer = architecture.build()
+  template = jax.eval_shape(optimizer.init, jax.random.key(0))
+  return optimizer, unflatten_by_path(tensors, template), config
 
 
-def read_optimizer_directory(path: str | Path) -> tuple[GRUSpec, dict[str, np.ndarray], dict, Path]:
+def architecture_config(fields, source: str | Path, format_version: int = FORMAT_VERSION) -> ArchitectureConfig:
+  """Validates config.json's ``optimizer`` field ({"architecture": name, **fields}) through the architecture's spec.
+
+  Version-2 files name any registered architecture and give every field; version-1 files (lopt 0.1) are GRUs whose
+  scales and encoding may be missing. Raises ``CheckpointError`` naming the file, the field, found and allowed.
+  """
+  if not isinstance(fields, dict):
+    raise CheckpointError(f"{source}: field 'optimizer' must be an object, found {type(fields).__name__}")
+  name = fields.get("architecture")
+  if format_version == 1:
+    if name != "gru":
+      raise CheckpointError(f"{source}: field 'optimizer.architecture' must be 'gru' (the only architecture of "
+                            f"format_version 1), found {show(name)}")
+    spec = architectures.get("gru")
+    fields = {**spec.legacy_defaults, **fields}
+  else:
+    spec = architectures.get(name, f"{source}: field 'optimizer.architecture'", error=CheckpointError)
+  config = spec.configure(fields, str(source), complete=True, error=CheckpointError, in_file=True)
+  count = spec.num_meta_parameters(config.values)
+  if count > spec.max_meta_parameters:
+    raise CheckpointError(f"{source}: optimizer {name!r} would have {count} meta-parameters, more than the "
+                          f"{spec.max_meta_parameters} allowed")
+  return config
+
+
+def read_optimizer_directory(path: str | Path) -> tuple[ArchitectureConfig, dict[str, np.ndarray], dict, Path]:
   """Reads and validates a trained-optimizer directory (or a run directory holding ``optimizer/``) without JAX: the
   one reader behind ``load_optimizer`` and ``lopt.torch``, so both refuse the same files with the same messages.
 
-  Returns ``(spec, tensors, config, directory)``: tensors are numpy arrays named and shaped as
-  ``spec.param_shapes()``. Raises ``CheckpointError`` naming the file, the field or tensor, and what was expected
+  Returns ``(architecture, tensors, config, directory)``: ``architecture`` is the validated ``ArchitectureConfig``,
+  tensors are numpy arrays by key path, named and shaped as ``architecture.param_shapes()``. Raises ``CheckpointError`` naming the file, the field or tensor, and what was expected
   versus found.
   """
   path = Path(path)
   if (path / "optimizer" / "config.json").is_file():  # a run directory
     path = path / "optimizer"
+  elif any((path / name).exists() for name in ("checkpoints", "metrics.jsonl", "optimizer")):
+    raise CheckpointError(f"{path}: a run directory that holds no trained optimizer yet (no optimizer/config.json: "
+                          f"a run exports it when it finishes); finish the run with `lopt train TASK --out {path} "
+                          f"--resume` (add --steps N to end it sooner)")
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a directory (expected a trained-optimizer directory with config.json and "
                           f"weights.safetensors)")
@@ -265,15 +305,16 @@ def read_optimizer_directory(path: str | Path) -> tuple[GRUSpec, dict[str, np.nd
     raise CheckpointError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
   if config.get("format") != FORMAT:
     raise CheckpointError(f"{config_path}: field 'format' must be {FORMAT!r}, found {config.get('format')!r}")
-  if config.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{config_path}: field 'format_version' must be {FORMAT_VERSION} (the version this lopt "
-                          f"reads), found {config.get('format_version')!r}")
-  spec = check_optimizer_fields(config.get("optimizer"), config_path)
-  tensors = _read_weights(weights_path, spec, config.get("weights_sha256"))
-  return spec, tensors, config, path
+  version = config.get("format_version")
+  if isinstance(version, bool) or version not in READABLE_VERSIONS:
+    raise CheckpointError(f"{config_path}: field 'format_version' must be one of {list(READABLE_VERSIONS)} (the "
+                          f"versions this lopt reads), found {show(version)}")
+  architecture = architecture_config(config.get("optimizer"), config_path, version)
+  tensors = _read_weights(weights_path, architecture, config.get("weights_sha256"))
+  return architecture, tensors, config, path
 
 
-def _read_weights(path: Path, spec: GRUSpec, expected_sha256) -> dict[str, np.ndarray]:
+def _read_weights(path: Path, spec: ArchitectureConfig, expected_sha256) -> dict[str, np.ndarray]:
   """The weights file, opened and read once. Names, shapes and dtypes from the header first: a file for another
   architecture is refused before its data is read, so memory stays bounded by the architecture's size. Then the
   checksum and the tensors come from the same bytes."""
@@ -300,7 +341,8 @@ class _HeaderTensor:
 
 
 def check_theta(tensors: dict, optimizer, where: str | Path) -> None:
-  """Checks that ``tensors`` are exactly the meta-parameters ``optimizer`` expects (names, shapes, float dtype)."""
+  """Checks that ``tensors`` ({key path: array}) are exactly the meta-parameters ``optimizer`` (a JAX optimizer or an
+  ``ArchitectureConfig``) expects: names, shapes, float dtype, finite values."""
   expected = optimizer.param_shapes()
   missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
   if missing or extra:

@@ -72,15 +72,23 @@ def _task_option(text: str) -> tuple[str, object]:
     return key, value
 
 
-# The meta-training options the CLI exposes: (flag, config field, type, help).
+def _key_value(text: str) -> tuple[str, object]:
+  """KEY=VALUE for --optimizer-option / --estimator-option (checked against the chosen spec in command_train)."""
+  if "=" not in text or not text.split("=", 1)[0]:
+    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+  return tuple(text.split("=", 1))
+
+
+# The meta-training options the CLI exposes: (flag, lopt 0.1 config name, type, help). The optimizer and estimator
+# shortcuts set one field of the chosen architecture / estimator, as --optimizer-option / --estimator-option would.
 TRAIN_OPTIONS = [
     ("--steps", "num_steps", _positive_int, "outer (meta-training) steps"),
     ("--meta-batch-size", "meta_batch_size", _positive_int, "sampled problems per outer step"),
     ("--horizon", "horizon", _positive_int, "inner steps per unroll (default: the task's horizon)"),
-    ("--hidden-size", "hidden_size", _positive_int, "GRU units (paper: 256)"),
-    ("--input-scale", "input_scale", _positive_float, "gradient multiplier before the GRU"),
-    ("--output-scale", "output_scale", _positive_float, "multiplier on the GRU readout"),
-    ("--input-encoding", "input_encoding", str, "'scale' (input_scale*g) or 'log1p_sign' ([log1p|g|, sign g])"),
+    ("--hidden-size", "hidden_size", _positive_int, "optimizer units (GRU: paper 256; mlp: width)"),
+    ("--input-scale", "input_scale", _positive_float, "GRU: gradient multiplier before the GRU"),
+    ("--output-scale", "output_scale", _positive_float, "GRU: multiplier on the GRU readout"),
+    ("--input-encoding", "input_encoding", str, "GRU: 'scale' (input_scale*g) or 'log1p_sign' ([log1p|g|, sign g])"),
     ("--learning-rate", "learning_rate", _positive_float, "outer Adam learning rate"),
     ("--decay-rate", "decay_rate", _positive_float, "learning rate multiplier every --decay-steps steps"),
     ("--decay-steps", "decay_steps", _positive_int, "steps per learning-rate decay"),
@@ -97,6 +105,8 @@ TRAIN_OPTIONS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from lopt import architectures
+  from lopt.meta import estimators
   from lopt.meta.config import PRESETS
   from lopt.tasks import REGISTRY
   parser = argparse.ArgumentParser(
@@ -107,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo_defaults = PRESETS["demo"]
   train = commands.add_parser(
       "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-      help="meta-train a GRU learned optimizer on a task",
-      description="Meta-train a component-wise GRU optimizer. Defaults come from --preset; each option overrides it.")
+      help="meta-train a learned optimizer on a task",
+      description="Meta-train a learned optimizer (any registered architecture, with any registered gradient "
+                  "estimator). Defaults come from --preset; each option overrides it.")
   train.add_argument("task", choices=list(REGISTRY), help="the task to meta-train on")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
@@ -117,9 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
   train.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
                      help="a task option, e.g. path=mnist.npz for mnist_cnn or dim=10 for linear_regression")
+  train.add_argument("--optimizer", default=None, metavar="NAME",
+                     help=f"learned-optimizer architecture, one of: {', '.join(sorted(architectures.REGISTRY))} "
+                          f"(preset demo: {demo_defaults.optimizer.architecture})")
+  train.add_argument("--optimizer-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                     help="a field of the architecture, e.g. hidden_size=64 (see `lopt train --help` of each: "
+                          + "; ".join(f"{name}: {', '.join(spec.fields)}"
+                                      for name, spec in sorted(architectures.REGISTRY.items())) + ")")
+  train.add_argument("--estimator", default=None, metavar="NAME",
+                     help=f"gradient estimator, one of: {', '.join(sorted(estimators.REGISTRY))} (preset demo: "
+                          f"{demo_defaults.estimator.name})")
+  train.add_argument("--estimator-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                     help="a field of the estimator (" + "; ".join(
+                         f"{name}: {', '.join(spec.fields)}" for name, spec in sorted(estimators.REGISTRY.items()))
+                     + ")")
   for flag, name, kind, text in TRAIN_OPTIONS:
-    train.add_argument(flag, dest=name, type=kind, default=None,
-                       help=f"{text} (preset demo: {getattr(demo_defaults, name)})")
+    default = getattr(demo_defaults, name, None)
+    train.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (preset demo: {default})")
 
   compare = commands.add_parser(
       "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -144,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="reverse-engineer a trained optimizer: fixed points, momentum, clipping, schedule, adaptation",
       description="Runs the dynamics analyses on a run directory or a saved optimizer directory; writes "
                   "DIR/analysis/summary.json and one PNG per mechanism.")
-  analyze.add_argument("run_dir", metavar="DIR", help="a run directory (optimizer/ + config.json) or a saved optimizer")
+  analyze.add_argument("run_dir", metavar="DIR", help="a run directory (optimizer/ + config.json), a saved optimizer, "
+                       "or a name as lopt.load takes it (a shipped optimizer's: results then go to ./analysis-NAME/)")
+  analyze.add_argument("--analyses", default=None, metavar="NAMES",
+                       help="comma-separated subset to insist on (clipping, schedule, fixed_points, momentum, "
+                            "adaptation, pca); the recurrent ones need a recurrent architecture (default: every one "
+                            "that applies)")
   analyze.add_argument("--task", choices=list(REGISTRY), default=None,
                        help="the task to collect states on (default: the one the optimizer was trained on)")
   analyze.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
@@ -158,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "holds: comparison/ (lopt compare), metrics.jsonl, analysis/ (lopt analyze).")
   report.add_argument("run_dir", metavar="DIR", help="a run directory")
 
-  from lopt import reproduce as rep
+  from lopt.pipeline import reproduce as rep
   reproduce = commands.add_parser(
       "reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       help="regenerate the paper's results on the four tasks from the shipped optimizers (offline)",
@@ -186,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(config, out: str, resume: bool) -> None:
   from lopt.meta.train import meta_train
   from lopt.progress import say, training_bar
-  say(f"meta-training on {config.task} for {config.num_steps} outer steps -> {out}")
+  say(f"meta-training {config.optimizer.architecture} with estimator {config.estimator.name} on "
+      f"{config.task.name} for {config.num_steps} outer steps -> {out}")
   with training_bar(config.num_steps) as update:
     state = meta_train(config, out, resume=resume, progress=update)
   say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
@@ -194,22 +225,63 @@ def _train(config, out: str, resume: bool) -> None:
 
 
 def command_train(args) -> None:
-  from lopt.meta.config import PRESETS, MetaTrainConfig
   from lopt.checkpoint import read_json
-  overrides = {name: getattr(args, name) for _, name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
-  task_options = dict(args.task_option)
+  from lopt.meta.config import PRESETS, MetaTrainConfig
   saved_path = Path(args.out) / "config.json"
-  if args.resume and saved_path.exists():
+  if args.resume:
+    if not saved_path.exists():
+      raise UserError(f"{args.out}: holds no run to resume (no config.json there); drop --resume to start a new run")
     base = MetaTrainConfig.from_dict(read_json(saved_path, "run config"), str(saved_path))
   else:
     base = PRESETS[args.preset].replace(task=args.task)
-  config = base.replace(**overrides)
-  if task_options:
-    config = config.replace(task_options={**config.task_options, **task_options})
-  if config.task != args.task:
-    raise UserError(f"{saved_path}: the run in {args.out} trains on {config.task!r}, not {args.task!r}")
+  config = train_config(base, args)
+  if config.task.name != args.task:
+    raise UserError(f"{saved_path}: the run in {args.out} trains on {config.task.name!r}, not {args.task!r}")
   _validate(config)
   _train(config, args.out, args.resume)
+
+
+def train_config(base, args):
+  """``base`` with the command line's changes: architecture / estimator (their preset fields dropped when the name
+  changes), their KEY=VALUE fields and shortcuts, the task options and the outer and logging settings."""
+  import dataclasses
+
+  from lopt import architectures
+  from lopt.meta import estimators
+  from lopt.meta.config import LEGACY_FIELDS, EstimatorSection, OptimizerSection
+  optimizer, estimator = base.optimizer, base.estimator
+  if args.optimizer is not None and args.optimizer != optimizer.architecture:
+    optimizer = OptimizerSection(architectures.get(args.optimizer, "--optimizer", error=UserError).name, {})
+  if args.estimator is not None and args.estimator != estimator.name:
+    estimator = EstimatorSection(estimators.get(args.estimator, "--estimator", error=UserError).name, {})
+  optimizer_spec = architectures.get(optimizer.architecture, "optimizer", error=UserError)
+  estimator_spec = estimators.get(estimator.name, "estimator", error=UserError)
+  optimizer_fields, estimator_fields, flat = {}, {}, {}
+  for _, name, _, _ in TRAIN_OPTIONS:
+    value = getattr(args, name)
+    if value is None:
+      continue
+    section = LEGACY_FIELDS[name][0]
+    target = {"optimizer": optimizer_fields, "estimator": estimator_fields}.get(section, flat)
+    target[name] = value
+  for text in args.optimizer_option:
+    key, value = optimizer_spec.parse_option("=".join(text))
+    optimizer_fields[key] = value
+  for text in args.estimator_option:
+    key, value = estimator_spec.parse_option("=".join(text))
+    estimator_fields[key] = value
+  for fields, spec, where in ((optimizer_fields, optimizer_spec, f"optimizer {optimizer_spec.name!r}"),
+                              (estimator_fields, estimator_spec, f"estimator {estimator_spec.name!r}")):
+    unknown = sorted(set(fields) - set(spec.fields))
+    if unknown:
+      raise UserError(f"options: {where} has no field(s) {unknown}; its fields: {', '.join(spec.fields)}")
+  optimizer = dataclasses.replace(optimizer, fields={**optimizer.fields, **optimizer_fields})
+  estimator = dataclasses.replace(estimator, fields={**estimator.fields, **estimator_fields})
+  config = base.replace(optimizer=optimizer, estimator=estimator, **flat)
+  task_options = dict(args.task_option)
+  if task_options:
+    config = config.replace(task=dataclasses.replace(config.task, options={**config.task.options, **task_options}))
+  return config
 
 
 def _validate(config, source: str = "options") -> None:
@@ -226,7 +298,7 @@ def _validate(config, source: str = "options") -> None:
   except (TypeError, ValueError) as e:
     if isinstance(e, UserError):
       raise
-    raise UserError(f"task {config.task!r} with options {config.task_options}: {e}") from None
+    raise UserError(f"task {config.task.name!r} with options {config.task.options}: {e}") from None
   _check_task_builds(task, config)
 
 
@@ -241,8 +313,8 @@ def _check_task_builds(task, config) -> None:
   try:
     jax.eval_shape(lambda key: task.loss(task.init(key), key, 0), jax.random.key(0))
   except Exception as e:  # noqa: BLE001 -- any failure to build a problem is a bad option, reported as such
-    options = config.task_options or "defaults"
-    raise UserError(f"task {config.task!r} with options {options} cannot build a problem "
+    options = config.task.options or "defaults"
+    raise UserError(f"task {config.task.name!r} with options {options} cannot build a problem "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
 
 
@@ -263,7 +335,7 @@ def command_compare(args) -> dict:
 def _compare(run_dir: Path, task, optimizer, theta, args) -> dict:
   """The work of `lopt compare`, once its inputs are validated: tune, evaluate, write DIR/comparison/."""
   from lopt.meta.evaluate import compare
-  from lopt.optimizers import as_optax
+  from lopt.optax_adapter import as_optax
   from lopt.progress import say
   from lopt.report.comparison import text_table, verdicts, write_comparison
   started = time.perf_counter()
@@ -292,7 +364,7 @@ def command_demo(args) -> None:
   started = time.perf_counter()
   _train(config, str(out), resume)
   command_compare(argparse.Namespace(run_dir=str(out), eval_problems=args.eval_problems, tuning_problems=32))
-  command_analyze(argparse.Namespace(run_dir=str(out), task=None, task_option=[], problems=8))
+  command_analyze(argparse.Namespace(run_dir=str(out), task=None, task_option=[], problems=8, analyses=None))
   report = write_report(out)
   say(f"demo finished in {time.perf_counter() - started:.0f} s; open {report} (also: {out}/comparison/, "
       f"{out}/optimizer/, {out}/metrics.jsonl)")
@@ -300,16 +372,18 @@ def command_demo(args) -> None:
 
 def command_analyze(args) -> dict:
   from lopt.progress import say
-  from lopt.report.analyze_run import analyze_directory
+  from lopt.pipeline.analyze import analyze_directory
   if args.task_option and args.task is None:
     raise UserError("--task-option needs --task")
+  analyses = [a.strip() for a in args.analyses.split(",") if a.strip()] if getattr(args, "analyses", None) else None
   summary = analyze_directory(args.run_dir, args.task, dict(args.task_option), num_problems=args.problems,
-                              progress=say)
+                              progress=say, analyses=analyses)
   momentum, clipping = summary.get("momentum") or {}, summary.get("clipping") or {}
-  say(f"analysis in {Path(args.run_dir) / 'analysis'}/ (summary.json, {', '.join(summary['source']['figures'])}); "
-      f"dominant momentum beta {momentum.get('beta', float('nan')):.3g}, clipping threshold "
-      f"{clipping.get('threshold') if clipping.get('threshold') is not None else 'none'}, schedule "
-      f"{summary.get('schedule', {}).get('shape', '?')}")
+  found = [f"dominant momentum beta {momentum['beta']:.3g}"] if momentum.get("beta") is not None else []
+  found.append(f"clipping threshold {clipping.get('threshold') if clipping.get('threshold') is not None else 'none'}")
+  found.append(f"schedule {summary.get('schedule', {}).get('shape', '?')}")
+  say(f"analysis in {summary['source']['out']}/ (summary.json, {', '.join(summary['source']['figures'])}); "
+      + ", ".join(found))
   return summary
 
 
@@ -328,7 +402,7 @@ def command_report(args) -> Path:
 
 def command_reproduce(args) -> dict:
   from lopt.progress import say
-  from lopt.reproduce import reproduce
+  from lopt.pipeline.reproduce import reproduce
   return reproduce(args.tasks, out=args.out, retrain=args.retrain, eval_problems=args.eval_problems,
                    tuning=args.tuning, analysis_seeds=args.analysis_seeds, analysis_problems=args.analysis_problems,
                    progress=say)

@@ -13,6 +13,7 @@ package data.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,18 +69,24 @@ class TrainedOptimizer:
 
   Attributes:
     optimizer: the architecture (e.g. ``GRUOptimizer``), rebuilt from the checkpoint's config.
-    theta: meta-parameters, ``{name: numpy array}`` with the shapes ``optimizer.param_shapes()`` gives.
+    theta: meta-parameters, the architecture's pytree with numpy leaves (for the GRU ``{name: array}``), with the
+      shapes ``optimizer.param_shapes()`` gives by key path.
     config: the checkpoint's ``config.json`` (format, versions, tensor table, checksum, free-form ``info``).
     path: the directory the weights were read from.
   """
   optimizer: Any
-  theta: dict
+  theta: Any = field(repr=False)
   config: dict = field(repr=False)
   path: Path | None = None
 
+  def __repr__(self) -> str:
+    shapes = self.optimizer.param_shapes() if hasattr(self.optimizer, "param_shapes") else {}
+    count = sum(math.prod(shape) for shape in shapes.values())
+    return f"TrainedOptimizer({self.optimizer!r}, {count} meta-parameters, path={str(self.path)!r})"
+
   def as_optax(self):
-    """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optimizers.optax_adapter.as_optax``)."""
-    from lopt.optimizers.optax_adapter import as_optax
+    """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optax_adapter.as_optax``)."""
+    from lopt.optax_adapter import as_optax
     return as_optax(self.optimizer, self.theta)
 
   def __iter__(self):

@@ -40,7 +40,7 @@ def _flat_hidden(hidden_tree, size: int) -> jax.Array:
 
 def collect_states(task, optimizer, theta, keys, num_steps: int | None = None,
                    coordinates=None) -> Collected:
-  """Runs ``optimizer`` (a GRUOptimizer or anything with init_state/update and a ``hidden`` state) on each problem.
+  """Runs ``optimizer`` (a ``lopt.api.LearnedOptimizer`` with a ``RecurrentView``) on each problem.
 
   Args:
     task: a lopt Task.
@@ -51,7 +51,7 @@ def collect_states(task, optimizer, theta, keys, num_steps: int | None = None,
       (per problem). Network tasks have thousands of parameters, and (T, C, H) states would take gigabytes.
   """
   num_steps = num_steps or task.horizon
-  size = int(np.shape(theta["initial_state"])[-1])
+  size = int(np.shape(optimizer.initial_hidden(theta))[-1])
   keep = (lambda x: x) if coordinates is None else (lambda x: x[jnp.asarray(coordinates)])  # noqa: E731
 
   def run(key):
@@ -63,7 +63,7 @@ def collect_states(task, optimizer, theta, keys, num_steps: int | None = None,
       loss, grads = jax.value_and_grad(task.loss)(params, key, t)
       updates, new_state = optimizer.update(theta, state, grads, params, loss=loss, step=t)
       record = (loss, keep(ravel_pytree(params)[0]), keep(ravel_pytree(grads)[0]), keep(ravel_pytree(updates)[0]),
-                keep(_flat_hidden(state.hidden, size)))
+                keep(_flat_hidden(optimizer.hidden(state), size)))
       return (jax.tree.map(jnp.add, params, updates), new_state), record
 
     _, records = jax.lax.scan(body, (params, state), jnp.arange(num_steps))

@@ -1,4 +1,10 @@
-"""Meta-training configuration: one flat, JSON-serializable record, and named presets."""
+"""Meta-training configuration in sections — task, optimizer, estimator, outer, logging — JSON-serializable, with
+named presets. The run directory's ``config.json`` holds ``MetaTrainConfig.to_dict()``.
+
+Run configs written by lopt 0.1 were one flat record (``{"task": "linear_regression", "hidden_size": 32, ...}``);
+``MetaTrainConfig.from_dict`` still reads them, and the flat names still work as keyword arguments, in ``replace``
+and as attributes (``config.num_steps``), each routed to its section (``LEGACY_FIELDS``).
+"""
 
 from __future__ import annotations
 
@@ -6,90 +12,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from lopt import architectures
+from lopt.architectures.spec import OptimizerConfigError
 from lopt.errors import UserError
-from lopt.gru_spec import ENCODINGS, MAX_HIDDEN_SIZE
-
-
-@dataclass(frozen=True)
-class MetaTrainConfig:
-  """Everything needed to rebuild a meta-training run (stored as the run directory's ``config.json``).
-
-  Defaults are the laptop-sized recipe (ours) for linear regression; ``PRESETS["paper"]`` is the paper's. What the
-  recipe sweep measured (scripts/recipe_sweep.py; README "Meta-training recipe"): the input/output scales matter most.
-  With input_scale 0.1 and output_scale 10 the GRU state stays in its near-linear range while still producing steps
-  of size ~lr*velocity that heavy-ball needs (lr ~3, velocity ~10 g); with 1.0/1.0 training stalls near 0.09.
-  """
-  task: str = "linear_regression"
-  task_options: dict = field(default_factory=dict)
-  # The learned optimizer (SPEC §2).
-  hidden_size: int = 32
-  input_scale: float = 0.1
-  output_scale: float = 10.0
-  input_encoding: str = "scale"
-  # The inner problem.
-  horizon: int | None = None  # None: the task's default
-  # The outer loop (SPEC §3): Adam with exponential learning-rate decay and element-wise meta-gradient clipping.
-  num_steps: int = 1000
-  meta_batch_size: int = 32
-  learning_rate: float = 5e-3
-  decay_rate: float = 0.5
-  decay_steps: int = 400
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_value: float = 0.1
-  l2_penalty: float = 1e-6
-  meta_loss: str = "mean"
-  loss_cap: float = 10.0
-  remat: bool = True
-  # 'full': backpropagate through everything (the paper's); 'first_order': the inner gradients are constants (no
-  # second derivatives), which keeps meta-gradients finite on the network tasks (see unroll's docstring).
-  meta_gradient: str = "full"
-  seed: int = 0
-  # Book-keeping: held-out selection (the best theta on held-out problems is the one exported), logging, checkpoints.
-  eval_every: int = 50
-  num_eval_problems: int = 64
-  log_every: int = 10
-  checkpoint_every: int = 100
-
-  def replace(self, **changes) -> "MetaTrainConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict, source: str = "run config") -> "MetaTrainConfig":
-    """Builds a config from JSON values, checking every field's type and range first.
-
-    ``source`` (usually the file's path) starts every error message, so a user knows which file to fix.
-    """
-    if not isinstance(values, dict):
-      raise ConfigError(f"{source}: expected a JSON object of settings, found {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(map(str, set(values) - known))
-    if unknown:
-      raise ConfigError(f"{source}: unknown meta-training setting(s) {unknown}; known: {sorted(known)}")
-    config = cls(**values)
-    config.validate(source)
-    return config
-
-  def validate(self, source: str = "config") -> "MetaTrainConfig":
-    """Raises ConfigError naming the first field whose type or range is wrong (expected vs found)."""
-    for name, (check, expected) in FIELD_RULES.items():
-      value = getattr(self, name)
-      if not check(value):
-        found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise ConfigError(f"{source}: field {name!r} must be {expected}, found {found}")
-    return self
+from lopt.meta import estimators
 
 
 class ConfigError(UserError, ValueError):
   """A meta-training setting of the wrong type or out of range; the message names the source and the field."""
 
 
-# Type and range of every field. JSON gives ints where floats are meant (1 for 1.0): numbers accept both, but never
-# booleans (True is an int in Python) nor NaN/inf, which would silently poison training.
+MAX_FLOAT = 1.7976931348623157e308
+SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
+
+
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -115,41 +51,256 @@ def _beta(value) -> bool:
   return _is_number(value) and 0 <= value < 1
 
 
-META_LOSS_NAMES = ("mean", "log_mean")  # keys of lopt.meta.objectives.META_LOSSES (not imported: no jax here)
-ENCODING_NAMES = ENCODINGS  # the GRU's facts live in lopt.gru_spec (no jax there either)
-META_GRADIENT_NAMES = ("full", "first_order")
-MAX_FLOAT = 1.7976931348623157e308
-SEED_LIMIT = 2**31  # jax.random.key takes int64; the held-out stream adds 1_000_003 to the seed
+def _check(section, rules: dict, source: str, section_name: str) -> None:
+  for name, (check, expected) in rules.items():
+    value = getattr(section, name)
+    if not check(value):
+      found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+      raise ConfigError(f"{source}: field {name!r} (section {section_name!r}) must be {expected}, found {found}")
 
-FIELD_RULES = {
-    "task": (lambda v: isinstance(v, str) and v != "", "a task name (string)"),
-    "task_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                     "an object of task options"),
-    "hidden_size": (lambda v: _positive_int(v) and v <= MAX_HIDDEN_SIZE, f"an integer in [1, {MAX_HIDDEN_SIZE}]"),
-    "input_scale": (_positive, "a positive finite number"),
-    "output_scale": (_positive, "a positive finite number"),
-    "input_encoding": (lambda v: v in ENCODING_NAMES, f"one of {list(ENCODING_NAMES)}"),
-    "horizon": (lambda v: v is None or _positive_int(v), "a positive integer or null (the task's default)"),
-    "num_steps": (_positive_int, "a positive integer"),
-    "meta_batch_size": (_positive_int, "a positive integer"),
-    "learning_rate": (_positive, "a positive finite number"),
-    "decay_rate": (_positive, "a positive finite number"),
-    "decay_steps": (_positive_int, "a positive integer"),
-    "b1": (_beta, "a number in [0, 1)"),
-    "b2": (_beta, "a number in [0, 1)"),
-    "eps": (_nonnegative, "a non-negative finite number"),
-    "clip_value": (_positive, "a positive finite number"),
-    "l2_penalty": (_nonnegative, "a non-negative finite number"),
-    "meta_loss": (lambda v: v in META_LOSS_NAMES, f"one of {list(META_LOSS_NAMES)}"),
-    "loss_cap": (_positive, "a positive finite number"),
-    "remat": (lambda v: isinstance(v, bool), "true or false"),
-    "meta_gradient": (lambda v: v in META_GRADIENT_NAMES, f"one of {list(META_GRADIENT_NAMES)}"),
-    "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
-    "eval_every": (_positive_int, "a positive integer"),
-    "num_eval_problems": (_positive_int, "a positive integer"),
-    "log_every": (_positive_int, "a positive integer"),
-    "checkpoint_every": (_positive_int, "a positive integer"),
+
+@dataclass(frozen=True)
+class TaskSection:
+  """The inner problems: a registered task, its options, and the unroll length (None: the task's default)."""
+  name: str = "linear_regression"
+  options: dict = field(default_factory=dict)
+  horizon: int | None = None
+
+  RULES = {
+      "name": (lambda v: isinstance(v, str) and v != "", "a task name (string)"),
+      "options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object of task options"),
+      "horizon": (lambda v: v is None or _positive_int(v), "a positive integer or null (the task's default)"),
+  }
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+  """The learned optimizer: a registered architecture and its fields (validated and completed by its spec)."""
+  architecture: str = "gru"
+  fields: dict = field(default_factory=dict)
+
+  def to_dict(self) -> dict:
+    return architectures.get(self.architecture).config(self.fields)
+
+
+@dataclass(frozen=True)
+class EstimatorSection:
+  """The gradient estimator: a registered name and its fields (validated and completed by its spec)."""
+  name: str = "full"
+  fields: dict = field(default_factory=dict)
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, **self.fields}
+
+
+@dataclass(frozen=True)
+class OuterSection:
+  """The outer loop (SPEC §3): Adam with exponential learning-rate decay, element-wise meta-gradient clipping, and
+  the seed of theta and of the problem stream."""
+  num_steps: int = 1000
+  learning_rate: float = 5e-3
+  decay_rate: float = 0.5
+  decay_steps: int = 400
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_value: float = 0.1
+  seed: int = 0
+
+  RULES = {
+      "num_steps": (_positive_int, "a positive integer"),
+      "learning_rate": (_positive, "a positive finite number"),
+      "decay_rate": (_positive, "a positive finite number"),
+      "decay_steps": (_positive_int, "a positive integer"),
+      "b1": (_beta, "a number in [0, 1)"),
+      "b2": (_beta, "a number in [0, 1)"),
+      "eps": (_nonnegative, "a non-negative finite number"),
+      "clip_value": (_positive, "a positive finite number"),
+      "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
+  }
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+  """Book-keeping: held-out selection (the best theta on held-out problems is exported), logs, checkpoints."""
+  eval_every: int = 50
+  num_eval_problems: int = 64
+  log_every: int = 10
+  checkpoint_every: int = 100
+
+  RULES = {name: (_positive_int, "a positive integer")
+           for name in ("eval_every", "num_eval_problems", "log_every", "checkpoint_every")}
+
+
+SECTIONS = ("task", "optimizer", "estimator", "outer", "logging")
+# lopt 0.1's flat field names -> (section, field). The GRU and full-backpropagation fields were top-level then.
+LEGACY_FIELDS = {
+    "task": ("task", "name"), "task_options": ("task", "options"), "horizon": ("task", "horizon"),
+    **{name: ("optimizer", name) for name in ("hidden_size", "input_scale", "output_scale", "input_encoding")},
+    **{name: ("estimator", name) for name in ("meta_batch_size", "meta_loss", "loss_cap", "l2_penalty", "remat",
+                                              "meta_gradient")},
+    **{f.name: ("outer", f.name) for f in dataclasses.fields(OuterSection)},
+    **{f.name: ("logging", f.name) for f in dataclasses.fields(LoggingSection)},
 }
+# Settings a resumed run may change: none alters the trajectory (step keys and the learning-rate schedule depend on
+# the step alone), so `--resume --steps N` extends a run, or ends it at its last checkpoint and exports.
+RESUMABLE_CHANGES = ("outer.num_steps", "logging.log_every", "logging.checkpoint_every")
+
+# The demo preset's GRU (ours, see MetaTrainConfig): input 0.1 / output 10 keep the GRU near-linear while it
+# takes heavy-ball-sized steps.
+DEMO_OPTIMIZER = {"hidden_size": 32, "input_scale": 0.1, "output_scale": 10.0, "input_encoding": "scale"}
+
+
+@dataclass(frozen=True, init=False)
+class MetaTrainConfig:
+  """Everything needed to rebuild a meta-training run (stored as the run directory's ``config.json``).
+
+  Defaults are the laptop-sized recipe (ours) for linear regression; ``PRESETS["paper"]`` is the paper's. What the
+  recipe sweep measured (scripts/recipe_sweep.py; README "Meta-training recipe"): the input/output scales matter most.
+  With input_scale 0.1 and output_scale 10 the GRU state stays in its near-linear range while still producing steps
+  of size ~lr*velocity that heavy-ball needs (lr ~3, velocity ~10 g); with 1.0/1.0 training stalls near 0.09.
+
+  Construct with sections (``MetaTrainConfig(task=TaskSection(...), optimizer=OptimizerSection("mlp"))``) or with
+  lopt 0.1's flat names (``MetaTrainConfig(hidden_size=4, num_steps=6)``); both can mix.
+  """
+  task: TaskSection
+  optimizer: OptimizerSection
+  estimator: EstimatorSection
+  outer: OuterSection
+  logging: LoggingSection
+
+  def __init__(self, task: TaskSection | str | None = None, optimizer: OptimizerSection | None = None,
+               estimator: EstimatorSection | None = None, outer: OuterSection | None = None,
+               logging: LoggingSection | None = None, **flat):
+    if isinstance(task, str):  # lopt 0.1: task was the task's name
+      flat["task"], task = task, None
+    sections = {"task": task or TaskSection(), "optimizer": optimizer or OptimizerSection("gru", DEMO_OPTIMIZER),
+                "estimator": estimator or EstimatorSection(), "outer": outer or OuterSection(),
+                "logging": logging or LoggingSection()}
+    sections = _apply_flat(sections, flat)
+    sections["optimizer"] = _complete_optimizer(sections["optimizer"])
+    sections["estimator"] = _complete_estimator(sections["estimator"])
+    for name, value in sections.items():
+      object.__setattr__(self, name, value)
+
+  def __getattr__(self, name):
+    """lopt 0.1's flat names read through to their sections (``config.num_steps``, ``config.hidden_size``)."""
+    if name in LEGACY_FIELDS:
+      section, key = LEGACY_FIELDS[name]
+      part = object.__getattribute__(self, section)
+      if isinstance(part, (OptimizerSection, EstimatorSection)):
+        if key in part.fields:
+          return part.fields[key]
+      else:
+        return getattr(part, key)
+    raise AttributeError(f"MetaTrainConfig has no setting {name!r}")
+
+  def replace(self, **changes) -> "MetaTrainConfig":
+    """A copy with sections replaced (``task=TaskSection(...)``) or flat fields changed (``num_steps=10``)."""
+    sections = {name: getattr(self, name) for name in SECTIONS}
+    if isinstance(changes.get("task"), str):  # lopt 0.1: the task's name
+      sections["task"] = dataclasses.replace(self.task, name=changes.pop("task"))
+    for name in SECTIONS:
+      if name in changes:
+        sections[name] = changes.pop(name)
+    return MetaTrainConfig(**sections, **changes)
+
+  def to_dict(self) -> dict:
+    return {"task": dataclasses.asdict(self.task), "optimizer": self.optimizer.to_dict(),
+            "estimator": self.estimator.to_dict(), "outer": dataclasses.asdict(self.outer),
+            "logging": dataclasses.asdict(self.logging)}
+
+  def flat_items(self) -> dict:
+    """{"section.field": value}: what resume compares, and what a table of settings shows."""
+    return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+  @classmethod
+  def from_dict(cls, values: dict, source: str = "run config") -> "MetaTrainConfig":
+    """Builds a config from JSON values (sectioned, or lopt 0.1's flat record), checking every field first.
+
+    ``source`` (usually the file's path) starts every error message, so a user knows which file to fix.
+    """
+    if not isinstance(values, dict):
+      raise ConfigError(f"{source}: expected a JSON object of settings, found {type(values).__name__}")
+    try:
+      if not isinstance(values.get("task"), dict):  # lopt 0.1's flat record
+        unknown = sorted(map(str, set(values) - set(LEGACY_FIELDS)))
+        if unknown:
+          raise ConfigError(f"{source}: unknown meta-training setting(s) {unknown}; known: {sorted(LEGACY_FIELDS)}")
+        config = cls(optimizer=OptimizerSection("gru", {}), **values)
+      else:
+        config = cls(**_sections_from_dict(values, source))
+    except (TypeError, OptimizerConfigError, estimators.EstimatorConfigError) as e:
+      if isinstance(e, UserError):
+        raise ConfigError(f"{source}: {e}" if not str(e).startswith(str(source)) else str(e)) from None
+      raise ConfigError(f"{source}: {e}") from None
+    return config.validate(source)
+
+  def validate(self, source: str = "config") -> "MetaTrainConfig":
+    """Raises ConfigError naming the first field whose type or range is wrong (expected vs found)."""
+    for name in ("task", "outer", "logging"):
+      _check(getattr(self, name), type(getattr(self, name)).RULES, source, name)
+    try:
+      architectures.get(self.optimizer.architecture, source).validate(self.optimizer.fields, source)
+      estimators.get(self.estimator.name, source).validate(self.estimator.fields, source)
+    except (OptimizerConfigError, estimators.EstimatorConfigError) as e:
+      raise ConfigError(str(e)) from None
+    return self
+
+
+def _apply_flat(sections: dict, flat: dict) -> dict:
+  """Routes lopt 0.1's flat names to their sections."""
+  unknown = sorted(set(flat) - set(LEGACY_FIELDS))
+  if unknown:
+    raise ConfigError(f"unknown meta-training setting(s) {unknown}; known: {sorted(LEGACY_FIELDS)}")
+  for name, value in flat.items():
+    section, key = LEGACY_FIELDS[name]
+    part = sections[section]
+    if isinstance(part, (OptimizerSection, EstimatorSection)):
+      sections[section] = dataclasses.replace(part, fields={**part.fields, key: value})
+    else:
+      sections[section] = dataclasses.replace(part, **{key: value})
+  return sections
+
+
+def _complete_optimizer(section: OptimizerSection) -> OptimizerSection:
+  """Fills in the architecture's defaults (unknown names and bad values surface in ``validate``)."""
+  spec = architectures.REGISTRY.get(section.architecture)
+  if spec is None:
+    return section
+  return dataclasses.replace(section, fields={**spec.defaults(), **section.fields})
+
+
+def _complete_estimator(section: EstimatorSection) -> EstimatorSection:
+  spec = estimators.REGISTRY.get(section.name)
+  if spec is None:
+    return section
+  defaults = {name: f.default for name, f in spec.fields.items()}
+  return dataclasses.replace(section, fields={**defaults, **section.fields})
+
+
+def _sections_from_dict(values: dict, source: str) -> dict:
+  unknown = sorted(map(str, set(values) - set(SECTIONS)))
+  if unknown:
+    raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+  parts = {}
+  for name, kind in (("task", TaskSection), ("outer", OuterSection), ("logging", LoggingSection)):
+    part = values.get(name, {})
+    if not isinstance(part, dict):
+      raise ConfigError(f"{source}: section {name!r} must be an object, found {type(part).__name__}")
+    known = {f.name for f in dataclasses.fields(kind)}
+    extra = sorted(map(str, set(part) - known))
+    if extra:
+      raise ConfigError(f"{source}: section {name!r} has unknown field(s) {extra}; known: {sorted(known)}")
+    parts[name] = kind(**part)
+  optimizer = dict(values.get("optimizer", {"architecture": "gru"}))
+  estimator = dict(values.get("estimator", {"name": "full"}))
+  for name, part in (("optimizer", optimizer), ("estimator", estimator)):
+    if not isinstance(part, dict):
+      raise ConfigError(f"{source}: section {name!r} must be an object, found {type(part).__name__}")
+  parts["optimizer"] = OptimizerSection(optimizer.pop("architecture", None), optimizer)
+  parts["estimator"] = EstimatorSection(estimator.pop("name", None), estimator)
+  return parts
 
 
 PRESETS = {

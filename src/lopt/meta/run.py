@@ -3,7 +3,8 @@
   run_dir/
     config.json                  MetaTrainConfig, everything needed to rebuild the run
     metrics.jsonl                one JSON line per logged outer step
-    checkpoints/step_XXXXXXXX.safetensors   theta, outer-optimizer state, best theta; step and counters in metadata
+    checkpoints/step_XXXXXXXX.safetensors   theta and best theta (by key path), outer-optimizer state (by leaf
+                                 index), estimator state (by key path); step and counters in metadata
     optimizer/                   the trained optimizer (best on held-out problems): config.json + weights.safetensors
 """
 
@@ -21,12 +22,11 @@ import numpy as np
 from lopt.checkpoint import (TMP_SUFFIX, CheckpointError, WriteError, atomic_write_bytes, atomic_write_json,
                              read_json, read_tensors, save_optimizer, tensors_to_bytes)
 from lopt.errors import UserError
-from lopt.meta.config import MetaTrainConfig
+from lopt.meta.config import RESUMABLE_CHANGES, MetaTrainConfig
+from lopt.meta.state import TrainState
+from lopt.pytree import flatten_by_path
 
 KEEP_CHECKPOINTS = 2
-# Settings a resumed run may change: none alters the trajectory (step keys and the learning-rate schedule depend on the
-# step alone), so `--resume --steps N` extends a run, or ends it at its last checkpoint and exports.
-RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every")
 
 
 class RunError(UserError, RuntimeError):
@@ -70,17 +70,21 @@ class RunDirectory:
     if config_path.exists():
       if not resume:
         raise RunError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
-      saved = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path)).to_dict()
-      requested = config.to_dict()
+      raw = read_json(config_path, "run config")
+      saved = MetaTrainConfig.from_dict(raw, str(config_path)).flat_items()
+      requested = config.flat_items()
       differing = sorted(k for k in set(saved) | set(requested)
                          if saved.get(k) != requested.get(k) and k not in RESUMABLE_CHANGES)
       if differing:
         raise RunError(f"{config_path}: the saved run differs from the requested one in {differing}; resume with the "
                        f"same settings (or omit them: `lopt train --resume --out {self.path}` reuses the saved ones); "
                        f"only {list(RESUMABLE_CHANGES)} may change on resume")
-      if saved != requested:
-        atomic_write_json(config_path, requested)
+      if saved != requested or not isinstance(raw.get("task"), dict):
+        atomic_write_json(config_path, config.to_dict())  # also upgrades lopt 0.1's flat record to sections
     else:
+      if resume:
+        raise RunError(f"{self.path}: holds no run to resume (no config.json); drop --resume to start a new run "
+                       f"there")
       atomic_write_json(config_path, config.to_dict())
 
   def _remove_stale_temporaries(self) -> None:
@@ -125,10 +129,12 @@ class RunDirectory:
   # -- checkpoints ---------------------------------------------------------------------------------------------------
 
   def checkpoint(self, state) -> Path:
-    tensors = {f"theta/{k}": np.asarray(v) for k, v in state.theta.items()}
-    tensors.update({f"best_theta/{k}": np.asarray(v) for k, v in state.best_theta.items()})
+    tensors = {f"theta/{k}": np.asarray(v) for k, v in flatten_by_path(state.theta).items()}
+    tensors.update({f"best_theta/{k}": np.asarray(v) for k, v in flatten_by_path(state.best_theta).items()})
     for i, leaf in enumerate(jax.tree.leaves(state.outer_state)):
       tensors[f"outer_state/{i:04d}"] = np.asarray(leaf)
+    for k, v in flatten_by_path(state.estimator_state).items():
+      tensors[f"estimator_state/{k}"] = _storable(v)
     metadata = {"step": str(state.step), "best_score": repr(state.best_score), "best_step": str(state.best_step),
                 "skipped_steps": str(state.skipped_steps), "dropped_problems": str(state.dropped_problems)}
     path = self.checkpoints / f"step_{state.step:08d}.safetensors"
@@ -172,20 +178,38 @@ class RunDirectory:
     return save_optimizer(self.path / "optimizer", optimizer, state.best_theta, info)
 
 
-def _state_from_checkpoint(path: Path, template):
+def _is_key(leaf) -> bool:
+  return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def _storable(leaf) -> np.ndarray:
+  """A leaf as a numpy array: typed PRNG keys (in estimator states) as their key data."""
+  return np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+
+
+def _state_from_checkpoint(path: Path, template: TrainState) -> TrainState:
   """A TrainState from one checkpoint file, every tensor checked against ``template`` (names, shapes, dtypes)."""
-  from lopt.meta.train import TrainState
   tensors, meta = read_tensors(path)
-  theta = _matching(tensors, "theta", template.theta, path)
-  best = _matching(tensors, "best_theta", template.theta, path)
+  theta = _restore_tree(tensors, "theta", template.theta, path)
+  best = _restore_tree(tensors, "best_theta", template.theta, path)
   leaves, treedef = jax.tree.flatten(template.outer_state)
   restored = _matching(tensors, "outer_state", {f"{i:04d}": leaf for i, leaf in enumerate(leaves)}, path)
   outer_state = jax.tree.unflatten(treedef, [restored[f"{i:04d}"] for i in range(len(leaves))])
+  estimator_state = _restore_tree(tensors, "estimator_state", template.estimator_state, path)
   try:
     return TrainState(int(meta["step"]), theta, outer_state, best, float(meta["best_score"]), int(meta["best_step"]),
-                      int(meta["skipped_steps"]), int(meta["dropped_problems"]))
+                      int(meta["skipped_steps"]), int(meta["dropped_problems"]), estimator_state)
   except KeyError as e:
     raise CheckpointError(f"{path}: metadata field {e} missing") from None
+
+
+def _restore_tree(tensors: dict, prefix: str, template, path: Path):
+  """The pytree shaped like ``template`` from ``tensors[prefix/key path]`` (PRNG keys rewrapped)."""
+  flat = flatten_by_path(template)
+  found = _matching(tensors, prefix, {name: _storable(leaf) for name, leaf in flat.items()}, path)
+  restored = [jax.random.wrap_key_data(found[name], impl=jax.random.key_impl(leaf)) if _is_key(leaf) else found[name]
+              for name, leaf in flat.items()]
+  return jax.tree.unflatten(jax.tree.structure(template), restored)
 
 
 def _matching(tensors: dict, prefix: str, template: dict, path: Path) -> dict:

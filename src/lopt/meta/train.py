@@ -5,88 +5,76 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lopt import tasks as task_registry
+from lopt import architectures, tasks as task_registry
+from lopt.meta import estimators
 from lopt.meta.config import MetaTrainConfig
-from lopt.meta.objectives import META_LOSSES
+from lopt.meta.estimators.full_bptt import FullBPTT, all_finite, problem_meta_loss  # noqa: F401 (re-export)
+from lopt.meta.state import TrainState
 from lopt.meta.unroll import normalized_mean_loss, unroll
-from lopt.optimizers import GRUOptimizer, as_optax
-
-
-def _l2_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+from lopt.optax_adapter import as_optax
 
 
 class StepMetrics(NamedTuple):
-  meta_loss: jax.Array         # mean bounded meta-loss over the meta-batch
+  meta_loss: jax.Array         # mean bounded meta-loss over the problems the estimator unrolled
   gradient_norm: jax.Array     # of the (unclipped) meta-gradient actually used
   diverged_problems: jax.Array  # problems whose loss left [0, cap * loss_0] or became non-finite
   dropped_problems: jax.Array  # problems whose meta-gradient was non-finite and was left out
   skipped: jax.Array           # 1 if no finite meta-gradient was left and theta was not changed
 
 
-def problem_meta_loss(task, optimizer, theta, key, *, horizon: int, meta_loss: str = "mean", loss_cap: float = 10.0,
-                      remat: bool = True, first_order: bool = False):
-  """Meta-loss of one sampled problem; returns (scalar, diverged flag)."""
-  losses = unroll(task, as_optax(optimizer, theta), key, horizon, remat=remat, first_order=first_order)
-  ratio = losses / losses[0]
-  diverged = ~jnp.all(jnp.isfinite(ratio) & (ratio < loss_cap))
-  return META_LOSSES[meta_loss](losses, loss_cap), diverged
+def build_outer_step(estimator, outer_optimizer: optax.GradientTransformation, *legacy, **legacy_options) -> Callable:
+  """Returns ``outer_step(theta, outer_state, estimator_state, key) -> (theta, outer_state, estimator_state,
+  StepMetrics)``, jitted: one estimate of the meta-gradient (``lopt.api.GradientEstimator``), applied by
+  ``outer_optimizer``.
 
+  A meta-gradient that is not finite, or one from which the estimator had to drop every problem, is never applied:
+  theta and the outer state stay as they were and the step counts as skipped.
 
-def build_outer_step(task, optimizer, outer_optimizer: optax.GradientTransformation, *, horizon: int,
-                     meta_loss: str = "mean", loss_cap: float = 10.0, l2_penalty: float = 0.0,
-                     remat: bool = True, first_order: bool = False) -> Callable:
-  """Returns ``outer_step(theta, outer_state, keys) -> (theta, outer_state, StepMetrics)``, jitted.
-
-  ``keys`` is the meta-batch: (meta_batch_size,) problem keys on the leading axis, so the batch can be sharded across
-  devices by sharding ``keys`` alone. The meta-gradient is that of the batch-mean loss (full backpropagation through
-  the unroll). When it is not finite, it is recomputed problem by problem and the problems with non-finite
-  gradients are left out (and counted); when none is left, the step is skipped (and counted).
+  lopt 0.1's form ``build_outer_step(task, optimizer, outer, horizon=..., meta_loss=..., loss_cap=..., l2_penalty=...,
+  remat=..., first_order=...)`` still works: it returns ``outer_step(theta, outer_state, keys) -> (theta,
+  outer_state, StepMetrics)`` with full backpropagation on the (B,) problem ``keys``.
   """
+  if not hasattr(estimator, "estimate"):
+    return _legacy_outer_step(estimator, outer_optimizer, *legacy, **legacy_options)
 
-  def one_problem(theta, key):
-    return problem_meta_loss(task, optimizer, theta, key, horizon=horizon, meta_loss=meta_loss, loss_cap=loss_cap,
-                             remat=remat, first_order=first_order)
+  @jax.jit
+  def outer_step(theta, outer_state, estimator_state, key):
+    estimator_state, grads, metrics = estimator.estimate(theta, estimator_state, key)
+    theta, outer_state, step_metrics = apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics)
+    return theta, outer_state, estimator_state, step_metrics
 
-  def batch_loss(theta, keys):
-    losses, diverged = jax.vmap(one_problem, in_axes=(None, 0))(theta, keys)
-    return jnp.mean(losses) + l2_penalty * _l2_norm(theta), (jnp.mean(losses), jnp.sum(diverged))
+  return outer_step
 
-  def per_problem_gradient(theta, keys):
-    # Slow path, only taken when the batch gradient is not finite: per-problem gradients, non-finite ones masked.
-    grads = jax.vmap(jax.grad(lambda t, k: one_problem(t, k)[0]), in_axes=(None, 0))(theta, keys)
-    finite = jax.vmap(_all_finite)(grads)
-    count = jnp.sum(finite)
-    mean = jax.tree.map(
-        lambda g: jnp.sum(jnp.where(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), 0) / jnp.maximum(count, 1),
-        grads)
-    penalty = jax.grad(lambda t: l2_penalty * _l2_norm(t))(theta)
-    return jax.tree.map(jnp.add, mean, penalty), keys.shape[0] - count
+
+def apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics):
+  """One outer update with the estimator's ``grads``; skipped (theta and state unchanged) when not usable."""
+  usable = all_finite(grads) & (metrics.dropped_problems < metrics.num_problems)
+  safe_grads = jax.tree.map(lambda g: jnp.where(usable, g, 0.0), grads)
+  updates, new_state = outer_optimizer.update(safe_grads, outer_state, theta)
+  new_theta = optax.apply_updates(theta, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(usable, a, b), new, old)  # noqa: E731
+  step_metrics = StepMetrics(metrics.meta_loss, optax.tree_utils.tree_norm(safe_grads), metrics.diverged_problems,
+                             metrics.dropped_problems, (~usable).astype(jnp.int32))
+  return keep(new_theta, theta), keep(new_state, outer_state), step_metrics
+
+
+def _legacy_outer_step(task, optimizer, outer_optimizer, *, horizon: int, meta_loss: str = "mean",
+                       loss_cap: float = 10.0, l2_penalty: float = 0.0, remat: bool = True,
+                       first_order: bool = False) -> Callable:
+  estimator = FullBPTT(task, optimizer, horizon, meta_loss=meta_loss, loss_cap=loss_cap, remat=remat,
+                       first_order=first_order, l2_penalty=l2_penalty)
 
   @jax.jit
   def outer_step(theta, outer_state, keys):
-    (_, (mean_loss, diverged)), grads = jax.value_and_grad(batch_loss, has_aux=True)(theta, keys)
-    grads, dropped = jax.lax.cond(_all_finite(grads), lambda: (grads, jnp.zeros((), jnp.int32)),
-                                  lambda: per_problem_gradient(theta, keys))
-    usable = _all_finite(grads) & (dropped < keys.shape[0])
-    safe_grads = jax.tree.map(lambda g: jnp.where(usable, g, 0.0), grads)
-    updates, new_state = outer_optimizer.update(safe_grads, outer_state, theta)
-    new_theta = optax.apply_updates(theta, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(usable, a, b), new, old)  # noqa: E731
-    metrics = StepMetrics(mean_loss, _l2_norm(safe_grads), diverged, dropped, (~usable).astype(jnp.int32))
-    return keep(new_theta, theta), keep(new_state, outer_state), metrics
+    grads, metrics = estimator.estimate_on(theta, keys)
+    return apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics)
 
   return outer_step
 
@@ -102,20 +90,37 @@ def outer_optimizer_from(config: MetaTrainConfig) -> optax.GradientTransformatio
                      optax.adam(learning_rate_schedule(config), config.b1, config.b2, config.eps))
 
 
-def optimizer_from(config: MetaTrainConfig) -> GRUOptimizer:
-  return GRUOptimizer(config.hidden_size, config.input_scale, config.output_scale, config.input_encoding)
+def optimizer_from(config: MetaTrainConfig):
+  """The learned optimizer the config's ``optimizer`` section describes (through the architecture registry)."""
+  section = config.optimizer
+  return architectures.get(section.architecture, "optimizer").build(section.fields)
 
 
 def task_from(config: MetaTrainConfig):
-  options = dict(config.task_options)
-  if config.horizon is not None:
-    options["horizon"] = config.horizon
-  return task_registry.get(config.task, **options)
+  options = dict(config.task.options)
+  if config.task.horizon is not None:
+    options["horizon"] = config.task.horizon
+  return task_registry.get(config.task.name, **options)
+
+
+def estimator_from(config: MetaTrainConfig, task, optimizer):
+  """The gradient estimator the config's ``estimator`` section describes (through the estimator registry)."""
+  section = config.estimator
+  return estimators.get(section.name).create(task, optimizer, section.fields, config.task.horizon or task.horizon)
+
+
+ESTIMATOR_INIT_STREAM = 2**31 - 1  # fold_in data of the estimator's initial state: never an outer step
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The randomness of outer step ``step``: a pure function of (seed, step), so a resumed run sees the same
+  problems and perturbations."""
+  return jax.random.fold_in(jax.random.key(seed), step)
 
 
 def step_keys(seed: int, step: int, batch_size: int) -> jax.Array:
-  """The meta-batch of outer step ``step``: a pure function of (seed, step), so a resumed run sees the same problems."""
-  return jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch_size)
+  """The meta-batch full backpropagation samples at outer step ``step`` (``FullBPTT.estimate`` splits the key)."""
+  return jax.random.split(step_key(seed, step), batch_size)
 
 
 def held_out_keys(seed: int, count: int) -> jax.Array:
@@ -135,22 +140,9 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
   return evaluate
 
 
-@dataclass
-class TrainState:
-  """The loop's whole state: what a checkpoint holds (theta, outer state, best-so-far, step, counters)."""
-  step: int
-  theta: dict
-  outer_state: Any
-  best_theta: dict
-  best_score: float
-  best_step: int
-  skipped_steps: int = 0
-  dropped_problems: int = 0
-
-
 def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                progress: Callable | None = None) -> TrainState:
-  """Meta-trains a GRU optimizer as ``config`` says; with ``run_dir`` writes the run directory (see run.py).
+  """Meta-trains a learned optimizer as ``config`` says; with ``run_dir`` writes the run directory (see run.py).
 
   ``progress(step, total, metrics_dict)`` is called after every logged step (the CLI draws a bar with it).
   Returns the final TrainState; ``best_theta`` (best on held-out problems) is what gets exported.
@@ -158,16 +150,16 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
   from lopt.meta import run as run_files
 
   task, optimizer = task_from(config), optimizer_from(config)
-  horizon = config.horizon or task.horizon
+  horizon = config.task.horizon or task.horizon
+  estimator = estimator_from(config, task, optimizer)
   outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
-  outer_step = build_outer_step(task, optimizer, outer, horizon=horizon, meta_loss=config.meta_loss,
-                                loss_cap=config.loss_cap, l2_penalty=config.l2_penalty, remat=config.remat,
-                                first_order=config.meta_gradient == "first_order")
+  outer_step = build_outer_step(estimator, outer)
   evaluate = build_evaluator(task, optimizer, horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
   theta = optimizer.init(jax.random.key(config.seed))
-  state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0)
+  estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
+  state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
   run = None
   if run_dir is not None:
     run = run_files.RunDirectory(run_dir)
@@ -187,9 +179,10 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
   started = time.perf_counter()
   try:
     while state.step < config.num_steps:
-      keys = step_keys(config.seed, state.step, config.meta_batch_size)
-      theta, outer_state, metrics = outer_step(state.theta, state.outer_state, keys)
-      state.theta, state.outer_state, state.step = theta, outer_state, state.step + 1
+      theta, outer_state, estimator_state, metrics = outer_step(state.theta, state.outer_state,
+                                                                state.estimator_state, step_key(config.seed, state.step))
+      state.theta, state.outer_state, state.estimator_state = theta, outer_state, estimator_state
+      state.step += 1
       skipped, dropped = skipped + metrics.skipped, dropped + metrics.dropped_problems
       record = None
       if state.step % config.eval_every == 0 or state.step == config.num_steps:
@@ -234,5 +227,6 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
   return out
 
 
-__all__ = ["build_outer_step", "meta_train", "MetaTrainConfig", "TrainState", "StepMetrics", "step_keys",
-           "build_evaluator", "learning_rate_schedule", "outer_optimizer_from", "optimizer_from", "task_from", "load_metrics"]
+__all__ = ["build_outer_step", "meta_train", "MetaTrainConfig", "TrainState", "StepMetrics", "step_key", "step_keys",
+           "build_evaluator", "learning_rate_schedule", "outer_optimizer_from", "optimizer_from", "task_from",
+           "estimator_from", "load_metrics"]

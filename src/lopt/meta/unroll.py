@@ -1,6 +1,12 @@
-"""The inner loop: optimize one problem for a number of steps and record the loss curve."""
+"""The inner loop, resumable: ``init_inner`` a problem, ``advance`` it n steps (returning the losses), again and again.
+
+``unroll`` (initialize and advance a whole horizon) is what full backpropagation differentiates; truncated
+estimators advance many problems a truncation at a time, carrying ``InnerState`` between outer steps.
+"""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +15,35 @@ import optax
 from lopt.tasks.base import Task
 
 
-def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int, *,
-           remat: bool = False, first_order: bool = False) -> jax.Array:
-  """Runs ``optimizer`` on the problem ``key`` of ``task``; returns the (num_steps,) training losses.
+class InnerState(NamedTuple):
+  """One problem being optimized. params: the task's pytree; opt_state: the optimizer's; step: () int32, the next
+  inner step; key: the problem's key; problem: its data drawn once (``task.sample(key)``), or None."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  key: jax.Array
+  problem: Any
 
-  losses[t] is the loss at the parameters *before* update t, so losses[0] is the loss at initialization (as in the
-  paper's code). The optimizer receives the loss as ``value=`` (optax's convention).
+
+def init_inner(task: Task, optimizer: optax.GradientTransformation, key: jax.Array) -> InnerState:
+  """The problem ``key`` at step 0: its initial parameters, a fresh optimizer state, its data."""
+  params = task.init(key)
+  problem = None if task.sample is None else task.sample(key)
+  return InnerState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, problem)
+
+
+def _bound_loss(task: Task, state: InnerState):
+  if task.sample is None:
+    return lambda params, step: task.loss(params, state.key, step)
+  return lambda params, step: task.loss_from_sample(params, state.problem, step)
+
+
+def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerState, num_steps: int, *,
+            remat: bool = False, first_order: bool = False) -> tuple[InnerState, jax.Array]:
+  """Runs ``optimizer`` for ``num_steps`` steps from ``state``; returns (new state, (num_steps,) training losses).
+
+  losses[t] is the loss at the parameters *before* update t, so an unroll's losses[0] is the loss at initialization
+  (as in the paper's code). The optimizer receives the loss as ``value=`` (optax's convention).
   With ``remat`` each step is rematerialized in the backward pass: memory O(num_steps * |params|) instead of
   O(num_steps * |activations|), the paper's choice for backpropagating through long unrolls.
   With ``first_order`` the optimizer's inputs (gradient and loss) are constants to autodiff, so a meta-gradient
@@ -22,22 +51,30 @@ def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, 
   params -> gradient -> update -> params through which meta-gradients of long unrolls on networks explode
   (norms of 1e16 and beyond were measured on two moons); the losses themselves are unchanged.
   """
-  params = task.init(key)
-  problem_loss = task.bind(key)  # the problem's data are drawn once, outside the scan
+  problem_loss = _bound_loss(task, state)  # the problem's data were drawn once, outside the scan
 
   def step(carry, t):
-    params, state = carry
+    params, opt_state = carry
     loss, grads = jax.value_and_grad(problem_loss)(params, t)
     if first_order:
       loss_in, grads = jax.lax.stop_gradient((loss, grads))
     else:
       loss_in = loss
-    updates, state = optimizer.update(grads, state, params, value=loss_in)
-    return (optax.apply_updates(params, updates), state), loss
+    updates, opt_state = optimizer.update(grads, opt_state, params, value=loss_in)
+    return (optax.apply_updates(params, updates), opt_state), loss
 
   if remat:
     step = jax.checkpoint(step)
-  _, losses = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(num_steps))
+  (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state),
+                                             state.step + jnp.arange(num_steps))
+  return state._replace(params=params, opt_state=opt_state, step=state.step + num_steps), losses
+
+
+def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int, *,
+           remat: bool = False, first_order: bool = False) -> jax.Array:
+  """Runs ``optimizer`` on the problem ``key`` of ``task`` from initialization; returns (num_steps,) losses."""
+  _, losses = advance(task, optimizer, init_inner(task, optimizer, key), num_steps, remat=remat,
+                      first_order=first_order)
   return losses
 
 

@@ -1,19 +1,9 @@
-"""Optimizers: the learned GRU optimizer, hand-designed baselines, and the optax adapter."""
+"""Compatibility module (lopt 0.1's layout): architectures live in ``lopt.architectures``, the optax adapter in
+``lopt.optax_adapter``, the hand-designed baselines in ``lopt.baselines``."""
 
-from lopt.optimizers import baselines
-from lopt.optimizers.gru import GRUOptimizer, GRUState
-from lopt.optimizers.optax_adapter import as_optax
-
-ARCHITECTURES = {"gru": GRUOptimizer}
-
-
-def from_config(config: dict):
-  """Rebuilds a learned optimizer from its ``config()`` dict."""
-  config = dict(config)
-  architecture = config.pop("architecture", None)
-  if architecture not in ARCHITECTURES:
-    raise ValueError(f"unknown learned-optimizer architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-  return ARCHITECTURES[architecture](**config)
-
+from lopt import baselines
+from lopt.architectures import REGISTRY as ARCHITECTURES, from_config
+from lopt.architectures.gru.optimizer import GRUOptimizer, GRUState
+from lopt.optax_adapter import as_optax
 
 __all__ = ["GRUOptimizer", "GRUState", "as_optax", "baselines", "from_config", "ARCHITECTURES"]

@@ -46,7 +46,7 @@ def figure_one(comparisons: dict[str, dict]):
 
 def findings_rows(findings: dict) -> list[list[str]]:
   """One row per task and finding: what was measured, and whether the paper's finding reproduced."""
-  from lopt import reproduce as r
+  from lopt.report import findings as r
   rows = []
   for name, task in findings["tasks"].items():
     c = task["comparison"]
@@ -66,7 +66,7 @@ def _png(path: Path) -> bytes | None:
 
 def task_section(out: Path, name: str, task: dict, comparison: dict) -> Section:
   """Figure 1 panel, comparison table and the four mechanism figures of one task."""
-  from lopt import reproduce as r
+  from lopt.report import findings as r
   from lopt.report.comparison import HEADERS, table_rows, verdicts
   settings = comparison["settings"]
   section = Section(f"{name}")

@@ -27,6 +27,9 @@ class Task:
     options: the keyword options the task was built with (JSON-serializable), so it can be rebuilt by name.
     sample: optional ``key -> problem`` that draws a problem's data once (e.g. a quadratic's Hessian), with
       ``loss_from_sample(params, problem, step)``; the inner loop then samples outside its scan instead of every step.
+    traits: what is known about the task, so code asks about properties rather than names: ``"heavy_ball"`` (the
+      optimal heavy ball in closed form, ``lopt.tasks.heavy_ball_optimum``), ``"network"`` (thousands of
+      parameters: evaluate one problem at a time on a CPU, subsample coordinates for the dynamics).
   """
   name: str
   init: Callable[[jax.Array], Params]
@@ -36,6 +39,7 @@ class Task:
   options: dict = field(default_factory=dict)
   sample: Callable[[jax.Array], Any] | None = None
   loss_from_sample: Callable[[Params, Any, Any], jax.Array] | None = None
+  traits: dict = field(default_factory=dict)
 
   def bind(self, key: jax.Array) -> Callable[[Params, Any], jax.Array]:
     """``(params, step) -> loss`` of the problem ``key``, with the problem's data drawn once."""

@@ -48,7 +48,7 @@ def two_moons(hidden: tuple[int, ...] = (64, 64, 64), num_points: int = 1024, no
     return jnp.mean(jax.nn.softplus(z) - labels * z) + l2_penalty * _l2_norm(params)
 
   options = dict(hidden=list(hidden), num_points=num_points, noise=noise, l2_penalty=l2_penalty, horizon=horizon)
-  return Task("two_moons", init, loss, horizon, options=options)
+  return Task("two_moons", init, loss, horizon, options=options, traits={"network": True})
 
 
 def _conv_init(key, kernel, in_channels, out_channels):
@@ -95,7 +95,7 @@ def _cnn_task(name, train, valid, image_side, layers, batch_size, horizon, optio
   def valid_loss(params, key, step=0):
     return batch_loss(params, *sample(valid_x, valid_y, jax.random.fold_in(key, 1), step))
 
-  return Task(name, init, loss, horizon, valid_loss=valid_loss, options=options)
+  return Task(name, init, loss, horizon, valid_loss=valid_loss, options=options, traits={"network": True})
 
 
 PAPER_CNN_LAYERS = ((32, 5, 2), (16, 3, 2), (16, 3, 2))  # (channels, kernel, stride), the paper's 4-layer network

@@ -52,8 +52,9 @@ def linear_regression(dim: int = 5, log10_min_eig: float = -3.0, log10_max_eig: 
     return loss_from_sample(x, sample(key), step)
 
   options = dict(dim=dim, log10_min_eig=log10_min_eig, log10_max_eig=log10_max_eig, horizon=horizon)
+  traits = {"heavy_ball": heavy_ball_optimum(10.0**log10_min_eig, 10.0**log10_max_eig)}
   return Task("linear_regression", init, loss, horizon, options=options, sample=sample,
-              loss_from_sample=loss_from_sample)
+              loss_from_sample=loss_from_sample, traits=traits)
 
 
 def heavy_ball_optimum(min_eig: float = 1e-3, max_eig: float = 1.0) -> dict:

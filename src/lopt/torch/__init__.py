@@ -4,7 +4,7 @@
   optimizer = LearnedOptimizer(model.parameters(), "runs/lr", lr=1.0)
 """
 
-from lopt.torch.checkpoint import GRUSpec, read_trained_optimizer
+from lopt.torch.checkpoint import ArchitectureConfig, GRUSpec, read_trained_optimizer
 from lopt.torch.optimizer import LearnedOptimizer
 
-__all__ = ["LearnedOptimizer", "GRUSpec", "read_trained_optimizer"]
+__all__ = ["LearnedOptimizer", "ArchitectureConfig", "GRUSpec", "read_trained_optimizer"]

@@ -1,8 +1,8 @@
 """Reading a trained-optimizer directory without JAX (docs/CHECKPOINT_FORMAT.md describes the files).
 
 ``lopt.checkpoint.read_optimizer_directory`` reads and checks the files, the same reader as ``lopt.load_optimizer``'s,
-so both refuse the same files with the same messages; ``lopt.gru_spec`` holds the GRU's fields and tensor shapes.
-Neither imports jax. This module only adds the lookup by name.
+so both refuse the same files with the same messages; ``lopt.architectures`` holds each architecture's fields and
+tensor shapes. Neither imports jax. This module only adds the lookup by name.
 """
 
 from __future__ import annotations
@@ -12,18 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
+from lopt.architectures.spec import ArchitectureConfig
 from lopt.checkpoint import read_optimizer_directory
-from lopt.gru_spec import GRUSpec
 from lopt.trained import resolve_optimizer_path
 
+GRUSpec = ArchitectureConfig  # lopt 0.1's name, when the GRU was the only architecture
 
-def read_trained_optimizer(path_or_name: str | os.PathLike) -> tuple[GRUSpec, dict[str, np.ndarray], dict, Path]:
-  """Reads and validates a trained GRU optimizer by path or name (``lopt.trained.resolve_optimizer_path``).
 
-  Returns ``(spec, tensors, config, directory)``: tensors are numpy arrays named and shaped as ``spec.param_shapes()``.
-  Raises ``CheckpointError`` naming the file, the field or tensor, and what was expected versus found.
+def read_trained_optimizer(path_or_name: str | os.PathLike) -> tuple[ArchitectureConfig, dict[str, np.ndarray], dict,
+                                                                       Path]:
+  """Reads and validates a trained optimizer by path or name (``lopt.trained.resolve_optimizer_path``).
+
+  Returns ``(architecture, tensors, config, directory)``: tensors are numpy arrays by key path, named and shaped as
+  ``architecture.param_shapes()``. Raises ``CheckpointError`` naming the file, the field or tensor, and what was
+  expected versus found.
   """
   return read_optimizer_directory(resolve_optimizer_path(path_or_name))
 
 
-__all__ = ["GRUSpec", "read_trained_optimizer"]
+__all__ = ["ArchitectureConfig", "GRUSpec", "read_trained_optimizer"]

@@ -1,0 +1,137 @@
+"""What an architecture is, JAX-free: its fields (defaults, validation), its meta-parameter shapes, where its JAX and
+PyTorch implementations live, and whether it has a recurrent view for the dynamics toolkit.
+
+One ``ArchitectureSpec`` per architecture is the single source of truth for its configuration: the run config, the
+CLI (``--optimizer-option KEY=VALUE``), trained-optimizer files, ``lopt.load`` and ``lopt.torch`` all validate
+through ``ArchitectureSpec.validate``. Neither jax nor torch is imported here: the implementations are imported on
+first use (``jax_class`` / ``torch_class`` are classes, or ``"module:Name"`` strings resolved lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lopt.errors import UserError
+from lopt.fields import (REQUIRED, Field, int_in, is_int, is_positive_finite, parse_option,  # noqa: F401 (re-exports)
+                         show, validate_fields)
+
+
+class OptimizerConfigError(UserError, ValueError):
+  """An architecture field of the wrong type or out of range; the message names the source and the field."""
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+  """An architecture: ``name``, its ``fields``, ``param_shapes(values) -> {key path: shape}`` (the meta-parameters
+  as stored in files, key paths joined with '/'), and its implementations.
+
+  jax_class: the JAX ``LearnedOptimizer`` (constructed as ``jax_class(**values)``).
+  torch_class: the PyTorch rule (``lopt.torch`` constructs it as ``torch_class(values, tensors)``), or None.
+  recurrent: whether the JAX class implements ``lopt.api.RecurrentView`` (fixed points, momentum, adaptation).
+  max_meta_parameters: a file declaring more meta-parameters is refused before its data is read.
+  """
+  name: str
+  description: str
+  fields: dict[str, Field]
+  param_shapes: Callable[[dict], dict[str, tuple[int, ...]]]
+  jax_class: Any
+  torch_class: Any = None
+  recurrent: bool = False
+  max_meta_parameters: int = 2**28
+  legacy_defaults: dict = field(default_factory=dict)  # filled in for files of format_version 1 (GRU only)
+
+  def defaults(self) -> dict:
+    """The fields that have defaults, with them."""
+    return {name: f.default for name, f in self.fields.items() if f.default is not REQUIRED}
+
+  def validate(self, values, source: str = "optimizer options", *, complete: bool = False,
+               error: type[Exception] = OptimizerConfigError, in_file: bool = False) -> dict:
+    """Checks ``values`` (a dict of fields, with or without ``architecture``) and returns every field, defaults
+    filled in (``complete``: every field must be given, as in files) and normalized.
+
+    Raises ``error`` naming ``source``, the field, what was found and what is allowed.
+    """
+    where = str(source) if in_file else f"{source}: optimizer {self.name!r}"
+    return validate_fields(self.fields, values, where, complete=complete, error=error, ignore=("architecture",),
+                           prefix="optimizer." if in_file else "")
+
+  def configure(self, values, source: str = "optimizer options", *, complete: bool = False,
+                error: type[Exception] = OptimizerConfigError, in_file: bool = False) -> "ArchitectureConfig":
+    """``validate``, bundled with this spec."""
+    return ArchitectureConfig(self, self.validate(values, source, complete=complete, error=error, in_file=in_file))
+
+  def config(self, values: dict) -> dict:
+    """The JSON form: ``{"architecture": name, **fields}`` (tuples as lists)."""
+    return {"architecture": self.name, **json.loads(json.dumps(values))}
+
+  def num_meta_parameters(self, values: dict) -> int:
+    return sum(math.prod(shape) for shape in self.param_shapes(values).values())
+
+  def build(self, values: dict | None = None, source: str = "optimizer options"):
+    """The JAX optimizer for ``values`` (validated here; imports jax)."""
+    return resolve(self.jax_class)(**self.validate(values or {}, source))
+
+  def parse_option(self, text: str, source: str = "--optimizer-option") -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value), the key checked against this architecture's fields."""
+    return parse_option(text, self.fields, f"optimizer {self.name!r}", OptimizerConfigError, source)
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+  """An architecture with validated field values: what a trained-optimizer file describes, read without JAX.
+
+  Fields read as attributes (``config.hidden_size``)."""
+  spec: ArchitectureSpec
+  values: dict
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  def config(self) -> dict:
+    return self.spec.config(self.values)
+
+  def param_shapes(self) -> dict[str, tuple[int, ...]]:
+    return self.spec.param_shapes(self.values)
+
+  def build(self):
+    """The JAX optimizer (imports jax)."""
+    return resolve(self.spec.jax_class)(**self.values)
+
+  def __getattr__(self, name):
+    values = self.__dict__.get("values", {})
+    if name in values:
+      return values[name]
+    raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('spec').name!r} has no field {name!r}")
+
+
+def resolve(target):
+  """A class given directly, or imported from a ``"module:Name"`` string."""
+  if isinstance(target, str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+  return target
+
+
+# -- the registry ------------------------------------------------------------------------------------------------------
+
+REGISTRY: dict[str, ArchitectureSpec] = {}
+
+
+def register(spec: ArchitectureSpec, *, replace: bool = False) -> ArchitectureSpec:
+  """Adds ``spec`` under its name (a user's own architecture too: files, CLI and ``lopt.torch`` then know it)."""
+  if spec.name in REGISTRY and not replace and REGISTRY[spec.name] is not spec:
+    raise ValueError(f"an architecture named {spec.name!r} is already registered")
+  REGISTRY[spec.name] = spec
+  return spec
+
+
+def get(name, source: str = "optimizer", error: type[Exception] = OptimizerConfigError) -> ArchitectureSpec:
+  """The registered architecture ``name``; ``error`` listing the known ones otherwise."""
+  if not isinstance(name, str) or name not in REGISTRY:
+    raise error(f"{source}: unknown learned-optimizer architecture {show(name)}; known: {', '.join(sorted(REGISTRY))}")
+  return REGISTRY[name]

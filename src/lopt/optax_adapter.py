@@ -1,0 +1,85 @@
+"""A learned optimizer with bound meta-parameters as an optax gradient transformation.
+
+The learned optimizer protocol (``lopt.api.LearnedOptimizer``: ``init_state(theta, params)``, ``update(theta, state,
+grads, params, *, loss, valid_loss, step, num_steps)``) maps onto optax's (``init(params)``, ``update(updates, state, params, **extra_args)``) once theta is bound. What this
+module adds on top of that binding is what makes the result composable:
+
+- the loss arrives as an extra argument: ``value=`` (optax's name, as in ``optax.contrib.reduce_on_plateau`` and the
+  line searches) or ``loss=``; likewise ``valid_loss=`` (a validation loss, for architectures that use one) and
+  ``num_steps=`` (a horizon hint); every other extra argument is ignored, so the transformation can sit in an
+  ``optax.chain`` next to transformations that need other extra arguments;
+- dtypes are stable: updates come back in the dtype of the incoming gradients and every state leaf keeps the dtype
+  it was initialized with, so the state can be a ``lax.scan`` / ``while_loop`` carry even for bfloat16 parameters
+  or float32 meta-parameters driving float64 parameters;
+- masked leaves pass through: inside ``optax.masked`` / ``optax.multi_transform`` / ``optax.partition`` the leaves
+  this transformation does not own arrive as ``optax.MaskedNode()`` (an empty pytree node) in params, gradients and
+  therefore in the state; the optimizer maps over leaves only, so they hold no state and cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lopt.pytree import shapes_by_path
+
+LOSS_ARGUMENTS = ("value", "loss")  # extra-argument names read as the current loss, in order of preference
+
+
+def loss_from_extra_args(extra_args: Mapping[str, Any]):
+  """The loss passed as ``value=`` (preferred, optax's convention) or ``loss=``; None when neither is given."""
+  for name in LOSS_ARGUMENTS:
+    if extra_args.get(name) is not None:
+      return extra_args[name]
+  return None
+
+
+def check_meta_parameters(optimizer, theta) -> None:
+  """Raises ValueError naming every meta-parameter (by key path) whose name or shape does not match ``optimizer``.
+
+  Catching this when the transformation is built gives a readable message instead of a shape error deep inside a
+  jitted update.
+  """
+  expected = getattr(optimizer, "param_shapes", None)
+  if expected is None:  # an optimizer that does not describe its meta-parameters: nothing to check against
+    return
+  expected, found = expected(), shapes_by_path(theta)
+  problems = [f"missing {name!r}" for name in sorted(set(expected) - set(found))]
+  problems += [f"unexpected {name!r}" for name in sorted(set(found) - set(expected))]
+  problems += [f"{name!r} has shape {found[name]}, expected {tuple(shape)}"
+               for name, shape in expected.items() if name in found and found[name] != tuple(shape)]
+  if problems:
+    raise ValueError(f"as_optax: meta-parameters do not match {type(optimizer).__name__}: " + "; ".join(problems))
+
+
+def as_optax(optimizer, theta) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``optimizer`` (with meta-parameters ``theta``) as an optax transformation.
+
+  Args:
+    optimizer: a learned optimizer (e.g. ``GRUOptimizer``).
+    theta: its meta-parameters, any pytree (``{name: array}`` for the GRU); numpy arrays (as loaded from a checkpoint) or jax arrays, or
+      tracers when meta-training differentiates through the transformation.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params=None, **extra_args)`` returns
+    *updates* to add to the parameters (``optax.apply_updates``), each leaf shaped and typed like its gradient. The
+    loss is read from ``value=`` or ``loss=`` (see ``loss_from_extra_args``); other extra arguments are ignored.
+  """
+  check_meta_parameters(optimizer, theta)
+  # Concrete (numpy) arrays become jax arrays once here rather than at every un-jitted call; tracers pass through.
+  theta = jax.tree.map(jnp.asarray, theta)
+
+  def init_fn(params):
+    return optimizer.init_state(theta, params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # valid_loss and num_steps are passed only when given: optimizers written for lopt 0.1 take loss and step only.
+    hints = {name: extra_args[name] for name in ("valid_loss", "num_steps") if extra_args.get(name) is not None}
+    new_updates, new_state = optimizer.update(theta, state, updates, params, loss=loss_from_extra_args(extra_args),
+                                              **hints)
+    return optax.tree_utils.tree_cast_like(new_updates, updates), optax.tree_utils.tree_cast_like(new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
