@@ -180,3 +180,20 @@ def test_config_round_trip_and_unknown_keys():
   assert MetaTrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
   with pytest.raises(ValueError, match="unknown meta-training setting"):
     MetaTrainConfig.from_dict({"hiden_size": 3})
+
+
+def test_meta_train_from_python_shows_progress(tmp_path, capsys):
+  meta_train(TINY.replace(num_steps=4), tmp_path / "run")
+  err = capsys.readouterr().err
+  assert "meta-training: step 4/4" in err and "meta-loss" in err
+  meta_train(TINY.replace(num_steps=4), tmp_path / "quiet", progress=False)
+  assert "meta-training" not in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(tmp_path):
+  from lopt.cli import main
+  from lopt.meta.run import RunError
+  with pytest.raises(RunError, match="holds no run to resume"):
+    meta_train(TINY.replace(num_steps=1), tmp_path / "empty", resume=True)
+  assert main(["train", "linear_regression", "--out", str(tmp_path / "empty2"), "--resume"]) == 2
+  assert not (tmp_path / "empty2").exists()

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+import lopt
 from lopt import pretrained, tasks
 from lopt.meta.evaluate import EVALUATION_SEED, problem_keys, run_problems, scores
 from lopt.optimizers import as_optax
@@ -52,3 +53,24 @@ def test_optimizes_its_task(name):
     # Full horizon, the evaluation problems: close to the recorded 128-problem mean (CPU here vs the GPU there).
     recorded = config["info"]["evaluation"]["results"]["learned"]
     assert abs(float(np.mean(score)) - recorded["normalized_mean_loss"]) < 0.5 * recorded["normalized_mean_loss"] + 0.02
+
+
+def test_shipped_optimizers_give_the_numbers_lopt_0_1_gave():
+  """Pinned with lopt 0.1.0 before the redesign (tests/data/shipped_optimizer_pins.json): each shipped optimizer,
+  loaded through today's reader (format 1 files, architecture registry), gives the same loss curves."""
+  import json
+  from pathlib import Path
+
+  from lopt.meta.config import MetaTrainConfig
+  from lopt.meta.train import task_from
+  from lopt.meta.unroll import unroll
+  pins = json.loads((Path(__file__).parent / "data" / "shipped_optimizer_pins.json").read_text())["pins"]
+  assert sorted(pins) == pretrained.list()
+  for name, pin in pins.items():
+    trained = lopt.load(name)
+    assert trained.config["format_version"] == 1  # the shipped files are lopt 0.1's
+    task = task_from(MetaTrainConfig.from_dict(trained.config["info"]["training"]))
+    keys = jax.random.split(jax.random.key(pin["seed"]), pin["problems"])
+    tx = trained.as_optax()
+    losses = np.asarray(jax.jit(jax.vmap(lambda k: unroll(task, tx, k, pin["steps"])))(keys))
+    np.testing.assert_allclose(losses, np.asarray(pin["losses"]), rtol=1e-5, atol=1e-7, err_msg=name)

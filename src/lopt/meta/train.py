@@ -141,12 +141,17 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
 
 
 def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-               progress: Callable | None = None) -> TrainState:
+               progress: Callable | bool | None = None) -> TrainState:
   """Meta-trains a learned optimizer as ``config`` says; with ``run_dir`` writes the run directory (see run.py).
 
-  ``progress(step, total, metrics_dict)`` is called after every logged step (the CLI draws a bar with it).
+  ``progress(step, total, metrics_dict)`` is called after every logged step; by default (None) a bar with ETA and
+  the current meta-loss is drawn on stderr (a line every 10% when stderr is not a terminal); False shows nothing.
   Returns the final TrainState; ``best_theta`` (best on held-out problems) is what gets exported.
   """
+  if progress is None:
+    from lopt.progress import training_bar
+    with training_bar(config.num_steps) as update:
+      return meta_train(config, run_dir, resume=resume, progress=update)
   from lopt.meta import run as run_files
 
   task, optimizer = task_from(config), optimizer_from(config)
@@ -201,7 +206,7 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
             **(record or {})}
         if run is not None:
           run.log(record)
-        if progress is not None:
+        if progress:
           progress(state.step, config.num_steps, record)
       if run is not None and (state.step % config.checkpoint_every == 0 or state.step == config.num_steps):
         sync_counters()
