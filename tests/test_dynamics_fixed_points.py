@@ -78,6 +78,11 @@ def test_outliers_flagged_and_duplicates_scale_aware():
   points = np.array([[0.0, 0.0], [1e-9, 0.0], [1.0, 0.0]])
   kept, assignment = dynamics.deduplicate(points, np.array([3.0, 1.0, 2.0]), 1e-6)
   assert list(kept) == [1, 2] and list(assignment) == [0, 0, 1]
+  # One distance per point: a point joins a slower kept one within its own distance.
+  kept, assignment = dynamics.deduplicate(points, np.array([3.0, 1.0, 2.0]), np.array([2.0, 1e-6, 1e-6]))
+  assert list(kept) == [1, 2] and list(assignment) == [0, 0, 1]
+  kept, _ = dynamics.deduplicate(points, np.array([1.0, 2.0, 3.0]), np.array([1e-6, 1e-6, 2.0]))
+  assert list(kept) == [0]
   # A fixed point far from where the seeds are gets flagged (here: h* = 10 for F(h) = 0.5 h + 5).
   step = lambda h, x: 0.5 * h + 5.0 + 0.0 * x  # noqa: E731
   fixed = dynamics.find_fixed_points(step, np.random.default_rng(0).normal(0, 0.1, size=(8, 1)), 0.0,

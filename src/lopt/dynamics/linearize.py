@@ -9,13 +9,13 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from lopt.dynamics._precision import as_input, as_state, bind
 
-@functools.partial(jax.jit, static_argnames=("step",))
+
 def linearize(step, h_star, x_star=0.0):
-  """Jacobians of ``step`` at (h*, x*).
+  """Jacobians of ``step`` at (h*, x*), in the dtype of h* (as the current 64-bit mode has it).
 
   Args:
     step: ``F(h, x)``, (H,), x -> (H,).
@@ -23,10 +23,16 @@ def linearize(step, h_star, x_star=0.0):
     x_star: the input there (a scalar for the optimizers; any shape works).
 
   Returns:
-    (J_rec (H, H), J_in (H,) + x.shape) as JAX arrays. Jitted with ``step`` static (one compilation per callable).
+    (J_rec (H, H), J_in (H,) + x.shape) as JAX arrays. Jitted with ``step`` static (one compilation per callable
+    and dtype).
   """
-  h_star = jnp.asarray(h_star)
-  x_star = jnp.asarray(x_star, h_star.dtype)
+  h_star = as_state(h_star)
+  return _linearize(bind(step, h_star.dtype), h_star, as_input(x_star, h_star.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("step",))
+def _linearize(step, h_star, x_star):
+  """``linearize`` for a ``step`` already bound to the dtype of ``h_star``."""
   j_rec = jax.jacfwd(step, argnums=0)(h_star, x_star)
   j_in = jax.jacfwd(step, argnums=1)(h_star, x_star)
   return j_rec, j_in

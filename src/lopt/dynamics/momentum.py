@@ -8,13 +8,14 @@ Input and output scales are inside F and R, so alpha_i is already in parameter u
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lopt.dynamics.linearize import eig_sorted, linearize, time_constants
+from lopt.dynamics._precision import as_input, as_state, bind
+from lopt.dynamics.linearize import _linearize, eig_sorted, time_constants
 
 HORIZON = 200  # steps over which a mode's contribution is weighed (ours: the default task horizon)
 
@@ -59,11 +60,17 @@ def momentum_modes(j_rec, j_in, readout_weights, scale: float = 1.0, horizon: in
 
 
 def momentum_modes_at(step, readout, h_star, x_star=0.0, horizon: int = HORIZON) -> MomentumModes:
-  """Linearizes ``step`` at (h*, x*), takes w = dR/dh at F(h*, x*), and returns the momentum modes."""
-  h_star = jnp.asarray(h_star)
-  j_rec, j_in = linearize(step, h_star, x_star)
-  w = jax.grad(readout)(step(h_star, jnp.asarray(x_star, h_star.dtype)))
-  return momentum_modes(j_rec, j_in, w, horizon=horizon)
+  """Linearizes ``step`` at (h*, x*), takes w = dR/dh at F(h*, x*), and returns the momentum modes (h*'s dtype)."""
+  h_star = as_state(h_star)
+  step, readout = bind(step, h_star.dtype), bind(readout, h_star.dtype)
+  x_star = as_input(x_star, h_star.dtype)
+  j_rec, j_in = _linearize(step, h_star, x_star)
+  return momentum_modes(j_rec, j_in, _readout_gradient(step, readout, h_star, x_star), horizon=horizon)
+
+
+@functools.partial(jax.jit, static_argnames=("step", "readout"))
+def _readout_gradient(step, readout, h_star, x_star):
+  return jax.grad(readout)(step(h_star, x_star))
 
 
 def impulse_response(modes: MomentumModes, num_steps: int) -> np.ndarray:

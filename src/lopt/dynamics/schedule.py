@@ -8,18 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt.dynamics._precision import as_input, as_state, bind
 from lopt.dynamics.update_functions import effective_learning_rate
 
 WARMUP_FRACTION = 0.9  # warm-up ends when alpha_eff first reaches this fraction of its peak (ours)
 FLAT_CHANGE = 0.1      # relative changes below this are "flat" when naming the shape (ours)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "num_steps"))
 def autonomous_trajectory(step, h0, num_steps: int, x=0.0) -> jax.Array:
-  """(num_steps + 1, H) states h_0 .. h_T of the map with a constant input (zero gradient by default)."""
-  h0 = jnp.asarray(h0)
-  x = jnp.asarray(x, h0.dtype)
+  """(num_steps + 1, H) states h_0 .. h_T of the map with a constant input (zero gradient by default), in h0's dtype."""
+  h0 = as_state(h0)
+  return _autonomous_trajectory(bind(step, h0.dtype), h0, num_steps, as_input(x, h0.dtype))
 
+
+@functools.partial(jax.jit, static_argnames=("step", "num_steps"))
+def _autonomous_trajectory(step, h0, num_steps, x):
   def body(h, _):
     h = step(h, x)
     return h, h
