@@ -382,3 +382,43 @@ def test_torch_rule_float32_is_inert_untrained_and_moves_with_random_theta(one_t
     assert all(c > 0 for c in changed) if moves else all(c == 0 for c in changed)
     assert all(p.dtype == torch.float32 and s["momentum"].dtype == torch.float32
                for p, s in zip(model.parameters(), states))
+
+
+def test_learned_optimizer_from_a_file_matches_as_optax_in_float64(one_torch_thread, tmp_path):
+  """End to end: one saved file, ``lopt.load(path).as_optax()`` in JAX and ``lopt.torch.LearnedOptimizer(params,
+  path)`` in PyTorch, conv + dense + bias + scalar parameters, 100 steps: relative difference < 1e-10."""
+  import lopt
+  from lopt.checkpoint import save_optimizer
+  from lopt.torch import LearnedOptimizer
+  torch.manual_seed(1)
+  model = _Model().double()
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(8, 2, 6, 6)), rng.normal(size=(8, 2))
+  start = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+  with jax.enable_x64(True):
+    optimizer = MLPOptimizer(**SPEC.validate({**SMALL, "hidden_size": 16, "step_scale": 1e-2}))
+    save_optimizer(tmp_path / "opt", optimizer, _random_theta(optimizer, seed=3, dtype=jnp.float64))
+    tx = lopt.load(tmp_path / "opt").as_optax()
+    params = {name: jnp.asarray(value) for name, value in start.items()}
+    loss = lambda p: jnp.mean((_jax_forward(p, jnp.asarray(x)) - jnp.asarray(y)) ** 2)  # noqa: E731
+
+    @jax.jit
+    def step(params, state):
+      value, grads = jax.value_and_grad(loss)(params)
+      updates, state = tx.update(grads, state, params, value=value)
+      return optax.apply_updates(params, updates), state
+    state = tx.init(params)
+    for _ in range(100):
+      params, state = step(params, state)
+    jax_params = {name: np.asarray(value) for name, value in params.items()}
+
+  torch_optimizer = LearnedOptimizer(model.parameters(), tmp_path / "opt")
+  tx_, ty = torch.from_numpy(x), torch.from_numpy(y)
+  for _ in range(100):
+    torch_optimizer.zero_grad()
+    torch.mean((model(tx_) - ty) ** 2).backward()
+    torch_optimizer.step()
+  for name, p in model.named_parameters():
+    final = p.detach().numpy()
+    assert np.max(np.abs(final - start[name])) > 0.05 * np.max(np.abs(start[name])), name
+    assert np.max(np.abs(jax_params[name] - final)) / np.max(np.abs(final)) < 1e-10, name

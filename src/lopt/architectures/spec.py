@@ -42,6 +42,7 @@ class ArchitectureSpec:
   torch_class: Any = None
   recurrent: bool = False
   max_meta_parameters: int = 2**28
+  summary: Callable[[dict], str] = lambda values: ""  # a few words for reports: "GRU with 32 units"
   legacy_defaults: dict = field(default_factory=dict)  # filled in for files of format_version 1 (GRU only)
 
   def defaults(self) -> dict:
@@ -67,6 +68,11 @@ class ArchitectureSpec:
   def config(self, values: dict) -> dict:
     """The JSON form: ``{"architecture": name, **fields}`` (tuples as lists)."""
     return {"architecture": self.name, **json.loads(json.dumps(values))}
+
+  def describe(self, values: dict) -> str:
+    """The architecture in words for reports: its summary and meta-parameter count."""
+    text = self.summary(values) or self.name
+    return f"{text} ({self.num_meta_parameters(values):,} meta-parameters)"
 
   def num_meta_parameters(self, values: dict) -> int:
     return sum(math.prod(shape) for shape in self.param_shapes(values).values())

@@ -316,6 +316,9 @@ def reproduce_task(name: str, out: Path, retrain: bool, eval_problems: int, tuni
   result = task_findings(comparison, summary)
   result["source"] = source
   result["hidden_size"] = optimizer.config().get("hidden_size")
+  from lopt import architectures
+  spec = architectures.get(optimizer.config()["architecture"])
+  result["architecture_text"] = spec.describe(spec.validate(optimizer.config()))
   result["seconds"] = round(time.perf_counter() - started, 1)
   _say(progress, f"{name} done in {result['seconds']:.0f} s: learned {result['comparison']['learned']:.4g} "
                  f"({result['comparison']['status']})")

@@ -35,12 +35,17 @@ def training_section(run_dir: Path) -> Section | None:
   metrics = load_metrics(run_dir)
   if not metrics:
     return None
-  config = read_json(run_dir / "config.json", "run config")
+  from lopt import architectures
+  from lopt.meta.config import MetaTrainConfig
+  config = MetaTrainConfig.from_dict(read_json(run_dir / "config.json", "run config"), str(run_dir / "config.json"))
+  optimizer = architectures.get(config.optimizer.architecture).describe(config.optimizer.fields)
+  batch = config.estimator.fields.get("meta_batch_size")
   section = Section("Meta-training")
   section.paragraphs.append(
-      f"{len(metrics)} logged steps of {config['num_steps']}; GRU with {config['hidden_size']} units, meta-batch "
-      f"{config['meta_batch_size']}, outer Adam lr {config['learning_rate']:g}. Skipped steps (non-finite "
-      f"meta-gradient): {metrics[-1].get('total_skipped_steps', 0)}.")
+      f"{len(metrics)} logged steps of {config.outer.num_steps}; {escape(optimizer)}; estimator "
+      f"<code>{escape(config.estimator.name)}</code>{f', meta-batch {batch}' if batch else ''}, outer Adam lr "
+      f"{config.outer.learning_rate:g}. Skipped steps (non-finite meta-gradient): "
+      f"{metrics[-1].get('total_skipped_steps', 0)}.")
   section.figures.append((figures.to_png(figures.meta_training_curve(metrics)),
                           "Meta-loss per outer step and held-out normalized mean loss."))
   return section

@@ -82,14 +82,10 @@ def task_section(out: Path, name: str, task: dict, comparison: dict) -> Section:
       f"<li><b>{key}</b>: {escape(text(task[key]))} — <i>{escape(task[key]['status'])}</i></li>"
       for key, text in (("momentum", r.momentum_text), ("clipping", r.clipping_text),
                         ("schedule", r.schedule_text), ("adaptation", r.adaptation_text))) + "</ul>")
-  captions = {"momentum": "Momentum: the linearization at the convergence fixed point (dominant modes).",
-              "clipping": "Clipping: the update against the gradient at h0, with the density of seen gradients.",
-              "schedule": "Schedule: α_eff along the autonomous trajectory from h0.",
-              "adaptation": "Adaptation: α_eff at the fixed points for constant gradients g*, against |g*|."}
   for mechanism in MECHANISMS:
     png = _png(out / name / "analysis" / f"{mechanism}.png")
     if png is not None:
-      section.figures.append((png, f"{name}. {captions[mechanism]}"))
+      section.figures.append((png, f"{name}. {r.MECHANISM_CAPTIONS[mechanism]}"))
   return section
 
 

@@ -33,6 +33,7 @@ SPEC = ArchitectureSpec(
     jax_class="lopt.architectures.gru.optimizer:GRUOptimizer",
     torch_class="lopt.architectures.gru.torch:GRURule",
     recurrent=True,
+    summary=lambda values: f"component-wise GRU with {values['hidden_size']} units",
     # Files of format_version 1 (lopt 0.1) could omit the scales and the encoding, never hidden_size.
     legacy_defaults={"input_scale": 1.0, "output_scale": 1.0, "input_encoding": "scale"},
 )

@@ -55,4 +55,6 @@ SPEC = ArchitectureSpec(
     jax_class="lopt.architectures.mlp.optimizer:MLPOptimizer",
     torch_class="lopt.architectures.mlp.torch:MLPRule",
     recurrent=False,
+    summary=lambda values: (f"per-parameter MLP, {values['num_layers']} hidden layer(s) of {values['hidden_size']}, "
+                            f"{len(values['momentum_decays'])} momenta"),
 )
