@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lopt.meta.unroll import normalized_mean_loss, unroll
+from lopt.meta.unroll import normalized_score, unroll
 from lopt.optimizers import baselines
 
 TUNING_SEED = 10_000     # tuning problems: one stream ...
@@ -75,8 +75,7 @@ def run_problems(task, optimizer: optax.GradientTransformation, keys: jax.Array,
 
 def scores(losses: np.ndarray) -> np.ndarray:
   """(..., T) losses -> (...) normalized mean losses with non-finite values as +inf."""
-  score = np.asarray(normalized_mean_loss(jnp.asarray(losses)))
-  return np.where(np.isfinite(score), score, np.inf)
+  return np.asarray(normalized_score(jnp.asarray(losses)))
 
 
 def summarize_losses(losses: np.ndarray) -> dict:
@@ -128,8 +127,7 @@ def tune_baseline(task, name: str, keys: jax.Array, horizon: int,
   def candidate_score(hyperparameters):
     optimizer = baselines.build(name, **hyperparameters)
     losses = jax.vmap(lambda k: unroll(task, optimizer, k, horizon))(keys)
-    score = normalized_mean_loss(losses)
-    return jnp.mean(jnp.where(jnp.isfinite(score), score, jnp.inf))
+    return jnp.mean(normalized_score(losses))
 
   started = time.perf_counter()
   if runner is None:

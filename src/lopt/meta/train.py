@@ -1,5 +1,6 @@
-"""Meta-training: a jitted outer step (built from task, learned optimizer and outer optax optimizer) and the loop
-around it, which owns the run directory, logging, held-out selection, checkpoints and resume."""
+"""Meta-training: a jitted outer step (one estimate from a ``lopt.api.GradientEstimator``, applied by an outer optax
+optimizer) and the loop around it, which owns the run directory, logging, held-out selection, checkpoints and
+resume. Nothing here knows the architecture or the estimator: both come from their registries by name."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from lopt.meta import estimators
 from lopt.meta.config import MetaTrainConfig
 from lopt.meta.estimators.full_bptt import FullBPTT, all_finite, problem_meta_loss  # noqa: F401 (re-export)
 from lopt.meta.state import TrainState
-from lopt.meta.unroll import normalized_mean_loss, unroll
+from lopt.meta.unroll import normalized_score, unroll
 from lopt.optax_adapter import as_optax
 
 
@@ -134,8 +135,7 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
   @jax.jit
   def evaluate(theta, keys):
     losses = jax.vmap(lambda k: unroll(task, as_optax(optimizer, theta), k, horizon))(keys)
-    score = normalized_mean_loss(losses)
-    return jnp.where(jnp.isfinite(score), score, jnp.inf)
+    return normalized_score(losses)
 
   return evaluate
 

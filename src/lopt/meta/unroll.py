@@ -86,3 +86,10 @@ def normalized_losses(losses: jax.Array) -> jax.Array:
 def normalized_mean_loss(losses: jax.Array) -> jax.Array:
   """The comparison metric and meta-objective: mean over the horizon of loss_t / loss_0; (..., T) -> (...)."""
   return jnp.mean(normalized_losses(losses), axis=-1)
+
+
+def normalized_score(losses: jax.Array) -> jax.Array:
+  """The score everything is ranked by (held-out selection, tuning, comparison): ``normalized_mean_loss`` with a
+  non-finite value (a diverged problem) as +inf; (..., T) -> (...)."""
+  score = normalized_mean_loss(losses)
+  return jnp.where(jnp.isfinite(score), score, jnp.inf)
