@@ -75,8 +75,8 @@ def child_main(argv: list[str]) -> int:
   def build_slow_outer_step(*args, **kwargs):
     outer_step = real_build(*args, **kwargs)
 
-    def slow_step(theta, outer_state, keys):
-      result = outer_step(theta, outer_state, keys)
+    def slow_step(*step_args):
+      result = outer_step(*step_args)
       phase("training steps")
       time.sleep(step_delay)
       return result
@@ -116,7 +116,9 @@ def child_environment(cache_dir: Path, phase_file: Path | None = None, *, step_d
 
 
 def start_train(out: Path, env: dict, extra: list[str] = ()) -> subprocess.Popen:
-  command = [sys.executable, str(Path(__file__).resolve()), "--child", *TRAIN_ARGS, "--out", str(out), "--resume",
+  # --resume once the run exists (lopt refuses --resume on a directory that holds no run).
+  resume = ["--resume"] if (out / "config.json").exists() else []
+  command = [sys.executable, str(Path(__file__).resolve()), "--child", *TRAIN_ARGS, "--out", str(out), *resume,
              *extra]
   return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -413,22 +413,38 @@ COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
+  """The ``lopt`` command. Run as the console script (``argv`` None) it owns Ctrl-C (``lopt.interrupts``): an
+  interrupt ends with one line and exit code 130, never a traceback or a crash, and a training run stops after its
+  current outer step with a checkpoint (a second Ctrl-C ends the process at once; files are always consistent)."""
+  from lopt import interrupts
+  if argv is None:
+    interrupts.install(INTERRUPTED)
+  command = "lopt"
   try:
+    with interrupts.deferred():  # the imports behind the parser (jax) are never cut half-way
+      parser = build_parser()
+    args = parser.parse_args(argv)
+    command = f"lopt {args.command}"
     COMMANDS[args.command](args)
   except UserError as e:
-    print(f"lopt {args.command}: error: {e}", file=sys.stderr)
+    print(f"{command}: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
+    if interrupts.is_interrupt(e):
+      return interrupts.exit_interrupted(f"{command}: {INTERRUPTED}")
     # The environment, not a bug: a full or read-only disk, a missing permission. Say which file, not a traceback.
     where = f"{e.filename}: " if e.filename else ""
-    print(f"lopt {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+    print(f"{command}: error: {where}{e.strerror or e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print(f"lopt {args.command}: interrupted; a run resumes from its last checkpoint with --resume", file=sys.stderr)
-    return 130
+  except BaseException as e:  # noqa: BLE001 -- Ctrl-C, or an error a Ctrl-C caused (in an extension's import)
+    if interrupts.is_interrupt(e):
+      return interrupts.exit_interrupted(f"{command}: {INTERRUPTED}")
+    raise
+  interrupts.exiting()
   return 0
+
+
+INTERRUPTED = "interrupted; a run resumes from its last checkpoint with --resume"
 
 
 if __name__ == "__main__":

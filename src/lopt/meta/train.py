@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lopt import architectures, tasks as task_registry
+from lopt import architectures, interrupts, tasks as task_registry
 from lopt.meta import estimators
+from lopt.meta import run as run_files
 from lopt.meta.config import MetaTrainConfig
 from lopt.meta.estimators.full_bptt import FullBPTT, all_finite, problem_meta_loss  # noqa: F401 (re-export)
 from lopt.meta.state import TrainState
@@ -152,8 +153,12 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
     from lopt.progress import training_bar
     with training_bar(config.num_steps) as update:
       return meta_train(config, run_dir, resume=resume, progress=update)
-  from lopt.meta import run as run_files
+  # Ctrl-C only sets a flag in here; the loop ends at its next safe point (after an outer step) with a checkpoint.
+  with interrupts.deferred():
+    return _meta_train(config, run_dir, resume, progress)
 
+
+def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
   horizon = config.task.horizon or task.horizon
   estimator = estimator_from(config, task, optimizer)
@@ -183,6 +188,7 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
 
   started = time.perf_counter()
   try:
+    interrupts.check()  # a Ctrl-C during set-up ends here, before the first step's compilation
     while state.step < config.num_steps:
       theta, outer_state, estimator_state, metrics = outer_step(state.theta, state.outer_state,
                                                                 state.estimator_state, step_key(config.seed, state.step))
@@ -208,9 +214,11 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
           run.log(record)
         if progress:
           progress(state.step, config.num_steps, record)
-      if run is not None and (state.step % config.checkpoint_every == 0 or state.step == config.num_steps):
+      due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
+      if run is not None and (due or interrupts.interrupted()):
         sync_counters()
         run.checkpoint(state)
+      interrupts.check()
     sync_counters()
     if run is not None:
       run.export(optimizer, state, config)
