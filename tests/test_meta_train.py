@@ -197,3 +197,26 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path):
     meta_train(TINY.replace(num_steps=1), tmp_path / "empty", resume=True)
   assert main(["train", "linear_regression", "--out", str(tmp_path / "empty2"), "--resume"]) == 2
   assert not (tmp_path / "empty2").exists()
+
+
+def test_a_run_directory_written_by_lopt_0_1_loads_and_resumes(tmp_path):
+  """tests/data/lopt_0_1_run: 3 steps of a tiny run written by lopt 0.1.0 (flat config.json, format-1 optimizer,
+  checkpoints with theta by name). It loads, resumes to 6 steps, and ends where an unbroken run of today ends."""
+  import shutil
+  from pathlib import Path
+
+  import lopt
+  from lopt.checkpoint import read_json
+  from lopt.meta.config import MetaTrainConfig
+  old = tmp_path / "old"
+  shutil.copytree(Path(__file__).parent / "data" / "lopt_0_1_run", old)
+  saved = read_json(old / "config.json", "run config")
+  assert saved["hidden_size"] == 4 and "outer" not in saved  # the flat record of lopt 0.1
+  assert lopt.load(old).optimizer.hidden_size == 4
+  config = MetaTrainConfig.from_dict(saved).replace(num_steps=6)
+  resumed = meta_train(config, old, resume=True, progress=False)
+  unbroken = meta_train(config, tmp_path / "new", progress=False)
+  assert resumed.step == 6
+  for name in unbroken.theta:
+    np.testing.assert_array_equal(np.asarray(resumed.theta[name]), np.asarray(unbroken.theta[name]))
+  assert read_json(old / "config.json", "run config")["outer"]["num_steps"] == 6  # upgraded to sections
