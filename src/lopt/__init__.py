@@ -2,12 +2,12 @@
 
 from lopt._version import __version__  # noqa: E402,F401
 
-from lopt.checkpoint import CheckpointError, load_optimizer  # noqa: E402
+from lopt.io.checkpoint import CheckpointError, load_optimizer  # noqa: E402
 from lopt.trained import TrainedOptimizer, load  # noqa: E402
 
 # Names whose modules import jax are resolved on first access (PEP 562), so that `import lopt.torch` works in a
 # PyTorch-only process without importing jax.
-_LAZY = {"GRUOptimizer": "lopt.optimizers", "as_optax": "lopt.optimizers"}
+_LAZY = {"GRUOptimizer": "lopt.architectures.gru.optimizer", "as_optax": "lopt.optax_adapter"}
 
 
 def __getattr__(name):

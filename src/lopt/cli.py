@@ -225,7 +225,7 @@ def _train(config, out: str, resume: bool) -> None:
 
 
 def command_train(args) -> None:
-  from lopt.checkpoint import read_json
+  from lopt.io.checkpoint import read_json
   from lopt.meta.config import PRESETS, MetaTrainConfig
   saved_path = Path(args.out) / "config.json"
   if args.resume:
@@ -319,7 +319,7 @@ def _check_task_builds(task, config) -> None:
 
 
 def command_compare(args) -> dict:
-  from lopt.checkpoint import load_optimizer, read_json
+  from lopt.io.checkpoint import load_optimizer, read_json
   from lopt.meta.config import MetaTrainConfig
   from lopt.meta.train import task_from
   run_dir = Path(args.run_dir)
@@ -334,7 +334,7 @@ def command_compare(args) -> dict:
 
 def _compare(run_dir: Path, task, optimizer, theta, args) -> dict:
   """The work of `lopt compare`, once its inputs are validated: tune, evaluate, write DIR/comparison/."""
-  from lopt.meta.evaluate import compare
+  from lopt.evaluation.compare import compare
   from lopt.optax_adapter import as_optax
   from lopt.progress import say
   from lopt.report.comparison import text_table, verdicts, write_comparison

@@ -8,6 +8,6 @@ class UserError(Exception):
 class CheckpointError(UserError, ValueError):
   """A file is missing, truncated, altered or of the wrong architecture; the message names the file and problem.
 
-  Defined here rather than in ``lopt.checkpoint`` (which re-exports it) so that ``lopt.gru_spec``, which
-  ``lopt.checkpoint`` imports, can raise it too.
+  Defined here rather than in ``lopt.io.checkpoint`` (which re-exports it) so that the architecture specs, which
+  ``lopt.io.checkpoint`` imports, can raise it too.
   """

@@ -23,7 +23,7 @@ def param_shapes(hidden_size: int, num_inputs: int) -> dict[str, tuple[int, ...]
 
 def check_optimizer_fields(fields, source: str | Path) -> ArchitectureConfig:
   """Validates a format_version-1 ``optimizer`` field (a GRU); raises ``CheckpointError`` naming the field."""
-  from lopt.checkpoint import architecture_config
+  from lopt.io.checkpoint import architecture_config
   return architecture_config(fields, source, format_version=1)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lopt.checkpoint import CheckpointError
+from lopt.io.checkpoint import CheckpointError
 
 OPTIMIZER_PATH_VARIABLE = "LOPT_OPTIMIZER_PATH"
 DEFAULT_OPTIMIZER_DIRECTORY = Path("~/.cache/lopt/optimizers")
@@ -95,8 +95,8 @@ class TrainedOptimizer:
 
 
 def load(path_or_name: str | os.PathLike) -> TrainedOptimizer:
-  """Loads and validates a trained optimizer (see ``lopt.checkpoint.load_optimizer``) by path or name."""
-  from lopt.checkpoint import load_optimizer
+  """Loads and validates a trained optimizer (see ``lopt.io.checkpoint.load_optimizer``) by path or name."""
+  from lopt.io.checkpoint import load_optimizer
   path = resolve_optimizer_path(path_or_name)
   optimizer, theta, config = load_optimizer(path)
   if (path / "optimizer" / "config.json").is_file():  # load_optimizer accepted a run directory

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 
@@ -64,7 +65,7 @@ def collect_states(task, optimizer, theta, keys, num_steps: int | None = None,
       updates, new_state = optimizer.update(theta, state, grads, params, loss=loss, step=t)
       record = (loss, keep(ravel_pytree(params)[0]), keep(ravel_pytree(grads)[0]), keep(ravel_pytree(updates)[0]),
                 keep(_flat_hidden(optimizer.hidden(state), size)))
-      return (jax.tree.map(jnp.add, params, updates), new_state), record
+      return (optax.apply_updates(params, updates), new_state), record
 
     _, records = jax.lax.scan(body, (params, state), jnp.arange(num_steps))
     return records

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lopt.checkpoint import atomic_write_bytes, load_optimizer, read_json
+from lopt.io.checkpoint import atomic_write_bytes, load_optimizer, read_json
 from lopt.errors import UserError
 
 ANALYSIS_SEED = 30_000  # problems for the analysis: a stream distinct from training, tuning and evaluation
@@ -112,7 +112,7 @@ def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | 
 
   from lopt import dynamics
   from lopt.dynamics.analysis import MAX_SEEDS
-  from lopt.meta.evaluate import problem_keys
+  from lopt.evaluation.compare import problem_keys
   from lopt.report import dynamics_figures as figs
   from lopt.report.figures import to_png
   say = progress or (lambda message: None)
@@ -171,7 +171,7 @@ def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | 
 def _analyze_updates(optimizer, theta, task, out: Path, path: Path, num_problems: int, *, progress, started) -> dict:
   """The update-function analyses of an architecture without a recurrent view: clipping and the learned schedule."""
   from lopt import dynamics
-  from lopt.meta.evaluate import problem_keys
+  from lopt.evaluation.compare import problem_keys
   from lopt.pipeline import update_analysis
   from lopt.report import dynamics_figures as figs
   from lopt.report.figures import to_png

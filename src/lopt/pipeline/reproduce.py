@@ -68,7 +68,7 @@ def check_tasks(names) -> list[str]:
 def learned_optimizer(name: str, out: Path, retrain: bool, progress=None):
   """(optimizer, theta, info, source): the shipped optimizer, or one meta-trained into ``out/name/run``."""
   from lopt import pretrained
-  from lopt.checkpoint import load_optimizer
+  from lopt.io.checkpoint import load_optimizer
   optimizer, theta, config = pretrained.load(name)
   info = config["info"]
   if not retrain:
@@ -116,10 +116,10 @@ def local_candidates(shipped: dict) -> dict:
 def compare_task(task, learned, info: dict, mode: str, num_eval_problems: int, progress=None) -> dict:
   """Tunes the baselines as ``mode`` says and evaluates them and ``learned`` (optax) on the evaluation problems.
 
-  Returns the structure of ``lopt.meta.evaluate.compare`` with ``settings["tuning_mode"]`` and the shipped
+  Returns the structure of ``lopt.evaluation.compare.compare`` with ``settings["tuning_mode"]`` and the shipped
   full-grid tuning (budget and hyperparameters) added.
   """
-  from lopt.meta import evaluate
+  from lopt.evaluation import compare as evaluate
   shipped_eval = info.get("evaluation", {})
   shipped = {n: shipped_eval.get("results", {}).get(n, {}).get("hyperparameters") for n in BASELINES}
   if mode == "full":
@@ -141,7 +141,7 @@ def compare_task(task, learned, info: dict, mode: str, num_eval_problems: int, p
 def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_problems: int, progress) -> dict:
   """``compare`` with each baseline's hyperparameters from the shipped ones: as is (``shipped``) or re-tuned over
   the local learning-rate grid (``local``)."""
-  from lopt.meta import evaluate
+  from lopt.evaluation import compare as evaluate
   from lopt import baselines
   horizon = task.horizon
   eval_keys = evaluate.problem_keys(evaluate.EVALUATION_SEED, num_eval_problems)
@@ -180,7 +180,7 @@ def _compare_from_shipped(task, learned, shipped: dict, mode: str, num_eval_prob
 
 def comparison_findings(comparison: dict) -> dict:
   """Learned vs each tuned baseline: normalized mean losses ± s.e., ratio, paired difference, verdict."""
-  from lopt.meta.evaluate import paired_ratio, verdict
+  from lopt.evaluation.compare import paired_ratio, verdict
   results = comparison["results"]
   learned = results["learned"]
   rows = {}
@@ -326,7 +326,7 @@ def reproduce_task(name: str, out: Path, retrain: bool, eval_problems: int, tuni
 
 
 def write_findings(out: Path, findings: dict) -> None:
-  from lopt.checkpoint import atomic_write_bytes
+  from lopt.io.checkpoint import atomic_write_bytes
   atomic_write_bytes(out / "findings.json", json.dumps(_plain(findings), indent=1).encode())
   atomic_write_bytes(out / "findings.md", findings_markdown(findings).encode())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from lopt.dynamics import clipping_profile
@@ -60,7 +61,7 @@ def collect_probes(task, optimizer, theta, keys, coordinates: np.ndarray, num_st
       alpha = -jax.vmap(lambda j: jax.grad(lambda g: update_of(j, g))(zero))(coordinates)
       updates, state = optimizer.update(theta, state, grads, params, loss=loss, step=t)
       seen = ravel_pytree(grads)[0][coordinates]
-      return (jax.tree.map(jnp.add, params, updates), state), (loss, seen, alpha)
+      return (optax.apply_updates(params, updates), state), (loss, seen, alpha)
 
     _, records = jax.lax.scan(body, (params, state), jnp.arange(num_steps))
     return records

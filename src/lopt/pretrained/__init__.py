@@ -13,7 +13,7 @@ import builtins
 from importlib import resources
 from pathlib import Path
 
-from lopt.checkpoint import CheckpointError, load_optimizer
+from lopt.io.checkpoint import CheckpointError, load_optimizer
 
 
 def _root() -> Path:
@@ -35,7 +35,7 @@ def path(name: str) -> Path:
 
 
 def load(name: str):
-  """Loads the shipped optimizer ``name``: returns ``(optimizer, theta, config)`` as ``lopt.checkpoint.load_optimizer``.
+  """Loads the shipped optimizer ``name``: returns ``(optimizer, theta, config)`` as ``lopt.io.checkpoint.load_optimizer``.
 
   ``optimizer.update`` / ``lopt.optimizers.as_optax(optimizer, theta)`` use it; ``config["info"]`` holds how it was
   trained and how it compared with tuned baselines.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lopt.checkpoint import read_json
+from lopt.io.checkpoint import read_json
 from lopt.report import figures
 from lopt.report.comparison import HEADERS, table_rows, verdicts
 from lopt.report.html import Section, escape, table, write

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lopt.checkpoint import atomic_write_bytes
-from lopt.meta.evaluate import paired_ratio, verdict as paired_verdict
+from lopt.io.checkpoint import atomic_write_bytes
+from lopt.evaluation.compare import paired_ratio, verdict as paired_verdict
 from lopt.report import figures
 
 HEADERS = ["optimizer", "normalized mean loss", "± s.e.", "final loss / initial", "learned / this",

@@ -1,6 +1,6 @@
 """Reading a trained-optimizer directory without JAX (docs/CHECKPOINT_FORMAT.md describes the files).
 
-``lopt.checkpoint.read_optimizer_directory`` reads and checks the files, the same reader as ``lopt.load_optimizer``'s,
+``lopt.io.checkpoint.read_optimizer_directory`` reads and checks the files, the same reader as ``lopt.load_optimizer``'s,
 so both refuse the same files with the same messages; ``lopt.architectures`` holds each architecture's fields and
 tensor shapes. Neither imports jax. This module only adds the lookup by name.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lopt.architectures.spec import ArchitectureConfig
-from lopt.checkpoint import read_optimizer_directory
+from lopt.io.checkpoint import read_optimizer_directory
 from lopt.trained import resolve_optimizer_path
 
 GRUSpec = ArchitectureConfig  # lopt 0.1's name, when the GRU was the only architecture

@@ -12,7 +12,7 @@ import os
 import torch
 
 from lopt.architectures.spec import ArchitectureConfig, resolve
-from lopt.checkpoint import CheckpointError, check_theta
+from lopt.io.checkpoint import CheckpointError, check_theta
 from lopt.torch.checkpoint import read_trained_optimizer
 
 
@@ -38,7 +38,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if isinstance(optimizer, (str, os.PathLike)):
       architecture, tensors, config, _ = read_trained_optimizer(optimizer)
     elif hasattr(optimizer, "optimizer") and hasattr(optimizer, "theta"):  # a lopt.TrainedOptimizer
-      from lopt.checkpoint import architecture_config
+      from lopt.io.checkpoint import architecture_config
       from lopt.pytree import flatten_by_path
       where = type(optimizer).__name__
       architecture = architecture_config(optimizer.optimizer.config(), where)

@@ -1,0 +1,1 @@
+"""Evaluation: running optimizers over problem seeds, tuning the baselines, the fair comparison (``compare``)."""

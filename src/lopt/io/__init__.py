@@ -1,0 +1,1 @@
+"""Files: the trained-optimizer format and atomic, validated reads and writes (``checkpoint``)."""
