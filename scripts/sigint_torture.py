@@ -1,7 +1,7 @@
 """Ctrl-C torture test for `lopt train`: SIGINT at random moments, then resume, then compare with an unbroken run.
 
   python scripts/sigint_torture.py                                # 20 trials of the real `lopt train` (working tree)
-  python scripts/sigint_torture.py --git-ref HEAD --trials 10     # the committed code instead (git archive, read-only)
+  python scripts/sigint_torture.py --git-ref HEAD --trials 10     # a commit instead (git archive: no git state changes)
   python scripts/sigint_torture.py --target lopt-cli-patched      # the real code, main() wrapped by lopt.interrupts
   python scripts/sigint_torture.py --target standalone-before     # the minimal reproduction, as lopt does it today
   python scripts/sigint_torture.py --target standalone-after      # the same loop using lopt.interrupts
@@ -27,9 +27,10 @@ arrives after the run finished (exit 0 with the "done" line) is reported as such
 
 Targets:
   lopt                the console script on the snapshot: today's code, or the fixed code once it is integrated.
-  lopt-cli-patched    the real training code with only the CLI half of the fix applied from outside (src/ is not
-                      edited): lopt.interrupts installed before lopt is imported, lopt's imports in a deferred()
-                      region, and os._exit(130) after cli.main() returned 130. The loop itself is unchanged.
+  lopt-cli-patched    for commits before lopt.interrupts was integrated (4bf3371): the real training code with only
+                      the CLI half of the fix applied from outside: lopt.interrupts installed before lopt is
+                      imported, lopt's imports in a deferred() region, and os._exit(130) after cli.main() returned
+                      130. The loop itself is unchanged.
   standalone-before   a minimal reproduction of the structure (jitted outer step of a tiny learned optimizer in a
                       Python loop, atomic safetensors checkpoints, metrics.jsonl, a rich bar, try/except
                       KeyboardInterrupt around the training and `sys.exit(main())`), written as lopt is today.
@@ -41,6 +42,9 @@ under that thread (segmentation fault after the interrupted line). A SIGINT duri
 prints a traceback (or an ImportError, when it hits jaxlib's extension initialization).
 
 The last line of output is a JSON summary; the exit status is 0 when every counted trial passed.
+
+To probe the start-up window before main() installs the handler (Python's own start, and `import lopt`, which
+imports numpy while lopt/__init__.py is not lazy), use `--early-fraction 1 --early-window 0.3`.
 """
 
 from __future__ import annotations
@@ -354,7 +358,8 @@ def snapshot_source(workdir: Path, git_ref: str | None) -> Path:
 
 def child_environment(source: Path, cache: Path | None) -> dict:
   path = os.pathsep.join([str(source)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-  env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", TERM="xterm-256color", COLUMNS="120", LINES="40")
+  # Wide lines: status lines are not wrapped (the line counts stay simple).
+  env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", TERM="xterm-256color", COLUMNS="300", LINES="40")
   env.pop("PYTHONFAULTHANDLER", None)
   if cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -386,7 +391,7 @@ class Child:
       import struct
       import termios
       master, slave = pty.openpty()
-      fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+      fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 300, 0, 0))
     # SIGINT back to its default in the child: a parent started as a background job may ignore it, and an ignored
     # SIGINT is inherited (Python then leaves it ignored and the torture would test nothing).
     self.process = subprocess.Popen(
@@ -443,14 +448,19 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9
 
 
 def classify_lines(stderr: str) -> tuple[list[str], list[str]]:
-  """(interrupt lines, other unexpected lines) of a child's stderr, progress bars and status lines removed."""
+  """(interrupt lines, other unexpected lines) of a child's stderr, without the progress bar and the status lines
+  (``lopt MESSAGE`` from lopt.progress.say; the command's own lines are ``lopt train: ...``)."""
   text = ANSI.sub("", stderr)
   interrupt, other = [], []
   for raw in re.split(r"[\r\n]+", text):
     line = raw.strip()
-    if not line or "meta-training" in line or line.startswith(("lopt done:", "steps; trained optimizer")):
+    if "interrupted" in line:
+      interrupt.append(line)
+    elif not line or "meta-training" in line or line.startswith("steps; trained optimizer") or (
+        line.startswith("lopt ") and not line.startswith(("lopt train:", "lopt: "))):
       continue
-    (interrupt if "interrupted" in line else other).append(line)
+    else:
+      other.append(line)
   return interrupt, other
 
 
@@ -559,7 +569,9 @@ def trial(target: str, source: Path, env: dict, out: Path, reference: Path, dela
       or "Segmentation fault" in stderr, died_of_sigint=code == -signal.SIGINT,
       other_lines=other_lines[:5], invalid=check_run_directory(out))
   row["tail"] = ANSI.sub("", stderr).strip().splitlines()[-3:] if not row["finished_first"] else []
-  resumed = Child(child_command(target, source, out, resume=True), env, "pipe")
+  # --resume once the run exists: lopt refuses --resume on a directory that holds no run (an interrupt during start-up
+  # may come before the run directory is written); then the "resume" is a fresh start.
+  resumed = Child(child_command(target, source, out, resume=(out / "config.json").exists()), env, "pipe")
   code, stderr = resumed.wait(600)
   row["resume_code"] = code
   row["mismatches"] = compare_runs(out, reference) if code == 0 else [f"resume exited {code}: {stderr[-300:]}"]
@@ -572,6 +584,9 @@ def trial(target: str, source: Path, env: dict, out: Path, reference: Path, dela
 def torture(target: str, trials: int, seed: int, workdir: Path, *, git_ref: str | None, terminal: str,
             early_fraction: float, early_window: float, double_fraction: float, cache: bool, log=print) -> dict:
   rng = random.Random(seed)
+  if git_ref:  # pin the commit: a branch moves while the torture runs
+    git_ref = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", f"{git_ref}^{{commit}}"], check=True,
+                             capture_output=True, text=True).stdout.strip()
   source = snapshot_source(workdir, git_ref)
   env = child_environment(source, workdir / "jax-cache" if cache else None)
   if target.startswith("lopt"):

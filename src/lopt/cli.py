@@ -418,30 +418,31 @@ def main(argv: list[str] | None = None) -> int:
   current outer step with a checkpoint (a second Ctrl-C ends the process at once; files are always consistent)."""
   from lopt import interrupts
   if argv is None:
-    interrupts.install(INTERRUPTED)
+    interrupts.install(f"lopt: {INTERRUPTED}")
   command = "lopt"
   try:
     with interrupts.deferred():  # the imports behind the parser (jax) are never cut half-way
       parser = build_parser()
     args = parser.parse_args(argv)
     command = f"lopt {args.command}"
+    if argv is None:
+      interrupts.install(f"{command}: {INTERRUPTED}")  # the line a second Ctrl-C prints names the command too
     COMMANDS[args.command](args)
   except UserError as e:
     print(f"{command}: error: {e}", file=sys.stderr)
-    return 2
+    return interrupts.finish(2)
   except OSError as e:
     if interrupts.is_interrupt(e):
       return interrupts.exit_interrupted(f"{command}: {INTERRUPTED}")
     # The environment, not a bug: a full or read-only disk, a missing permission. Say which file, not a traceback.
     where = f"{e.filename}: " if e.filename else ""
     print(f"{command}: error: {where}{e.strerror or e}", file=sys.stderr)
-    return 2
+    return interrupts.finish(2)
   except BaseException as e:  # noqa: BLE001 -- Ctrl-C, or an error a Ctrl-C caused (in an extension's import)
     if interrupts.is_interrupt(e):
       return interrupts.exit_interrupted(f"{command}: {INTERRUPTED}")
     raise
-  interrupts.exiting()
-  return 0
+  return interrupts.finish(0)
 
 
 INTERRUPTED = "interrupted; a run resumes from its last checkpoint with --resume"
