@@ -144,3 +144,68 @@ def test_gru_optimizer_and_file_spec_agree(encoding):
   assert {k: v.shape for k, v in optimizer.init(jax.random.key(0)).items()} == optimizer.param_shapes()
   defaults = GRUOptimizer()
   assert {name: getattr(defaults, name) for name in DEFAULTS} == DEFAULTS
+
+
+# -- format 2: a nested theta (the mlp architecture) under the same guarantees ------------------------------------
+
+@pytest.fixture
+def saved_mlp(tmp_path):
+  from lopt.architectures.mlp.optimizer import MLPOptimizer
+  optimizer = MLPOptimizer(hidden_size=5, num_layers=1)
+  theta = optimizer.init(jax.random.key(0))
+  return save_optimizer(tmp_path / "mlp", optimizer, theta), optimizer, theta
+
+
+def test_format_2_stores_theta_by_key_path_and_round_trips(saved_mlp):
+  path, optimizer, theta = saved_mlp
+  config = json.loads((path / "config.json").read_text())
+  assert config["format_version"] == 2 and config["optimizer"]["architecture"] == "mlp"
+  assert sorted(config["tensors"]) == ["layers/0/b", "layers/0/w", "layers/1/b", "layers/1/w"]
+  loaded, loaded_theta, _ = lopt.load_optimizer(path)
+  assert loaded == optimizer
+  assert jax.tree.structure(loaded_theta) == jax.tree.structure(theta)
+  for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(loaded_theta)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["optimizer"].pop("rms_decay"), "field 'optimizer.rms_decay' is missing"),
+    (lambda c: c["optimizer"].update(color="red"), "field 'optimizer' has unknown entries ['color']"),
+    (lambda c: c["optimizer"].update(momentum_decays=[1.5]), "field 'optimizer.momentum_decays' must be a list"),
+    (lambda c: c["optimizer"].update(momentum_decays="0.9"), "field 'optimizer.momentum_decays' must be a list"),
+    (lambda c: c["optimizer"].update(momentum_decays=[0.5] * 100), "field 'optimizer.momentum_decays' must be"),
+    (lambda c: c["optimizer"].update(num_layers=True), "field 'optimizer.num_layers' must be an integer"),
+    (lambda c: c["optimizer"].update(hidden_size=10**12), "field 'optimizer.hidden_size' must be an integer in"),
+    (lambda c: c["optimizer"].update(step_scale=float("nan")), "field 'optimizer.step_scale' must be a positive"),
+    (lambda c: c["optimizer"].update(hidden_size=6), "tensor 'layers/0/w' has shape (18, 5), expected (18, 6)"),
+    (lambda c: c.update(format_version=3), "field 'format_version' must be one of [1, 2]"),
+    (lambda c: c.update(format_version=1), "must be 'gru' (the only architecture of format_version 1)"),
+    (lambda c: c["optimizer"].update(architecture=["mlp"]), "unknown learned-optimizer architecture ['mlp']"),
+])
+def test_format_2_hostile_config_fields_are_refused_alike_by_jax_and_torch(saved_mlp, edit, fragment):
+  path = saved_mlp[0]
+  config = json.loads((path / "config.json").read_text())
+  edit(config)
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError) as jax_error:
+    lopt.load_optimizer(path)
+  with pytest.raises(CheckpointError) as torch_error:
+    load_with_torch(path)
+  assert fragment in str(jax_error.value) and str(torch_error.value) == str(jax_error.value)
+  assert str(jax_error.value).startswith(str(path)), str(jax_error.value)
+
+
+def test_format_2_weights_of_another_architecture_are_refused_from_the_header(saved_mlp, saved):
+  mlp_path, gru_path = saved_mlp[0], saved[0]
+  config = json.loads((mlp_path / "config.json").read_text())
+  (mlp_path / "weights.safetensors").write_bytes((gru_path / "weights.safetensors").read_bytes())
+  config["weights_sha256"] = json.loads((gru_path / "config.json").read_text())["weights_sha256"]
+  (mlp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"missing \['layers/0/b'.*unexpected \['bias'"):
+    lopt.load_optimizer(mlp_path)
+
+
+def test_printing_a_loaded_optimizer_shows_no_weights(saved):
+  text = repr(lopt.load(saved[0]))
+  assert "GRUOptimizer(hidden_size=6" in text and "meta-parameters" in text and "Array" not in text
+  assert len(text) < 300

@@ -117,3 +117,17 @@ def test_unknown_task_and_option_errors():
     tasks.get("rosenbrock", width=3)
   with pytest.raises(tasks.TaskError, match="needs option"):
     tasks.get("mnist_cnn")
+
+
+@pytest.mark.parametrize("option, value, kind", [("dim", "abc", "an integer"), ("dim", 2.5, "an integer"),
+                                                 ("log10_min_eig", "low", "a number"), ("dim", True, "an integer")])
+def test_task_options_of_the_wrong_type_say_what_is_allowed(option, value, kind):
+  with pytest.raises(tasks.TaskError, match=rf"task 'linear_regression': option '{option}' must be {kind}, found"):
+    tasks.get("linear_regression", **{option: value})
+
+
+def test_cli_task_option_of_the_wrong_type_exits_2(tmp_path, capsys):
+  from lopt.cli import main
+  assert main(["train", "linear_regression", "--out", str(tmp_path / "run"), "--task-option", "dim=abc"]) == 2
+  err = capsys.readouterr().err
+  assert "option 'dim' must be an integer, found 'abc'" in err and "not supported" not in err
