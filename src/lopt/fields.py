@@ -95,3 +95,35 @@ def parse_option(text: str, fields: dict[str, Field], what: str, error: type[Exc
     return key, json.loads(raw)
   except ValueError:
     return key, raw
+
+
+class Registry(dict):
+  """Specs by name (architectures, estimators): ``register`` adds one, ``get`` finds one or names the known ones."""
+
+  def __init__(self, what: str, error: type[Exception]):
+    super().__init__()
+    self.what, self.error = what, error
+
+  def register(self, spec, *, replace: bool = False):
+    """Adds ``spec`` under ``spec.name`` (a user's own too: files, the CLI and ``lopt.torch`` then know it)."""
+    if spec.name in self and not replace and self[spec.name] is not spec:
+      raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
+    self[spec.name] = spec
+    return spec
+
+  def get(self, name, source: str = "", error: type[Exception] | None = None):
+    """The spec registered as ``name``; ``error`` (default: the registry's) listing the known names otherwise."""
+    if not isinstance(name, str) or name not in self:
+      where = f"{source}: " if source else ""
+      raise (error or self.error)(f"{where}unknown {self.what} {show(name)}; known: {', '.join(sorted(self))}")
+    return self[name]
+
+
+def resolve(target):
+  """A class or function given directly, or imported from a ``"module:Name"`` string (implementations are
+  imported on first use, so that specs stay free of jax and torch)."""
+  if isinstance(target, str):
+    import importlib
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+  return target

@@ -9,15 +9,14 @@ first use (``jax_class`` / ``torch_class`` are classes, or ``"module:Name"`` str
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lopt.errors import UserError
-from lopt.fields import (REQUIRED, Field, int_in, is_int, is_positive_finite, parse_option,  # noqa: F401 (re-exports)
-                         show, validate_fields)
+from lopt.fields import (REQUIRED, Field, Registry, int_in, is_int, is_positive_finite,  # noqa: F401 (re-exports)
+                         parse_option, resolve, show, validate_fields)
 
 
 class OptimizerConfigError(UserError, ValueError):
@@ -115,29 +114,5 @@ class ArchitectureConfig:
     raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('spec').name!r} has no field {name!r}")
 
 
-def resolve(target):
-  """A class given directly, or imported from a ``"module:Name"`` string."""
-  if isinstance(target, str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-  return target
-
-
-# -- the registry ------------------------------------------------------------------------------------------------------
-
-REGISTRY: dict[str, ArchitectureSpec] = {}
-
-
-def register(spec: ArchitectureSpec, *, replace: bool = False) -> ArchitectureSpec:
-  """Adds ``spec`` under its name (a user's own architecture too: files, CLI and ``lopt.torch`` then know it)."""
-  if spec.name in REGISTRY and not replace and REGISTRY[spec.name] is not spec:
-    raise ValueError(f"an architecture named {spec.name!r} is already registered")
-  REGISTRY[spec.name] = spec
-  return spec
-
-
-def get(name, source: str = "optimizer", error: type[Exception] = OptimizerConfigError) -> ArchitectureSpec:
-  """The registered architecture ``name``; ``error`` listing the known ones otherwise."""
-  if not isinstance(name, str) or name not in REGISTRY:
-    raise error(f"{source}: unknown learned-optimizer architecture {show(name)}; known: {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name]
+REGISTRY = Registry("learned-optimizer architecture", OptimizerConfigError)
+register, get = REGISTRY.register, REGISTRY.get

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from lopt.io.checkpoint import (TMP_SUFFIX, CheckpointError, WriteError, atomic_write_bytes, atomic_write_json,
-                             read_json, read_tensors, save_optimizer, tensors_to_bytes)
+                                read_json, read_tensors, save_optimizer, tensors_to_bytes)
 from lopt.errors import UserError
 from lopt.meta.config import RESUMABLE_CHANGES, MetaTrainConfig
 from lopt.meta.state import TrainState

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lopt.errors import UserError
-from lopt.fields import Field, int_in, is_positive_finite, parse_option, show, validate_fields
+from lopt.fields import Field, Registry, int_in, is_positive_finite, parse_option, resolve, validate_fields
 
 META_LOSS_NAMES = ("mean", "log_mean")  # the keys of lopt.meta.objectives.META_LOSSES (a test keeps them equal)
 
@@ -38,25 +38,11 @@ class EstimatorSpec:
 
   def create(self, task, optimizer, values: dict, horizon: int):
     """The estimator object (imports its module, and jax)."""
-    from lopt.architectures.spec import resolve
     return resolve(self.build)(task, optimizer, self.validate(values), horizon)
 
 
-REGISTRY: dict[str, EstimatorSpec] = {}
-
-
-def register(spec: EstimatorSpec, *, replace: bool = False) -> EstimatorSpec:
-  """Adds ``spec`` under its name (a user's own estimator too: ``lopt train --estimator NAME`` then knows it)."""
-  if spec.name in REGISTRY and not replace and REGISTRY[spec.name] is not spec:
-    raise ValueError(f"an estimator named {spec.name!r} is already registered")
-  REGISTRY[spec.name] = spec
-  return spec
-
-
-def get(name, source: str = "estimator", error: type[Exception] = EstimatorConfigError) -> EstimatorSpec:
-  if not isinstance(name, str) or name not in REGISTRY:
-    raise error(f"{source}: unknown gradient estimator {show(name)}; known: {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name]
+REGISTRY = Registry("gradient estimator", EstimatorConfigError)
+register, get = REGISTRY.register, REGISTRY.get
 
 
 # Settings every unrolling estimator shares: the meta-batch and the meta-objective.
