@@ -84,7 +84,7 @@ def test_state_layout_size_and_torch_state_shapes():
   assert isinstance(state, MLPState) and state.step.dtype == jnp.int32 and state.step.shape == ()
   assert state.momentum["w1"].shape == (64, 32, 3)
   moment = state.second_moment["w1"]
-  assert isinstance(moment, Factored) and (moment.rows.shape, moment.cols.shape) == ((64,), (32,))
+  assert isinstance(moment, Factored) and (moment.rows.shape, moment.cols.shape) == ((64, 1), (1, 32))
   assert state.second_moment["b1"].shape == (32,)
   ratio = (_size(state) - 1) / _size(params)  # 3 momenta + factored second moment + full for the biases
   assert ratio <= 4.0, ratio
@@ -101,23 +101,35 @@ def test_state_layout_size_and_torch_state_shapes():
     assert shapes == expected, name
 
 
+def test_conv_kernels_factor_over_their_channels_in_any_layout():
+  """OIHW (PyTorch) and HWIO (JAX) 3x3 kernels both factor over (in, out) channels: state ~1x, not 1/3 + 1/3."""
+  from lopt.architectures.mlp.spec import factored_axes, factored_shapes
+  assert factored_axes((16, 8, 3, 3)) == (0, 1) and factored_axes((3, 3, 8, 16)) == (2, 3)
+  assert factored_shapes((16, 8, 3, 3)) == ((16, 1, 3, 3), (1, 8, 3, 3))
+  assert factored_axes((4, 4)) == (0, 1) and factored_axes((5,)) is None
+  assert factored_axes((2, 7, 7)) == (1, 2)  # ties: both 7s
+
+
 # -- the equations --------------------------------------------------------------------------------------------------
 
 def _reference_update(optimizer, theta, p, gradients):
   """Plain numpy, straight from the docstring's equations: the update at the last of ``gradients`` (float64)."""
   decays, d = np.array(optimizer.momentum_decays), optimizer.rms_decay
   m = np.zeros(p.shape + (len(decays),))
-  r, c, v = np.zeros(p.shape[:-1]), np.zeros(p.shape[:-2] + p.shape[-1:]), np.zeros(p.shape)
+  axes = sorted(sorted(range(p.ndim), key=lambda i: (p.shape[i], i))[-2:]) if p.ndim >= 2 else None
+  r = c = v = np.zeros(p.shape)
   for t, g in enumerate(gradients, start=1):
     m = decays * m + (1 - decays) * g[..., None]
     g2 = g * g + 1e-30
     if p.ndim >= 2:
-      r, c = d * r + (1 - d) * g2.mean(-1), d * c + (1 - d) * g2.mean(-2)
-      v_hat = np.einsum("...i,...j->...ij", r, c) / r.mean(-1)[..., None, None]
+      a, b = axes  # the two largest axes
+      r = d * r + (1 - d) * g2.mean(b, keepdims=True)
+      c = d * c + (1 - d) * g2.mean(a, keepdims=True)
+      v_hat = r * c / r.mean(a, keepdims=True)
     else:
       v = d * v + (1 - d) * g2
       v_hat = v
-    rs = 1 / np.sqrt(v_hat + 1e-12)
+    rs = 1 / np.sqrt(v_hat / (1 - d**t) + 1e-12)
     columns = [g, p, *np.moveaxis(m, -1, 0), g * rs, *np.moveaxis(m * rs[..., None], -1, 0)]
     columns = [f.reshape(-1) / np.sqrt(np.mean(f * f) + 1e-12) for f in columns]
     columns += [np.full(p.size, np.tanh(t / tau)) for tau in TIME_SCALES]
@@ -130,7 +142,7 @@ def _reference_update(optimizer, theta, p, gradients):
   return update.reshape(p.shape)
 
 
-@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (6,), ()])
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (5, 3, 2), (3, 3, 4, 6), (6,), ()])
 def test_update_matches_the_equations(shape):
   with jax.enable_x64(True):
     optimizer = MLPOptimizer(**SMALL, step_scale=0.1, magnitude_scale=0.2)
@@ -148,7 +160,7 @@ def test_factored_estimate_is_exact_for_a_rank_one_square():
   # g^2 = a_i b_j (rank one): Adafactor's r_i c_j / mean(r) recovers it exactly, so v = (1 - d) g^2 after one step.
   with jax.enable_x64(True):
     g = jnp.outer(jnp.array([1.0, -2.0, 3.0]), jnp.array([0.5, 4.0]))
-    zeros = Factored(jnp.zeros(3), jnp.zeros(2))
+    zeros = Factored(jnp.zeros((3, 1)), jnp.zeros((1, 2)))
     _, estimate = update_second_moment(zeros, g, 0.9)
     np.testing.assert_allclose(estimate, 0.1 * (g * g + 1e-30), rtol=1e-14)
 
@@ -422,3 +434,18 @@ def test_learned_optimizer_from_a_file_matches_as_optax_in_float64(one_torch_thr
     final = p.detach().numpy()
     assert np.max(np.abs(final - start[name])) > 0.05 * np.max(np.abs(start[name])), name
     assert np.max(np.abs(jax_params[name] - final)) / np.max(np.abs(final)) < 1e-10, name
+
+
+def test_a_short_meta_training_on_two_moons_lowers_the_held_out_loss(tmp_path):
+  """Through the registry and the trainer, as `lopt train two_moons --optimizer mlp` runs it (shortened): the
+  untrained optimizer does not move (held-out normalized mean loss 1), a few outer steps make it optimize."""
+  from lopt.meta.config import MetaTrainConfig, OptimizerSection
+  from lopt.meta.train import meta_train
+  config = MetaTrainConfig(task="two_moons", optimizer=OptimizerSection("mlp", {"hidden_size": 8}), horizon=20,
+                           meta_batch_size=2, meta_gradient="first_order", num_steps=6, eval_every=3,
+                           num_eval_problems=4, learning_rate=3e-2, checkpoint_every=6)
+  state = meta_train(config, tmp_path / "run", progress=False)
+  assert state.best_score < 0.99, state.best_score
+  from lopt.meta.train import load_metrics
+  held_out = [m["held_out_loss"] for m in load_metrics(tmp_path / "run") if "held_out_loss" in m]
+  assert len(held_out) == 2 and min(held_out) == state.best_score

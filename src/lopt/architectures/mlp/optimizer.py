@@ -7,13 +7,13 @@ factored second moment). For a parameter tensor p of shape S with gradient g, at
 
   m_k  <- b_k m_k + (1 - b_k) g                         k = 1..K, b = momentum_decays       stored as S + (K,)
   g2    = g * g + 1e-30
-  ndim S >= 2, Adafactor-factored over the last two axes (rho = rms_decay):
-    r  <- rho r + (1 - rho) mean(g2, -1)                                                  S[:-1]
-    c  <- rho c + (1 - rho) mean(g2, -2)                                                  S[:-2] + S[-1:]
-    v   = r[..., :, None] c[..., None, :] / mean(r, -1)[..., None, None]
+  ndim S >= 2, Adafactor-factored over the two largest axes a < b (``spec.factored_axes``; rho = rms_decay):
+    r  <- rho r + (1 - rho) mean(g2, b)                                                   S with b -> 1
+    c  <- rho c + (1 - rho) mean(g2, a)                                                   S with a -> 1
+    v   = r c / mean(r, a)                                    (broadcasting; means keep their axis)
   ndim S < 2 (vectors, scalars):
     v  <- rho v + (1 - rho) g2                                                            S
-  rs    = rsqrt(v + 1e-12)
+  rs    = rsqrt(v / (1 - rho^t_new) + 1e-12)                 bias-corrected, as Adam's: v is (1 - rho^t) g^2 early on
   f     = [g, p, m_1..m_K, g rs, m_1 rs..m_K rs]                                          S + (3 + 2K,)
   f_j  <- f_j / sqrt(mean over S of f_j^2 + 1e-12)      each feature to unit RMS over its tensor
   x     = [f, tanh(t_new / tau) for tau in TIME_SCALES]                                   S + (num_inputs,)
@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.architectures.mlp.spec import SPEC, TIME_SCALES, num_inputs
+from lopt.architectures.mlp.spec import SPEC, TIME_SCALES, factored_axes, factored_shapes, num_inputs
 
 Theta = dict[str, Any]  # {"layers": [{"w": (fan_in, fan_out), "b": (fan_out,)}, ...]}: key paths 'layers/i/w'
 
@@ -45,7 +45,8 @@ NORM_EPSILON = 1e-12   # added to a feature's mean square: an all-zero feature (
 
 
 class Factored(NamedTuple):
-  """Adafactor's second moment of a tensor of shape S (ndim >= 2): rows S[:-1], cols S[:-2] + S[-1:]."""
+  """Adafactor's second moment of a tensor of shape S (ndim >= 2), over its two largest axes a < b: rows S with b
+  set to 1, cols S with a set to 1 (``spec.factored_shapes``)."""
   rows: jax.Array
   cols: jax.Array
 
@@ -62,9 +63,10 @@ class MLPState(NamedTuple):
 # -- the per-tensor pieces (pure functions of arrays) --------------------------------------------------------------
 
 def init_second_moment(p: jax.Array):
-  """Zeros: ``Factored`` (rows S[:-1], cols S[:-2] + S[-1:]) for ndim >= 2, else an array of shape S."""
+  """Zeros: ``Factored`` (``spec.factored_shapes``) for ndim >= 2, else an array of shape S."""
   if p.ndim >= 2:
-    return Factored(jnp.zeros(p.shape[:-1], p.dtype), jnp.zeros(p.shape[:-2] + p.shape[-1:], p.dtype))
+    rows, cols = factored_shapes(p.shape)
+    return Factored(jnp.zeros(rows, p.dtype), jnp.zeros(cols, p.dtype))
   return jnp.zeros_like(p)
 
 
@@ -77,11 +79,12 @@ def update_second_moment(second_moment, g: jax.Array, decay: float):
   """(new second moment, its estimate v of g^2 of shape S); factored (a (rows, cols) pair) when g.ndim >= 2."""
   g2 = g * g + G2_EPSILON
   if g.ndim >= 2:
+    a, b = factored_axes(g.shape)
     rows, cols = second_moment
-    rows = decay * rows + (1 - decay) * jnp.mean(g2, axis=-1)
-    cols = decay * cols + (1 - decay) * jnp.mean(g2, axis=-2)
+    rows = decay * rows + (1 - decay) * jnp.mean(g2, axis=b, keepdims=True)
+    cols = decay * cols + (1 - decay) * jnp.mean(g2, axis=a, keepdims=True)
     # r_i c_j / mean(r) = R_i C_j / sum(g2) with row and column sums R, C: Adafactor's rank-1 estimate.
-    estimate = rows[..., :, None] * cols[..., None, :] / jnp.mean(rows, axis=-1)[..., None, None]
+    estimate = rows * cols / jnp.mean(rows, axis=a, keepdims=True)
     return Factored(rows, cols), estimate
   full = decay * second_moment + (1 - decay) * g2
   return full, full
@@ -219,6 +222,9 @@ class MLPOptimizer:
     new_momentum = update_momentum(momentum.astype(dtype), g, jnp.asarray(self.momentum_decays, dtype))
     new_second_moment, estimate = update_second_moment(jax.tree.map(lambda v: v.astype(dtype), second_moment), g,
                                                        self.rms_decay)
+    # Bias correction: without it v ~ (1 - rho) g^2 in the first steps, below RSQRT_EPSILON for gradients under
+    # ~3e-5, and the g/sqrt(v) features would lose their scale invariance exactly where small gradients are common.
+    estimate = estimate / (1 - jnp.power(jnp.asarray(self.rms_decay, dtype), step.astype(dtype)))
     out = mlp(layers, features(g, p.astype(dtype), new_momentum, estimate, step))
     update = out[:, 0] * jnp.exp(self.magnitude_scale * out[:, 1]) * self.step_scale
     new_second_moment = jax.tree.map(lambda new, old: new.astype(old.dtype), new_second_moment, second_moment)

@@ -15,6 +15,24 @@ MAX_WIDTH = 4096
 MAX_DECAYS = 8
 
 
+def factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
+  """The two axes Adafactor's second moment is factored over: the two largest (ties: the later axis), in index
+  order; None for a tensor of fewer than two axes. The largest, not the last two, so that a conv kernel factors over
+  its channels in any layout (PyTorch's OIHW as JAX's HWIO) rather than over its 3x3 window."""
+  if len(shape) < 2:
+    return None
+  first, second = sorted(sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))[-2:])
+  return first, second
+
+
+def factored_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(rows, cols) accumulator shapes for a tensor of ``shape`` with at least two axes: ``shape`` with the second
+  (rows) or the first (cols) factored axis set to 1."""
+  a, b = factored_axes(shape)
+  return (tuple(1 if i == b else n for i, n in enumerate(shape)),
+          tuple(1 if i == a else n for i, n in enumerate(shape)))
+
+
 def num_inputs(values: dict) -> int:
   """Per-coordinate features: g, p, K momenta, g/sqrt(v), K momenta/sqrt(v), and the time features."""
   decays = len(values["momentum_decays"])

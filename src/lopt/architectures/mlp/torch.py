@@ -3,14 +3,15 @@
 Per parameter tensor p of shape S, with gradient g, at step t (t_new = t + 1; rho = rms_decay):
 
   m_k  <- b_k m_k + (1 - b_k) g;   g2 = g * g + 1e-30
-  ndim S >= 2:  r <- rho r + (1 - rho) mean(g2, -1),  c <- rho c + (1 - rho) mean(g2, -2),
-                v = r[..., :, None] c[..., None, :] / mean(r, -1)[..., None, None]
+  ndim S >= 2, over the two largest axes a < b (``spec.factored_axes``):
+                r <- rho r + (1 - rho) mean(g2, b),  c <- rho c + (1 - rho) mean(g2, a),  v = r c / mean(r, a)
+                (the means keep their axis)
   ndim S < 2:   v <- rho v + (1 - rho) g2
-  rs = rsqrt(v + 1e-12);  f = [g, p, m_1..m_K, g rs, m_1 rs..m_K rs], each f_j / sqrt(mean_S f_j^2 + 1e-12)
+  rs = rsqrt(v / (1 - rho^t_new) + 1e-12);  f = [g, p, m_1..m_K, g rs, m_1 rs..m_K rs], each f_j / sqrt(mean_S f_j^2 + 1e-12)
   x = [f, tanh(t_new / tau) for tau in TIME_SCALES];  x <- relu(x W_i + b_i);  (d, a) = x W_L + b_L
   p <- p + lr * d * exp(magnitude_scale * a) * step_scale
 
-The state of p (``state_shapes``): ``momentum`` S + (K,), ``rows`` S[:-1] and ``cols`` S[:-2] + S[-1:] when
+The state of p (``state_shapes``): ``momentum`` S + (K,), ``rows`` and ``cols`` (``spec.factored_shapes``) when
 ndim S >= 2 or else ``second_moment`` S, all in p's dtype on p's device; ``step``, an int32 0-d tensor (exact at any
 step count; torch's ``load_state_dict`` keeps a tensor named "step" as saved). The layouts are the JAX state's, so
 states carry over. Each tensor is one batched computation over its coordinates; results agree with JAX to rounding
@@ -23,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from lopt.architectures.mlp.spec import TIME_SCALES
+from lopt.architectures.mlp.spec import TIME_SCALES, factored_axes, factored_shapes
 
 G2_EPSILON = 1e-30     # the JAX side's constants (optimizer.py says why)
 RSQRT_EPSILON = 1e-12
@@ -60,10 +61,11 @@ def update_second_moment_(state: dict, g: torch.Tensor, decay: float) -> torch.T
   v of g^2, shape S."""
   g2 = g * g + G2_EPSILON
   if g.dim() >= 2:
+    a, b = factored_axes(tuple(g.shape))
     rows, cols = state["rows"], state["cols"]
-    rows.mul_(decay).add_(g2.mean(-1) * (1 - decay))
-    cols.mul_(decay).add_(g2.mean(-2) * (1 - decay))
-    return rows.unsqueeze(-1) * cols.unsqueeze(-2) / rows.mean(-1)[..., None, None]
+    rows.mul_(decay).add_(g2.mean(b, keepdim=True) * (1 - decay))
+    cols.mul_(decay).add_(g2.mean(a, keepdim=True) * (1 - decay))
+    return rows * cols / rows.mean(a, keepdim=True)
   return state["second_moment"].mul_(decay).add_(g2 * (1 - decay))
 
 
@@ -109,7 +111,8 @@ class MLPRule:
     shape = tuple(p.shape)
     shapes = {"momentum": shape + (len(self._decays),)}
     if len(shape) >= 2:
-      shapes.update(rows=shape[:-1], cols=shape[:-2] + shape[-1:])
+      rows, cols = factored_shapes(shape)
+      shapes.update(rows=rows, cols=cols)
     else:
       shapes["second_moment"] = shape
     shapes["step"] = ()
@@ -133,6 +136,8 @@ class MLPRule:
       momentum = update_momentum_(state["momentum"], g, theta)
       estimate = update_second_moment_(state, g, self.values["rms_decay"])
       state["step"].add_(1)
+      decay = torch.as_tensor(self.values["rms_decay"], dtype=g.dtype, device=g.device)
+      estimate = estimate / (1 - torch.pow(decay, state["step"].to(g.dtype)))  # bias correction, as in JAX
       out = mlp(theta.layers, features(g, p, momentum, estimate, state["step"], theta))
       update = out[:, 0] * torch.exp(self.values["magnitude_scale"] * out[:, 1]) * self.values["step_scale"]
       p.add_(update.view(p.shape), alpha=lr)
