@@ -59,8 +59,8 @@ def main() -> None:
     times = {name: [] for name in sources}
     outputs = {}
     for i in range(args.runs):
-      for name, source in sources.items():
-        seconds, lines = run_once(source, args.command, workdir / f"out-{len(outputs)}-{i}")
+      for j, (name, source) in enumerate(sources.items()):
+        seconds, lines = run_once(source, args.command, workdir / f"out-{j}-{i}")
         times[name].append(seconds)
         outputs[name] = lines
         print(f"{name}: run {i + 1}: {seconds:.1f} s", flush=True)
