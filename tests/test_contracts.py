@@ -16,7 +16,8 @@ import pytest
 
 import lopt
 from lopt import api, architectures
-from lopt.architectures.spec import ArchitectureSpec, Field, is_positive_finite
+from lopt.architectures.spec import ArchitectureSpec
+from lopt.fields import Field, is_positive_finite
 from lopt.checkpoint import save_optimizer
 from lopt.meta import estimators
 from lopt.meta.config import EstimatorSection, MetaTrainConfig, OptimizerSection, TaskSection

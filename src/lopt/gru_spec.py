@@ -9,7 +9,6 @@ from pathlib import Path
 
 from lopt.architectures.gru.spec import ENCODINGS, MAX_HIDDEN_SIZE, NUM_INPUTS, SPEC
 from lopt.architectures.spec import ArchitectureConfig
-from lopt.errors import CheckpointError
 
 ARCHITECTURE = SPEC.name
 DEFAULTS = dict(SPEC.legacy_defaults)  # what a format_version-1 file may omit (hidden_size has no default there)

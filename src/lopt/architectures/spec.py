@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lopt.errors import UserError
-from lopt.fields import (REQUIRED, Field, Registry, int_in, is_int, is_positive_finite,  # noqa: F401 (re-exports)
-                         parse_option, resolve, show, validate_fields)
+from lopt.fields import REQUIRED, Field, Registry, parse_option, resolve, validate_fields  # noqa: F401 (REQUIRED)
 
 
 class OptimizerConfigError(UserError, ValueError):

@@ -21,7 +21,8 @@ import numpy as np
 
 from lopt import architectures
 from lopt.architectures.gru.spec import MAX_HIDDEN_SIZE  # noqa: F401 (re-export, lopt 0.1)
-from lopt.architectures.spec import ArchitectureConfig, show
+from lopt.architectures.spec import ArchitectureConfig
+from lopt.fields import show
 from lopt.errors import CheckpointError, UserError
 
 FORMAT = "lopt-optimizer"  # config.json's 'format'

@@ -231,9 +231,8 @@ class MetaTrainConfig:
       else:
         config = cls(**_sections_from_dict(values, source))
     except (TypeError, OptimizerConfigError, estimators.EstimatorConfigError) as e:
-      if isinstance(e, UserError):
-        raise ConfigError(f"{source}: {e}" if not str(e).startswith(str(source)) else str(e)) from None
-      raise ConfigError(f"{source}: {e}") from None
+      message = str(e)  # a ConfigError from a section already names the source
+      raise ConfigError(message if message.startswith(str(source)) else f"{source}: {message}") from None
     return config.validate(source)
 
   def validate(self, source: str = "config") -> "MetaTrainConfig":

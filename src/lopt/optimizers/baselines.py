@@ -1,3 +1,6 @@
-"""Compatibility alias of ``lopt.baselines``."""
-from lopt.baselines import *  # noqa: F401,F403
-from lopt.baselines import BASELINES, GRIDS, LEARNING_RATES, build, grid  # noqa: F401
+"""Compatibility alias: the hand-designed baselines live in ``lopt.baselines`` (this name is the same module object)."""
+
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("lopt.baselines")

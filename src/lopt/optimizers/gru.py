@@ -1,2 +1,6 @@
-"""Compatibility alias: the GRU optimizer lives in ``lopt.architectures.gru.optimizer``."""
-from lopt.architectures.gru.optimizer import GRUOptimizer, GRUState, Theta  # noqa: F401
+"""Compatibility alias of ``lopt.architectures.gru.optimizer`` (this name is the same module object)."""
+
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("lopt.architectures.gru.optimizer")

@@ -1,3 +1,6 @@
-"""Compatibility alias of ``lopt.optax_adapter``."""
-from lopt.optax_adapter import *  # noqa: F401,F403
-from lopt.optax_adapter import as_optax, loss_from_extra_args  # noqa: F401
+"""Compatibility alias: the optax adapter lives in ``lopt.optax_adapter`` (this name is the same module object)."""
+
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("lopt.optax_adapter")

@@ -181,7 +181,7 @@ def _analyze_updates(optimizer, theta, task, out: Path, path: Path, num_problems
   summary = dynamics.summarize({"clipping": results["clipping"], "schedule": results["schedule"]})
   written = []
   for name, draw in (("clipping", lambda: figs.clipping_figure(results)),
-                     ("schedule", lambda: update_analysis.schedule_figure(results))):
+                     ("schedule", lambda: figs.learned_schedule_figure(results))):
     atomic_write_bytes(out / f"{name}.png", to_png(draw()))
     written.append(f"{name}.png")
   losses = results["probes"]["losses"]

@@ -96,25 +96,3 @@ def analyze_updates(task, optimizer, theta, keys) -> dict:
   quartiles = np.quantile(per_step, [0.25, 0.75], axis=1)
   schedule = {"alpha_eff": alpha, "alpha_eff_quartiles": quartiles, **schedule_shape(alpha)}
   return {"clipping": clipping, "schedule": schedule, "probes": probes, "probed_coordinates": coordinates}
-
-
-def schedule_figure(results: dict):
-  """alpha_eff (median and quartiles over the probed coordinates) against the step."""
-  import matplotlib.pyplot as plt
-
-  from lopt.report.figures import color_for
-  schedule = results["schedule"]
-  alpha, (low, high) = schedule["alpha_eff"], schedule["alpha_eff_quartiles"]
-  steps = np.arange(alpha.size)
-  figure, axis = plt.subplots(figsize=(6.0, 4.0))
-  color = color_for("learned", "learned")
-  axis.fill_between(steps, low, high, color=color, alpha=0.25, lw=0, label="quartiles over coordinates")
-  axis.plot(steps, alpha, color=color, lw=2, label="median")
-  axis.axvline(schedule["peak_step"], color="#1f77b4", ls=":", label=f"peak at step {schedule['peak_step']}")
-  axis.set_xlabel("step")
-  axis.set_ylabel("effective learning rate $\\alpha_{eff} = -dU/dg$")
-  axis.set_title(f"learned schedule along real trajectories: {schedule['shape']}")
-  axis.legend(fontsize=8)
-  axis.grid(alpha=0.3)
-  figure.tight_layout()
-  return figure

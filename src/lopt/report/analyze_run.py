@@ -1,5 +1,6 @@
-"""Compatibility module: ``lopt analyze`` lives in ``lopt.pipeline.analyze``."""
+"""Compatibility alias of ``lopt.pipeline.analyze``, where ``lopt analyze`` lives (the same module object)."""
 
-from lopt.pipeline.analyze import *  # noqa: F401,F403
-from lopt.pipeline.analyze import (ANALYSIS_SEED, FIGURES, NUM_PROBLEMS, analyze_directory,  # noqa: F401
-                                   analyze_optimizer, heavy_ball_reference, resolve)
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("lopt.pipeline.analyze")

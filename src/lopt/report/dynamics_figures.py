@@ -138,15 +138,34 @@ def schedule_figure(results: dict):
   space.set_title("autonomous dynamics $h_{t+1} = F(h_t, 0)$")
   space.legend(fontsize=8)
   space.grid(alpha=0.3)
-  rate.plot(steps, schedule["alpha_eff"], color=LEARNED, lw=2)
-  rate.axvline(schedule["peak_step"], color="#1f77b4", ls=":", label=f"peak at step {schedule['peak_step']}")
-  rate.set_xlabel("step")
-  rate.set_ylabel("effective learning rate $\\alpha_{eff}$")
-  rate.set_title(f"implied schedule: {schedule['shape']}")
-  rate.legend(fontsize=8)
-  rate.grid(alpha=0.3)
+  _schedule_panel(rate, schedule, f"implied schedule: {schedule['shape']}")
   figure.tight_layout()
   return figure
+
+
+def learned_schedule_figure(results: dict):
+  """An architecture without a recurrent view: alpha_eff = -dU/dg at g = 0 along real runs (median and quartiles
+  over the probed coordinates, ``lopt.pipeline.update_analysis``) against the step."""
+  schedule = results["schedule"]
+  figure, axis = plt.subplots(figsize=(6.0, 4.0))
+  low, high = schedule["alpha_eff_quartiles"]
+  axis.fill_between(np.arange(low.size), low, high, color=LEARNED, alpha=0.25, lw=0,
+                    label="quartiles over coordinates")
+  _schedule_panel(axis, schedule, f"learned schedule along real trajectories: {schedule['shape']}")
+  figure.tight_layout()
+  return figure
+
+
+def _schedule_panel(axis, schedule: dict, title: str) -> None:
+  """alpha_eff against step with its peak marked."""
+  alpha = schedule["alpha_eff"]
+  axis.plot(np.arange(len(alpha)), alpha, color=LEARNED, lw=2, label="$\\alpha_{eff}$")
+  axis.axvline(schedule["peak_step"], color="#1f77b4", ls=":", label=f"peak at step {schedule['peak_step']}")
+  axis.set_xlabel("step")
+  axis.set_ylabel("effective learning rate $\\alpha_{eff}$")
+  axis.set_title(title)
+  axis.legend(fontsize=8)
+  axis.grid(alpha=0.3)
 
 
 def adaptation_figure(results: dict, step, readout):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lopt.architectures.spec import ArchitectureSpec, Field, int_in, is_positive_finite
+from lopt.architectures.spec import ArchitectureSpec
+from lopt.fields import Field, int_in, is_positive_finite
 
 ENCODINGS = ("scale", "log1p_sign")
 NUM_INPUTS = {"scale": 1, "log1p_sign": 2}  # input encoding -> I, the network inputs per coordinate

@@ -7,7 +7,8 @@ takes small steps, and the meta-gradient of the magnitude stays tame). See ``opt
 
 from __future__ import annotations
 
-from lopt.architectures.spec import ArchitectureSpec, Field, int_in, is_positive_finite
+from lopt.architectures.spec import ArchitectureSpec
+from lopt.fields import Field, int_in, is_positive_finite
 
 # Time features: tanh(t / tau) for these tau (steps), the same for every coordinate (ours; a log-spaced bank).
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
