@@ -263,13 +263,22 @@ def test_architecture_contract(name, tmp_path):
     np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+SMALL_ARCHITECTURES = {"gru": {"hidden_size": 4, "input_scale": 0.1, "output_scale": 10.0},
+                       "mlp": {"hidden_size": 8, "num_layers": 1}}
+
+
+@pytest.mark.parametrize("architecture", BUILTIN_ARCHITECTURES)
 @pytest.mark.parametrize("name", sorted(estimators.REGISTRY))
-def test_estimator_contract(name):
+def test_estimator_contract(name, architecture):
+  """Every registered estimator works with every architecture: a pure, finite estimate."""
   from lopt import tasks
   spec = estimators.get(name)
   task = tasks.get("linear_regression", horizon=10)
-  optimizer = architectures.get("gru").build({"hidden_size": 4, "input_scale": 0.1, "output_scale": 10.0})
-  estimator = spec.create(task, optimizer, {"meta_batch_size": 4} if "meta_batch_size" in spec.fields else {}, 10)
+  optimizer = architectures.get(architecture).build(SMALL_ARCHITECTURES.get(architecture, {}))
+  values = {"meta_batch_size": 4} if "meta_batch_size" in spec.fields else {}
+  if "truncation" in spec.fields:
+    values["truncation"] = 5
+  estimator = spec.create(task, optimizer, values, 10)
   assert isinstance(estimator, api.GradientEstimator)
   theta = optimizer.init(jax.random.key(0))
   state = estimator.init(theta, jax.random.key(1))

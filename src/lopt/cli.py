@@ -104,6 +104,23 @@ TRAIN_OPTIONS = [
 ]
 
 
+WHOLE_EPISODES = "none"  # --truncation none: the estimator's truncation null (one truncation per episode)
+
+
+def _truncation(text: str):
+  return WHOLE_EPISODES if text.lower() in ("none", "null") else _positive_int(text)
+
+
+# Shortcuts for fields of the truncated estimators (``--estimator-option NAME=VALUE`` reaches them all); an estimator
+# without the field rejects it by name.
+ESTIMATOR_SHORTCUTS = [
+    ("--truncation", "truncation", _truncation, "inner steps per estimate ('none': whole episodes)"),
+    ("--num-particles", "num_particles", _positive_int, "antithetic pairs per problem (es, pes, nres, mixed)"),
+    ("--sigma", "sigma", _positive_float, "standard deviation of the perturbations of theta (es, pes, nres, mixed)"),
+    ("--objective", "objective", str, "'train' or 'valid': the loss the meta-objective normalizes"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
   from lopt import architectures
   from lopt.meta import estimators
@@ -120,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="meta-train a learned optimizer on a task",
       description="Meta-train a learned optimizer (any registered architecture, with any registered gradient "
                   "estimator). Defaults come from --preset; each option overrides it.")
-  train.add_argument("task", choices=list(REGISTRY), help="the task to meta-train on")
+  train.add_argument("task", nargs="?", default=None, metavar="TASK",
+                     help=f"the task to meta-train on, one of: {', '.join(REGISTRY)} (or use --task-family)")
+  train.add_argument("--task-family", default=None, metavar="NAME",
+                     help="meta-train on problems sampled from task families instead: a family name, several "
+                          "comma-separated, or 'all' (`lopt tasks` lists them); --task-option num_groups=N, "
+                          "max_step_flops=X")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",
@@ -145,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
   for flag, name, kind, text in TRAIN_OPTIONS:
     default = getattr(demo_defaults, name, None)
     train.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (preset demo: {default})")
+  for flag, name, kind, text in ESTIMATOR_SHORTCUTS:
+    train.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (an estimator field)")
 
   compare = commands.add_parser(
       "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -208,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
   # Hidden: fewer fixed-point seeds / problems for the analyses (tests, quick looks).
   reproduce.add_argument("--analysis-seeds", type=_positive_int, default=rep.ANALYSIS_SEEDS, help=argparse.SUPPRESS)
   reproduce.add_argument("--analysis-problems", type=_positive_int, default=None, help=argparse.SUPPRESS)
+
+  tasks = commands.add_parser(
+      "tasks", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="list the task families for general-purpose meta-training, or sample configurations of them",
+      description="Without --sample: each task family, its description and the range of every field. With --sample "
+                  "N: N configurations, one JSON object per line; sample i is drawn from the seed [SEED, i], so the "
+                  "output is deterministic and a prefix of a longer sample.")
+  tasks.add_argument("--sample", type=_positive_int, default=None, metavar="N", help="configurations to print")
+  tasks.add_argument("--family", default=None, metavar="NAME",
+                     help="only this family (default: a uniform mix of them)")
+  tasks.add_argument("--seed", type=int, default=0, help="seed of the sample (a non-negative integer)")
+  tasks.add_argument("--max-step-flops", type=_positive_float, default=None, metavar="X",
+                     help="only configurations whose inner step (forward and backward) costs at most X FLOPs")
   return parser
 
 
@@ -233,12 +270,30 @@ def command_train(args) -> None:
       raise UserError(f"{args.out}: holds no run to resume (no config.json there); drop --resume to start a new run")
     base = MetaTrainConfig.from_dict(read_json(saved_path, "run config"), str(saved_path))
   else:
-    base = PRESETS[args.preset].replace(task=args.task)
+    base = PRESETS[args.preset].replace(task=_task_section(args))
   config = train_config(base, args)
-  if config.task.name != args.task:
-    raise UserError(f"{saved_path}: the run in {args.out} trains on {config.task.name!r}, not {args.task!r}")
+  if args.resume and (args.task is not None or args.task_family is not None):
+    wanted = _task_section(args)
+    if (config.task.family, config.task.family or config.task.name) != (wanted.family, wanted.family or wanted.name):
+      trained = f"family {config.task.family!r}" if config.task.family else repr(config.task.name)
+      asked = f"family {wanted.family!r}" if wanted.family else repr(wanted.name)
+      raise UserError(f"{saved_path}: the run in {args.out} trains on {trained}, not {asked}")
   _validate(config)
   _train(config, args.out, args.resume)
+
+
+def _task_section(args):
+  """The task section the command line names: a registered task, or --task-family (exactly one of them)."""
+  from lopt.meta.config import TaskSection
+  from lopt.tasks import REGISTRY
+  if (args.task is None) == (args.task_family is None):
+    raise UserError("train: name a task (one of " + ", ".join(REGISTRY) + ") or --task-family NAME, "
+                    + ("not both" if args.task is not None else "one of them"))
+  if args.task_family is not None:
+    return TaskSection(name=args.task_family, family=args.task_family)
+  if args.task not in REGISTRY:
+    raise UserError(f"train: unknown task {args.task!r}; choose one of: {', '.join(REGISTRY)} (or --task-family)")
+  return TaskSection(name=args.task)
 
 
 def train_config(base, args):
@@ -264,6 +319,10 @@ def train_config(base, args):
     section = LEGACY_FIELDS[name][0]
     target = {"optimizer": optimizer_fields, "estimator": estimator_fields}.get(section, flat)
     target[name] = value
+  for _, name, _, _ in ESTIMATOR_SHORTCUTS:
+    value = getattr(args, name, None)
+    if value is not None:
+      estimator_fields[name] = None if value == WHOLE_EPISODES else value
   for text in args.optimizer_option:
     key, value = optimizer_spec.parse_option("=".join(text))
     optimizer_fields[key] = value
@@ -300,6 +359,8 @@ def _validate(config, source: str = "options") -> None:
       raise
     raise UserError(f"task {config.task.name!r} with options {config.task.options}: {e}") from None
   _check_task_builds(task, config)
+  from lopt.meta.train import estimator_from
+  estimator_from(config, task, optimizer_from(config))  # settings valid alone but not together: a clear error now
 
 
 def _check_task_builds(task, config) -> None:
@@ -307,6 +368,10 @@ def _check_task_builds(task, config) -> None:
   that here with abstract values (jax.eval_shape: no memory, no compute) turns them into a clear error now instead
   of a traceback after compilation."""
   import jax
+  if isinstance(task, tuple):  # the groups of a task-family run
+    for group in task:
+      _check_task_builds(group, config)
+    return
   horizon = task.horizon
   if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
     raise UserError(f"task option 'horizon' must be a positive integer, found {horizon!r}")
@@ -408,8 +473,38 @@ def command_reproduce(args) -> dict:
                    progress=say)
 
 
+def command_tasks(args) -> None:
+  from lopt.tasks import families
+  chosen = [families.get(args.family, "--family")] if args.family is not None else list(families.FAMILIES.values())
+  if args.sample is None:
+    if args.seed != 0 or args.max_step_flops is not None:
+      raise UserError("--seed and --max-step-flops go with --sample N")
+    print(_families_table(chosen))
+    return
+  if args.seed < 0:
+    raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+  lines = (json.dumps(families.sample([args.seed, i], args.family, max_step_flops=args.max_step_flops))
+           for i in range(args.sample))
+  sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+def _families_table(chosen) -> str:
+  """Each family: its name and description, then one row per field (shape fields first)."""
+  blocks = []
+  for family in chosen:
+    kinds = {**{name: "shape" for name in family.space}, **{name: "problem" for name in family.problem_space}}
+    ranges = family.ranges()
+    width = max(map(len, ranges))
+    rows = [f"  {name:<{width}}  {kinds[name]:<7}  {text}" for name, text in ranges.items()]
+    blocks.append("\n".join([f"{family.name}: {family.description}", *rows]))
+  note = ("shape fields fix a problem's arrays and data (group_task vmaps every problem sharing them); problem fields "
+          "are drawn per problem.\n`lopt tasks --sample N` prints configurations, with each one's estimated "
+          "step_flops.")
+  return "\n\n".join(blocks + [note])
+
+
 COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo, "analyze": command_analyze,
-            "report": command_report, "reproduce": command_reproduce}
+            "report": command_report, "reproduce": command_reproduce, "tasks": command_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

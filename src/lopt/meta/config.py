@@ -61,15 +61,20 @@ def _check(section, rules: dict, source: str, section_name: str) -> None:
 
 @dataclass(frozen=True)
 class TaskSection:
-  """The inner problems: a registered task, its options, and the unroll length (None: the task's default)."""
+  """The inner problems: a registered task, its options, and the unroll length (None: the task's default); or, with
+  ``family`` (names of task families, comma-separated, or "all"), problems sampled from task families, ``options``
+  then being the family options (``lopt.meta.train.FAMILY_OPTIONS``) and ``name`` unused."""
   name: str = "linear_regression"
   options: dict = field(default_factory=dict)
   horizon: int | None = None
+  family: str | None = None
 
   RULES = {
       "name": (lambda v: isinstance(v, str) and v != "", "a task name (string)"),
       "options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object of task options"),
       "horizon": (lambda v: v is None or _positive_int(v), "a positive integer or null (the task's default)"),
+      "family": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                 "null or task family names (comma-separated, or 'all')"),
   }
 
 

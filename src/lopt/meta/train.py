@@ -98,7 +98,40 @@ def optimizer_from(config: MetaTrainConfig):
   return architectures.get(section.architecture, "optimizer").build(section.fields)
 
 
+# Options of a task-family run (config.task.options when config.task.family is set), with their defaults (ours).
+FAMILY_OPTIONS = {
+    "num_groups": 4,         # shapes sampled per run; each is one vmapped group of problems (one compilation each)
+    "max_step_flops": None,  # restrict sampling to configurations whose inner step costs at most this many FLOPs
+}
+FAMILY_EVAL_HORIZON = 200  # held-out problems of a family run are unrolled this long unless the run sets a horizon
+HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
+
+
+def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
+  """The task groups of a family run: ``num_groups`` shapes sampled from the families in turn, each a Task that
+  draws its problem fields (initialization and parameter scale, horizon) per problem key."""
+  from lopt.tasks import families
+  names = families.names_from(section.family)
+  options = {**FAMILY_OPTIONS, **section.options}
+  unknown = sorted(set(options) - set(FAMILY_OPTIONS))
+  if unknown:
+    raise families.FamilyError(f"task family options: unknown {unknown}; known: {sorted(FAMILY_OPTIONS)}")
+  count = options["num_groups"]
+  if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
+    raise families.FamilyError(f"task family option 'num_groups' must be an integer in [1, 1024], found {count!r}")
+  budget = options["max_step_flops"]
+  if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+    raise families.FamilyError(f"task family option 'max_step_flops' must be a positive number, found {budget!r}")
+  stream = HELD_OUT_STREAM if held_out else 0
+  configs = [families.get(names[g % len(names)]).sample([seed, stream, g], max_step_flops=budget)
+             for g in range(count)]
+  return tuple(families.group_task(c) for c in configs)
+
+
 def task_from(config: MetaTrainConfig):
+  """The config's Task, or for a task-family run a tuple of Tasks (one per shape group)."""
+  if config.task.family is not None:
+    return family_groups(config.task, config.seed)
   options = dict(config.task.options)
   if config.task.horizon is not None:
     options["horizon"] = config.task.horizon
@@ -108,7 +141,8 @@ def task_from(config: MetaTrainConfig):
 def estimator_from(config: MetaTrainConfig, task, optimizer):
   """The gradient estimator the config's ``estimator`` section describes (through the estimator registry)."""
   section = config.estimator
-  return estimators.get(section.name).create(task, optimizer, section.fields, config.task.horizon or task.horizon)
+  horizon = config.task.horizon if isinstance(task, tuple) else config.task.horizon or task.horizon
+  return estimators.get(section.name).create(task, optimizer, section.fields, horizon)
 
 
 ESTIMATOR_INIT_STREAM = 2**31 - 1  # fold_in data of the estimator's initial state: never an outer step
@@ -131,7 +165,16 @@ def held_out_keys(seed: int, count: int) -> jax.Array:
 
 
 def build_evaluator(task, optimizer, horizon: int) -> Callable:
-  """``evaluate(theta, keys) -> (num_keys,)`` normalized mean losses (non-finite counted as inf), jitted."""
+  """``evaluate(theta, keys) -> (num_keys,)`` normalized mean losses (non-finite counted as inf), jitted. A tuple of
+  tasks (groups) shares the keys out between them, in order."""
+  if isinstance(task, tuple):
+    groups = [build_evaluator(t, optimizer, horizon) for t in task]
+
+    def evaluate_groups(theta, keys):
+      parts = jnp.array_split(jnp.arange(keys.shape[0]), len(groups))
+      return jnp.concatenate([evaluate(theta, keys[p]) for evaluate, p in zip(groups, parts) if p.size])
+
+    return evaluate_groups
 
   @jax.jit
   def evaluate(theta, keys):
@@ -139,6 +182,14 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
     return normalized_score(losses)
 
   return evaluate
+
+
+def held_out_tasks(config: MetaTrainConfig, task):
+  """The tasks held-out selection evaluates on, and their horizon: the training task itself, or for a family run
+  other shapes from the same families (configurations never trained on)."""
+  if not isinstance(task, tuple):
+    return task, config.task.horizon or task.horizon
+  return family_groups(config.task, config.seed, held_out=True), config.task.horizon or FAMILY_EVAL_HORIZON
 
 
 def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -160,11 +211,11 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
 
 def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
-  horizon = config.task.horizon or task.horizon
   estimator = estimator_from(config, task, optimizer)
   outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
   outer_step = build_outer_step(estimator, outer)
-  evaluate = build_evaluator(task, optimizer, horizon)
+  eval_task, eval_horizon = held_out_tasks(config, task)
+  evaluate = build_evaluator(eval_task, optimizer, eval_horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
   theta = optimizer.init(jax.random.key(config.seed))
@@ -209,6 +260,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
             "skipped": int(metrics.skipped), "total_skipped_steps": state.skipped_steps,
             "learning_rate": float(schedule(state.step)),
             "seconds": round(time.perf_counter() - started, 3), "best_held_out_loss": state.best_score,
+            "inner_steps": state.step * getattr(estimator, "inner_steps_per_estimate", 0),
             **(record or {})}
         if run is not None:
           run.log(record)

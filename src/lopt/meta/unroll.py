@@ -39,7 +39,7 @@ def _bound_loss(task: Task, state: InnerState):
 
 
 def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerState, num_steps: int, *,
-            remat: bool = False, first_order: bool = False) -> tuple[InnerState, jax.Array]:
+            remat: bool = False, first_order: bool = False, valid: bool = False) -> tuple[InnerState, jax.Array]:
   """Runs ``optimizer`` for ``num_steps`` steps from ``state``; returns (new state, (num_steps,) training losses).
 
   losses[t] is the loss at the parameters *before* update t, so an unroll's losses[0] is the loss at initialization
@@ -50,18 +50,21 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
   takes no second derivatives of the task loss (Andrychowicz et al. 2016). That cuts the feedback
   params -> gradient -> update -> params through which meta-gradients of long unrolls on networks explode
   (norms of 1e16 and beyond were measured on two moons); the losses themselves are unchanged.
+  With ``valid`` the losses are (num_steps, 2): the training and the validation loss (``task.valid_loss``) at the
+  same parameters, for meta-objectives on held-out data.
   """
   problem_loss = _bound_loss(task, state)  # the problem's data were drawn once, outside the scan
 
   def step(carry, t):
     params, opt_state = carry
     loss, grads = jax.value_and_grad(problem_loss)(params, t)
+    measured = jnp.stack([loss, task.valid_loss(params, state.key, t)]) if valid else loss
     if first_order:
       loss_in, grads = jax.lax.stop_gradient((loss, grads))
     else:
       loss_in = loss
     updates, opt_state = optimizer.update(grads, opt_state, params, value=loss_in)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    return (optax.apply_updates(params, updates), opt_state), measured
 
   if remat:
     step = jax.checkpoint(step)

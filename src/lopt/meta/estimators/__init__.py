@@ -6,6 +6,7 @@ implementation is imported when it is built. A new estimator is a new module plu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,52 @@ class EstimatorSpec:
   def parse_option(self, text: str, source: str = "--estimator-option"):
     return parse_option(text, self.fields, f"estimator {self.name!r}", EstimatorConfigError, source)
 
-  def create(self, task, optimizer, values: dict, horizon: int):
-    """The estimator object (imports its module, and jax)."""
-    return resolve(self.build)(task, optimizer, self.validate(values), horizon)
+  def create(self, task, optimizer, values: dict, horizon: int | None):
+    """The estimator object (imports its module, and jax). ``task`` may be a sequence of tasks (groups of a task
+    family, one shape each): one estimator per group, the meta-batch split between them (``grouped.py``)."""
+    values = self.validate(values)
+    tasks = list(task) if isinstance(task, (list, tuple)) else [task]
+    check_combination(self.name, values, tasks, horizon)
+    build = resolve(self.build)
+    if not isinstance(task, (list, tuple)):
+      return build(task, optimizer, values, horizon)
+    from lopt.meta.estimators.grouped import Grouped
+    sizes = split_evenly(values["meta_batch_size"], len(tasks))
+    return Grouped(tuple(build(t, optimizer, {**values, "meta_batch_size": n}, horizon)
+                         for t, n in zip(tasks, sizes)))
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+  """``total`` problems over ``parts`` groups, the first ones one larger when it does not divide."""
+  return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def check_combination(name: str, values: dict, tasks: list, horizon: int | None) -> None:
+  """EstimatorConfigError for settings that are valid alone but not together, or not with these tasks."""
+  where = f"estimator {name!r}"
+  if len(tasks) > 1 and "meta_batch_size" not in values:
+    raise EstimatorConfigError(f"{where} has no meta_batch_size to share between task groups; it cannot train on "
+                               f"a task family")
+  if len(tasks) > 1 and values["meta_batch_size"] < len(tasks):
+    raise EstimatorConfigError(f"{where}: meta_batch_size {values['meta_batch_size']} is smaller than the "
+                               f"{len(tasks)} task groups; give at least one problem per group")
+  if values.get("objective") == "valid":
+    lacking = sorted({t.name for t in tasks if t.valid_loss is None})
+    if lacking:
+      raise EstimatorConfigError(f"{where}: objective 'valid' needs a validation loss, which task(s) {lacking} do "
+                                 f"not have; use objective=train")
+  truncation = values.get("truncation")
+  if truncation is not None:
+    for t in tasks:
+      longest = horizon if horizon is not None else t.traits.get("horizon_range", (t.horizon, t.horizon))[1]
+      if truncation > longest:
+        raise EstimatorConfigError(f"{where}: truncation {truncation} is longer than the horizon {longest} of task "
+                                   f"{t.name!r}; use a truncation of at most {longest} (or none: whole episodes)")
+  if name == "mixed":
+    pairs = min(split_evenly(values["meta_batch_size"], len(tasks))) * values["num_particles"]
+    if pairs < 2:
+      raise EstimatorConfigError(f"{where}: needs at least 2 antithetic pairs per task group for its per-coordinate "
+                                 f"variances, found {pairs}; raise meta_batch_size or num_particles")
 
 
 REGISTRY = Registry("gradient estimator", EstimatorConfigError)
@@ -58,6 +102,37 @@ PROBLEM_FIELDS = {
                         "penalty on the L2 norm of the meta-parameters, part of the meta-objective", float),
 }
 
+def _optional_truncation(value) -> bool:
+  return value is None or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**20)
+
+
+def _truncation(default):
+  return Field(default, _optional_truncation, "a positive integer, or null for whole episodes",
+               "inner steps per estimate; episodes are cut into truncations (null: one truncation per episode)")
+
+
+OBJECTIVE = Field("train", lambda v: v in ("train", "valid"), "one of ['train', 'valid']",
+                  "meta-objective on the training loss or on the task's validation loss, normalized by its initial "
+                  "value")
+BACKPROPAGATION_FIELDS = {
+    "remat": Field(False, lambda v: isinstance(v, bool), "true or false",
+                   "rematerialize each inner step in the backward pass (memory O(T |params|))"),
+    "meta_gradient": Field("full", lambda v: v in ("full", "first_order"), "one of ['full', 'first_order']",
+                           "'full' (through the inner gradients) or 'first_order' (inner gradients as constants)"),
+}
+PERTURBATION_FIELDS = {
+    "num_particles": Field(1, int_in(1, 2**20), "a positive integer", "antithetic pairs per problem"),
+    "sigma": Field(0.01, is_positive_finite, "a positive finite number",
+                   "standard deviation of the Gaussian perturbations of theta (the smoothing)", float),
+}
+TRUNCATED_PROBLEM_FIELDS = {
+    **PROBLEM_FIELDS,
+    "meta_batch_size": Field(8, int_in(1, 2**24), "a positive integer",
+                             "problems optimized in parallel, at staggered steps"),
+    "objective": OBJECTIVE,
+    "l2_penalty": dataclasses.replace(PROBLEM_FIELDS["l2_penalty"], default=0.0),
+}
+
 register(EstimatorSpec(
     name="full",
     description="backpropagation through the whole unroll (the paper's), or its first-order variant",
@@ -69,6 +144,38 @@ register(EstimatorSpec(
                                "'full' (through the inner gradients) or 'first_order' (inner gradients as constants)"),
     },
     build="lopt.meta.estimators.full_bptt:build",
+))
+register(EstimatorSpec(
+    name="tbptt",
+    description="truncated backpropagation: the gradient of each truncation, carried state held constant (biased)",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **BACKPROPAGATION_FIELDS},
+    build="lopt.meta.estimators.tbptt:build",
+))
+register(EstimatorSpec(
+    name="es",
+    description="antithetic evolution strategies, a fresh perturbation per truncation (null truncation: full unrolls)",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(None), **PERTURBATION_FIELDS},
+    build="lopt.meta.estimators.es:build",
+))
+register(EstimatorSpec(
+    name="pes",
+    description="persistent evolution strategies (Vicol 2021): perturbations accumulated over the episode, unbiased",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **PERTURBATION_FIELDS},
+    build="lopt.meta.estimators.pes:build",
+))
+register(EstimatorSpec(
+    name="nres",
+    description="noise-reuse evolution strategies (Li 2023): one perturbation per episode, unbiased, flat variance",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **PERTURBATION_FIELDS},
+    build="lopt.meta.estimators.nres:build",
+))
+register(EstimatorSpec(
+    name="mixed",
+    description="Metz 2019: per-coordinate inverse-variance mix of backpropagation and ES gradients",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **PERTURBATION_FIELDS,
+            "num_particles": dataclasses.replace(PERTURBATION_FIELDS["num_particles"], default=2),
+            **BACKPROPAGATION_FIELDS},
+    build="lopt.meta.estimators.mixed:build",
 ))
 
 __all__ = ["EstimatorSpec", "EstimatorConfigError", "REGISTRY", "register", "get", "META_LOSS_NAMES"]

@@ -59,6 +59,10 @@ class FullBPTT:
   first_order: bool = False
   l2_penalty: float = 0.0
 
+  @property
+  def inner_steps_per_estimate(self) -> int:
+    return self.meta_batch_size * self.horizon
+
   def init(self, theta, key) -> tuple:
     del theta, key
     return ()
@@ -95,6 +99,7 @@ class FullBPTT:
 
 def build(task, optimizer, values: dict, horizon: int) -> FullBPTT:
   """The registry's constructor (``lopt.meta.estimators``): validated fields -> FullBPTT."""
+  horizon = task.horizon if horizon is None else horizon
   return FullBPTT(task, optimizer, horizon, meta_batch_size=values["meta_batch_size"], meta_loss=values["meta_loss"],
                   loss_cap=values["loss_cap"], remat=values["remat"],
                   first_order=values["meta_gradient"] == "first_order", l2_penalty=values["l2_penalty"])

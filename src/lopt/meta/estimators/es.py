@@ -1,0 +1,137 @@
+"""Antithetic evolution strategies over truncations, and what PES and NRES share with it.
+
+Every problem is optimized by ``num_particles`` antithetic pairs: trajectory + with theta + eps, trajectory - with
+theta - eps, both from the same problem (common random numbers), eps ~ N(0, sigma^2 I). Per pair the estimate is
+
+  g = (L+ - L-) / (2 sigma^2) * w
+
+where L+- are the truncation's meta-losses and w the pair's *weight vector*; the estimators differ only in which
+perturbation a truncation uses and which weight it multiplies (a ``NoiseRule``):
+
+  es    a fresh eps per truncation, w = eps. With whole episodes (``truncation`` null) this is full-unroll ES, an
+        unbiased estimate of the gradient of the Gaussian-smoothed meta-loss; with truncations it ignores what
+        earlier perturbations did to later losses (biased, like truncated backpropagation).
+  pes   (pes.py) a fresh eps per truncation, w = the sum of the pair's eps since its episode began (Vicol et al.
+        2021): unbiased for the smoothed loss of the whole episode; variance grows with the truncations elapsed.
+  nres  (nres.py) one eps per pair per episode, reused by all its truncations, w = that eps (Li et al. 2023):
+        unbiased, variance constant in the number of truncations.
+
+Gradients need no backpropagation: the cost is two forward unrolls per pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lopt.meta.estimators.truncated import (NOISE_STREAM, Metrics, Unroller, first_episodes, l2_penalty_gradient,
+                                            masked_mean, restart_finished, restart_keys, truncation_for)
+
+SIGNS = jnp.array([1.0, -1.0])
+
+
+class AntitheticState(NamedTuple):
+  """episodes: Episode with leading axes (pairs, 2) (+ and - member); noise: the rule's per-pair state (a pytree
+  like theta with a leading pairs axis, or ())."""
+  episodes: Any
+  noise: Any
+
+
+@dataclass(frozen=True)
+class NoiseRule:
+  """``init(eps) -> noise state`` from a (pairs, ...) draw; ``apply(noise state, eps, starting) -> (noise state,
+  perturbation used, weight)``, ``starting`` (pairs,) True where a pair's episode starts with this truncation."""
+  name: str
+  init: Callable
+  apply: Callable
+
+
+def _where_pairs(flag, a, b):
+  return jax.tree.map(lambda x, y: jnp.where(flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
+ES_RULE = NoiseRule("es", init=lambda eps: (), apply=lambda state, eps, starting: (state, eps, eps))
+
+
+@dataclass(frozen=True)
+class Antithetic:
+  """``lopt.api.GradientEstimator`` by antithetic perturbations of theta (see the module docstring)."""
+  unroll: Unroller
+  rule: NoiseRule
+  num_tasks: int
+  num_particles: int = 1
+  sigma: float = 0.01
+  l2_penalty: float = 0.0
+
+  @property
+  def num_pairs(self) -> int:
+    return self.num_tasks * self.num_particles
+
+  @property
+  def inner_steps_per_estimate(self) -> int:
+    return 2 * self.num_pairs * self.unroll.schedule.truncation
+
+  def draw(self, theta, key):
+    """(pairs, ...) eps ~ N(0, sigma^2 I) like theta."""
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [self.sigma * jax.random.normal(k, (self.num_pairs,) + x.shape, x.dtype)
+                                        for k, x in zip(keys, leaves)])
+
+  def init(self, theta, key):
+    u = self.unroll
+    pairs = first_episodes(u.task, u.optimizer, theta, jax.random.split(key, self.num_tasks), u.schedule,
+                           copies=self.num_particles)
+    episodes = jax.tree.map(lambda x: jnp.stack([x, x], axis=1), pairs)  # both members start alike
+    return AntitheticState(episodes, self.rule.init(self.draw(theta, jax.random.fold_in(key, NOISE_STREAM))))
+
+  def prepare(self, theta, state: AntitheticState, key):
+    """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,
+    perturbations (pairs, ...), weights (pairs, ...))."""
+    u = self.unroll
+    episodes = state.episodes
+    pair_diverged = jnp.any(episodes.diverged, axis=1, keepdims=True)
+    episodes = episodes._replace(diverged=jnp.broadcast_to(pair_diverged, episodes.diverged.shape))
+    keys = restart_keys(key, self.num_tasks, copies=self.num_particles)
+    restart = jax.vmap(jax.vmap(restart_finished, in_axes=(None, None, None, 0, None, None)),
+                       in_axes=(None, None, None, 0, 0, None))
+    episodes = restart(u.task, u.optimizer, theta, episodes, keys, u.schedule)
+    starting = episodes.inner.step[:, 0] == 0
+    noise, used, weight = self.rule.apply(state.noise, self.draw(theta, jax.random.fold_in(key, NOISE_STREAM)),
+                                          starting)
+    return episodes, noise, used, weight
+
+  def perturbed(self, theta, used):
+    """(pairs, 2, ...) meta-parameters theta + eps and theta - eps."""
+    return jax.tree.map(lambda t, e: t + SIGNS.reshape((1, 2) + (1,) * t.ndim) * e[:, None], theta, used)
+
+  def estimate(self, theta, state: AntitheticState, key):
+    episodes, noise, used, weight = self.prepare(theta, state, key)
+    meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
+    per_pair = es_terms(meta_losses, weight, self.sigma)
+    finite = jnp.isfinite(meta_losses[:, 0] - meta_losses[:, 1])
+    grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
+    metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
+                      2 * self.num_pairs)
+    return AntitheticState(episodes, noise), grads, metrics
+
+
+def es_terms(meta_losses: jax.Array, weight, sigma: float):
+  """(pairs, 2) meta-losses and (pairs, ...) weights -> (pairs, ...) (L+ - L-) / (2 sigma^2) * w."""
+  scale = (meta_losses[:, 0] - meta_losses[:, 1]) / (2 * sigma**2)
+  return jax.tree.map(lambda w: scale.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
+
+
+def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: int | None) -> Antithetic:
+  """The registry's constructors for es / pes / nres: validated fields -> Antithetic."""
+  schedule = truncation_for(task, values["truncation"], horizon)
+  unroll = Unroller(task, optimizer, schedule, values["meta_loss"], values["loss_cap"], values["objective"])
+  return Antithetic(unroll, rule, values["meta_batch_size"], values["num_particles"], values["sigma"],
+                    values["l2_penalty"])
+
+
+def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:
+  return build_antithetic(ES_RULE, task, optimizer, values, horizon)

@@ -1,0 +1,35 @@
+"""Several estimators as one: the groups of a task family (configurations of one shape each, vmapped together),
+each with its share of the meta-batch. The meta-gradient is their mean weighted by the problems each unrolled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from lopt.meta.estimators.truncated import Metrics
+
+
+@dataclass(frozen=True)
+class Grouped:
+  """``lopt.api.GradientEstimator`` over ``estimators`` (one per task group); state: a tuple of theirs."""
+  estimators: tuple
+
+  @property
+  def inner_steps_per_estimate(self) -> int:
+    return sum(e.inner_steps_per_estimate for e in self.estimators)
+
+  def init(self, theta, key):
+    return tuple(e.init(theta, jax.random.fold_in(key, g)) for g, e in enumerate(self.estimators))
+
+  def estimate(self, theta, state, key):
+    results = [e.estimate(theta, s, jax.random.fold_in(key, g))
+               for g, (e, s) in enumerate(zip(self.estimators, state))]
+    weights = [m.num_problems for _, _, m in results]
+    total = sum(weights)
+    grads = jax.tree.map(lambda *gs: sum(w * g for w, g in zip(weights, gs)) / total, *[g for _, g, _ in results])
+    metrics = [m for _, _, m in results]
+    combined = Metrics(sum(w * m.meta_loss for w, m in zip(weights, metrics)) / total,
+                       sum(m.diverged_problems for m in metrics), sum(m.dropped_problems for m in metrics), total)
+    return tuple(s for s, _, _ in results), grads, combined

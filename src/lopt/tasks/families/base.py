@@ -1,0 +1,281 @@
+"""What every task family shares: distributions declared once (listed by ``lopt tasks``, drawn with numpy for JSON
+configurations and with jax for per-problem draws inside a jitted loop), and the per-problem augmentations.
+
+A configuration is ``{"family": name, **shape fields, **problem fields, "step_flops": estimate}``. Shape fields
+(sizes, dataset, batch size, activation) fix the arrays' shapes; problem fields (initialization scale, parameter
+scale, horizon) do not. ``Family.group_task(config)`` is the Task of *every* configuration sharing ``config``'s shape
+fields, drawing the problem fields from each problem key, so that they are vmapped together;
+``Family.task(config)`` is exactly one configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from lopt.errors import UserError
+from lopt.fields import show
+
+
+class FamilyError(UserError, ValueError):
+  """An unknown family, or a configuration a family cannot build; the message says what is allowed."""
+
+
+def rng_from(key) -> np.random.Generator:
+  """A numpy generator from an int, a sequence of ints or a jax PRNG key (its key data)."""
+  if hasattr(key, "dtype") and "key" in str(key.dtype):
+    import jax
+    key = np.asarray(jax.random.key_data(key)).ravel().tolist()
+  elif hasattr(key, "tolist"):
+    key = np.asarray(key).ravel().tolist()
+  return np.random.default_rng(key)
+
+
+# -- distributions ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+  """One of ``options``, uniformly."""
+  options: tuple
+
+  def draw(self, rng: np.random.Generator):
+    return self.options[int(rng.integers(len(self.options)))]
+
+  def describe(self) -> str:
+    return "one of " + ", ".join(map(_show_option, self.options))
+
+  def allows(self, value) -> bool:
+    # Same type too: True == 1 and 1.0 == 1 in Python, but a kernel of True or a layer_norm of 1 is a mistake.
+    return any(type(value) is type(option) and value == option for option in self.options)
+
+
+@dataclass(frozen=True)
+class IntRange:
+  """An integer in [low, high], uniformly."""
+  low: int
+  high: int
+
+  def draw(self, rng: np.random.Generator) -> int:
+    return int(rng.integers(self.low, self.high + 1))
+
+  def describe(self) -> str:
+    return f"integer {self.low}..{self.high}"
+
+  def allows(self, value) -> bool:
+    """Any integer from ``min(low, 1)`` up: sampling stays in [low, high], a built configuration may go beyond."""
+    return _is_int(value) and value >= min(self.low, 1)
+
+
+@dataclass(frozen=True)
+class LogUniform:
+  """exp(Uniform(log low, log high)); ``integer`` rounds it (widths, batch sizes, horizons)."""
+  low: float
+  high: float
+  integer: bool = False
+
+  def draw(self, rng: np.random.Generator):
+    value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+    return int(round(value)) if self.integer else float(value)
+
+  def draw_jax(self, key):
+    """The same distribution inside jit: () float32 (integers as floats, rounded)."""
+    import jax
+    import jax.numpy as jnp
+    value = jnp.exp(jax.random.uniform(key, (), minval=math.log(self.low), maxval=math.log(self.high)))
+    return jnp.round(value) if self.integer else value
+
+  def describe(self) -> str:
+    kind = "integer" if self.integer else "number"
+    return f"log-uniform {kind} {self.low:g}..{self.high:g}"
+
+  def allows(self, value) -> bool:
+    """A positive integer (``integer``) or a positive finite number, inside or beyond [low, high]."""
+    if self.integer:
+      return _is_int(value) and value >= 1
+    return _is_number(value) and 0 < value < math.inf
+
+  def middle(self):
+    """The geometric middle of the range (the value of a field a configuration leaves out)."""
+    value = math.sqrt(self.low * self.high)
+    return int(round(value)) if self.integer else value
+
+
+@dataclass(frozen=True)
+class Sometimes:
+  """``distribution`` with probability ``probability``, else ``otherwise`` (parameter-scale augmentation: half
+  the problems keep their natural scale)."""
+  distribution: LogUniform
+  probability: float = 0.5
+  otherwise: float = 1.0
+
+  def draw(self, rng: np.random.Generator):
+    use = rng.uniform() < self.probability
+    value = self.distribution.draw(rng)  # drawn either way: the stream does not depend on the coin
+    return float(value) if use else self.otherwise
+
+  def draw_jax(self, key):
+    import jax
+    import jax.numpy as jnp
+    coin, value = jax.random.split(key)
+    return jnp.where(jax.random.uniform(coin) < self.probability, self.distribution.draw_jax(value), self.otherwise)
+
+  def describe(self) -> str:
+    return f"{self.distribution.describe()} with probability {self.probability:g}, else {self.otherwise:g}"
+
+  def allows(self, value) -> bool:
+    return (_is_number(value) and value == self.otherwise) or self.distribution.allows(value)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show_option(option) -> str:
+  return "true" if option is True else "false" if option is False else str(option)  # as JSON writes them
+
+
+# Problem fields every family draws per problem (ours; Celo augments over LogUniform(1e-3, 1e3), which a learned
+# optimizer whose step has a fixed absolute scale cannot follow -- widen it with the family's options).
+PROBLEM_SPACE = {
+    "init_scale": LogUniform(0.5, 2.0),
+    "param_scale": Sometimes(LogUniform(0.1, 10.0)),
+    "horizon": LogUniform(100, 2000, integer=True),
+}
+
+
+# -- families --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+  """A parametric distribution over tasks (``lopt.api.TaskFamily``).
+
+  space: shape fields -> distributions; ``build(shape_config) -> Task`` (the unaugmented task: its init, training and
+  validation loss); ``step_flops(shape_config)`` an estimate of one inner step's floating-point operations (forward
+  and backward), so that sampling can be restricted to a compute budget (``max_step_flops``).
+  """
+  name: str
+  description: str
+  space: dict[str, Any]
+  build: Callable[[dict], Any]
+  step_flops: Callable[[dict], float]
+  problem_space: dict[str, Any] = field(default_factory=lambda: dict(PROBLEM_SPACE))
+
+  def sample(self, key, *, max_step_flops: float | None = None) -> dict:
+    """A JSON configuration from ``key`` (an int, ints or a jax key); redrawn (up to 1000 times, from the same
+    stream) until its step costs at most ``max_step_flops``."""
+    rng = rng_from(key)
+    for _ in range(1000):
+      shape = {name: dist.draw(rng) for name, dist in self.space.items()}
+      problem = {name: dist.draw(rng) for name, dist in self.problem_space.items()}
+      flops = float(self.step_flops(shape))
+      if max_step_flops is None or flops <= max_step_flops:
+        return {"family": self.name, **shape, **problem, "step_flops": flops}
+    raise FamilyError(f"family {self.name!r}: no configuration within max_step_flops={max_step_flops:g} in 1000 "
+                      f"draws")
+
+  def shape_config(self, config: dict) -> dict:
+    """The shape fields of ``config`` (FamilyError naming what is missing or unknown)."""
+    if config.get("family", self.name) != self.name:
+      raise FamilyError(f"a {config.get('family')!r} configuration given to family {self.name!r}")
+    allowed = set(self.space) | set(self.problem_space) | {"family", "step_flops"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+      raise FamilyError(f"family {self.name!r}: unknown field(s) {unknown}; its fields are {sorted(allowed)}")
+    missing = sorted(set(self.space) - set(config))
+    if missing:
+      raise FamilyError(f"family {self.name!r}: configuration lacks field(s) {missing}")
+    self._check(config, self.space)
+    return {name: config[name] for name in self.space}
+
+  def _check(self, config: dict, space: dict) -> None:
+    for name, dist in space.items():
+      if name in config and not (hasattr(dist, "allows") and dist.allows(config[name])):
+        raise FamilyError(f"family {self.name!r}: field {name!r} must be {_allowed(dist)}, found "
+                          f"{show(config[name])}")
+
+  def task(self, config: dict):
+    """The Task of exactly ``config`` (problem fields fixed to the configuration's values)."""
+    shape = self.shape_config(config)
+    self._check(config, self.problem_space)
+    fixed = {name: config.get(name, _default(dist)) for name, dist in self.problem_space.items()}
+    return augmented(self.build(shape), fixed, None, self.problem_space, config)
+
+  def group_task(self, config: dict):
+    """The Task of every configuration with ``config``'s shape fields: problem fields drawn from each problem key."""
+    shape = self.shape_config(config)
+    return augmented(self.build(shape), None, self.problem_space, self.problem_space,
+                     {"family": self.name, **shape})
+
+  def ranges(self) -> dict[str, str]:
+    """Field -> its distribution in words (``lopt tasks``)."""
+    return {name: dist.describe() for name, dist in {**self.space, **self.problem_space}.items()}
+
+
+def _default(dist):
+  """A problem field's value when a configuration leaves it out: the natural parameter scale, the middle of a range
+  (init_scale 1, horizon ~447; not 1.0 for every field, which made the horizon a single step)."""
+  if isinstance(dist, Sometimes):
+    return dist.otherwise
+  return dist.middle() if isinstance(dist, LogUniform) else 1.0
+
+
+def _allowed(dist) -> str:
+  """What ``dist.allows`` accepts, in words (error messages)."""
+  if isinstance(dist, Sometimes):
+    return f"{dist.otherwise:g} or {_allowed(dist.distribution)}"
+  if isinstance(dist, LogUniform):
+    return f"a positive {'integer' if dist.integer else 'number'} ({dist.describe()} when sampled)"
+  if isinstance(dist, IntRange):
+    return f"an integer >= {min(dist.low, 1)} ({dist.describe()} when sampled)"
+  return dist.describe()
+
+
+def problem_fields(key, space: dict | None = None):
+  """(init_scale, param_scale) of problem ``key`` as a group task draws them from ``space`` (default
+  PROBLEM_SPACE): () float32 each, inside jit and vmap."""
+  import jax
+  space = PROBLEM_SPACE if space is None else space
+  init_key, scale_key = jax.random.split(jax.random.fold_in(key, 0x5CA1E))
+  return space["init_scale"].draw_jax(init_key), space["param_scale"].draw_jax(scale_key)
+
+
+def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options: dict):
+  """``base`` with initialization scale and parameter-scale augmentation: the optimizer sees parameters q = s * p
+  with p = init_scale * base.init(key), and the loss base.loss(q / s). Values from ``fixed`` or drawn per problem key
+  from ``drawn`` (a distribution per field). A horizon range (``traits["horizon_range"]``) tells truncated
+  estimators how long each problem's episode may be."""
+  import jax
+
+  from lopt.tasks.base import Task
+
+  def scales(key):
+    if fixed is not None:
+      return float(fixed["init_scale"]), float(fixed["param_scale"])
+    return problem_fields(key, drawn)
+
+  def init(key):
+    init_scale, param_scale = scales(key)
+    return jax.tree.map(lambda p: p * (init_scale * param_scale), base.init(key))
+
+  def unscaled(loss):
+    def scaled_loss(params, key, step=0):
+      _, param_scale = scales(key)
+      return loss(jax.tree.map(lambda q: q / param_scale, params), key, step)
+    return scaled_loss
+
+  horizon_dist = space["horizon"]
+  if fixed is not None:
+    horizon, horizon_range = int(fixed["horizon"]), (int(fixed["horizon"]), int(fixed["horizon"]))
+  else:
+    horizon_range = (int(horizon_dist.low), int(horizon_dist.high))
+    horizon = int(round(math.sqrt(horizon_dist.low * horizon_dist.high)))
+  valid = None if base.valid_loss is None else unscaled(base.valid_loss)
+  traits = {**base.traits, "network": True, "family": options.get("family"), "horizon_range": horizon_range}
+  return Task(base.name, init, unscaled(base.loss), horizon, valid_loss=valid, options=dict(options), traits=traits)

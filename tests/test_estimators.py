@@ -1,0 +1,191 @@
+"""The truncated estimators against the exact gradient of the Gaussian-smoothed meta-loss.
+
+A learned optimizer with a known answer: plain gradient descent whose log learning rate is the meta-parameter (plus
+three meta-parameters that do nothing, where estimator noise is easy to see), on a fixed 2-D quadratic. The loss
+after any schedule of learning rates is a closed form, so every smoothed objective is an integral that Gauss-Hermite
+quadrature computes to float precision: the reference each estimator's mean is compared with, within its standard
+error over many independent replicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt.meta import estimators
+from lopt.tasks.base import Task
+
+CURVATURES = jnp.array([1.0, 0.05])
+START = jnp.array([1.0, 1.0])
+LOG_LR = float(np.log(0.5))
+SIGMA = 0.1
+WIDTH, TRUNCATIONS = 5, 4  # inner steps per truncation, truncations per episode
+HORIZON = WIDTH * TRUNCATIONS
+
+
+class LogLearningRate:
+  """update = -exp(theta["log_lr"]) * g; theta["unused"] (3,) does nothing."""
+
+  def init(self, key):
+    del key
+    return {"log_lr": jnp.asarray(LOG_LR, jnp.float32), "unused": jnp.zeros(3)}
+
+  def init_state(self, theta, params):
+    return ()
+
+  def update(self, theta, state, grads, params, **_):
+    return jax.tree.map(lambda g: -jnp.exp(theta["log_lr"]) * g, grads), state
+
+  def config(self):
+    return {"architecture": "log_lr"}
+
+  def param_shapes(self):
+    return {"log_lr": (), "unused": (3,)}
+
+
+def quadratic_loss(x):
+  return 0.5 * jnp.sum(CURVATURES * x**2)
+
+
+TASK = Task("quadratic", init=lambda key: START, loss=lambda params, key, step: quadratic_loss(params),
+            horizon=HORIZON, valid_loss=lambda params, key, step: quadratic_loss(params))
+
+
+def truncation_losses(log_lrs):
+  """Closed form: (K,) log learning rates, one per truncation -> (K,) meta-losses (mean of loss_t / loss_0 over
+  each truncation's steps, loss_t before update t)."""
+  factors = (1 - jnp.exp(log_lrs)[:, None] * CURVATURES) ** 2  # per truncation, per coordinate, per step
+  out, carried = [], jnp.ones_like(CURVATURES)
+  for k in range(log_lrs.shape[0]):
+    steps = carried * factors[k] ** jnp.arange(WIDTH)[:, None]  # (W, 2) squared-distance ratios
+    out.append(jnp.mean(steps @ (CURVATURES * START**2)) / quadratic_loss(START) / 2)
+    carried = carried * factors[k] ** WIDTH
+  return jnp.stack(out)
+
+
+def smoothed_gradient(objective, dims: int) -> float:
+  """d/d theta of E[objective(theta + eps)], eps ~ N(0, SIGMA^2 I_dims), at theta = LOG_LR in every coordinate
+  (one shared meta-parameter): Gauss-Hermite quadrature of the gradient of the sum of the partials."""
+  x, w = np.polynomial.hermite.hermgauss(16 if dims <= 2 else 10)  # exact for polynomials of degree < 2 nodes
+  grad = jax.grad(objective)
+  points = np.array(list(itertools.product(x, repeat=dims)))
+  weights = np.prod(np.array(list(itertools.product(w, repeat=dims))), axis=1) / np.pi ** (dims / 2)
+  partials = jax.vmap(grad)(jnp.asarray(LOG_LR + np.sqrt(2) * SIGMA * points, jnp.float32))
+  total = np.sum(weights[:, None] * np.asarray(partials, np.float64))
+  return float(total)
+
+
+def episode_gradients(name: str, *, replicates: int, pairs: int, seed: int = 0, **fields):
+  """(replicates, K) estimates of d/d log_lr and (replicates, K, 3) of the unused coordinates, the k-th estimate of
+  an episode that starts at step 0 (no stagger: the first episode is made full length)."""
+  values = {"meta_batch_size": pairs, "truncation": WIDTH, "loss_cap": 1e6, **fields}
+  estimator = estimators.get(name).create(TASK, LogLearningRate(), values, HORIZON)
+  theta = LogLearningRate().init(None)
+  truncations = HORIZON // estimator.unroll.schedule.truncation
+
+  def replicate(key):
+    state = estimator.init(theta, jax.random.fold_in(key, 0))
+    full = lambda e: e._replace(length=jnp.full_like(e.length, HORIZON))  # noqa: E731
+    state = state._replace(episodes=full(state.episodes)) if hasattr(state, "episodes") else full(state)
+    out = []
+    for k in range(truncations):
+      state, grads, _ = estimator.estimate(theta, state, jax.random.fold_in(key, k + 1))
+      out.append(grads)
+    return jax.tree.map(lambda *g: jnp.stack(g), *out)
+
+  grads = jax.jit(jax.vmap(replicate))(jax.random.split(jax.random.key(seed), replicates))
+  return np.asarray(grads["log_lr"], np.float64), np.asarray(grads["unused"], np.float64)
+
+
+def assert_matches(estimates: np.ndarray, exact: float, *, sigmas: float = 4.0):
+  mean, error = estimates.mean(), estimates.std(ddof=1) / np.sqrt(estimates.size)
+  assert error < 0.1 * abs(exact), (mean, error, exact)  # the test can tell a wrong answer from a right one
+  assert abs(mean - exact) < sigmas * error, f"mean {mean:.5g} +- {error:.2g}, exact {exact:.5g}"
+
+
+def test_closed_form_matches_an_unroll():
+  from lopt.meta.estimators.truncated import Truncation, Unroller, start_episode
+  optimizer, theta = LogLearningRate(), LogLearningRate().init(None)
+  unroll = Unroller(TASK, optimizer, Truncation(WIDTH, (HORIZON, HORIZON)))
+  episode = start_episode(TASK, optimizer, theta, jax.random.key(0), HORIZON)
+  for k in range(TRUNCATIONS):
+    value, episode = unroll(theta, episode)
+    np.testing.assert_allclose(value, truncation_losses(jnp.full(TRUNCATIONS, LOG_LR))[k], rtol=1e-5)
+
+
+def test_full_unroll_es_is_unbiased():
+  """Antithetic ES over whole episodes: mean = gradient of the smoothed meta-loss of the episode."""
+  exact = smoothed_gradient(lambda t: jnp.mean(truncation_losses(jnp.full(TRUNCATIONS, t[0]))), 1)
+  estimates, _ = episode_gradients("es", replicates=400, pairs=32, truncation=None, sigma=SIGMA)
+  assert_matches(estimates[:, 0], exact)
+
+
+@pytest.mark.parametrize("k", [0, TRUNCATIONS - 1])
+def test_pes_is_unbiased_at_every_truncation(k):
+  """PES's k-th estimate: the gradient of E[L_k(theta + eps_1, ..., theta + eps_k)], one eps per truncation."""
+  exact = smoothed_gradient(lambda t: truncation_losses(jnp.pad(t, (0, TRUNCATIONS - k - 1)))[k], k + 1)
+  estimates, _ = episode_gradients("pes", replicates=400, pairs=32, sigma=SIGMA)
+  assert_matches(estimates[:, k], exact)
+
+
+def test_nres_is_unbiased_at_every_truncation():
+  """NRES's k-th estimate: the gradient of E[L_k(theta + eps, ..., theta + eps)], one eps per episode."""
+  estimates, _ = episode_gradients("nres", replicates=400, pairs=32, sigma=SIGMA)
+  for k in range(TRUNCATIONS):
+    exact = smoothed_gradient(lambda t: truncation_losses(jnp.full(TRUNCATIONS, t[0]))[k], 1)
+    assert_matches(estimates[:, k], exact)
+
+
+def test_mixed_full_unroll_matches_the_smoothed_gradient():
+  """Metz 2019's combination over whole episodes: both parts estimate the smoothed gradient, so does the mix (the
+  weights come from the same samples: a small bias, well inside 4 standard errors here)."""
+  exact = smoothed_gradient(lambda t: jnp.mean(truncation_losses(jnp.full(TRUNCATIONS, t[0]))), 1)
+  estimates, _ = episode_gradients("mixed", replicates=400, pairs=16, truncation=None, sigma=SIGMA)
+  assert_matches(estimates[:, 0], exact)
+
+
+def test_truncated_backpropagation_is_biased_toward_short_horizons():
+  """TBPTT's k-th gradient sees the last truncation's learning rate only; the true gradient of L_k also counts what
+  earlier learning rates did to the state it starts from. From the second truncation on they differ, by far more
+  than float error (TBPTT has no noise here: one replicate says it)."""
+  estimates, _ = episode_gradients("tbptt", replicates=1, pairs=1)
+  for k in range(TRUNCATIONS):
+    total = float(jax.grad(lambda t: truncation_losses(jnp.full(TRUNCATIONS, t))[k])(jnp.float32(LOG_LR)))
+    last_only = float(jax.grad(lambda t: truncation_losses(
+        jnp.full(TRUNCATIONS, LOG_LR).at[k].set(t))[k])(jnp.float32(LOG_LR)))
+    np.testing.assert_allclose(estimates[0, k], last_only, rtol=1e-4)
+    if k == 0:
+      np.testing.assert_allclose(estimates[0, k], total, rtol=1e-4)
+    else:
+      assert abs(estimates[0, k] - total) > 0.2 * abs(total), (k, estimates[0, k], total)
+
+
+def expected_square_difference(objective, dims: int) -> float:
+  """E[(objective(theta + eps) - objective(theta - eps))^2] by Gauss-Hermite quadrature (theta = LOG_LR)."""
+  x, w = np.polynomial.hermite.hermgauss(16 if dims <= 2 else 10)
+  points = jnp.asarray(np.sqrt(2) * SIGMA * np.array(list(itertools.product(x, repeat=dims))), jnp.float32)
+  weights = np.prod(np.array(list(itertools.product(w, repeat=dims))), axis=1) / np.pi ** (dims / 2)
+  differences = jax.vmap(lambda e: objective(LOG_LR + e) - objective(LOG_LR - e))(points)
+  return float(np.sum(weights * np.asarray(differences, np.float64) ** 2))
+
+
+def test_pes_variance_grows_with_truncations_and_nres_does_not():
+  """On meta-parameters without effect an estimate is pure noise, (L+ - L-) / (2 sigma^2) times the weight: its
+  variance is E[(L+ - L-)^2] / (4 sigma^4) times the weight's. PES's weight at the k-th truncation (from 0) is the
+  sum of k + 1 perturbations, NRES's one perturbation; so, scaled by E[(L+ - L-)^2] sigma^2 / (4 sigma^4) (computed
+  exactly), PES's variance is k + 1 and NRES's stays 1."""
+  pairs = 16
+  _, pes = episode_gradients("pes", replicates=200, pairs=pairs, sigma=SIGMA, seed=1)
+  _, nres = episode_gradients("nres", replicates=200, pairs=pairs, sigma=SIGMA, seed=1)
+  for k in range(TRUNCATIONS):
+    pes_scale = expected_square_difference(
+        lambda t: truncation_losses(jnp.pad(t, (0, TRUNCATIONS - k - 1)))[k], k + 1) / (4 * SIGMA**2) / pairs
+    nres_scale = expected_square_difference(
+        lambda t: truncation_losses(jnp.full(TRUNCATIONS, t[0]))[k], 1) / (4 * SIGMA**2) / pairs
+    pes_relative, nres_relative = pes[:, k].var() / pes_scale, nres[:, k].var() / nres_scale
+    assert abs(pes_relative / (k + 1) - 1) < 0.25, (k, pes_relative)
+    assert abs(nres_relative - 1) < 0.25, (k, nres_relative)
