@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -526,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"{command}: error: {e}", file=sys.stderr)
     return interrupts.finish(2)
+  except BrokenPipeError:  # `lopt tasks --sample 2000 | head`: the reader had enough, which is not an error
+    try:
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- the interpreter flushes stdout at exit
+    except OSError:
+      pass
+    return interrupts.finish(0)
   except OSError as e:
     if interrupts.is_interrupt(e):
       return interrupts.exit_interrupted(f"{command}: {INTERRUPTED}")

@@ -80,11 +80,18 @@ class LogUniform:
     value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
     return int(round(value)) if self.integer else float(value)
 
+  num_uniforms = 1
+
   def draw_jax(self, key):
     """The same distribution inside jit: () float32 (integers as floats, rounded)."""
     import jax
+    return self.from_uniforms(jax.random.uniform(key, (self.num_uniforms,)))
+
+  def from_uniforms(self, u):
+    """The draw from u: (num_uniforms,) Uniform[0, 1) values (several fields from one random call: each call site
+    adds compile time)."""
     import jax.numpy as jnp
-    value = jnp.exp(jax.random.uniform(key, (), minval=math.log(self.low), maxval=math.log(self.high)))
+    value = jnp.exp(math.log(self.low) + u[0] * (math.log(self.high) - math.log(self.low)))
     return jnp.round(value) if self.integer else value
 
   def describe(self) -> str:
@@ -116,11 +123,18 @@ class Sometimes:
     value = self.distribution.draw(rng)  # drawn either way: the stream does not depend on the coin
     return float(value) if use else self.otherwise
 
+  @property
+  def num_uniforms(self) -> int:
+    return 1 + self.distribution.num_uniforms
+
   def draw_jax(self, key):
     import jax
+    return self.from_uniforms(jax.random.uniform(key, (self.num_uniforms,)))
+
+  def from_uniforms(self, u):
+    """u[0] tosses the coin, the rest draws the distribution."""
     import jax.numpy as jnp
-    coin, value = jax.random.split(key)
-    return jnp.where(jax.random.uniform(coin) < self.probability, self.distribution.draw_jax(value), self.otherwise)
+    return jnp.where(u[0] < self.probability, self.distribution.from_uniforms(u[1:]), self.otherwise)
 
   def describe(self) -> str:
     return f"{self.distribution.describe()} with probability {self.probability:g}, else {self.otherwise:g}"
@@ -242,8 +256,9 @@ def problem_fields(key, space: dict | None = None):
   PROBLEM_SPACE): () float32 each, inside jit and vmap."""
   import jax
   space = PROBLEM_SPACE if space is None else space
-  init_key, scale_key = jax.random.split(jax.random.fold_in(key, 0x5CA1E))
-  return space["init_scale"].draw_jax(init_key), space["param_scale"].draw_jax(scale_key)
+  init_dist, scale_dist = space["init_scale"], space["param_scale"]
+  u = jax.random.uniform(jax.random.fold_in(key, 0x5CA1E), (init_dist.num_uniforms + scale_dist.num_uniforms,))
+  return init_dist.from_uniforms(u[:init_dist.num_uniforms]), scale_dist.from_uniforms(u[init_dist.num_uniforms:])
 
 
 def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options: dict):

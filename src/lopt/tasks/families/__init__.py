@@ -1,0 +1,98 @@
+"""Task families for meta-training general-purpose learned optimizers (Metz et al. 2020): distributions over
+architectures, datasets and batch sizes (shape fields) and over initialization and parameter scale (problem fields).
+
+``sample(key)`` draws a JSON configuration (a uniform mix of the families unless ``family`` is named);
+``task(config)`` builds exactly that problem and ``group_task(config)`` every problem sharing its shape fields, drawn
+per problem key (for vmap). ``lopt tasks`` lists the families and samples configurations.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+from lopt.fields import Registry
+from lopt.tasks.families import autoencoder, cnn, logistic_regression, mlp, rnn_lm, transformer_lm
+from lopt.tasks.families.base import (PROBLEM_SPACE, Choice, Family, FamilyError, IntRange, LogUniform, Sometimes,
+                                      augmented, problem_fields, rng_from)
+
+FAMILIES = Registry("task family", FamilyError)
+for _module in (mlp, cnn, rnn_lm, transformer_lm, autoencoder, logistic_regression):
+  FAMILIES.register(_module.FAMILY)
+
+
+def get(name: str, source: str = "") -> Family:
+  """The family registered as ``name`` (FamilyError listing the known ones otherwise)."""
+  return FAMILIES.get(name, source)
+
+
+def names_from(text: str, source: str = "task family") -> list[str]:
+  """Family names from ``"mlp"``, ``"mlp, cnn"`` or ``"all"`` (every family, sorted); FamilyError naming an unknown
+  one and the known ones."""
+  if not isinstance(text, str) or not text.strip():
+    raise FamilyError(f"{source}: expected family names (comma-separated, or 'all'); known: "
+                      f"{', '.join(sorted(FAMILIES))}")
+  if text.strip() == "all":
+    return sorted(FAMILIES)
+  names = [name.strip() for name in text.split(",") if name.strip()]
+  for name in names:
+    get(name, source)
+  return list(dict.fromkeys(names))  # each once, in the order given
+
+
+def sample(key, family: str | None = None, *, max_step_flops: float | None = None) -> dict:
+  """A configuration from ``key`` (an int, ints or a jax key). ``family`` None: a family uniformly, skipping those
+  whose cheapest step exceeds ``max_step_flops`` (and, rarely, one whose 1000 redraws find none within it); a named
+  family draws exactly what ``get(family).sample(key)`` does, and so does the mix once it has chosen that family."""
+  if family is not None:
+    return get(family).sample(key, max_step_flops=max_step_flops)
+  chooser = rng_from(key).spawn(1)[0]  # independent of the stream the family draws its fields from
+  for name in chooser.permutation(sorted(FAMILIES)):
+    if max_step_flops is not None and min_step_flops(name) > max_step_flops:
+      continue
+    try:
+      return FAMILIES[name].sample(key, max_step_flops=max_step_flops)
+    except FamilyError:  # feasible but rare under this budget: the next family
+      continue
+  raise FamilyError(f"no task family has a configuration within max_step_flops={max_step_flops:g} (the cheapest "
+                    f"steps: {', '.join(f'{n} {min_step_flops(n):.3g}' for n in sorted(FAMILIES))})")
+
+
+@functools.lru_cache(maxsize=None)
+def min_step_flops(name: str) -> float:
+  """The cheapest step of family ``name``: every choice and both ends of every range (costs grow with sizes)."""
+  family = get(name)
+  candidates = {field: _extremes(dist) for field, dist in family.space.items()}
+  return min(float(family.step_flops(dict(zip(candidates, values))))
+             for values in itertools.product(*candidates.values()))
+
+
+def _extremes(dist) -> tuple:
+  if isinstance(dist, Choice):
+    return dist.options
+  if isinstance(dist, Sometimes):
+    return (dist.otherwise, dist.distribution.low, dist.distribution.high)
+  if isinstance(dist, IntRange) or dist.integer:
+    return (int(round(dist.low)), int(round(dist.high)))
+  return (dist.low, dist.high)
+
+
+def _family_of(config) -> Family:
+  if not isinstance(config, dict) or "family" not in config:
+    raise FamilyError(f"a task-family configuration must be an object with a 'family' field; known families: "
+                      f"{', '.join(sorted(FAMILIES))}")
+  return get(config["family"], "configuration")
+
+
+def task(config: dict):
+  """The Task of exactly ``config`` (a configuration ``sample`` or ``lopt tasks --sample`` wrote)."""
+  return _family_of(config).task(config)
+
+
+def group_task(config: dict):
+  """The Task of every configuration with ``config``'s shape fields, problem fields drawn per problem key."""
+  return _family_of(config).group_task(config)
+
+
+__all__ = ["FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice", "IntRange", "LogUniform", "Sometimes",
+           "augmented", "get", "group_task", "min_step_flops", "names_from", "problem_fields", "sample", "task"]

@@ -1,0 +1,245 @@
+"""Task families: deterministic sampling, finite losses and gradients under jit and vmap, the parameter-scale
+augmentation, the exact 64-32-10 digits MLP, the offline datasets, and `lopt tasks`."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt.cli import main
+from lopt.data import datasets
+from lopt.tasks import families
+from lopt.tasks.families import FamilyError, problem_fields
+
+NAMES = sorted(families.FAMILIES)
+SMALL = 2e6  # a step budget that keeps each family's test problem (and its compile) small
+
+
+def small_config(name, seed=0):
+  return families.sample([seed, 11], name, max_step_flops=SMALL)
+
+
+def finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def test_six_families_at_least():
+  assert {"mlp", "cnn", "rnn_lm", "transformer_lm", "autoencoder", "logistic_regression"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_is_deterministic_in_the_key(name):
+  family = families.get(name)
+  for key in (3, [3, 4], jax.random.key(3)):
+    assert families.sample(key, name) == families.sample(key, name) == family.sample(key)
+  assert families.sample(jax.random.key(3), name) != families.sample(jax.random.key(4), name)
+  config = family.sample([5, 6])
+  assert list(config) == ["family", *family.space, *family.problem_space, "step_flops"]
+  assert json.loads(json.dumps(config)) == config
+  assert config["step_flops"] == family.step_flops(family.shape_config(config)) > 0
+
+
+@functools.lru_cache(maxsize=None)
+def group_run(name):
+  """One compile per family (CPU compiles dominate this file's time): for 4 problem keys of the group task, its
+  loss, gradients and held-out loss, its initial parameters beside the unaugmented task's, the drawn scales, and the
+  unaugmented loss at init_scale times its initial parameters."""
+  config = small_config(name)
+  family = families.get(name)
+  group, base = families.group_task(config), family.build(family.shape_config(config))
+
+  @jax.jit
+  @jax.vmap
+  def run(key):
+    init_scale, param_scale = problem_fields(key)
+    params, base_params = group.init(key), base.init(key)
+    loss, grads = jax.value_and_grad(group.loss)(params, key, 3)
+    base_loss = base.loss(jax.tree.map(lambda p: init_scale * p, base_params), key, 3)
+    return dict(loss=loss, grads=grads, valid=group.valid_loss(params, key, 3), params=params,
+                base_params=base_params, init_scale=init_scale, param_scale=param_scale, base_loss=base_loss)
+
+  return config, group, jax.tree.map(np.asarray, run(jax.random.split(jax.random.key(9), 4)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_of_a_configuration_is_finite(name):
+  config = small_config(name)
+  task = families.task(config)
+  assert task.valid_loss is not None and task.horizon == config["horizon"]
+  loss, valid = jax.jit(lambda key: (task.loss(task.init(key), key, 0), task.valid_loss(task.init(key), key, 0)))(
+      jax.random.key(1))
+  assert finite((loss, valid)) and loss.shape == valid.shape == ()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_task_is_finite_under_jit_and_vmap(name):
+  _, group, out = group_run(name)
+  assert group.valid_loss is not None and group.traits["horizon_range"] == (100, 2000)
+  assert out["loss"].shape == out["valid"].shape == (4,) and finite((out["loss"], out["valid"], out["grads"]))
+  assert len(set(out["loss"].tolist())) == 4  # each key its own problem
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(out["grads"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_scale_augmentation_rescales_and_keeps_the_loss(name):
+  _, _, out = group_run(name)
+  init_scale, param_scale = out["init_scale"], out["param_scale"]
+  assert np.all((param_scale == 1) | ((param_scale >= 0.1) & (param_scale <= 10))) and np.any(param_scale != 1)
+  assert np.all((init_scale >= 0.5) & (init_scale <= 2))
+  factor = init_scale * param_scale
+  for p, b in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(out["base_params"])):
+    np.testing.assert_allclose(p, factor.reshape(-1, *[1] * (b.ndim - 1)) * b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(out["loss"], out["base_loss"], rtol=1e-4)
+
+
+def test_a_fixed_parameter_scale_multiplies_the_parameters_not_the_loss():
+  config = {**small_config("mlp"), "init_scale": 1.5}
+  key = jax.random.key(0)
+  runs = {}
+  for scale in (1.0, 7.0):
+    task = families.task({**config, "param_scale": scale})
+    params = task.init(key)
+    runs[scale] = params, float(jax.jit(task.loss)(params, key, 0))
+  for p7, p1 in zip(jax.tree.leaves(runs[7.0][0]), jax.tree.leaves(runs[1.0][0])):
+    np.testing.assert_allclose(p7, 7.0 * p1, rtol=1e-6)
+  assert runs[7.0][1] == pytest.approx(runs[1.0][1], rel=1e-5)
+
+
+def test_the_64_32_10_digits_mlp_is_expressible_exactly():
+  config = {"family": "mlp", "dataset": "digits", "data_seed": 0, "depth": 1, "width": 32, "activation": "relu",
+            "layer_norm": False, "batch_size": 64}
+  task = families.task(config)
+  shapes = jax.tree.map(lambda x: x.shape, jax.eval_shape(task.init, jax.random.key(0)))
+  assert shapes == {"layer_0": {"w": (64, 32), "b": (32,)}, "output": {"w": (32, 10), "b": (10,)}}
+  assert task.num_params() == 64 * 32 + 32 + 32 * 10 + 10
+  # Problem fields left out: natural scale, the middle of the horizon range.
+  assert task.horizon == 447 and task.options["dataset"] == "digits"
+  assert families.get("mlp").step_flops(config) == 6 * (64 * 32 + 32 * 10) * 64
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": "imagenet"}, "field 'dataset' must be one of digits"),
+    ({"width": 32.0}, "field 'width' must be a positive integer"),
+    ({"layer_norm": 1}, "field 'layer_norm' must be one of false, true"),
+    ({"param_scale": -1.0}, "field 'param_scale' must be 1 or a positive number"),
+    ({"colour": "red"}, "unknown field"),
+    ({"family": "nope"}, "unknown task family 'nope'; known: autoencoder"),
+])
+def test_bad_configurations_say_what_is_allowed(change, message):
+  config = {**small_config("mlp"), **change}
+  with pytest.raises(FamilyError, match=message):
+    families.task(config)
+
+
+def test_the_mix_draws_what_each_family_would_and_respects_the_budget():
+  configs = [families.sample([0, i]) for i in range(300)]
+  assert {c["family"] for c in configs} == set(NAMES)
+  for i, c in enumerate(configs[:20]):
+    assert c == families.sample([0, i], c["family"])
+  budget = 1e5
+  cheap = [families.sample([1, i], max_step_flops=budget) for i in range(200)]
+  assert max(c["step_flops"] for c in cheap) <= budget and len({c["family"] for c in cheap}) >= 3
+  assert all(families.min_step_flops(n) > budget for n in {"rnn_lm", "transformer_lm"})
+  with pytest.raises(FamilyError, match="no task family has a configuration within"):
+    families.sample(0, max_step_flops=10)
+
+
+def test_names_from_reads_one_several_or_all():
+  assert families.names_from("all") == NAMES
+  assert families.names_from(" mlp, cnn ,mlp") == ["mlp", "cnn"]
+  with pytest.raises(FamilyError, match="unknown task family 'cnnn'; known: autoencoder"):
+    families.names_from("mlp,cnnn")
+
+
+# -- datasets --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(datasets.TABULAR))
+def test_tabular_datasets_match_their_declared_sizes_and_are_standardized(name):
+  features, classes = datasets.TABULAR[name]
+  train, valid = datasets.tabular(name, 3)
+  assert train.inputs.shape[1] == valid.inputs.shape[1] == features and train.inputs.dtype == np.float32
+  axis = None if name in datasets.IMAGES else 0  # pixels: standardized as a whole
+  assert np.abs(train.inputs.mean(axis)).max() < 1e-4
+  assert np.all(np.isclose(train.inputs.std(axis), 1, atol=1e-3) | (train.inputs.std(axis) == 0))
+  assert np.abs(valid.inputs.mean(axis)).max() < 0.5 and np.abs(valid.inputs).max() < 20
+  if classes:
+    assert train.labels.dtype == np.int32 and set(train.labels.tolist()) == set(range(classes))
+  else:
+    assert train.labels.dtype == np.float32 and abs(float(train.labels.std()) - 1) < 1e-4
+  assert datasets.tabular(name, 3) is datasets.tabular(name, 3)  # cached
+  if name in datasets.GENERATED:
+    assert not np.array_equal(datasets.tabular(name, 4)[0].inputs[:5], train.inputs[:5])
+
+
+def test_token_streams_are_offline_and_deterministic():
+  text = datasets.text_corpus()
+  assert text.dtype == np.uint8 and len(text) == datasets.TEXT_LENGTH and text.max() < datasets.TEXT_VOCAB
+  assert np.mean(text == 0) < 0.01  # nearly all of it is printable ASCII
+  chain = datasets.markov_sequences(5)
+  assert chain.dtype == np.uint8 and chain.max() < datasets.MARKOV_VOCAB
+  np.testing.assert_array_equal(chain, datasets.markov_sequences.__wrapped__(5))
+  assert not np.array_equal(chain[:100], datasets.markov_sequences(6)[:100])
+
+
+# -- lopt tasks ------------------------------------------------------------------------------------------------------
+
+def run_cli(capsys, *args):
+  code = main(["tasks", *args])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_lopt_tasks_lists_every_family_and_field(capsys):
+  code, out, _ = run_cli(capsys)
+  assert code == 0
+  for name, family in families.FAMILIES.items():
+    assert f"{name}: {family.description}" in out
+    for field_name in {**family.space, **family.problem_space}:
+      assert f"  {field_name} " in out
+
+
+def test_lopt_tasks_sample_2000_is_varied_and_deterministic(capsys):
+  code, out, _ = run_cli(capsys, "--sample", "2000")
+  lines = out.splitlines()
+  assert code == 0 and len(lines) == 2000
+  configs = [json.loads(line) for line in lines]
+  assert len(set(lines)) >= 1000 and len({c["family"] for c in configs}) >= 5
+  shapes = {json.dumps({k: c[k] for k in families.get(c["family"]).space}, sort_keys=True) for c in configs}
+  assert len(shapes) >= 1000  # varied architectures and data, not only varied scales
+  assert all({"family", "step_flops", "init_scale", "param_scale", "horizon"} <= set(c) for c in configs)
+  _, prefix, _ = run_cli(capsys, "--sample", "5")
+  assert prefix.splitlines() == lines[:5]
+  _, other, _ = run_cli(capsys, "--sample", "5", "--seed", "1")
+  assert other.splitlines() != lines[:5]
+
+
+def test_lopt_tasks_respects_family_and_max_step_flops(capsys):
+  code, out, _ = run_cli(capsys, "--sample", "50", "--max-step-flops", "5e4", "--seed", "3")
+  configs = [json.loads(line) for line in out.splitlines()]
+  assert code == 0 and len(configs) == 50 and max(c["step_flops"] for c in configs) <= 5e4
+  code, out, _ = run_cli(capsys, "--sample", "20", "--family", "cnn", "--max-step-flops", "1e6")
+  configs = [json.loads(line) for line in out.splitlines()]
+  assert code == 0 and {c["family"] for c in configs} == {"cnn"} and max(c["step_flops"] for c in configs) <= 1e6
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--sample", "3", "--family", "nope"), "unknown task family 'nope'; known: autoencoder, cnn"),
+    (("--family", "nope"), "unknown task family 'nope'"),
+    (("--sample", "3", "--seed", "-1"), "--seed must be a non-negative integer"),
+    (("--sample", "3", "--max-step-flops", "10"), "no task family has a configuration within"),
+])
+def test_lopt_tasks_errors_are_one_line_exit_2(capsys, args, message):
+  code, out, err = run_cli(capsys, *args)
+  assert code == 2 and out == "" and message in err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_lopt_tasks_bad_sample_count_exits_2(capsys, value):
+  with pytest.raises(SystemExit) as exit_info:
+    main(["tasks", "--sample", value])
+  assert exit_info.value.code == 2
+  assert "expected a positive integer" in capsys.readouterr().err
