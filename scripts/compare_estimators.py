@@ -143,8 +143,13 @@ def main():
   task = families.group_task(shape)
   optimizer = MLPOptimizer()
   curves, thetas = {}, {}
+  device = jax.devices()[0]
+  record = {"date": str(date.today()), "machine": platform.node(),
+            "device": f"{device.platform} {getattr(device, 'device_kind', '')}", "jax": jax.__version__,
+            "settings": vars(args), "shape": shape, "curves": curves}
   for name in args.estimators:
     curves[name], thetas[name] = train(name, task, task, optimizer, args)
+    (out / "estimators.json").write_text(json.dumps(record, indent=1))  # what is done survives a time limit
   reference_name = "pes" if "pes" in thetas else args.estimators[0]
   theta = thetas[reference_name]  # a trained theta: where the noise matters
   noise_raw = {name: gradient_noise(name, task, optimizer, theta, args) for name in args.estimators}
@@ -157,10 +162,7 @@ def main():
     cosine = float(mean @ pooled / (np.linalg.norm(mean) * np.linalg.norm(pooled) + 1e-30))
     noise[name] = {"mean_variance": variance, "inner_steps_per_estimate": raw["inner_steps"],
                    "variance_at_equal_compute": variance * raw["inner_steps"], "cosine_to_unbiased_mean": cosine}
-  device = jax.devices()[0]
-  record = {"date": str(date.today()), "machine": platform.node(),
-            "device": f"{device.platform} {getattr(device, 'device_kind', '')}", "jax": jax.__version__,
-            "settings": vars(args), "shape": shape, "curves": curves, "noise": noise}
+  record["noise"] = noise
   (out / "estimators.json").write_text(json.dumps(record, indent=1))
   figures(out, curves, noise)
   for name in args.estimators:

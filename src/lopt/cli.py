@@ -101,6 +101,8 @@ TRAIN_OPTIONS = [
     ("--loss-cap", "loss_cap", _positive_float, "a problem's normalized loss is capped here (divergence guard)"),
     ("--seed", "seed", int, "seed of the meta-parameters and the training problem stream"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
+    ("--eval-problems", "num_eval_problems", _positive_int, "held-out problems of each evaluation (selection)"),
+    ("--log-every", "log_every", _positive_int, "outer steps between lines of metrics.jsonl"),
     ("--checkpoint-every", "checkpoint_every", _positive_int, "outer steps between checkpoints"),
 ]
 
