@@ -13,7 +13,7 @@ import lopt
 from lopt.cli import main
 
 SMALL = ["--optimizer", "mlp", "--optimizer-option", "hidden_size=8", "--optimizer-option", "num_layers=1",
-         "--truncation", "5", "--horizon", "10", "--steps", "2", "--meta-batch-size", "2", "--eval-every", "2",
+         "--horizon", "10", "--steps", "2", "--meta-batch-size", "2", "--eval-every", "2",
          "--eval-problems", "2", "--task-option", "num_groups=1", "--task-option", "max_step_flops=2e5"]
 
 
@@ -28,7 +28,7 @@ def train(tmp_path, family: str, estimator: str, *extra) -> int:
       for e in ("full", "tbptt", "es", "pes", "nres", "mixed")),
 ])
 def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
-  extra = ["--num-particles", "2"] if estimator == "mixed" else []
+  extra = [] if estimator == "full" else ["--truncation", "5"]  # full backpropagation unrolls whole episodes
   assert train(tmp_path, family, estimator, *extra) == 0
   run = tmp_path / f"{family}-{estimator}"
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -44,8 +44,9 @@ def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
 
 @pytest.mark.parametrize("extra, message", [
     (["--estimator", "tbptt", "--num-particles", "4"], "has no field(s) ['num_particles']"),
+    (["--estimator", "full", "--truncation", "5"], "has no field(s) ['truncation']"),
     (["--estimator", "pes", "--truncation", "50"], "truncation 50 is longer than the horizon 10"),
-    (["--estimator", "mixed", "--meta-batch-size", "1"], "needs at least 2 antithetic pairs"),
+    (["--estimator", "mixed", "--truncation", "5", "--meta-batch-size", "1", "--num-particles", "1"], "needs at least 2 antithetic pairs"),
     (["--estimator", "pes", "--task-family", "nonesuch"], "nonesuch"),
     (["--estimator", "pes", "--objective", "validation"], "objective"),
 ])

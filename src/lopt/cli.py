@@ -336,7 +336,11 @@ def train_config(base, args):
                               (estimator_fields, estimator_spec, f"estimator {estimator_spec.name!r}")):
     unknown = sorted(set(fields) - set(spec.fields))
     if unknown:
-      raise UserError(f"options: {where} has no field(s) {unknown}; its fields: {', '.join(spec.fields)}")
+      hint = ""
+      if "truncation" in unknown and spec is estimator_spec:
+        hint = (" (it unrolls whole episodes: --horizon N sets their length; --estimator tbptt, es, pes, nres or "
+                "mixed truncate them)")
+      raise UserError(f"options: {where} has no field(s) {unknown}{hint}; its fields: {', '.join(spec.fields)}")
   optimizer = dataclasses.replace(optimizer, fields={**optimizer.fields, **optimizer_fields})
   estimator = dataclasses.replace(estimator, fields={**estimator.fields, **estimator_fields})
   config = base.replace(optimizer=optimizer, estimator=estimator, **flat)
