@@ -3,6 +3,8 @@
   python scripts/kill_torture.py                      # 20 random kills (a few minutes on a laptop CPU)
   python scripts/kill_torture.py --kills 5 --seed 1
   python scripts/kill_torture.py --update-doc docs/RELIABILITY.md   # also records the results in the doc
+  python scripts/kill_torture.py --estimator pes --kills 5  # a truncated estimator (mlp optimizer, truncation 5):
+                                                            # kills land mid-episode; estimator state compared too
 
 What it does:
   1. Runs a tiny meta-training twice without interruption (the second run measures the time a run takes once the
@@ -304,7 +306,12 @@ def main() -> int:
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--update-doc", type=Path, default=None, help="RELIABILITY.md to record the results in")
+  parser.add_argument("--estimator", default=None, help="train with this truncated estimator (truncation 5, episodes "
+                      "of 10 steps) and the mlp optimizer instead of the default full backpropagation of a GRU")
   args = parser.parse_args()
+  if args.estimator is not None:
+    TRAIN_ARGS.extend(["--optimizer", "mlp", "--optimizer-option", "num_layers=1", "--estimator", args.estimator,
+                       "--truncation", "5"])
   with tempfile.TemporaryDirectory(prefix="lopt-torture-") as tmp:
     results = torture(Path(tmp), args.kills, args.seed)
     lock = second_process_refused(Path(tmp))

@@ -189,3 +189,19 @@ def test_pes_variance_grows_with_truncations_and_nres_does_not():
     pes_relative, nres_relative = pes[:, k].var() / pes_scale, nres[:, k].var() / nres_scale
     assert abs(pes_relative / (k + 1) - 1) < 0.25, (k, pes_relative)
     assert abs(nres_relative - 1) < 0.25, (k, nres_relative)
+
+
+def test_validation_objective_reads_the_validation_loss():
+  """objective=valid scores the task's validation loss: equal to the training objective where the two losses are the
+  same function, different where they are not."""
+  shifted = Task("quadratic", init=TASK.init, loss=TASK.loss, horizon=HORIZON,
+                 valid_loss=lambda params, key, step: quadratic_loss(params - 0.5))
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 4, "truncation": WIDTH, "sigma": SIGMA}
+  results = {}
+  for name, task, objective in (("train", TASK, "train"), ("same", TASK, "valid"), ("shifted", shifted, "valid")):
+    estimator = estimators.get("pes").create(task, LogLearningRate(), {**values, "objective": objective}, HORIZON)
+    state = estimator.init(theta, jax.random.key(0))
+    results[name] = jax.jit(estimator.estimate)(theta, state, jax.random.key(1))[1]["log_lr"]
+  assert float(results["train"]) == float(results["same"])
+  assert float(results["train"]) != float(results["shifted"])

@@ -393,7 +393,7 @@ def _check_task_builds(task, config) -> None:
 def command_compare(args) -> dict:
   from lopt.io.checkpoint import load_optimizer, read_json
   from lopt.meta.config import MetaTrainConfig
-  from lopt.meta.train import task_from
+  from lopt.meta.train import representative_task, task_from
   run_dir = Path(args.run_dir)
   if not run_dir.is_dir():
     raise UserError(f"{run_dir}: no such run directory (create one with `lopt train TASK --out {run_dir}`)")
@@ -401,7 +401,7 @@ def command_compare(args) -> dict:
   config = MetaTrainConfig.from_dict(read_json(config_path, "run config"), str(config_path))
   _validate(config, str(config_path))
   optimizer, theta, _ = load_optimizer(run_dir)
-  return _compare(run_dir, task_from(config), optimizer, theta, args)
+  return _compare(run_dir, representative_task(task_from(config)), optimizer, theta, args)
 
 
 def _compare(run_dir: Path, task, optimizer, theta, args) -> dict:

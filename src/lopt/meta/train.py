@@ -138,6 +138,12 @@ def task_from(config: MetaTrainConfig):
   return task_registry.get(config.task.name, **options)
 
 
+def representative_task(task):
+  """One Task to compare or analyze on: the task itself, or a family run's first shape group (its problems drawn
+  per key, as in training)."""
+  return task[0] if isinstance(task, tuple) else task
+
+
 def estimator_from(config: MetaTrainConfig, task, optimizer):
   """The gradient estimator the config's ``estimator`` section describes (through the estimator registry)."""
   section = config.estimator

@@ -49,7 +49,7 @@ def resolve(path: str | Path, task_name: str | None = None, task_options: dict |
   """(optimizer, theta, task) from a run directory (its config names the task) or a saved optimizer + task name."""
   from lopt import tasks
   from lopt.meta.config import MetaTrainConfig
-  from lopt.meta.train import task_from
+  from lopt.meta.train import representative_task, task_from
   from lopt.trained import resolve_optimizer_path
   path = resolve_optimizer_path(path)  # a path, or a name as lopt.load takes it (shipped optimizers included)
   if not path.is_dir():
@@ -67,7 +67,7 @@ def resolve(path: str | Path, task_name: str | None = None, task_options: dict |
   else:
     raise UserError(f"{path}: a saved optimizer without its training config; name the task with --task "
                     f"(one of: {', '.join(tasks.REGISTRY)})")
-  return optimizer, theta, task
+  return optimizer, theta, representative_task(task)
 
 
 def heavy_ball_reference(task) -> dict | None:
