@@ -49,7 +49,8 @@ class NoiseRule:
   apply: Callable
 
 
-def _where_pairs(flag, a, b):
+def where_pairs(flag, a, b):
+  """``a`` where ``flag`` (pairs,) else ``b``, for pytrees with a leading pairs axis."""
   return jax.tree.map(lambda x, y: jnp.where(flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 

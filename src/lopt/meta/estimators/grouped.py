@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 
 from lopt.meta.estimators.truncated import Metrics
 

@@ -4,11 +4,12 @@ unlike PES its variance does not grow with the number of truncations."""
 
 from __future__ import annotations
 
-from lopt.meta.estimators.es import NoiseRule, _where_pairs, build_antithetic
+from lopt.meta.estimators.es import NoiseRule, build_antithetic, where_pairs
 
 
 def _reuse(stored, eps, starting):
-  stored = _where_pairs(starting, eps, stored)
+  """A new eps only at an episode's start; the truncation runs at theta +- it and is weighted by it."""
+  stored = where_pairs(starting, eps, stored)
   return stored, stored, stored
 
 

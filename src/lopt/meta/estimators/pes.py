@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import jax
 
-from lopt.meta.estimators.es import NoiseRule, _where_pairs, build_antithetic
+from lopt.meta.estimators.es import NoiseRule, build_antithetic, where_pairs
 
 
 def _accumulate(accumulated, eps, starting):
-  accumulated = _where_pairs(starting, jax.tree.map(lambda e: 0 * e, eps), accumulated)
+  """Zero at an episode's start, then + eps: the truncation runs at theta +- eps, weighted by the sum so far."""
+  accumulated = where_pairs(starting, jax.tree.map(lambda e: 0 * e, eps), accumulated)
   accumulated = jax.tree.map(lambda a, e: a + e, accumulated, eps)
   return accumulated, eps, accumulated
 

@@ -9,13 +9,11 @@ is left out (counted as dropped).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from lopt.meta.estimators.truncated import (Metrics, Truncation, Unroller, all_finite, first_episodes,
-                                            l2_penalty_gradient, masked_mean, restart_finished, restart_keys)
+from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
+                                            masked_mean, restart_finished, restart_keys, truncation_for)
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class TruncatedBPTT:
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> TruncatedBPTT:
-  from lopt.meta.estimators.truncated import truncation_for
+  """The registry's constructor: validated fields -> TruncatedBPTT."""
   schedule = truncation_for(task, values["truncation"], horizon)
   unroll = Unroller(task, optimizer, schedule, values["meta_loss"], values["loss_cap"], values["objective"],
                     values["remat"], values["meta_gradient"] == "first_order")
