@@ -323,7 +323,7 @@ def test_importing_lopt_torch_does_not_import_jax():
 
 def test_deepcopy_and_invalid_lr(checkpoint):
   path, _, _ = checkpoint
-  with pytest.raises(ValueError, match="lr must be a non-negative number"):
+  with pytest.raises(ValueError, match="lr must be a non-negative (finite )?number"):
     LearnedOptimizer(make_params(), path, lr=-1.0)
   params = make_params()
   optimizer = LearnedOptimizer(params, path)

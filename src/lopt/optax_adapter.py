@@ -18,7 +18,7 @@ module adds on top of that binding is what makes the result composable:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,5 +81,48 @@ def as_optax(optimizer, theta) -> optax.GradientTransformationExtraArgs:
     new_updates, new_state = optimizer.update(theta, state, updates, params, loss=loss_from_extra_args(extra_args),
                                               **hints)
     return optax.tree_utils.tree_cast_like(new_updates, updates), optax.tree_utils.tree_cast_like(new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class GuardedState(NamedTuple):
+  """inner: the wrapped transformation's state; skipped_steps: () int32, steps whose gradients were not all finite
+  (skipped: zero updates, ``inner`` unchanged)."""
+  inner: Any
+  skipped_steps: jax.Array
+
+
+def guarded(transformation: optax.GradientTransformation, *, learning_rate: float = 1.0,
+            weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """What a practitioner's optimizer adds around a learned update, as ``lopt.torch.LearnedOptimizer`` does it:
+
+  - a step with any non-finite gradient is skipped and counted: zero updates, the state untouched (never poisoned);
+  - decoupled weight decay first, then the learned update of the decayed parameters, scaled by ``learning_rate``:
+    q = p (1 - learning_rate * weight_decay), p' = q + learning_rate * update(g, q).
+  With the defaults the updates are the learned ones unchanged.
+  """
+  if not (isinstance(learning_rate, (int, float)) and learning_rate >= 0 and jnp.isfinite(learning_rate)):
+    raise ValueError(f"guarded: learning_rate must be a non-negative finite number, got {learning_rate!r}")
+  if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and jnp.isfinite(weight_decay)):
+    raise ValueError(f"guarded: weight_decay must be a non-negative finite number, got {weight_decay!r}")
+
+  def init_fn(params):
+    return GuardedState(transformation.init(params), jnp.zeros((), jnp.int32))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)] or [jnp.array(True)]))
+    decayed = params
+    if weight_decay:
+      if params is None:
+        raise ValueError("guarded: weight decay needs params")
+      decayed = jax.tree.map(lambda p: p * (1 - learning_rate * weight_decay), params)
+    updates, inner = transformation.update(grads, state.inner, decayed, **extra_args)
+    if learning_rate != 1.0:
+      updates = jax.tree.map(lambda u: learning_rate * u, updates)
+    if weight_decay:
+      updates = jax.tree.map(lambda u, q, p: (q - p) + u, updates, decayed, params)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner, state.inner)
+    return updates, GuardedState(inner, state.skipped_steps + (~finite).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -84,10 +84,20 @@ class TrainedOptimizer:
     count = sum(math.prod(shape) for shape in shapes.values())
     return f"TrainedOptimizer({self.optimizer!r}, {count} meta-parameters, path={str(self.path)!r})"
 
-  def as_optax(self):
-    """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optax_adapter.as_optax``)."""
-    from lopt.optax_adapter import as_optax
-    return as_optax(self.optimizer, self.theta)
+  def as_optax(self, *, learning_rate: float | None = None, weight_decay: float | None = None,
+               skip_nonfinite: bool = False):
+    """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optax_adapter.as_optax``).
+
+    With ``learning_rate`` (a multiplier, 1 reproduces the optimizer as trained), ``weight_decay`` (decoupled) or
+    ``skip_nonfinite`` it is wrapped as ``lopt.optax_adapter.guarded`` does -- the same rules as
+    ``lopt.torch.LearnedOptimizer`` -- and its state becomes a ``GuardedState`` (``skipped_steps`` counts skipped
+    steps). Without them it is the bare learned update, whose state is the architecture's own."""
+    from lopt.optax_adapter import as_optax, guarded
+    transformation = as_optax(self.optimizer, self.theta)
+    if learning_rate is None and weight_decay is None and not skip_nonfinite:
+      return transformation
+    return guarded(transformation, learning_rate=1.0 if learning_rate is None else learning_rate,
+                   weight_decay=weight_decay or 0.0)
 
   def __iter__(self):
     """Unpacks like ``load_optimizer``: ``optimizer, theta, config = lopt.load(path)``."""

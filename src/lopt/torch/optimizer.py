@@ -26,15 +26,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
       already loaded ``lopt.TrainedOptimizer``.
     lr: multiplies the learned update: p <- p + lr * dx. 1.0 reproduces the optimizer as trained (and the JAX
       transformation); learning-rate schedulers scale it like any other optimizer's ``lr``.
+    weight_decay: decoupled weight decay, applied first: p <- p (1 - lr * weight_decay), then the learned update of
+      the decayed parameters (as AdamW decays before its step). 0 by default.
 
-  ``step()`` changes parameters exactly as ``lopt.load(...).as_optax()`` followed by ``optax.apply_updates`` does (to
-  rounding). Raises ``CheckpointError`` naming the file, field or tensor, and expected versus found, when the
-  checkpoint is missing or does not match.
+  ``step()`` changes parameters exactly as ``lopt.load(...).as_optax(learning_rate=lr, weight_decay=...)`` followed
+  by ``optax.apply_updates`` does (to rounding). A step in which any gradient is not finite is skipped whole -- no
+  parameter and no state changes -- and counted in ``skipped_steps`` (kept in the state dict). Parameter groups
+  accept ``params``, ``lr`` and ``weight_decay``; any other key is refused rather than silently ignored. Raises
+  ``CheckpointError`` naming the file, field or tensor, and expected versus found, when the checkpoint is missing or
+  does not match.
   """
 
-  def __init__(self, params, optimizer, lr: float = 1.0):
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
-      raise ValueError(f"LearnedOptimizer: lr must be a non-negative number, got {lr!r}")
+  GROUP_KEYS = ("params", "lr", "weight_decay", "param_names")  # param_names: torch's own, for named parameters
+
+  def __init__(self, params, optimizer, lr: float = 1.0, weight_decay: float = 0.0):
+    _check_rate("lr", lr)
+    _check_rate("weight_decay", weight_decay)
+    self.skipped_steps = 0
     if isinstance(optimizer, (str, os.PathLike)):
       architecture, tensors, config, _ = read_trained_optimizer(optimizer)
     elif hasattr(optimizer, "optimizer") and hasattr(optimizer, "theta"):  # a lopt.TrainedOptimizer
@@ -56,7 +64,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
     # Kept on the CPU in the stored dtype; the rule converts them once per (device, dtype) that parameters use.
     self.rule = resolve(rule_class)(architecture.values,
                                     {name: torch.as_tensor(value).clone() for name, value in tensors.items()})
-    super().__init__(params, {"lr": lr})
+    super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+  def add_param_group(self, param_group: dict) -> None:
+    """torch's ``add_param_group``, refusing keys this optimizer would ignore (a typo such as ``weight_decy``, or a
+    setting of another optimizer such as ``momentum``) and checking ``lr`` and ``weight_decay``."""
+    unknown = sorted(set(param_group) - set(self.GROUP_KEYS))
+    if unknown:
+      raise ValueError(f"LearnedOptimizer: parameter group {len(self.param_groups)} has unknown key(s) {unknown}; "
+                       f"a group takes {', '.join(self.GROUP_KEYS[:3])}")
+    for name in ("lr", "weight_decay"):
+      if name in param_group:
+        _check_rate(f"parameter group {len(self.param_groups)}: {name}", param_group[name])
+    super().add_param_group(param_group)
 
   @property
   def spec(self) -> ArchitectureConfig:
@@ -70,7 +90,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if closure is not None:
       with torch.enable_grad():
         loss = closure()
-    for group_index, group in enumerate(self.param_groups):
+    groups = []
+    for group in self.param_groups:
       buckets: dict = {}
       for p in group["params"]:
         if p.grad is None:
@@ -80,7 +101,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not p.is_floating_point():
           raise RuntimeError(f"LearnedOptimizer: parameters must be floating point, found {p.dtype}")
         buckets.setdefault((p.device, p.dtype), []).append(p)
+      groups.append(buckets)
+    by_device: dict = {}
+    for buckets in groups:
+      for (device, _), params in buckets.items():
+        by_device.setdefault(device, []).extend(torch.isfinite(p.grad).all() for p in params)
+    # One host sync per device and step: the price of never letting a NaN or inf into the state.
+    if not all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+      self.skipped_steps += 1
+      return loss
+    for group_index, (group, buckets) in enumerate(zip(self.param_groups, groups)):
       for (device, dtype), params in buckets.items():
+        decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
+        if decay:
+          torch._foreach_mul_(params, 1 - group["lr"] * decay)
         self.rule.step((group_index, device, dtype), params, [self.state[p] for p in params], group["lr"])
     return loss
 
@@ -90,7 +124,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     """torch's state dict, plus ``"lopt"``: the architecture and weights checksum, checked on load."""
     state = super().state_dict()
     state["lopt"] = {"optimizer": self.architecture.config(),
-                     "weights_sha256": self.checkpoint_config.get("weights_sha256")}
+                     "weights_sha256": self.checkpoint_config.get("weights_sha256"),
+                     "skipped_steps": self.skipped_steps}
     return state
 
   def load_state_dict(self, state_dict) -> None:
@@ -108,6 +143,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         raise ValueError(f"LearnedOptimizer.load_state_dict: the state was written with weights SHA-256 "
                          f"{saved.get('weights_sha256')}, this optimizer's weights are {digest}")
     super().load_state_dict(state_dict)
+    self.skipped_steps = int((saved or {}).get("skipped_steps", 0))
     self.rule.reset()
     for group in self.param_groups:
       for index, p in enumerate(group["params"]):
@@ -117,6 +153,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
           if value is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(f"LearnedOptimizer.load_state_dict: {name} state of parameter {index} has shape "
                              f"{tuple(value.shape)}, expected {tuple(shape)}")
+
+
+def _check_rate(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+    raise ValueError(f"LearnedOptimizer: {name} must be a non-negative finite number, got {value!r}")
 
 
 def _to_numpy(value):
