@@ -35,6 +35,8 @@ def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
   assert records[-1]["step"] == 2 and records[-1]["inner_steps"] > 0
   assert all(jnp.isfinite(r["meta_loss"]) for r in records) and "held_out_loss" in records[-1]
   assert "meta-training: step 2/2" in capsys.readouterr().err  # the progress line
+  groups = json.loads((run / "task_groups.json").read_text())
+  assert [g["family"] for g in groups["training"] + groups["held_out"]] == [family] * 2
   trained = lopt.load(run)
   params = {"w": jnp.ones((3, 2))}
   tx = trained.as_optax()

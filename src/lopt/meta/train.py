@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt import architectures, interrupts, tasks as task_registry
+from lopt.io.checkpoint import atomic_write_json
 from lopt.meta import estimators
 from lopt.meta import run as run_files
 from lopt.meta.config import MetaTrainConfig
@@ -111,6 +112,13 @@ def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
   """The task groups of a family run: ``num_groups`` shapes sampled from the families in turn, each a Task that
   draws its problem fields (initialization and parameter scale, horizon) per problem key."""
   from lopt.tasks import families
+  return tuple(families.group_task(c) for c in family_configs(section, seed, held_out=held_out))
+
+
+def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
+  """The configurations behind ``family_groups`` (JSON; their problem fields are one draw, shown for reference:
+  training draws them per problem). A pure function of the task section and the seed."""
+  from lopt.tasks import families
   names = families.names_from(section.family)
   options = {**FAMILY_OPTIONS, **section.options}
   unknown = sorted(set(options) - set(FAMILY_OPTIONS))
@@ -123,9 +131,8 @@ def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
   if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
     raise families.FamilyError(f"task family option 'max_step_flops' must be a positive number, found {budget!r}")
   stream = HELD_OUT_STREAM if held_out else 0
-  configs = [families.get(names[g % len(names)]).sample([seed, stream, g], max_step_flops=budget)
-             for g in range(count)]
-  return tuple(families.group_task(c) for c in configs)
+  return [families.get(names[g % len(names)]).sample([seed, stream, g], max_step_flops=budget)
+          for g in range(count)]
 
 
 def task_from(config: MetaTrainConfig):
@@ -231,6 +238,10 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
   if run_dir is not None:
     run = run_files.RunDirectory(run_dir)
     run.open(config, resume=resume)
+    if config.task.family is not None:  # which shapes this run trains and selects on, for whoever reads the run
+      atomic_write_json(run.path / "task_groups.json",
+                        {"training": family_configs(config.task, config.seed),
+                         "held_out": family_configs(config.task, config.seed, held_out=True)})
     if resume:
       restored = run.restore(state)
       if restored is not None:
