@@ -151,24 +151,18 @@ register(EstimatorSpec(
     fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **BACKPROPAGATION_FIELDS},
     build="lopt.meta.estimators.tbptt:build",
 ))
-register(EstimatorSpec(
-    name="es",
-    description="antithetic evolution strategies, a fresh perturbation per truncation (null truncation: full unrolls)",
-    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(None), **PERTURBATION_FIELDS},
-    build="lopt.meta.estimators.es:build",
-))
-register(EstimatorSpec(
-    name="pes",
-    description="persistent evolution strategies (Vicol 2021): perturbations accumulated over the episode, unbiased",
-    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **PERTURBATION_FIELDS},
-    build="lopt.meta.estimators.pes:build",
-))
-register(EstimatorSpec(
-    name="nres",
-    description="noise-reuse evolution strategies (Li 2023): one perturbation per episode, unbiased, flat variance",
-    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **PERTURBATION_FIELDS},
-    build="lopt.meta.estimators.nres:build",
-))
+# The antithetic family differs only in its noise rule (and es in its default: whole episodes).
+for _name, _description, _truncation_default in (
+    ("es", "antithetic evolution strategies, a fresh perturbation per truncation (null truncation: full unrolls)",
+     None),
+    ("pes", "persistent evolution strategies (Vicol 2021): perturbations accumulated over the episode, unbiased", 50),
+    ("nres", "noise-reuse evolution strategies (Li 2023): one perturbation per episode, unbiased, flat variance", 50),
+):
+  register(EstimatorSpec(
+      name=_name, description=_description,
+      fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(_truncation_default), **PERTURBATION_FIELDS},
+      build=f"lopt.meta.estimators.{_name}:build",
+  ))
 register(EstimatorSpec(
     name="mixed",
     description="Metz 2019: per-coordinate inverse-variance mix of backpropagation and ES gradients",

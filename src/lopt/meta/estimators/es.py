@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lopt.meta.estimators.truncated import (NOISE_STREAM, Metrics, Unroller, first_episodes, l2_penalty_gradient,
-                                            masked_mean, restart_finished, restart_keys, truncation_for)
+                                            masked_mean, restart_finished, restart_keys)
 
 SIGNS = jnp.array([1.0, -1.0])
 
@@ -128,9 +128,7 @@ def es_terms(meta_losses: jax.Array, weight, sigma: float):
 
 def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: int | None) -> Antithetic:
   """The registry's constructors for es / pes / nres: validated fields -> Antithetic."""
-  schedule = truncation_for(task, values["truncation"], horizon)
-  unroll = Unroller(task, optimizer, schedule, values["meta_loss"], values["loss_cap"], values["objective"])
-  return Antithetic(unroll, rule, values["meta_batch_size"], values["num_particles"], values["sigma"],
+  return Antithetic(Unroller.from_values(task, optimizer, values, horizon), rule, values["meta_batch_size"], values["num_particles"], values["sigma"],
                     values["l2_penalty"])
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lopt.meta.estimators.es import ES_RULE, SIGNS, Antithetic, AntitheticState, es_terms
-from lopt.meta.estimators.truncated import Metrics, Unroller, all_finite, l2_penalty_gradient, truncation_for
+from lopt.meta.estimators.truncated import Metrics, Unroller, all_finite, l2_penalty_gradient
 
 VARIANCE_FLOOR = 1e-30  # keeps 1/s^2 finite where every pair agrees exactly (a meta-parameter that has no effect)
 
@@ -67,8 +67,5 @@ class Mixed(Antithetic):
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Mixed:
-  schedule = truncation_for(task, values["truncation"], horizon)
-  unroll = Unroller(task, optimizer, schedule, values["meta_loss"], values["loss_cap"], values["objective"],
-                    values["remat"], values["meta_gradient"] == "first_order")
-  return Mixed(unroll, ES_RULE, values["meta_batch_size"], values["num_particles"], values["sigma"],
+  return Mixed(Unroller.from_values(task, optimizer, values, horizon), ES_RULE, values["meta_batch_size"], values["num_particles"], values["sigma"],
                values["l2_penalty"])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
-                                            masked_mean, restart_finished, restart_keys, truncation_for)
+                                            masked_mean, restart_finished, restart_keys)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,5 @@ class TruncatedBPTT:
 
 def build(task, optimizer, values: dict, horizon: int | None) -> TruncatedBPTT:
   """The registry's constructor: validated fields -> TruncatedBPTT."""
-  schedule = truncation_for(task, values["truncation"], horizon)
-  unroll = Unroller(task, optimizer, schedule, values["meta_loss"], values["loss_cap"], values["objective"],
-                    values["remat"], values["meta_gradient"] == "first_order")
-  return TruncatedBPTT(unroll, values["meta_batch_size"], values["l2_penalty"])
+  return TruncatedBPTT(Unroller.from_values(task, optimizer, values, horizon), values["meta_batch_size"],
+                       values["l2_penalty"])

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lopt.meta.estimators.full_bptt import all_finite  # noqa: F401 (the estimators' one finiteness check)
 from lopt.meta.unroll import InnerState, advance, init_inner
 from lopt.optax_adapter import as_optax
 
@@ -137,6 +138,13 @@ class Unroller:
   remat: bool = False
   first_order: bool = False
 
+  @classmethod
+  def from_values(cls, task, optimizer, values: dict, horizon: int | None) -> "Unroller":
+    """From an estimator's validated fields (``remat`` and ``meta_gradient`` only where it backpropagates)."""
+    return cls(task, optimizer, truncation_for(task, values["truncation"], horizon), values["meta_loss"],
+               values["loss_cap"], values["objective"], values.get("remat", False),
+               values.get("meta_gradient") == "first_order")
+
   def __call__(self, theta, episode: Episode) -> tuple[jax.Array, Episode]:
     """(meta-loss of this truncation (), the episode after it); differentiable in theta."""
     valid = self.objective == "valid"
@@ -146,10 +154,6 @@ class Unroller:
     initial = jax.lax.stop_gradient(jnp.where(episode.inner.step == 0, losses[0], episode.initial_loss))
     ratios, diverged = bounded_ratio(losses, initial, self.loss_cap)
     return truncation_meta_loss(ratios, self.meta_loss), Episode(inner, episode.length, initial, diverged)
-
-
-def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def masked_mean(per_trajectory, keep: jax.Array):
