@@ -100,6 +100,8 @@ TRAIN_OPTIONS = [
      "'full' (backpropagate through the inner gradients, the paper's) or 'first_order' (treat them as constants)"),
     ("--loss-cap", "loss_cap", _positive_float, "a problem's normalized loss is capped here (divergence guard)"),
     ("--seed", "seed", int, "seed of the meta-parameters and the training problem stream"),
+    ("--init-from", "init_from", str, "start theta from this trained optimizer (path or name) of the same "
+     "architecture and fields, instead of the seed's initialization (warm start, fine-tuning)"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
     ("--eval-problems", "num_eval_problems", _positive_int, "held-out problems of each evaluation (selection)"),
     ("--log-every", "log_every", _positive_int, "outer steps between lines of metrics.jsonl"),

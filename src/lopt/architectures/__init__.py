@@ -7,10 +7,11 @@ A new architecture is a new folder plus one ``register`` call (or a test's own `
 
 from lopt.architectures.spec import (REGISTRY, REQUIRED, ArchitectureSpec, Field, OptimizerConfigError, get,
                                      register)
-from lopt.architectures import gru, mlp  # noqa: E402 (registered below, after the registry exists)
+from lopt.architectures import gru, hierarchical, mlp  # noqa: E402 (registered below, after the registry exists)
 
 register(gru.SPEC)
 register(mlp.SPEC)
+register(hierarchical.SPEC)
 
 
 def from_config(config: dict, source: str = "optimizer config"):

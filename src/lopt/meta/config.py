@@ -111,6 +111,7 @@ class OuterSection:
   eps: float = 1e-8
   clip_value: float = 0.1
   seed: int = 0
+  init_from: str | None = None  # a trained optimizer (path or name) whose meta-parameters theta starts from
 
   RULES = {
       "num_steps": (_positive_int, "a positive integer"),
@@ -122,6 +123,8 @@ class OuterSection:
       "eps": (_nonnegative, "a non-negative finite number"),
       "clip_value": (_positive, "a positive finite number"),
       "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
+      "init_from": (lambda v: v is None or (isinstance(v, str) and v != ""),
+                    "null or the path or name of a trained optimizer"),
   }
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt import architectures, interrupts, tasks as task_registry
+from lopt.errors import UserError
 from lopt.io.checkpoint import atomic_write_json
 from lopt.meta import estimators
 from lopt.meta import run as run_files
@@ -222,6 +223,20 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
     return _meta_train(config, run_dir, resume, progress)
 
 
+def initial_theta(config: MetaTrainConfig, optimizer):
+  """The seed's initialization, or the meta-parameters of the trained optimizer ``init_from`` (which must have
+  this run's architecture and fields: UserError otherwise)."""
+  source = config.outer.init_from
+  if source is None:
+    return optimizer.init(jax.random.key(config.seed))
+  from lopt.trained import load
+  trained = load(source)
+  if trained.optimizer.config() != optimizer.config():
+    raise UserError(f"--init-from {source}: its optimizer is {trained.optimizer.config()}, this run's is "
+                    f"{optimizer.config()}; they must match")
+  return jax.tree.map(jnp.asarray, trained.theta)
+
+
 def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
   estimator = estimator_from(config, task, optimizer)
@@ -231,7 +246,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
   evaluate = build_evaluator(eval_task, optimizer, eval_horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
-  theta = optimizer.init(jax.random.key(config.seed))
+  theta = initial_theta(config, optimizer)
   estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
   state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
   run = None

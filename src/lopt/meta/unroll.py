@@ -39,7 +39,8 @@ def _bound_loss(task: Task, state: InnerState):
 
 
 def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerState, num_steps: int, *,
-            remat: bool = False, first_order: bool = False, valid: bool = False) -> tuple[InnerState, jax.Array]:
+            remat: bool = False, first_order: bool = False, valid: bool = False, valid_every: int = 0,
+            horizon=None) -> tuple[InnerState, jax.Array]:
   """Runs ``optimizer`` for ``num_steps`` steps from ``state``; returns (new state, (num_steps,) training losses).
 
   losses[t] is the loss at the parameters *before* update t, so an unroll's losses[0] is the loss at initialization
@@ -52,24 +53,40 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
   (norms of 1e16 and beyond were measured on two moons); the losses themselves are unchanged.
   With ``valid`` the losses are (num_steps, 2): the training and the validation loss (``task.valid_loss``) at the
   same parameters, for meta-objectives on held-out data.
+  With ``valid_every`` (and a ``task.valid_loss``) the optimizer also receives ``valid_loss=`` every
+  ``valid_every``-th step of this call (NaN, meaning "none", on the others), as a practitioner would measure it:
+  the interval counts from the call's first step, so under ``vmap`` over staggered problems the measurement stays a
+  real branch, not computed every step. ``horizon`` (int or traced) is passed as the ``num_steps=`` hint.
   """
   problem_loss = _bound_loss(task, state)  # the problem's data were drawn once, outside the scan
 
-  def step(carry, t):
+  feed_valid = bool(valid_every) and task.valid_loss is not None
+  hints = {} if horizon is None else {"num_steps": horizon}
+
+  def step(carry, inputs):
     params, opt_state = carry
+    t, i = inputs
     loss, grads = jax.value_and_grad(problem_loss)(params, t)
     measured = jnp.stack([loss, task.valid_loss(params, state.key, t)]) if valid else loss
+    step_hints = dict(hints)
+    if feed_valid:
+      if valid:
+        fed = measured[1]
+      else:
+        fed = jax.lax.cond(i % valid_every == 0, lambda: task.valid_loss(params, state.key, t).astype(loss.dtype),
+                           lambda: jnp.asarray(jnp.nan, loss.dtype))
+      step_hints["valid_loss"] = jnp.where(i % valid_every == 0, fed, jnp.nan)
     if first_order:
-      loss_in, grads = jax.lax.stop_gradient((loss, grads))
+      loss_in, grads, hints_in = jax.lax.stop_gradient((loss, grads, step_hints))
     else:
-      loss_in = loss
-    updates, opt_state = optimizer.update(grads, opt_state, params, value=loss_in)
+      loss_in, hints_in = loss, step_hints
+    updates, opt_state = optimizer.update(grads, opt_state, params, value=loss_in, **hints_in)
     return (optax.apply_updates(params, updates), opt_state), measured
 
   if remat:
     step = jax.checkpoint(step)
   (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state),
-                                             state.step + jnp.arange(num_steps))
+                                             (state.step + jnp.arange(num_steps), jnp.arange(num_steps)))
   return state._replace(params=params, opt_state=opt_state, step=state.step + num_steps), losses
 
 

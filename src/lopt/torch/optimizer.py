@@ -3,10 +3,33 @@ pure PyTorch.
 
 The architecture's spec (``lopt.architectures``) names its PyTorch rule; the rule does the arithmetic, this class
 does what every torch optimizer does: parameter groups, ``lr``, buckets per (device, dtype), closures and state dicts.
+
+A rule is constructed as ``rule(values, tensors)`` and has
+
+  state_shapes(p) -> {name: shape}      every state entry of parameter p (loaded state dicts are checked against it)
+  reset()                               after a state dict was loaded: forget anything cached between steps
+  step(key, params, states, lr)         p <- p + lr * update for one bucket (same group, device and dtype), in place
+
+and optionally
+
+  init_state(p) -> dict                 p's initial state, taken before the step changes anything (weight decay
+                                        included), as a JAX optimizer's ``init_state`` sees the parameters before
+                                        the first update; without it ``step`` creates states on first use
+  state_dtypes(p) -> {name: dtype}      entries not kept in p's dtype: torch's ``load_state_dict`` casts every
+                                        floating state tensor to p's dtype, these are re-read from the state dict
+  begin_step(state, *, loss, valid_loss, num_steps)
+                                        once per optimizer step that updates anything (not for a skipped step),
+                                        before the buckets: the losses (None, or float32 0-d CPU tensors), the
+                                        horizon hint, and ``state``, the optimizer-wide dict the rule keeps its
+                                        global state in (``self.state["lopt_global"]``, saved in state dicts as is)
+
+(the gru and mlp rules need none of the three: they ignore losses and horizon, as their JAX optimizers do).
 """
 
 from __future__ import annotations
 
+import copy
+import numbers
 import os
 
 import torch
@@ -14,6 +37,8 @@ import torch
 from lopt.architectures.spec import ArchitectureConfig, resolve
 from lopt.io.checkpoint import CheckpointError, check_theta
 from lopt.torch.checkpoint import read_trained_optimizer
+
+GLOBAL_STATE = "lopt_global"  # the key of the rule's optimizer-wide state in ``LearnedOptimizer.state``
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -28,6 +53,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
       transformation); learning-rate schedulers scale it like any other optimizer's ``lr``.
     weight_decay: decoupled weight decay, applied first: p <- p (1 - lr * weight_decay), then the learned update of
       the decayed parameters (as AdamW decays before its step). 0 by default.
+    num_steps: the horizon hint, the number of steps the run will take (None: unknown), for architectures whose
+      update reads it (hierarchical); kept in the state dict and restored by ``load_state_dict`` (set
+      ``optimizer.num_steps`` after loading to change it).
+
+  ``step(closure=None, *, loss=None, valid_loss=None)``: the training loss is ``closure()``'s result when a closure
+  is given, else ``loss`` (a number or a one-element tensor); ``valid_loss`` a validation loss (None or non-finite:
+  none this step). Architectures that do not read losses (gru, mlp) ignore both.
 
   ``step()`` changes parameters exactly as ``lopt.load(...).as_optax(learning_rate=lr, weight_decay=...)`` followed
   by ``optax.apply_updates`` does (to rounding). A step in which any gradient is not finite is skipped whole -- no
@@ -39,9 +71,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
   GROUP_KEYS = ("params", "lr", "weight_decay", "param_names")  # param_names: torch's own, for named parameters
 
-  def __init__(self, params, optimizer, lr: float = 1.0, weight_decay: float = 0.0):
+  def __init__(self, params, optimizer, lr: float = 1.0, weight_decay: float = 0.0, num_steps: int | None = None):
     _check_rate("lr", lr)
     _check_rate("weight_decay", weight_decay)
+    self.num_steps = num_steps
     self.skipped_steps = 0
     if isinstance(optimizer, (str, os.PathLike)):
       architecture, tensors, config, _ = read_trained_optimizer(optimizer)
@@ -79,17 +112,37 @@ class LearnedOptimizer(torch.optim.Optimizer):
     super().add_param_group(param_group)
 
   @property
+  def num_steps(self) -> int | None:
+    """The horizon hint (None: unknown)."""
+    return self._num_steps
+
+  @num_steps.setter
+  def num_steps(self, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+      raise ValueError(f"LearnedOptimizer: num_steps must be None or a positive integer, got {value!r}")
+    self._num_steps = None if value is None else int(value)
+
+  @property
   def spec(self) -> ArchitectureConfig:
     """The architecture and its fields (``spec.hidden_size`` for a GRU); lopt 0.1's name for ``architecture``."""
     return self.architecture
 
   @torch.no_grad()
-  def step(self, closure=None):
-    """One learned update of every parameter that has a gradient; returns ``closure()``'s loss when given."""
-    loss = None
+  def step(self, closure=None, *, loss=None, valid_loss=None):
+    """One learned update of every parameter that has a gradient; returns ``closure()``'s loss when given.
+
+    loss: the training loss when there is no closure; valid_loss: a validation loss (class docstring)."""
+    result = None
     if closure is not None:
+      if loss is not None:
+        raise ValueError("LearnedOptimizer.step: give the training loss as the closure's result or as loss=, "
+                         "not both")
       with torch.enable_grad():
-        loss = closure()
+        result = loss = closure()
+    begin_step = getattr(self.rule, "begin_step", None)
+    if begin_step is not None or closure is None:  # a closure may return anything to a rule that ignores losses
+      loss = _scalar("loss", loss, convert=begin_step is not None)
+    valid_loss = _scalar("valid_loss", valid_loss, convert=begin_step is not None)
     groups = []
     for group in self.param_groups:
       buckets: dict = {}
@@ -109,23 +162,36 @@ class LearnedOptimizer(torch.optim.Optimizer):
     # One host sync per device and step: the price of never letting a NaN or inf into the state.
     if not all(bool(torch.stack(flags).all()) for flags in by_device.values()):
       self.skipped_steps += 1
-      return loss
+      return result
+    if not by_device:  # no gradient at all: nothing to update, nothing to count
+      return result
+    init_state = getattr(self.rule, "init_state", None)
+    if init_state is not None:  # before weight decay changes p
+      for buckets in groups:
+        for params in buckets.values():
+          for p in params:
+            if not self.state[p]:
+              self.state[p].update(init_state(p))
+    if begin_step is not None:
+      begin_step(self.state[GLOBAL_STATE], loss=loss, valid_loss=valid_loss, num_steps=self.num_steps)
     for group_index, (group, buckets) in enumerate(zip(self.param_groups, groups)):
       for (device, dtype), params in buckets.items():
         decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
         if decay:
           torch._foreach_mul_(params, 1 - group["lr"] * decay)
         self.rule.step((group_index, device, dtype), params, [self.state[p] for p in params], group["lr"])
-    return loss
+    return result
 
   # -- state dicts ------------------------------------------------------------------------------------------------
 
   def state_dict(self):
     """torch's state dict, plus ``"lopt"``: the architecture and weights checksum, checked on load."""
     state = super().state_dict()
+    if GLOBAL_STATE in state["state"]:  # torch keeps a non-parameter entry as is: a copy, not the live dict
+      state["state"][GLOBAL_STATE] = _copy(state["state"][GLOBAL_STATE])
     state["lopt"] = {"optimizer": self.architecture.config(),
                      "weights_sha256": self.checkpoint_config.get("weights_sha256"),
-                     "skipped_steps": self.skipped_steps}
+                     "skipped_steps": self.skipped_steps, "num_steps": self.num_steps}
     return state
 
   def load_state_dict(self, state_dict) -> None:
@@ -144,6 +210,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                          f"{saved.get('weights_sha256')}, this optimizer's weights are {digest}")
     super().load_state_dict(state_dict)
     self.skipped_steps = int((saved or {}).get("skipped_steps", 0))
+    if saved is not None and "num_steps" in saved:
+      self.num_steps = saved["num_steps"]
+    if GLOBAL_STATE in self.state:  # loaded as is by torch: a copy, so the given state dict is never changed
+      self.state[GLOBAL_STATE] = _copy(self.state[GLOBAL_STATE])
+    state_dtypes = getattr(self.rule, "state_dtypes", None)
+    if state_dtypes is not None:  # re-read the entries torch cast to the parameter's dtype, in their own dtype
+      saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+      params = [p for group in self.param_groups for p in group["params"]]
+      for saved_id, p in zip(saved_ids, params):
+        entries = state_dict["state"].get(saved_id)
+        if entries is None or p not in self.state:
+          continue
+        for name, dtype in state_dtypes(p).items():
+          if isinstance(entries.get(name), torch.Tensor):
+            self.state[p][name] = entries[name].to(device=p.device, dtype=dtype)
     self.rule.reset()
     for group in self.param_groups:
       for index, p in enumerate(group["params"]):
@@ -158,6 +239,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
 def _check_rate(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
     raise ValueError(f"LearnedOptimizer: {name} must be a non-negative finite number, got {value!r}")
+
+
+def _scalar(name: str, value, convert: bool):
+  """Checks a loss: None, a real number or a one-element tensor; with ``convert``, returns it as a float32 0-d CPU
+  tensor (a device-to-host copy for a CUDA loss), else as given."""
+  if value is None:
+    return None
+  if isinstance(value, torch.Tensor):
+    if value.numel() != 1:
+      raise ValueError(f"LearnedOptimizer.step: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+    return value.detach().reshape(()).to(device="cpu", dtype=torch.float32) if convert else value
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
+                    f"{type(value).__name__}")
+  return torch.tensor(float(value), dtype=torch.float32) if convert else value
+
+
+def _copy(state):
+  return {name: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+          for name, value in state.items()}
 
 
 def _to_numpy(value):

@@ -130,6 +130,9 @@ TRUNCATED_PROBLEM_FIELDS = {
     "meta_batch_size": Field(8, int_in(1, 2**24), "a positive integer",
                              "problems optimized in parallel, at staggered steps"),
     "objective": OBJECTIVE,
+    "valid_every": Field(10, int_in(0, 2**20), "a non-negative integer",
+                         "feed the task's validation loss to the optimizer every this many inner steps (0: never); "
+                         "architectures that read it (hierarchical) learn to use it"),
     "l2_penalty": dataclasses.replace(PROBLEM_FIELDS["l2_penalty"], default=0.0),
 }
 
