@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Meta-trains the general-purpose optimizer on the H200 (one GPU), resumably across device calls:
-#   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]
+#   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]     (STEPS=N: stop and export at outer step N)
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT: it writes a checkpoint and exports its best optimizer. The run
@@ -14,11 +14,11 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_
 run=gpu_runs/general-$arch-h200
 args=(--task-family all --estimator nres --truncation 50 --meta-batch-size 256 --num-particles 1
       --task-option num_groups=6 --task-option max_step_flops=2e7 --clip-value 0.1 --decay-steps 2000
-      --steps 100000 --eval-every 25 --eval-problems 64 --checkpoint-every 25 --log-every 5
+      --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64 --checkpoint-every 25 --log-every 5
       --optimizer "$arch" --seed 1 --out "$run")
 case $arch in hierarchical) args+=(--learning-rate 1e-3);; *) args+=(--learning-rate 3e-3);; esac
 if [ -f "$run/config.json" ]; then
-  args=(--resume --out "$run" --steps 100000)
+  args=(--resume --out "$run" --steps "${STEPS:-100000}")
 elif [ -n "$init" ]; then
   args+=(--init-from "$init")
 fi

@@ -250,6 +250,34 @@ def build_parser() -> argparse.ArgumentParser:
   tasks.add_argument("--seed", type=int, default=0, help="seed of the sample (a non-negative integer)")
   tasks.add_argument("--max-step-flops", type=_positive_float, default=None, metavar="X",
                      help="only configurations whose inner step (forward and backward) costs at most X FLOPs")
+  from lopt.evaluation import benchmark as bench
+  benchmark = commands.add_parser(
+      "benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      help="learned optimizers against tuned Adam and NAdamW on held-out problems unlike their training tasks",
+      description="On every problem of the held-out suite (`--list`): each learned optimizer as trained (no learning "
+                  "rate), Adam with its learning rate tuned over 13 values, NAdamW with cosine decay tuned by a "
+                  "20-trial random search, and Adam at 1e-3; baselines tuned on tuning seeds, everything evaluated "
+                  "on other seeds. Writes OUT/benchmark.json and OUT/report.html; finished results are cached in "
+                  "OUT/cache/, so an interrupted run continues where it stopped.")
+  benchmark.add_argument("names", nargs="*", default=[], metavar="NAME",
+                         help="trained optimizers: names (shipped or in $LOPT_OPTIMIZER_PATH) or paths (default: "
+                              f"{BENCHMARK_DEFAULT})")
+  benchmark.add_argument("--quick", action="store_true",
+                         help=f"the quick subset with shorter horizons, {bench.QUICK_TUNING_SEEDS} tuning and "
+                              f"{bench.QUICK_EVAL_SEEDS} evaluation seeds (about 10 minutes on 2 CPU cores)")
+  benchmark.add_argument("--problems", default=None, metavar="A,B",
+                         help="comma-separated problems (default: all, or the quick subset)")
+  benchmark.add_argument("--out", default="lopt-benchmark", type=_run_directory, help="output directory")
+  benchmark.add_argument("--tuning-seeds", default=None, metavar="N",
+                         help=f"seeds each baseline candidate is tuned on (default {bench.TUNING_SEEDS}; --quick "
+                              f"{bench.QUICK_TUNING_SEEDS})")
+  benchmark.add_argument("--eval-seeds", default=None, metavar="N",
+                         help=f"evaluation seeds (default {bench.EVAL_SEEDS}; --quick {bench.QUICK_EVAL_SEEDS})")
+  benchmark.add_argument("--list", action="store_true", help="list the problems and exit")
+  # Hidden: smaller runs for tests.
+  benchmark.add_argument("--horizon", default=None, help=argparse.SUPPRESS)
+  benchmark.add_argument("--learning-rates", default=None, help=argparse.SUPPRESS)
+  benchmark.add_argument("--nadamw-trials", default=None, help=argparse.SUPPRESS)
   return parser
 
 
@@ -512,8 +540,56 @@ def _families_table(chosen) -> str:
   return "\n\n".join(blocks + [note])
 
 
+BENCHMARK_DEFAULT = "general"
+
+
+def _count(text, flag: str) -> int | None:
+  """A positive integer option of `lopt benchmark` (None: not given); a UserError (one line) otherwise."""
+  if text is None:
+    return None
+  try:
+    value = int(text)
+  except ValueError:
+    raise UserError(f"{flag}: expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise UserError(f"{flag}: expected a positive integer, got {value}")
+  return value
+
+
+def command_benchmark(args) -> dict | None:
+  from lopt.evaluation import benchmark, suite
+  from lopt.progress import say
+  from lopt.report.benchmark_report import write_benchmark_report
+  if args.list:
+    print(suite.listing())
+    return None
+  problems = None
+  if args.problems is not None:
+    problems = [name.strip() for name in args.problems.split(",") if name.strip()]
+    if not problems:
+      raise UserError(f"--problems: expected comma-separated problem names; known: {', '.join(suite.PROBLEMS)}")
+  learning_rates = benchmark.ADAM_LEARNING_RATES
+  if args.learning_rates is not None:
+    try:
+      learning_rates = tuple(float(x) for x in args.learning_rates.split(","))
+    except ValueError:
+      raise UserError(f"--learning-rates: expected comma-separated numbers, got {args.learning_rates!r}") from None
+  result = benchmark.run_benchmark(
+      args.names or [BENCHMARK_DEFAULT], args.out, problems=problems, quick=args.quick,
+      tuning_seeds=_count(args.tuning_seeds, "--tuning-seeds"), eval_seeds=_count(args.eval_seeds, "--eval-seeds"),
+      learning_rates=learning_rates, num_trials=_count(args.nadamw_trials, "--nadamw-trials") or benchmark.NADAMW_TRIALS,
+      horizon=_count(args.horizon, "--horizon"), say=say)
+  report = write_benchmark_report(args.out, result)
+  print(benchmark.text_table(result))
+  for line in benchmark.summary_lines(result):
+    print(line)
+  say(f"benchmark finished in {result['seconds']:.0f} s: {Path(args.out) / 'benchmark.json'}, {report}")
+  return result
+
+
 COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo, "analyze": command_analyze,
-            "report": command_report, "reproduce": command_reproduce, "tasks": command_tasks}
+            "report": command_report, "reproduce": command_reproduce, "tasks": command_tasks,
+            "benchmark": command_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

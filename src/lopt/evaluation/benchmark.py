@@ -50,7 +50,7 @@ VALID_EVERY = 10          # steps between validation losses
 FINAL_FRACTION = 0.05     # "final" = mean over the last 5% of steps; also the smoothing window of the speedup
 DIVERGENCE_FACTOR = 10.0  # final loss above 10x the initial one counts as diverged
 BOOTSTRAP_RESAMPLES = 2000
-LANES = 8                 # (candidate, seed) unrolls per vmapped call
+LANES = 8                 # about this many (candidate, seed) unrolls per vmapped call
 CURVE_POINTS = 400        # curves in benchmark.json: at most this many steps
 BASELINES = ("adam_tuned", "nadamw_cosine", "adam_1e-3")
 
@@ -515,7 +515,8 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
           transformation = learned[label]["trained"].as_optax()
           build, width = (lambda: transformation), min(lanes, eval_seeds)
         else:
-          build, width = builder(plan["build"], steps), lanes
+          # A multiple of the evaluation seeds near ``lanes``: evaluations fill their calls, tuning nearly does.
+          build, width = builder(plan["build"], steps), eval_seeds * max(1, round(lanes / eval_seeds))
         runner_cache[family] = lane_runner(task, build, steps, width)
 
       def report(count, train, phase, name=name, label=label, steps=steps):

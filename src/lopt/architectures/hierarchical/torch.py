@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, TIME_SCALES
-from lopt.architectures.mlp.spec import factored_shapes
+from lopt.architectures.mlp.spec import factored_axes, factored_shapes
 from lopt.architectures.mlp.torch import update_momentum_, update_second_moment_
 
 # optimizer.py's constants (it says why).
@@ -149,6 +149,11 @@ def rms(x: torch.Tensor) -> torch.Tensor:
   return torch.sqrt(torch.mean(x * x))
 
 
+def clip(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+  """jnp.clip(g, -threshold, threshold) for a 0-d threshold (inf: no clipping)."""
+  return torch.minimum(torch.maximum(g, -threshold), threshold)
+
+
 class HierarchicalRule:
   """The hierarchical update for ``lopt.torch``: ``begin_step`` once per optimizer step (the losses, the horizon and
   the global state), then ``step`` per bucket of parameters (same group, device and dtype), changing parameters and
@@ -222,7 +227,11 @@ class HierarchicalRule:
   @torch.no_grad()
   def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float) -> None:
     """p <- p + lr * update for every p of one bucket (each has p.grad), updating ``states[i]`` (created here if
-    ``init_state`` was not called). The LSTM runs once over the bucket's tensors."""
+    ``init_state`` was not called).
+
+    Two passes, as the JAX side: per tensor its statistics (the momenta and second moment updated in place, only a
+    few numbers kept), then the LSTM once over the bucket's tensors, then per tensor the coordinate update, which
+    recomputes its columns from the state -- so at most one tensor's temporaries exist at a time."""
     del key
     if self._global is None:
       raise RuntimeError("HierarchicalRule.step: call begin_step first (once per optimizer step)")
@@ -253,14 +262,14 @@ class HierarchicalRule:
     schedule = features[-rec_theta.step_schedule.shape[0]:] @ rec_theta.step_schedule
     context = torch.tanh(h @ rec_theta.context_w + rec_theta.context_b)
 
+    average_decay = self.values["average_decay"]
     for j, (p, state, s) in enumerate(zip(params, states, stats)):
-      update, feedback = self._coordinate_update(theta, s, context[j], log_step[j] + schedule)
+      update, feedback = self._coordinate_update(theta, p, state, s, context[j], log_step[j] + schedule)
       # The average and the update ratio read p before the update (the decayed p, as JAX's params).
       size_u, size_p = rms(update), rms(p)
       total = size_u + size_p
       # JAX divides unguarded (0 / 0 = NaN when u and p are both zero); identical otherwise.
       ratio = torch.log(torch.where(total > 0, size_u / total, torch.zeros_like(total)) + LOG_FLOOR)
-      average_decay = self.values["average_decay"]
       state["average"].mul_(average_decay).add_(p * (1 - average_decay))
       p.add_(update, alpha=lr)
       state["h"].copy_(h[j])
@@ -272,40 +281,37 @@ class HierarchicalRule:
       state["step"].add_(1)
 
   def _statistics(self, theta: Theta, p: torch.Tensor, state: dict) -> dict:
-    """One tensor's first pass (``optimizer._statistics``): clipping, the momenta and second moment (updated in
-    place), the feature columns and their normalizers, Adam's direction, and the LSTM inputs."""
+    """One tensor's first pass (``optimizer._statistics``): the clipping threshold, the momenta and second moment
+    (updated in place), the columns' normalizers and the LSTM inputs -- a few numbers, no tensor of p's size."""
     g = p.grad
     dtype = g.dtype
     rec = state["h"].dtype
-    step = state["step"] + 1  # this tensor's new count
-    t = step.to(dtype)
+    t = (state["step"] + 1).to(dtype)  # this tensor's new count
     decay = theta.clip_decay
     old_rms = state["gradient_rms"].to(dtype)
     history = old_rms / torch.clamp(1 - decay ** (t - 1), min=1e-12)
-    has_history = (step > 1) & (state["gradient_rms"] > 0)
+    has_history = (t > 1) & (state["gradient_rms"] > 0)
     threshold = torch.where(has_history, theta.clip_multiplier * history, torch.full_like(history, math.inf))
     raw_rms = rms(g)
     spike = torch.where(has_history, torch.clamp(torch.log((raw_rms + LOG_FLOOR) / (history + LOG_FLOOR)), -5, 5) / 5,
                         torch.zeros_like(history))
-    g = torch.minimum(torch.maximum(g, -threshold), threshold)
+    g = clip(g, threshold)
     gradient_rms = decay * old_rms + (1 - decay) * rms(g)
 
-    estimate = update_second_moment_(state, g, self.values["rms_decay"])
-    rho = torch.as_tensor(self.values["rms_decay"], dtype=dtype, device=g.device)
-    estimate = estimate / (1 - torch.pow(rho, t))
-    rs = torch.rsqrt(estimate + RSQRT_EPSILON)
+    update_second_moment_(state, g, self.values["rms_decay"])
+    rs = self._rsqrt_estimate(p, state, t)
     # cos(g, previous m_k rs), from the momenta before this step's update.
     k = len(self._decays)
     previous = (state["momentum"] * rs.unsqueeze(-1)).reshape(-1, k)
     flat_g = g.reshape(-1, 1)
     alignment = (flat_g * previous).sum(0) / torch.sqrt((flat_g * flat_g).sum() * (previous * previous).sum(0)
                                                          + LOG_FLOOR)
-    momentum = update_momentum_(state["momentum"], g, theta)
-    momenta = momentum.unbind(-1)
+    del previous
+    momenta = update_momentum_(state["momentum"], g, theta).unbind(-1)
     drift = p - state["average"]
-    columns = [g, p, drift, *momenta, g * rs, *(m * rs for m in momenta)]
-    columns = torch.stack([c.reshape(-1) for c in columns], dim=1)   # (N, 4 + 2K)
-    norms = torch.sqrt((columns * columns).mean(0) + NORM_EPSILON)
+    mean_squares = [torch.mean(f * f) for f in (g, p, drift, *momenta)]
+    mean_squares += [torch.mean(torch.square(f * rs)) for f in (g, *momenta)]
+    norms = torch.sqrt(torch.stack(mean_squares) + NORM_EPSILON)
     adam = momenta[0] * rs / (1 - theta.decays[0] ** t)
     inputs = torch.cat([
         LOG_SCALE * torch.log(torch.stack([raw_rms, rms(p), rms(adam), rms(drift)]) + LOG_FLOOR),
@@ -313,26 +319,44 @@ class HierarchicalRule:
         state["log_step"].to(dtype)[None] / LOG_STEP_LIMIT,
         torch.as_tensor(shape_features(tuple(p.shape)), device=g.device).to(dtype),
         state["feedback"].to(dtype)]).to(rec)
-    return {"g": g, "columns": columns, "norms": norms, "adam": adam, "alignment": alignment.to(rec),
-            "inputs": inputs, "gradient_rms": gradient_rms.to(rec)}
+    return {"threshold": threshold, "norms": norms, "alignment": alignment.to(rec), "inputs": inputs,
+            "gradient_rms": gradient_rms.to(rec)}
 
-  def _coordinate_update(self, theta: Theta, s: dict, context: torch.Tensor, log_step: torch.Tensor):
-    """One tensor's second pass (``optimizer._coordinate_update``): the per-coordinate MLP -> (update S,
-    feedback (feedback_size,))."""
-    g = s["g"]
+  def _coordinate_update(self, theta: Theta, p: torch.Tensor, state: dict, s: dict, context: torch.Tensor,
+                         log_step: torch.Tensor):
+    """One tensor's second pass (``optimizer._coordinate_update``): its columns again (from the state the first
+    pass left: the same values), the per-coordinate MLP -> (update S, feedback (feedback_size,)). The normalizers
+    scale the first layer's rows and the context folds into its bias."""
+    g = clip(p.grad, s["threshold"])
     dtype = g.dtype
-    count = s["columns"].shape[1]
+    t = (state["step"] + 1).to(dtype)
+    rs = self._rsqrt_estimate(p, state, t)
+    momenta = state["momentum"].unbind(-1)
+    columns = [g, p, p - state["average"], *momenta, g * rs, *(m * rs for m in momenta)]
+    columns = torch.stack([f.reshape(-1) for f in columns], dim=1)   # (N, 4 + 2K)
+    adam = momenta[0] * rs / (1 - theta.decays[0] ** t)
+    count = columns.shape[1]
     w, b = theta.mlp[0]
-    weights = w[:count] / s["norms"][:, None]
-    bias = b + context.to(dtype) @ w[count:]
-    x = torch.addmm(bias, s["columns"], weights)
+    x = torch.addmm(b + context.to(dtype) @ w[count:], columns, w[:count] / s["norms"][:, None])
+    del columns
     for w, b in theta.mlp[1:]:
       x = torch.addmm(b, torch.relu(x), w)
     direction, magnitude, feedback = x[:, 0], x[:, 1], x[:, 2:]
     scale = self.values["step_scale"] * torch.exp(log_step.to(dtype)
                                                  + self.values["magnitude_scale"] * magnitude.view(g.shape))
-    update = scale * (self.values["direction_scale"] * direction.view(g.shape) - s["adam"])
+    update = scale * (self.values["direction_scale"] * direction.view(g.shape) - adam)
     return update, torch.tanh(feedback).mean(0)
+
+  def _rsqrt_estimate(self, p: torch.Tensor, state: dict, t: torch.Tensor) -> torch.Tensor:
+    """rsqrt(v / (1 - rho^t) + eps) from the (already updated) second moment of p in ``state``."""
+    if p.dim() >= 2:
+      rows, cols = state["rows"], state["cols"]
+      a, _ = factored_axes(tuple(p.shape))
+      estimate = rows * cols / rows.mean(a, keepdim=True)
+    else:
+      estimate = state["second_moment"]
+    rho = torch.as_tensor(self.values["rms_decay"], dtype=t.dtype, device=t.device)
+    return torch.rsqrt(estimate / (1 - torch.pow(rho, t)) + RSQRT_EPSILON)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
 
