@@ -67,7 +67,7 @@ def test_missing_files_and_bad_config(saved, tmp_path):
   config["optimizer"]["architecture"] = "lstm"
   (path / "config.json").write_text(json.dumps(config))
   with pytest.raises(CheckpointError,
-                     match=r"config.json: field 'optimizer.architecture': unknown learned-optimizer architecture 'lstm'; known: gru, mlp"):
+                     match=r"config.json: field 'optimizer.architecture': unknown learned-optimizer architecture 'lstm'; known: gru, hierarchical, mlp"):
     lopt.load_optimizer(path)
   (path / "config.json").write_text("{not json")
   with pytest.raises(CheckpointError, match="config.json: optimizer config is not valid JSON"):

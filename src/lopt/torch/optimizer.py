@@ -195,8 +195,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     return state
 
   def load_state_dict(self, state_dict) -> None:
-    """Loads a state dict from ``state_dict()``; raises ValueError when it was written by another learned optimizer
-    or its state tensors do not have the shapes this optimizer's parameters need."""
+    """Loads a state dict from ``state_dict()`` (``skipped_steps``, ``num_steps`` and the rule's global state
+    included; torch's rules restore the groups' ``lr`` and ``weight_decay``); raises ValueError when it was written by
+    another learned optimizer or its state tensors do not have the shapes this optimizer's parameters need."""
     state_dict = dict(state_dict)
     saved = state_dict.pop("lopt", None)
     mine = self.architecture.config()
@@ -242,18 +243,22 @@ def _check_rate(name: str, value) -> None:
 
 
 def _scalar(name: str, value, convert: bool):
-  """Checks a loss: None, a real number or a one-element tensor; with ``convert``, returns it as a float32 0-d CPU
-  tensor (a device-to-host copy for a CUDA loss), else as given."""
+  """Checks a loss: None, a real number (numpy's and 0-d arrays included) or a one-element tensor; with ``convert``,
+  returns it as a float32 0-d CPU tensor (a device-to-host copy for a CUDA loss), else as given."""
   if value is None:
     return None
   if isinstance(value, torch.Tensor):
     if value.numel() != 1:
       raise ValueError(f"LearnedOptimizer.step: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
     return value.detach().reshape(()).to(device="cpu", dtype=torch.float32) if convert else value
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+  try:
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0:
+      raise TypeError
+    number = float(value)
+  except (TypeError, ValueError):
     raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
-                    f"{type(value).__name__}")
-  return torch.tensor(float(value), dtype=torch.float32) if convert else value
+                    f"{type(value).__name__}") from None
+  return torch.tensor(number, dtype=torch.float32) if convert else value
 
 
 def _copy(state):

@@ -94,8 +94,9 @@ class HierarchicalState(NamedTuple):
 # -- global features ------------------------------------------------------------------------------------------------
 
 def init_accumulator() -> Accumulator:
-  zero = jnp.zeros((), jnp.float32)
-  return Accumulator(zero, zero, zero, jnp.zeros((len(LOSS_DECAYS),), jnp.float32))
+  # Distinct buffers (not one zero three times), so that a state can be donated to a jitted step.
+  zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
+  return Accumulator(zero(), zero(), zero(), jnp.zeros((len(LOSS_DECAYS),), jnp.float32))
 
 
 def accumulate(acc: Accumulator, loss) -> Accumulator:
@@ -152,7 +153,8 @@ def lstm_cell(lstm: dict, h: jax.Array, c: jax.Array, x: jax.Array) -> tuple[jax
 
 
 def rms(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.mean(x * x))
+  """Root mean square; the floor keeps its derivative finite at an all-zero tensor (meta-gradients stay finite)."""
+  return jnp.sqrt(jnp.mean(x * x) + LOG_FLOOR)
 
 
 def _default(name: str):
@@ -217,9 +219,8 @@ class HierarchicalOptimizer:
 
   def _init_tensor(self, theta: Theta, p: jax.Array) -> TensorState:
     dtype = jnp.result_type(p.dtype, jnp.float32)
-    zeros = lambda n: jnp.zeros((n,), dtype)  # noqa: E731
-    scalar = jnp.zeros((), dtype)
-    return TensorState(zeros(self.lstm_size), zeros(self.lstm_size), scalar, scalar, scalar,
+    zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731 (distinct buffers: donation-safe)
+    return TensorState(zeros(self.lstm_size), zeros(self.lstm_size), zeros(), zeros(), zeros(),
                        zeros(self.feedback_size))
 
   def init_state(self, theta: Theta, params: Any) -> HierarchicalState:
@@ -228,7 +229,7 @@ class HierarchicalOptimizer:
     return HierarchicalState(
         momentum=jax.tree.map(lambda p: jnp.zeros(p.shape + (k,), p.dtype), params),
         second_moment=jax.tree.map(init_second_moment, params),
-        average=jax.tree.map(jnp.asarray, params),
+        average=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # its own buffer: donation-safe
         tensors=jax.tree.map(lambda p: self._init_tensor(theta, p), params),
         train=init_accumulator(), valid=init_accumulator(), step=jnp.zeros((), jnp.int32))
 
@@ -276,7 +277,7 @@ class HierarchicalOptimizer:
       momentum.append(s["momentum"])
       second_moment.append(s["second_moment"])
       average.append(s["average"])
-      ratio = jnp.log(rms(u) / (rms(u) + rms(p.astype(u.dtype))) + LOG_FLOOR)
+      ratio = jnp.log(rms(u) / (rms(u) + rms(p.astype(u.dtype)) + LOG_FLOOR) + LOG_FLOOR)
       tensors.append(TensorState(h, c, log_step, s["tensor"].gradient_rms, ratio.astype(h.dtype),
                                  feedback.astype(h.dtype)))
     unflatten = treedef.unflatten
@@ -295,7 +296,8 @@ class HierarchicalOptimizer:
     has_history = (step > 1) & (tensor.gradient_rms > 0)
     threshold = jnp.where(has_history, jnp.exp(theta["clip"]["log_multiplier"].astype(dtype)) * history, jnp.inf)
     raw_rms = rms(g)
-    spike = jnp.where(has_history, jnp.clip(jnp.log((raw_rms + LOG_FLOOR) / (history + LOG_FLOOR)), -5, 5) / 5, 0)
+    spike = jnp.where(has_history, jnp.clip(jnp.log(raw_rms + LOG_FLOOR) - jnp.log(history + LOG_FLOOR), -5, 5) / 5,
+                      0)
     g = jnp.clip(g, -threshold, threshold)
     gradient_rms = decay * tensor.gradient_rms.astype(dtype) + (1 - decay) * rms(g)
 

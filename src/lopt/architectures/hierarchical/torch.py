@@ -1,32 +1,34 @@
 """The hierarchical optimizer in PyTorch: ``HierarchicalRule``, the equations of ``optimizer.py``, without JAX.
 
-Per parameter tensor p of shape S with gradient g, its own step count t (t_new = t + 1), b_1..b_K = momentum_decays,
-rho = rms_decay (``optimizer.py``'s docstring has the full story):
+Per parameter tensor p of shape S with gradient g and its own step count t (t_new = t + 1); b_k = momentum_decays,
+rho = rms_decay, e the clipping scale, decay = sigmoid(clip/decay_logit) (``optimizer.py`` has the full story):
 
-  clip   g <- clip(g, +-exp(clip/log_multiplier) e / (1 - decay^t)) when t >= 1 and e > 0, decay = sigmoid(clip/decay_logit);
-         e <- decay e + (1 - decay) RMS(clipped g)
-  m_k  <- b_k m_k + (1 - b_k) g;  v = Adafactor's factored g^2 estimate (ndim >= 2) or EMA of g^2;  rs = rsqrt(v / (1 - rho^t_new) + 1e-12)
-  f     = [g, p, p - a, m_1..m_K, g rs, m_1 rs..m_K rs], each / sqrt(mean_S f^2 + 1e-12);  adam = m_1 rs / (1 - b_1^t_new)
-  LSTM (one batched call per bucket): inputs = [0.1 log(RMS of g, p, adam, p - a), 0.1 * last update ratio, spike,
-         cos(g, old m_k rs), log_step / 8, shape features, feedback, global loss and time features]
+  g    <- clip(g, +-exp(clip/log_multiplier) e / (1 - decay^t))   when t >= 1 and e > 0
+  e    <- decay e + (1 - decay) RMS(g)
+  m_k  <- b_k m_k + (1 - b_k) g;  v = Adafactor's g^2 estimate (ndim >= 2) or EMA of g^2
+  rs    = rsqrt(v / (1 - rho^t_new) + 1e-12);  adam = m_1 rs / (1 - b_1^t_new)
+  f     = [g, p, p - a, m_1..m_K, g rs, m_1 rs..m_K rs], each / sqrt(mean_S f^2 + 1e-12)
+  LSTM  (one call over the tensors of a bucket) on [0.1 log RMS of g, p, adam, p - a; 0.1 last update ratio; spike;
+        cos(g, old m_k rs); log_step / 8; shape; feedback; global loss and time features]
   log_step <- clip(log_step + w_s . h + b_s + alignment . cos, -8, 8);  context = tanh(h W_c + b_c)
   (d, mag, feedback) = MLP([f, context]) per coordinate;  feedback <- mean over S of tanh(feedback)
-  u = step_scale exp(log_step + schedule . time + magnitude_scale mag) (direction_scale d - adam);  p <- p + lr u
-  a <- average_decay a + (1 - average_decay) p  (p before the update);  ratio <- log(RMS u / (RMS u + RMS p) + 1e-30)
+  u     = step_scale exp(log_step + schedule . time + magnitude_scale mag) (direction_scale d - adam);  p <- p + lr u
+  a    <- average_decay a + (1 - average_decay) p;  ratio <- log(RMS u / (RMS u + RMS p) + 1e-30)   (p before the step)
 
 The state of p (``state_shapes``): ``momentum`` S + (K,), ``rows``/``cols`` (``mlp.spec.factored_shapes``) when
 ndim S >= 2 or else ``second_moment`` S, ``average`` S, all in p's dtype; the LSTM's ``h`` and ``c`` (lstm_size,),
 ``log_step``, ``gradient_rms`` (e), ``update_ratio`` () and ``feedback`` (feedback_size,) in p's dtype promoted to at
 least float32 (the JAX layout: a bfloat16 model keeps a float32 recurrent state); ``step``, an int32 0-d count.
 
-The optimizer-wide state -- the training and validation loss accumulators and the global step count, which the JAX
-side keeps once in ``HierarchicalState`` -- lives in the dict ``begin_step`` receives (``LearnedOptimizer`` keeps it
-under ``state["lopt_global"]``): ``step`` int32 (), ``train_seen``, ``train_first``, ``train_last`` float32 (),
-``train_ema`` float32 (len(LOSS_DECAYS),), and the same four for ``valid``; all on the CPU, in float32 as in JAX.
+The optimizer-wide state -- the training and validation loss accumulators and the global step count, kept once in
+the JAX ``HierarchicalState`` -- lives in the dict ``begin_step`` receives (``LearnedOptimizer`` keeps it under
+``state["lopt_global"]``): ``step`` int32 (); ``train_seen``, ``train_first``, ``train_last`` float32 () and
+``train_ema`` float32 (len(LOSS_DECAYS),); the same four for ``valid``; on the CPU, in float32 as in JAX.
 
-The time features use the global step; the bias corrections and the clipping history use each tensor's own count, which
-equals the global one whenever every tensor gets a gradient at every step (always, on the JAX side) -- and keeps
-them right for a tensor that joins later or skips steps. Results agree with JAX to rounding.
+The time features use the global step; the bias corrections and the clipping history use each tensor's own count,
+which equals the global one whenever every tensor gets a gradient at every step (always, on the JAX side) -- and keeps
+them right for a tensor that joins later or skips steps. Results agree with JAX to rounding: in float64 to ~1e-15
+given the same global features, which both sides compute in float32 with their own tanh and log (~1e-7 apart).
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def time_features(step: torch.Tensor, num_steps) -> torch.Tensor:
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
-  return torch.sqrt(torch.mean(x * x))
+  return torch.sqrt(torch.mean(x * x) + LOG_FLOOR)
 
 
 def clip(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -267,9 +269,7 @@ class HierarchicalRule:
       update, feedback = self._coordinate_update(theta, p, state, s, context[j], log_step[j] + schedule)
       # The average and the update ratio read p before the update (the decayed p, as JAX's params).
       size_u, size_p = rms(update), rms(p)
-      total = size_u + size_p
-      # JAX divides unguarded (0 / 0 = NaN when u and p are both zero); identical otherwise.
-      ratio = torch.log(torch.where(total > 0, size_u / total, torch.zeros_like(total)) + LOG_FLOOR)
+      ratio = torch.log(size_u / (size_u + size_p + LOG_FLOOR) + LOG_FLOOR)
       state["average"].mul_(average_decay).add_(p * (1 - average_decay))
       p.add_(update, alpha=lr)
       state["h"].copy_(h[j])
@@ -293,7 +293,7 @@ class HierarchicalRule:
     has_history = (t > 1) & (state["gradient_rms"] > 0)
     threshold = torch.where(has_history, theta.clip_multiplier * history, torch.full_like(history, math.inf))
     raw_rms = rms(g)
-    spike = torch.where(has_history, torch.clamp(torch.log((raw_rms + LOG_FLOOR) / (history + LOG_FLOOR)), -5, 5) / 5,
+    spike = torch.where(has_history, torch.clamp(torch.log(raw_rms + LOG_FLOOR) - torch.log(history + LOG_FLOOR), -5, 5) / 5,
                         torch.zeros_like(history))
     g = clip(g, threshold)
     gradient_rms = decay * old_rms + (1 - decay) * rms(g)

@@ -1,0 +1,387 @@
+"""The hierarchical optimizer: the untrained optimizer is Adam, losses are optional, scale invariance, state size;
+the PyTorch rule against the JAX optimizer in float64 (learning rate, weight decay, losses, validation losses, the
+horizon hint); lopt.torch's state dicts, skipped steps and refused group keys with a rule that keeps global state."""
+
+import functools
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lopt
+from lopt.architectures.hierarchical import optimizer as hjax
+from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
+from lopt.architectures.hierarchical.spec import FRACTION_POWERS, TIME_SCALES
+from lopt.io.checkpoint import save_optimizer
+
+torch = pytest.importorskip("torch")
+from lopt.architectures.hierarchical import torch as htorch  # noqa: E402
+from lopt.torch import LearnedOptimizer  # noqa: E402
+
+STEPS, HORIZON, VALID_EVERY = 30, 40, 5
+
+
+@functools.cache
+def default_theta(optimizer=HierarchicalOptimizer()):
+  """``optimizer.init`` (numpy leaves, read-only: shared)."""
+  return jax.tree.map(np.asarray, jax.jit(optimizer.init)(jax.random.key(0)))
+
+
+def random_theta(optimizer, seed=1, scale=0.3):
+  """The default init plus scale * N(0, 1) on every meta-parameter (numpy: eager jax.random compiles per shape), so
+  that every part matters -- the init zeroes the MLP's last layer, the step readout and the schedule."""
+  theta = default_theta(optimizer)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: np.array(x + scale * rng.normal(size=x.shape), np.float32), theta)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  optimizer = HierarchicalOptimizer()
+  return save_optimizer(tmp_path_factory.mktemp("hierarchical") / "opt", optimizer, random_theta(optimizer))
+
+
+def model() -> dict:
+  """A dense weight (factored second moment), an OIHW conv kernel, a vector bias and a 0-d scalar."""
+  rng = np.random.default_rng(2)
+  return {"w": rng.normal(size=(5, 4)), "conv": 0.5 * rng.normal(size=(3, 2, 3, 3)), "b": 0.1 * rng.normal(size=4),
+          "s": np.array(0.7)}
+
+
+def schedule(steps=STEPS, seed=3):
+  """Per step: gradients, a training loss, and a validation loss every VALID_EVERY steps (None otherwise)."""
+  rng = np.random.default_rng(seed)
+  shapes = {k: v.shape for k, v in model().items()}
+  return [({k: (1 + 0.1 * t) * rng.normal(size=s) for k, s in shapes.items()},
+           2.0 * np.exp(-0.05 * t) + 0.1 * rng.random(),
+           2.2 * np.exp(-0.04 * t) if t % VALID_EVERY == 0 else None) for t in range(steps)]
+
+
+def train_jax(saved):
+  """The JAX run in float64 (learning rate 0.5, weight decay 0.1): final parameters and the final state."""
+  tx = lopt.load(saved).as_optax(learning_rate=0.5, weight_decay=0.1)
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, model())
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads, loss, valid in schedule():
+      updates, state = update(jax.tree.map(jnp.asarray, grads), state, params, loss=loss,
+                              valid_loss=np.nan if valid is None else valid, num_steps=HORIZON)
+      params = optax.apply_updates(params, updates)
+    return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, state.inner)
+
+
+@pytest.fixture(scope="module")
+def jax_run(saved):
+  return train_jax(saved)
+
+
+# Float64 global features for both sides (test_torch_matches_jax_given_float64_global_features): fixed loss
+# features, and the time features of optimizer.time_features in float64.
+FIXED_LOSS_FEATURES = np.random.default_rng(6).uniform(-1, 1, size=hjax.loss_features(
+    hjax.init_accumulator(), hjax.init_accumulator()).shape)
+
+
+def jax_time_features(step, num_steps):
+  t = step.astype(jnp.float64)
+  return jnp.concatenate([jnp.tanh(t / jnp.asarray(TIME_SCALES, jnp.float64)),
+                          (t / num_steps) ** jnp.asarray(FRACTION_POWERS, jnp.float64)])
+
+
+def torch_time_features(step, num_steps):
+  t = step.to(torch.float64)
+  return torch.cat([torch.tanh(t / torch.tensor(TIME_SCALES, dtype=torch.float64)),
+                    (t / num_steps) ** torch.tensor(FRACTION_POWERS, dtype=torch.float64)])
+
+
+@pytest.fixture(scope="module")
+def jax_run_float64_features(saved):
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hjax, "loss_features", lambda train, valid: jnp.asarray(FIXED_LOSS_FEATURES))
+    patch.setattr(hjax, "time_features", jax_time_features)
+    return train_jax(saved)
+
+
+def torch_params(dtype=torch.float64) -> dict:
+  return {k: torch.nn.Parameter(torch.tensor(v, dtype=dtype)) for k, v in model().items()}
+
+
+def train_torch(optimizer, params, steps):
+  for grads, loss, valid in steps:
+    for k, g in grads.items():
+      params[k].grad = torch.tensor(g, dtype=params[k].dtype)
+    optimizer.step(loss=loss, valid_loss=valid)
+
+
+def relative_errors(expected: dict, params: dict) -> dict:
+  return {k: float(np.linalg.norm(params[k].detach().numpy() - expected[k]) / np.linalg.norm(expected[k]))
+          for k in expected}
+
+
+# -- PyTorch against JAX -----------------------------------------------------------------------------------------
+
+def test_torch_matches_jax_given_float64_global_features(saved, jax_run_float64_features, monkeypatch):
+  """Everything but the float32 global features -- clipping, momenta, factored second moments, the slow average,
+  the batched LSTM, the learned schedule, the MLP, learning rate and weight decay -- in float64 to rounding, when
+  both sides compute the global features in float64 (see test_torch_matches_jax)."""
+  expected, _ = jax_run_float64_features
+  monkeypatch.setattr(htorch, "loss_features", lambda state: torch.tensor(FIXED_LOSS_FEATURES))
+  monkeypatch.setattr(htorch, "time_features", torch_time_features)
+  params = torch_params()
+  train_torch(LearnedOptimizer(params.values(), saved, lr=0.5, weight_decay=0.1, num_steps=HORIZON), params,
+              schedule())
+  moved = relative_errors(expected, {k: torch.tensor(v) for k, v in model().items()})
+  assert min(moved.values()) > 1e-2, f"the parameters barely moved ({moved}): the check would be vacuous"
+  errors = relative_errors(expected, params)
+  assert max(errors.values()) < 1e-12, errors
+
+
+def test_torch_matches_jax(saved, jax_run):
+  """End to end, the global features included. Both sides keep the loss accumulators and compute the global
+  features in float32 (``optimizer.py``), and XLA's float32 tanh and log differ from torch's in the last bit for
+  many inputs (about 60% and 10% of them): ~1e-7 relative noise on the LSTM's global inputs, which moves the log
+  steps by ~1e-6 and the parameters by up to ~1e-6 relative over this run (measured 8e-7)."""
+  expected, state = jax_run
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved, lr=0.5, weight_decay=0.1, num_steps=HORIZON)
+  train_torch(optimizer, params, schedule())
+  errors = relative_errors(expected, params)
+  assert max(errors.values()) < 1e-5, errors
+  found = optimizer.state["lopt_global"]
+  assert int(found["step"]) == int(state.step) == STEPS
+  for name in ("train", "valid"):
+    for part in ("seen", "first", "last", "ema"):
+      np.testing.assert_allclose(found[f"{name}_{part}"].numpy(), getattr(getattr(state, name), part), rtol=1e-6)
+  for k, p in params.items():  # per-tensor state: float64 like its parameter, the layout of the JAX state
+    np.testing.assert_allclose(optimizer.state[p]["log_step"].numpy(), state.tensors[k].log_step, atol=1e-4)
+    np.testing.assert_allclose(optimizer.state[p]["momentum"].numpy(), state.momentum[k], rtol=1e-5, atol=1e-12)
+    assert optimizer.state[p]["h"].dtype == torch.float64 and int(optimizer.state[p]["step"]) == STEPS
+
+
+@pytest.mark.parametrize("num_steps", [None, 0, 40])
+def test_global_features_match_jax(num_steps):
+  """The accumulators and the global features, torch against JAX on the same float32 inputs (to float32
+  rounding: the two use different tanh and log)."""
+  rng = np.random.default_rng(7)
+  train, valid = hjax.init_accumulator(), hjax.init_accumulator()
+  state = htorch.init_global_state()
+  for t in range(1, 25):
+    loss = float(np.exp(rng.normal()))
+    valid_loss = float(np.exp(rng.normal())) if t % 4 == 0 else (np.inf if t % 7 == 0 else None)
+    train, valid = hjax.accumulate(train, loss), hjax.accumulate(valid, valid_loss)
+    htorch.accumulate(state, "train", torch.tensor(loss, dtype=torch.float32))
+    htorch.accumulate(state, "valid", None if valid_loss is None else torch.tensor(valid_loss, dtype=torch.float32))
+    for name, acc in (("train", train), ("valid", valid)):
+      for part in ("seen", "first", "last", "ema"):
+        np.testing.assert_allclose(state[f"{name}_{part}"].numpy(), getattr(acc, part), rtol=1e-6, atol=1e-6)
+    step = np.int32(t)
+    expected = np.concatenate([hjax.loss_features(train, valid), hjax.time_features(jnp.asarray(step), num_steps)])
+    found = torch.cat([htorch.loss_features(state), htorch.time_features(torch.tensor(step), num_steps)])
+    assert found.dtype == torch.float32
+    np.testing.assert_allclose(found.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+# -- the JAX optimizer ---------------------------------------------------------------------------------------------
+
+# The tests of one vector parameter share these compiled updates (one per combination of given losses).
+OPTIMIZER = HierarchicalOptimizer()
+UPDATE = jax.jit(OPTIMIZER.update)
+
+
+def test_untrained_optimizer_is_adam_with_a_hypergradient_step():
+  """Default init: the first update is -step_scale * m_hat / sqrt(v_hat) (Adam's first step, ~ -step_scale *
+  sign(g)); at the second step with the same gradient the log step grows by the alignment gain * cos = 1. (To
+  1e-4: in float32, 1 - rms_decay^t alone is off by 1e-5.)"""
+  theta = default_theta(OPTIMIZER)
+  g = jnp.asarray([0.3, -0.3, 0.3, -0.3, 0.3], jnp.float32)
+  params = {"b": jnp.linspace(-1, 1, 5, dtype=jnp.float32)}
+  state = OPTIMIZER.init_state(theta, params)
+  updates, state = UPDATE(theta, state, {"b": g}, params)
+  b1, rho = OPTIMIZER.momentum_decays[0], OPTIMIZER.rms_decay
+  g = np.asarray(g, np.float64)
+  m_hat = (1 - b1) * g / (1 - b1)
+  v_hat = (1 - rho) * (g * g + 1e-30) / (1 - rho)
+  np.testing.assert_allclose(updates["b"], -OPTIMIZER.step_scale * m_hat / np.sqrt(v_hat + 1e-12), rtol=1e-4)
+  assert float(state.tensors["b"].log_step) == 0.0
+  _, state = UPDATE(theta, state, {"b": jnp.asarray(g, jnp.float32)}, params)
+  np.testing.assert_allclose(state.tensors["b"].log_step, theta["step"]["alignment"][0], rtol=1e-5)
+
+
+def test_losses_are_optional_and_a_missing_validation_loss_changes_nothing():
+  theta = random_theta(OPTIMIZER)
+  params, grads = {"b": jnp.ones(5)}, {"b": jnp.linspace(-1, 1, 5)}
+  state = OPTIMIZER.init_state(theta, params)
+  for _ in range(3):  # no losses, no horizon
+    updates, state = UPDATE(theta, state, grads, params)
+    assert bool(jnp.all(jnp.isfinite(updates["b"]))) and float(jnp.max(jnp.abs(updates["b"]))) > 0
+  assert float(state.train.seen) == float(state.valid.seen) == 0.0
+  _, with_valid = UPDATE(theta, state, grads, params, loss=1.5, valid_loss=2.0)
+  assert float(with_valid.valid.seen) == 1.0
+  _, after = UPDATE(theta, with_valid, grads, params, loss=1.2, valid_loss=np.nan)
+  for a, b in zip(after.valid, with_valid.valid):
+    np.testing.assert_array_equal(a, b)
+  assert float(after.train.last) == pytest.approx(np.log(1.2))
+
+
+def test_a_zero_tensor_with_a_zero_gradient_stays_finite():
+  theta = default_theta(OPTIMIZER)
+  params = {"b": jnp.zeros(5)}
+  state = OPTIMIZER.init_state(theta, params)
+  _, state = UPDATE(theta, state, {"b": jnp.zeros(5)}, params)
+  updates, _ = UPDATE(theta, state, {"b": jnp.ones(5)}, params)
+  assert bool(jnp.all(jnp.isfinite(updates["b"])))
+
+
+def test_the_update_of_a_tensor_does_not_depend_on_its_gradient_scale():
+  """g -> 10 g, every step, the losses the same: the updates do not change (up to the epsilons).
+  Every feature is scale-free but the log RMS of g, an LSTM input by design: its weights are zeroed here."""
+  optimizer = HierarchicalOptimizer()
+  theta = random_theta(optimizer)
+  theta["lstm"]["w"][0] = 0.0
+  params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(6, 4)), jnp.float32)}
+  update = jax.jit(optimizer.update)
+
+  def run(factor):
+    p, state, found = params, optimizer.init_state(theta, params), []
+    rng = np.random.default_rng(5)
+    for t in range(6):
+      grads = {"w": jnp.asarray(factor * rng.normal(size=(6, 4)), jnp.float32)}
+      updates, state = update(theta, state, grads, p, loss=1.0 / (t + 1), num_steps=10)
+      p = optax.apply_updates(p, updates)
+      found.append(updates["w"])
+    return found
+
+  for a, b in zip(run(1.0), run(10.0)):
+    assert float(jnp.max(jnp.abs(a))) > 0
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+
+
+def test_state_is_about_three_times_the_parameters():
+  """Two momenta, the slow average and an Adafactor second moment: ~3 numbers per parameter, plus per tensor."""
+  optimizer = HierarchicalOptimizer()
+  theta = jax.eval_shape(optimizer.init, jax.random.key(0))
+  params = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32), "b": jax.ShapeDtypeStruct((256,), jnp.float32)}
+  state = jax.eval_shape(optimizer.init_state, theta, params)
+  count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))  # noqa: E731
+  assert count(state) <= 3.2 * count(params)
+
+
+# -- lopt.torch with a rule that keeps global state ----------------------------------------------------------------
+
+def test_zero_tensor_with_zero_gradient_stays_finite_in_torch(saved):
+  params = {"w": torch.nn.Parameter(torch.ones(3, 2)), "b": torch.nn.Parameter(torch.zeros(2))}
+  optimizer = LearnedOptimizer(params.values(), saved)
+  for g in (0.0, 1.0, 1.0):
+    params["w"].grad, params["b"].grad = torch.ones(3, 2), torch.full((2,), g)
+    optimizer.step(loss=1.0)
+  assert all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_state_dict_round_trip_continues_identically(saved):
+  steps = schedule()
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved, lr=0.5, weight_decay=0.1, num_steps=HORIZON)
+  train_torch(optimizer, params, steps[:12])
+  buffer = io.BytesIO()
+  torch.save({"params": {k: p.detach().clone() for k, p in params.items()}, "optimizer": optimizer.state_dict()},
+             buffer)
+  buffer.seek(0)
+  saved_state = torch.load(buffer, weights_only=True)
+  resumed_params = {k: torch.nn.Parameter(v) for k, v in saved_state["params"].items()}
+  resumed = LearnedOptimizer(resumed_params.values(), saved)  # lr, weight decay and horizon come from the state
+  resumed.load_state_dict(saved_state["optimizer"])
+  assert resumed.num_steps == HORIZON and resumed.param_groups[0]["weight_decay"] == 0.1
+  train_torch(optimizer, params, steps[12:])
+  train_torch(resumed, resumed_params, steps[12:])
+  for k in params:
+    assert torch.equal(params[k], resumed_params[k])
+  assert int(resumed.state["lopt_global"]["step"]) == STEPS
+
+
+def test_state_dicts_do_not_share_the_global_state(saved):
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved)
+  train_torch(optimizer, params, schedule(3))
+  state = optimizer.state_dict()
+  other = LearnedOptimizer(torch_params().values(), saved)
+  other.load_state_dict(state)
+  train_torch(optimizer, params, schedule(2))
+  assert int(state["state"]["lopt_global"]["step"]) == int(other.state["lopt_global"]["step"]) == 3
+
+
+def test_low_precision_parameters_keep_a_float32_recurrent_state_across_state_dicts(saved):
+  """As the JAX layout: a bfloat16 parameter's momenta are bfloat16, its LSTM state float32 -- also after
+  load_state_dict, which would cast every floating state tensor to the parameter's dtype."""
+  params = {k: p.to(torch.bfloat16) for k, p in torch_params().items()}
+  params = {k: torch.nn.Parameter(p.detach()) for k, p in params.items()}
+  optimizer = LearnedOptimizer(params.values(), saved)
+  train_torch(optimizer, params, schedule(3))
+  resumed_params = {k: torch.nn.Parameter(p.detach().clone()) for k, p in params.items()}
+  resumed = LearnedOptimizer(resumed_params.values(), saved)
+  resumed.load_state_dict(optimizer.state_dict())
+  for p in resumed_params.values():
+    state = resumed.state[p]
+    assert state["momentum"].dtype == torch.bfloat16 and state["h"].dtype == state["log_step"].dtype == torch.float32
+  for (k, p), q in zip(params.items(), resumed_params.values()):
+    for name, value in optimizer.state[p].items():
+      assert torch.equal(value, resumed.state[q][name]), (k, name)
+
+
+def test_non_finite_gradients_skip_the_step_and_leave_the_global_state(saved):
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved, weight_decay=0.1)
+  steps = schedule(4)
+  train_torch(optimizer, params, steps[:2])
+  snapshot = lambda: ({k: v.clone() for k, v in optimizer.state["lopt_global"].items()},  # noqa: E731
+                      {k: {n: v.clone() for n, v in optimizer.state[p].items()} for k, p in params.items()},
+                      {k: p.detach().clone() for k, p in params.items()})
+  before = snapshot()
+  grads, _, _ = steps[2]
+  grads = dict(grads, b=np.array([1.0, np.nan, 1.0, 1.0]))
+  train_torch(optimizer, params, [(grads, 0.5, 0.7)])
+  assert optimizer.skipped_steps == 1
+  after = snapshot()
+  for found, expected in ((after[0], before[0]), (after[2], before[2])):  # global state, parameters
+    assert all(torch.equal(found[k], expected[k]) for k in expected)
+  assert all(torch.equal(after[1][k][n], before[1][k][n]) for k in before[1] for n in before[1][k])
+  train_torch(optimizer, params, steps[3:])
+  assert int(optimizer.state["lopt_global"]["step"]) == 3 and optimizer.skipped_steps == 1
+
+
+def test_losses_through_the_closure_or_keywords(saved):
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved)
+  for p in params.values():
+    p.grad = torch.ones_like(p)
+  assert optimizer.step(lambda: torch.tensor(2.0)).item() == 2.0  # the closure's loss is the training loss
+  state = optimizer.state["lopt_global"]
+  assert float(state["train_seen"]) == 1.0 and float(state["train_last"]) == pytest.approx(np.log(2.0))
+  optimizer.step(loss=torch.tensor([1.0]), valid_loss=float("nan"))  # a one-element tensor; NaN: none this step
+  assert float(optimizer.state["lopt_global"]["valid_seen"]) == 0.0
+  with pytest.raises(ValueError, match="not both"):
+    optimizer.step(lambda: 1.0, loss=1.0)
+  with pytest.raises(ValueError, match="loss must be a scalar"):
+    optimizer.step(loss=torch.ones(2))
+  with pytest.raises(ValueError, match="num_steps must be None or a positive integer"):
+    LearnedOptimizer(params.values(), saved, num_steps=0)
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"momentum": 0.9}, r"unknown key\(s\) \['momentum'\]"),
+    ({"num_steps": 100}, r"unknown key\(s\) \['num_steps'\]"),  # an optimizer-level setting, not a group's
+])
+def test_unknown_group_keys_are_refused(saved, group, message):
+  with pytest.raises(ValueError, match=message):
+    LearnedOptimizer([{"params": [torch.nn.Parameter(torch.ones(3))], **group}], saved)
+
+
+def test_the_rule_does_not_import_jax():
+  import subprocess
+  import sys
+  code = ("import sys, lopt.torch, lopt.architectures.hierarchical.torch; "
+          "assert 'jax' not in sys.modules, 'jax imported'; print('ok')")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr
