@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                               f"{BENCHMARK_DEFAULT})")
   benchmark.add_argument("--quick", action="store_true",
                          help=f"the quick subset with shorter horizons, {bench.QUICK_TUNING_SEEDS} tuning and "
-                              f"{bench.QUICK_EVAL_SEEDS} evaluation seeds (about 10 minutes on 2 CPU cores)")
+                              f"{bench.QUICK_EVAL_SEEDS} evaluation seeds (about 6 minutes on 2 CPU cores)")
   benchmark.add_argument("--problems", default=None, metavar="A,B",
                          help="comma-separated problems (default: all, or the quick subset)")
   benchmark.add_argument("--out", default="lopt-benchmark", type=_run_directory, help="output directory")
@@ -574,11 +574,11 @@ def command_benchmark(args) -> dict | None:
       learning_rates = tuple(float(x) for x in args.learning_rates.split(","))
     except ValueError:
       raise UserError(f"--learning-rates: expected comma-separated numbers, got {args.learning_rates!r}") from None
+  trials = _count(args.nadamw_trials, "--nadamw-trials") or benchmark.NADAMW_TRIALS
   result = benchmark.run_benchmark(
       args.names or [BENCHMARK_DEFAULT], args.out, problems=problems, quick=args.quick,
       tuning_seeds=_count(args.tuning_seeds, "--tuning-seeds"), eval_seeds=_count(args.eval_seeds, "--eval-seeds"),
-      learning_rates=learning_rates, num_trials=_count(args.nadamw_trials, "--nadamw-trials") or benchmark.NADAMW_TRIALS,
-      horizon=_count(args.horizon, "--horizon"), say=say)
+      learning_rates=learning_rates, num_trials=trials, horizon=_count(args.horizon, "--horizon"), say=say)
   report = write_benchmark_report(args.out, result)
   print(benchmark.text_table(result))
   for line in benchmark.summary_lines(result):

@@ -33,7 +33,7 @@ import optax
 
 from lopt.errors import UserError
 from lopt.evaluation import suite
-from lopt.io.checkpoint import atomic_write_json
+from lopt.io.checkpoint import atomic_write_json, read_json
 
 FORMAT = "lopt-benchmark"
 FORMAT_VERSION = 1
@@ -471,7 +471,8 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
               DEFAULT_LEARNING_RATE, "valid_every": VALID_EVERY, "final_fraction": FINAL_FRACTION,
               "divergence_factor": DIVERGENCE_FACTOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
               "bootstrap_seed": BOOTSTRAP_SEED, "horizon_override": horizon,
-              "learned": {label: {"name": l["name"], "path": l["path"], **l["identity"]} for label, l in learned.items()}}
+              "learned": {label: {"name": entry["name"], "path": entry["path"], **entry["identity"]}
+                          for label, entry in learned.items()}}
   tuning_keys, eval_keys = seed_keys(TUNING_SEED, tuning_seeds), seed_keys(EVALUATION_SEED, eval_seeds)
 
   # The jobs, and how many inner steps each still has to run (for the bar's ETA).
@@ -479,7 +480,8 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
   for name in chosen:
     problem = suite.PROBLEMS[name]
     steps = horizon or (problem.quick_horizon if quick and problem.quick_horizon else problem.horizon)
-    common = {"format": FORMAT_VERSION, "problem": name, "options": problem.options, "horizon": steps,
+    common = {"format": FORMAT_VERSION, "suite": suite.SUITE_VERSION, "problem": name, "options": problem.options,
+              "horizon": steps,
               "eval_seeds": eval_seeds, "seeds": [TUNING_SEED, EVALUATION_SEED], "valid_every": VALID_EVERY}
     for label, entry in learned.items():
       jobs.append((name, steps, label, {"learned": True}, {**common, "optimizer": entry["identity"]}))
@@ -502,7 +504,7 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
     for name, steps, label, plan, identity in jobs:
       path = cache_path(out, name, label, identity)
       if path.is_file():
-        records[name, label] = json.loads(path.read_text())
+        records[name, label] = read_json(path, "cached benchmark result")
         continue
       if (name, steps) not in task_cache:
         task_cache.clear()
