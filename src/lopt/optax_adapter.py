@@ -55,13 +55,14 @@ def check_meta_parameters(optimizer, theta) -> None:
     raise ValueError(f"as_optax: meta-parameters do not match {type(optimizer).__name__}: " + "; ".join(problems))
 
 
-def as_optax(optimizer, theta) -> optax.GradientTransformationExtraArgs:
+def as_optax(optimizer, theta, *, num_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
   """Wraps ``optimizer`` (with meta-parameters ``theta``) as an optax transformation.
 
   Args:
     optimizer: a learned optimizer (e.g. ``GRUOptimizer``).
     theta: its meta-parameters, any pytree (``{name: array}`` for the GRU); numpy arrays (as loaded from a checkpoint) or jax arrays, or
       tracers when meta-training differentiates through the transformation.
+    num_steps: a horizon hint bound once (an update's own ``num_steps=`` extra argument wins); None: none.
 
   Returns:
     ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params=None, **extra_args)`` returns
@@ -69,6 +70,8 @@ def as_optax(optimizer, theta) -> optax.GradientTransformationExtraArgs:
     loss is read from ``value=`` or ``loss=`` (see ``loss_from_extra_args``); other extra arguments are ignored.
   """
   check_meta_parameters(optimizer, theta)
+  if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+    raise ValueError(f"as_optax: num_steps must be a positive integer or None, got {num_steps!r}")
   # Concrete (numpy) arrays become jax arrays once here rather than at every un-jitted call; tracers pass through.
   theta = jax.tree.map(jnp.asarray, theta)
 
@@ -78,6 +81,8 @@ def as_optax(optimizer, theta) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     # valid_loss and num_steps are passed only when given: optimizers written for lopt 0.1 take loss and step only.
     hints = {name: extra_args[name] for name in ("valid_loss", "num_steps") if extra_args.get(name) is not None}
+    if num_steps is not None:
+      hints.setdefault("num_steps", num_steps)
     new_updates, new_state = optimizer.update(theta, state, updates, params, loss=loss_from_extra_args(extra_args),
                                               **hints)
     return optax.tree_utils.tree_cast_like(new_updates, updates), optax.tree_utils.tree_cast_like(new_state, state)

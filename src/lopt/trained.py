@@ -85,15 +85,16 @@ class TrainedOptimizer:
     return f"TrainedOptimizer({self.optimizer!r}, {count} meta-parameters, path={str(self.path)!r})"
 
   def as_optax(self, *, learning_rate: float | None = None, weight_decay: float | None = None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, num_steps: int | None = None):
     """An ``optax.GradientTransformationExtraArgs`` (see ``lopt.optax_adapter.as_optax``).
 
     With ``learning_rate`` (a multiplier, 1 reproduces the optimizer as trained), ``weight_decay`` (decoupled) or
     ``skip_nonfinite`` it is wrapped as ``lopt.optax_adapter.guarded`` does -- the same rules as
     ``lopt.torch.LearnedOptimizer`` -- and its state becomes a ``GuardedState`` (``skipped_steps`` counts skipped
-    steps). Without them it is the bare learned update, whose state is the architecture's own."""
+    steps). Without them it is the bare learned update, whose state is the architecture's own. ``num_steps``: the
+    run's horizon, a hint for architectures with a learned schedule (``hierarchical``; others ignore it)."""
     from lopt.optax_adapter import as_optax, guarded
-    transformation = as_optax(self.optimizer, self.theta)
+    transformation = as_optax(self.optimizer, self.theta, num_steps=num_steps)
     if learning_rate is None and weight_decay is None and not skip_nonfinite:
       return transformation
     return guarded(transformation, learning_rate=1.0 if learning_rate is None else learning_rate,
