@@ -73,3 +73,24 @@ def test_group_task_keys_are_distinct_problems():
   task = families.group_task(families.sample([0, 0], "mlp", max_step_flops=1e6))
   a, b = task.init(jax.random.key(1)), task.init(jax.random.key(2))
   assert any(not bool(jnp.allclose(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_warm_start_and_trainable_subset(tmp_path, capsys):
+  """--init-from starts theta at a trained optimizer's; --trainable meta-trains only the named meta-parameters
+  (the others are neither perturbed nor updated); mismatches are user errors."""
+  from lopt.pytree import flatten_by_path
+  assert train(tmp_path, "logistic_regression", "nres", "--truncation", "5") == 0
+  source = tmp_path / "logistic_regression-nres"
+  out = tmp_path / "warm"
+  args = ["train", "--task-family", "logistic_regression", "--estimator", "nres", "--truncation", "5", *SMALL,
+          "--init-from", str(source), "--trainable", "layers/1", "--sigma", "0.1", "--out", str(out)]
+  assert main(args) == 0
+  before, after = flatten_by_path(lopt.load(source).theta), flatten_by_path(lopt.load(out).theta)
+  changed = {name for name in before if not jnp.array_equal(before[name], after[name])}
+  assert changed and changed <= {"layers/1/w", "layers/1/b"}, changed
+  capsys.readouterr()
+  for extra, message in ((["--trainable", "layers/9"], "name no meta-parameter"),
+                         (["--init-from", str(source), "--optimizer-option", "hidden_size=4"], "they must match")):
+    bad = args[:args.index("--init-from")] + extra + ["--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert message in capsys.readouterr().err

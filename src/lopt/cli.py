@@ -102,6 +102,8 @@ TRAIN_OPTIONS = [
     ("--seed", "seed", int, "seed of the meta-parameters and the training problem stream"),
     ("--init-from", "init_from", str, "start theta from this trained optimizer (path or name) of the same "
      "architecture and fields, instead of the seed's initialization (warm start, fine-tuning)"),
+    ("--trainable", "trainable", str, "meta-train only these meta-parameters: comma-separated key-path prefixes "
+     "(e.g. 'step,clip'; `lopt info` lists an optimizer's); the others stay as initialized and are not perturbed"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
     ("--eval-problems", "num_eval_problems", _positive_int, "held-out problems of each evaluation (selection)"),
     ("--log-every", "log_every", _positive_int, "outer steps between lines of metrics.jsonl"),

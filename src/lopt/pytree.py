@@ -43,3 +43,14 @@ def unflatten_by_path(flat: dict, template):
 
 def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
   return {name: tuple(np.shape(leaf)) for name, leaf in flatten_by_path(tree).items()}
+
+
+def prefix_mask(tree, prefixes: tuple[str, ...]) -> tuple[object, list[str]]:
+  """(a pytree like ``tree`` of bools: True where the leaf's key path is one of ``prefixes`` or lies under one,
+  the prefixes that matched no leaf)."""
+  def selected(name: str) -> bool:
+    return any(name == p or name.startswith(p + SEPARATOR) for p in prefixes)
+  paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = [path_string(path) for path, _ in paths_and_leaves]
+  unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + SEPARATOR) for n in names)]
+  return jax.tree_util.tree_unflatten(treedef, [selected(n) for n in names]), unmatched

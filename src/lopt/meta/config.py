@@ -112,6 +112,7 @@ class OuterSection:
   clip_value: float = 0.1
   seed: int = 0
   init_from: str | None = None  # a trained optimizer (path or name) whose meta-parameters theta starts from
+  trainable: str | None = None  # comma-separated key-path prefixes of theta to meta-train (None: all of it)
 
   RULES = {
       "num_steps": (_positive_int, "a positive integer"),
@@ -125,6 +126,8 @@ class OuterSection:
       "seed": (lambda v: _is_int(v) and -SEED_LIMIT <= v < SEED_LIMIT, "an integer in [-2^31, 2^31)"),
       "init_from": (lambda v: v is None or (isinstance(v, str) and v != ""),
                     "null or the path or name of a trained optimizer"),
+      "trainable": (lambda v: v is None or (isinstance(v, str) and all(p.strip() for p in v.split(","))),
+                    "null or comma-separated key-path prefixes of the meta-parameters, e.g. 'step,clip'"),
   }
 
 

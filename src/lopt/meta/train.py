@@ -237,16 +237,33 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   return jax.tree.map(jnp.asarray, trained.theta)
 
 
+def trainable_mask(config: MetaTrainConfig, theta):
+  """A pytree like theta of bools (True: meta-trained), from the outer section's ``trainable`` prefixes; None when
+  all of theta is trained. UserError for a prefix that names no meta-parameter."""
+  if config.outer.trainable is None:
+    return None
+  from lopt.pytree import flatten_by_path, prefix_mask
+  prefixes = tuple(p.strip() for p in config.outer.trainable.split(","))
+  mask, unmatched = prefix_mask(theta, prefixes)
+  if unmatched:
+    raise UserError(f"--trainable: {unmatched} name no meta-parameter of {config.optimizer.architecture!r}; its "
+                    f"meta-parameters are {sorted(flatten_by_path(theta))}")
+  return mask
+
+
 def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
-  estimator = estimator_from(config, task, optimizer)
+  theta = initial_theta(config, optimizer)
+  mask = trainable_mask(config, theta)
+  estimator = estimators.restrict(estimator_from(config, task, optimizer), mask)
   outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
+  if mask is not None:  # frozen meta-parameters get no update (and, above, no perturbation)
+    outer = optax.chain(outer, optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)))
   outer_step = build_outer_step(estimator, outer)
   eval_task, eval_horizon = held_out_tasks(config, task)
   evaluate = build_evaluator(eval_task, optimizer, eval_horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
-  theta = initial_theta(config, optimizer)
   estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
   state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
   run = None

@@ -52,6 +52,20 @@ class EstimatorSpec:
                          for t, n in zip(tasks, sizes)))
 
 
+def restrict(estimator, mask):
+  """``estimator`` perturbing only the meta-parameters where ``mask`` (a pytree of bools like theta, or None: all)
+  holds; estimators without perturbations are returned as they are (the outer update masks their gradients)."""
+  if mask is None:
+    return estimator
+  import dataclasses
+  if hasattr(estimator, "estimators"):  # Grouped
+    return dataclasses.replace(estimator, estimators=tuple(restrict(e, mask) for e in estimator.estimators))
+  if hasattr(estimator, "perturb_mask"):
+    import jax
+    return dataclasses.replace(estimator, perturb_mask=tuple(jax.tree.leaves(mask)))
+  return estimator
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
   """``total`` problems over ``parts`` groups, the first ones one larger when it does not divide."""
   return [total // parts + (i < total % parts) for i in range(parts)]

@@ -66,6 +66,7 @@ class Antithetic:
   num_particles: int = 1
   sigma: float = 0.01
   l2_penalty: float = 0.0
+  perturb_mask: tuple | None = None  # per leaf of theta (flattening order): False leaves are never perturbed
 
   @property
   def num_pairs(self) -> int:
@@ -79,8 +80,10 @@ class Antithetic:
     """(pairs, ...) eps ~ N(0, sigma^2 I) like theta."""
     leaves, treedef = jax.tree.flatten(theta)
     keys = jax.random.split(key, len(leaves))
+    mask = self.perturb_mask or (True,) * len(leaves)
     return jax.tree.unflatten(treedef, [self.sigma * jax.random.normal(k, (self.num_pairs,) + x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves)])
+                                        if perturb else jnp.zeros((self.num_pairs,) + x.shape, x.dtype)
+                                        for k, x, perturb in zip(keys, leaves, mask)])
 
   def init(self, theta, key):
     u = self.unroll
