@@ -112,14 +112,15 @@ def test_speedup_both_branches():
   reference[60:] = 0.5  # tuned Adam: final 0.5, first at step 61
   learned = np.ones(100)
   learned[25:] = 0.4  # reaches 0.5 at step 26 of 100
-  assert b.speedup(learned, reference, fraction=0.01) == pytest.approx(100 / 26)
+  assert b.speedup(learned, reference, fraction=0.01) == pytest.approx(61 / 26)  # both at 0.5: steps 61 and 26
   slow = np.ones(100)
-  slow[-1] = 0.8  # never reaches 0.5; Adam reaches its final 0.8 at step 61
+  slow[-1] = 0.8  # ends at 0.8 (step 100); Adam first reaches 0.8 at step 61
   assert b.speedup(slow, reference, fraction=0.01) == pytest.approx(0.61)
-  assert b.speedup(reference, reference, fraction=0.01) == pytest.approx(100 / 61)  # the same curve: reached at t
+  assert b.speedup(reference, reference, fraction=0.01) == pytest.approx(1.0)  # the same curve: no speedup
   assert b.speedup(np.r_[1.0, np.full(99, np.nan)], reference) == pytest.approx(1 / 100)  # diverged: the floor
-  # Smoothed over 5% of the horizon (5 steps): the learned curve is at 0.5 or below from step 30.
-  assert b.speedup(learned, reference) == pytest.approx(100 / 30)
+  assert b.speedup(reference, slow, fraction=0.01) == pytest.approx(1 / 0.61)  # swapping the curves inverts it
+  # Smoothed over 5% of the horizon (5 steps): the learned curve reaches 0.5 at step 30, Adam at step 65.
+  assert b.speedup(learned, reference) == pytest.approx(65 / 30)
 
 
 def test_iqm_and_bootstrap_interval():

@@ -211,19 +211,23 @@ def first_reach(curve: np.ndarray, level: float) -> int | None:
 
 
 def speedup(learned: np.ndarray, reference: np.ndarray, fraction: float = FINAL_FRACTION) -> float:
-  """Step ratio of two (T,) mean loss curves, each smoothed by a trailing mean over ``fraction`` of the horizon (so
-  its last value is its final loss): T / t where the learned curve first reaches the reference's final loss at step t
-  (1-based; >= 1), else t_ref / T where the reference first reaches the learned one's final loss (<= 1). Non-finite
-  losses count as +inf; both diverged: 1."""
+  """Step ratio of two (T,) mean loss curves at the loss both reach, each curve smoothed by a trailing mean over
+  ``fraction`` of the horizon (its last value is its final loss): with L = the higher of the two final losses,
+  t_ref(L) / t_learned(L), the steps (1-based) each curve first needs to reach L. > 1: the learned optimizer gets
+  there sooner. When the learned one ends lower, L is the reference's final loss (how much sooner it reaches tuned
+  Adam's result); when it ends higher, L is its own final loss (how much sooner tuned Adam reaches it). Identical
+  curves give 1. Non-finite losses count as +inf; both diverged: 1; only the learned one diverged: 1 / T."""
   horizon = len(learned)
   ours, theirs = running_mean(_inf(learned), window(horizon, fraction)), running_mean(_inf(reference),
                                                                                          window(horizon, fraction))
   if not (np.isfinite(ours[-1]) or np.isfinite(theirs[-1])):
     return 1.0
-  t = first_reach(ours, theirs[-1])
-  if t is not None:
-    return horizon / (t + 1)
-  return (first_reach(theirs, ours[-1]) + 1) / horizon
+  if not np.isfinite(ours[-1]):
+    return 1.0 / horizon
+  if not np.isfinite(theirs[-1]):
+    return float(horizon)
+  target = max(ours[-1], theirs[-1])
+  return (first_reach(theirs, target) + 1) / (first_reach(ours, target) + 1)
 
 
 def win(ours: float, theirs: float) -> float:
