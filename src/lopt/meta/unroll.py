@@ -92,9 +92,10 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
 
 def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int, *,
            remat: bool = False, first_order: bool = False) -> jax.Array:
-  """Runs ``optimizer`` on the problem ``key`` of ``task`` from initialization; returns (num_steps,) losses."""
+  """Runs ``optimizer`` on the problem ``key`` of ``task`` from initialization; returns (num_steps,) losses. The
+  optimizer gets ``num_steps`` as its horizon hint (``num_steps=``), as in meta-training."""
   _, losses = advance(task, optimizer, init_inner(task, optimizer, key), num_steps, remat=remat,
-                      first_order=first_order)
+                      first_order=first_order, horizon=num_steps)
   return losses
 
 
