@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Meta-trains the general-purpose optimizer on the H200 (one GPU), resumably across device calls:
-#   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]     (STEPS=N: stop and export at outer step N)
+#   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]
+# Environment: STEPS (stop and export at this outer step), NAME (run name suffix), PROBLEMS (meta-batch, 256),
+# SIGMA (0.01), LR (outer Adam), TRAINABLE (key-path prefixes), EVAL_HORIZON (held-out unrolls, 200).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT: it writes a checkpoint and exports its best optimizer. The run
@@ -11,12 +13,14 @@ seconds=${1:-480}
 arch=${2:-hierarchical}
 init=${3:-}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_cache
-run=gpu_runs/general-$arch-h200
-args=(--task-family all --estimator nres --truncation 50 --meta-batch-size 256 --num-particles 1
+run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
+args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
+      --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --task-option num_groups=6 --task-option max_step_flops=2e7 --clip-value 0.1 --decay-steps 2000
       --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64 --checkpoint-every 25 --log-every 5
       --optimizer "$arch" --seed 1 --out "$run")
-case $arch in hierarchical) args+=(--learning-rate 1e-3);; *) args+=(--learning-rate 3e-3);; esac
+case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
+[ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")
 elif [ -n "$init" ]; then
@@ -25,5 +29,5 @@ fi
 mkdir -p gpu_runs
 timeout -s INT -k 60 "$seconds" python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' train "${args[@]}" \
   > "$OUT/$arch.log" 2>&1
-tar -czf "$OUT/general-$arch-h200.tar.gz" --exclude=checkpoints -C gpu_runs "general-$arch-h200"
+tar -czf "$OUT/$(basename "$run").tar.gz" --exclude=checkpoints -C gpu_runs "$(basename "$run")"
 tr '\r' '\n' < "$OUT/$arch.log" | tail -n 4

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--task-family", default=None, metavar="NAME",
                      help="meta-train on problems sampled from task families instead: a family name, several "
                           "comma-separated, or 'all' (`lopt tasks` lists them); --task-option num_groups=N, "
-                          "max_step_flops=X")
+                          "max_step_flops=X, eval_horizon=N (held-out selection unrolls, default 200)")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",

@@ -104,8 +104,9 @@ def optimizer_from(config: MetaTrainConfig):
 FAMILY_OPTIONS = {
     "num_groups": 4,         # shapes sampled per run; each is one vmapped group of problems (one compilation each)
     "max_step_flops": None,  # restrict sampling to configurations whose inner step costs at most this many FLOPs
+    "eval_horizon": 200,     # held-out problems are unrolled this long (unless the run sets a horizon)
 }
-FAMILY_EVAL_HORIZON = 200  # held-out problems of a family run are unrolled this long unless the run sets a horizon
+FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
 
 
@@ -128,6 +129,9 @@ def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
   count = options["num_groups"]
   if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
     raise families.FamilyError(f"task family option 'num_groups' must be an integer in [1, 1024], found {count!r}")
+  horizon = options["eval_horizon"]
+  if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= 10**6:
+    raise families.FamilyError(f"task family option 'eval_horizon' must be an integer in [1, 1e6], found {horizon!r}")
   budget = options["max_step_flops"]
   if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
     raise families.FamilyError(f"task family option 'max_step_flops' must be a positive number, found {budget!r}")
@@ -203,7 +207,8 @@ def held_out_tasks(config: MetaTrainConfig, task):
   other shapes from the same families (configurations never trained on)."""
   if not isinstance(task, tuple):
     return task, config.task.horizon or task.horizon
-  return family_groups(config.task, config.seed, held_out=True), config.task.horizon or FAMILY_EVAL_HORIZON
+  horizon = {**FAMILY_OPTIONS, **config.task.options}["eval_horizon"]
+  return family_groups(config.task, config.seed, held_out=True), config.task.horizon or horizon
 
 
 def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
