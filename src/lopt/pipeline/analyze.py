@@ -3,7 +3,8 @@
 This is the glue between files (run directories, saved optimizers, tasks) and the model-agnostic toolkit: it binds
 a recurrent architecture's cell and readout (``lopt.api.RecurrentView``) to its weights and hands plain callables to
 ``lopt.dynamics``. Architectures without a recurrent view get the update-function analyses
-(``lopt.pipeline.update_analysis``): clipping and the learned schedule.
+(``lopt.pipeline.update_analysis``): clipping and the learned schedule; the hierarchical optimizer also gets its
+per-tensor LSTM reverse-engineered (``lopt.pipeline.hierarchical_analysis``: hierarchical.json and four figures).
 """
 
 from __future__ import annotations
@@ -84,20 +85,24 @@ def analyze_directory(path: str | Path, task_name: str | None = None, task_optio
   Returns the summary dict (also written). Analyses run in float64 by default (fixed points to machine precision).
   ``analyses``: the ones asked for by name (a recurrent one on a non-recurrent architecture is a UserError).
   """
+  from lopt.pipeline.hierarchical_analysis import training_settings
   from lopt.trained import resolve_optimizer_path
   optimizer, theta, task = resolve(path, task_name, task_options)
   check_analyses(optimizer, analyses)
   source = resolve_optimizer_path(path)
   if out is None:
     out = source / "analysis" if Path(path).exists() else Path(f"analysis-{Path(str(path)).name}")
+  hints = training_settings(source)  # the run's horizon (unless --task names another task) and valid_every
+  if task_name is not None:
+    hints["horizon"] = None
   return analyze_optimizer(optimizer, theta, task, out, source=source, num_problems=num_problems,
-                           dtype=dtype, progress=progress)
+                           dtype=dtype, progress=progress, hints=hints)
 
 
 def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | Path | None = None,
                       num_problems: int = NUM_PROBLEMS, num_coordinates: int | None = None,
                       num_seeds: int | None = None, adaptation_seeds: int | None = None, dtype=np.float64,
-                      progress=None) -> dict:
+                      progress=None, hints: dict | None = None) -> dict:
   """Runs every analysis of ``optimizer`` (weights ``theta``) on ``task`` and writes ``out`` (summary.json + PNGs).
 
   Args:
@@ -107,6 +112,8 @@ def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | 
       times T steps times H units would not fit in memory); None keeps all.
     num_seeds: fixed-point seeds (default ``lopt.dynamics.analysis.MAX_SEEDS``); fewer is faster and coarser.
     adaptation_seeds: seeds per g* of the adaptation sweep (default: as many as the sweep takes).
+    hints: {"horizon", "valid_every"} of meta-training (``hierarchical_analysis.training_settings``), for the
+      hierarchical optimizer's analyses (None: the task's horizon, validation loss every 10 steps).
   """
   import jax
 
@@ -120,7 +127,8 @@ def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | 
   out = Path(out)
   path = Path(source) if source is not None else out.parent
   if not is_recurrent(optimizer):
-    return _analyze_updates(optimizer, theta, task, out, path, num_problems, progress=say, started=started)
+    return _analyze_updates(optimizer, theta, task, out, path, num_problems, progress=say, started=started,
+                            hints=hints)
   coordinates = _coordinate_subset(task, num_coordinates)
 
   kept = "" if coordinates is None else f" ({len(coordinates)} coordinates each)"
@@ -168,15 +176,20 @@ def analyze_optimizer(optimizer, theta, task, out: str | Path, *, source: str | 
   return summary
 
 
-def _analyze_updates(optimizer, theta, task, out: Path, path: Path, num_problems: int, *, progress, started) -> dict:
-  """The update-function analyses of an architecture without a recurrent view: clipping and the learned schedule."""
+def _analyze_updates(optimizer, theta, task, out: Path, path: Path, num_problems: int, *, progress, started,
+                     hints: dict | None = None) -> dict:
+  """The update-function analyses of an architecture without a recurrent view: clipping and the learned schedule;
+  for the hierarchical optimizer also its per-tensor LSTM (``lopt.pipeline.hierarchical_analysis``)."""
+  from lopt.pipeline import hierarchical_analysis
   from lopt import dynamics
   from lopt.evaluation.compare import problem_keys
   from lopt.pipeline import update_analysis
   from lopt.report import dynamics_figures as figs
   from lopt.report.figures import to_png
+  then = ("; its per-tensor LSTM next" if hierarchical_analysis.is_hierarchical(optimizer)
+          else "; fixed points, momentum and adaptation need a recurrent architecture")
   progress(f"probing the update function on {num_problems} {task.name} problems (no recurrent view: clipping and "
-           f"schedule only; fixed points, momentum and adaptation need a recurrent architecture)")
+           f"schedule{then})")
   results = update_analysis.analyze_updates(task, optimizer, theta, problem_keys(ANALYSIS_SEED, num_problems))
   summary = dynamics.summarize({"clipping": results["clipping"], "schedule": results["schedule"]})
   written = []
@@ -184,6 +197,12 @@ def _analyze_updates(optimizer, theta, task, out: Path, path: Path, num_problems
                      ("schedule", lambda: figs.learned_schedule_figure(results))):
     atomic_write_bytes(out / f"{name}.png", to_png(draw()))
     written.append(f"{name}.png")
+  if hierarchical_analysis.is_hierarchical(optimizer):
+    hints = hints or {}
+    summary["hierarchical"] = hierarchical_analysis.analyze_hierarchical(
+        optimizer, theta, task, out, num_problems=num_problems, horizon=hints.get("horizon"),
+        valid_every=hints.get("valid_every"), seed=ANALYSIS_SEED, progress=progress)
+    written.extend(summary["hierarchical"]["settings"]["figures"])
   losses = results["probes"]["losses"]
   summary["source"] = {"path": str(path), "out": str(out), "task": task.name, "task_options": task.options,
                        "optimizer": optimizer.config(), "num_problems": num_problems, "horizon": task.horizon,

@@ -181,3 +181,183 @@ def adaptation_text(a: dict) -> str:
   ratios = ", ".join(f"{arm} {_num(r, 3)}" for arm, r in a["alpha_ratio_largest_to_smallest"].items())
   # No "|" in the text: it is a Markdown table cell.
   return f"α_eff at the largest over the smallest g* magnitude: {ratios}; RMSProp fit R² {_num(a['rmsprop_fit_r2'], 3)}"
+
+
+# -- the hierarchical optimizer's per-tensor LSTM (summary.json's "hierarchical", lopt.pipeline.hierarchical_analysis)
+
+HIERARCHICAL_CAPTIONS = {
+    "hierarchical_inputs": "The per-tensor LSTM's input features (tensor statistics, then the global loss and time "
+                           "features) for the tensors holding most parameters: quartiles over all steps, tensors and "
+                           "problems, the median x* used as the typical input, and the median per third of the run.",
+    "hierarchical_controller": "Left: eigenvalues of the LSTM's Jacobian dF/ds (s = [h, c]) at its fixed point for "
+                               "the typical input, with the unit circle. Middle: the steady-state change of the log "
+                               "step per step when an input moves by its interquartile range. Right: the log step's "
+                               "drift per step against the log step the LSTM sees (at its fixed point there); a "
+                               "zero crossing is where the controller settles.",
+    "hierarchical_schedule": "Left: the effective learning rate step_scale·exp(log step + schedule term) of every "
+                             "tensor along real runs (median over problems; grey: every tensor), with the schedule "
+                             "term alone dotted. Right: the controller alone with its inputs held at their typical "
+                             "values, time advancing (horizon hint) or frozen at the first step.",
+    "hierarchical_validation": "From the middle of real runs, optimizer states fed a validation loss that stays flat "
+                               "or rises 1% per measurement, or none at all, on the same gradients and parameters. "
+                               "Left: the losses fed (first problem). Middle: effective learning rate relative to the "
+                               "flat branch. Right: that ratio per tensor at the end.",
+}
+
+
+def _tensor_kind(h: dict) -> str:
+  return f"{h.get('main_kind', '?')} tensors"
+
+
+def hierarchical_inputs_paragraph(h: dict) -> str:
+  st = h["settings"]
+  text = (f"Recorded over {st['num_steps']} steps of {st['finite_problems']} {st['task']} problems (training loss "
+          f"every step, validation loss every {st['valid_every']} steps as in meta-training, horizon hint "
+          f"{st['horizon']}), the LSTM of the {_tensor_kind(h)} (those holding most parameters) reads the inputs "
+          f"shown below; their median x* is the typical input.")
+  changes = h.get("largest_input_changes") or []
+  if changes:
+    moved = ", ".join(f"{c['feature']} ({_num(c['early'], 2)} → {_num(c['late'], 2)})" for c in changes[:3])
+    text += f" Apart from the time features, the inputs that move most from the first to the last third: {moved}."
+  return text
+
+
+def hierarchical_fixed_points_paragraph(h: dict) -> str:
+  fp = h["fixed_points"]["typical"]
+  text = (f"At x*, the LSTM state s = [h, c] has {fp['distinct']} fixed point(s) from {fp['seeds']} visited states "
+          f"({fp['converged']} to machine precision, {fp['stable']} stable).")
+  phases = [(name.split(", ")[-1], f) for name, f in h["fixed_points"].items() if ", " in name]
+  if phases:
+    radius = lambda f: _num(f["max_abs_eigenvalue"][0] if f["max_abs_eigenvalue"] else None, 3)  # noqa: E731
+    text += " At the typical input of each third of the run: " + "; ".join(
+        f"{phase} {f['distinct']} (spectral radius {radius(f)})" for phase, f in phases) + "."
+  lin = h.get("linearization")
+  if not lin:
+    return text + " No fixed point was found, so nothing was linearized."
+  tau = [t for t in lin["time_constants"] if t is not None]
+  text += (f" Around the main one, the largest eigenvalues of dF/ds have moduli "
+           f"{', '.join(_num(a, 3) for a in lin['abs_eigenvalues'][:3])}: "
+           + (f"the slowest mode forgets a change of input with a time constant of {_num(tau[0], 3)} steps, so the "
+              f"LSTM acts as a low-pass filter of its inputs over about that many steps."
+              if lin["spectral_radius"] < 1 and tau else "a mode does not decay (spectral radius ≥ 1)."))
+  text += (f" There the log step changes by {lin['drift']:+.3g} per step. The inputs that move it most, per typical "
+           f"(interquartile) variation held until the LSTM settles: " + ", ".join(
+               f"{g['feature']} ({g['steady_times_spread']:+.3g} per step)" for g in lin["top_gains"][:4]) + ".")
+  feedback = lin.get("log_step_feedback")
+  if feedback is not None:
+    text += f" The log step acts on itself with a gain of {feedback:+.3g} per step per unit of log step"
+    text += (f" (self-correcting: a deviation of the log step decays with a time constant of about "
+             f"{_num(1 / abs(feedback), 3)} steps, other inputs held)." if feedback < 0 else " (self-reinforcing).")
+  attribution = lin.get("phase_attribution")
+  if attribution and attribution.get("top"):
+    text += (f" From the first to the last third of the run, the typical input's change moves the drift by "
+             f"{attribution['predicted_change']:+.3g} per step (linear prediction; at the fixed points: "
+             f"{_num(attribution['drift_early'], 3)} → {_num(attribution['drift_late'], 3)}), mostly through "
+             + ", ".join(f"{a['feature']} ({a['change']:+.3g})" for a in attribution["top"][:3]) + ".")
+  return text
+
+
+def hierarchical_equilibria_paragraph(h: dict) -> str:
+  equilibria = h.get("log_step_equilibria") or []
+  step_scale = (h.get("settings") or {}).get("step_scale")
+  inside = [e for e in equilibria if not e["at_limit"]]
+  pinned = [e for e in equilibria if e["at_limit"]]
+  if not equilibria:
+    return ("With its log step in the loop and the other inputs held at x*, the controller has no equilibrium "
+            "that the search found.")
+  parts = []
+  for e in inside:
+    rate = f" (step size {_num(step_scale * np.exp(e['log_step']), 3)})" if step_scale else ""
+    tau = -1 / np.log(e["spectral_radius"]) if 0 < e["spectral_radius"] < 1 else None
+    parts.append(f"log step {e['log_step']:+.3g}{rate}, {'stable' if e['stable'] else 'unstable'}"
+                 + (f", reached with a time constant of about {_num(tau, 3)} steps" if tau else ""))
+  text = "With its log step in the loop and the other inputs held at x*, the controller settles at " if inside else ""
+  text += "; ".join(parts) + ("." if parts else "")
+  for e in pinned:
+    sign = "positive" if e["log_step"] > 0 else "negative"
+    text += (f" {'Also, f' if inside else 'F'}rom {'some' if inside else 'any'} starting point the drift stays "
+             f"{sign} under constant typical inputs, so the log step runs to its limit {e['log_step']:+.3g} (the "
+             f"clip) and {'stays there' if e['stable'] else 'is pushed off it'}.")
+  return text
+
+
+def hierarchical_schedule_paragraph(h: dict) -> str:
+  sc = h["schedule"]
+  real, term = sc["real"], sc["schedule_term"]
+  text = (f"Along real runs the effective learning rate step_scale·exp(log step + schedule term) (median over "
+          f"problems and tensors) has the shape {real['shape']}: it starts at {_num(real['initial'], 3)}, peaks at "
+          f"{_num(real['peak'], 3)} at step {real['peak_step']} and ends at {_num(real['final'], 3)}.")
+  shapes = [t["shape"] for t in sc.get("per_tensor") or []]
+  if shapes:
+    common = max(set(shapes), key=shapes.count)
+    text += f" Per tensor, {shapes.count(common)} of {len(shapes)} have the shape {common}."
+  text += (f" The schedule term alone (the learned weights on the time features) multiplies the rate by "
+           f"{_num(term['factor_final_over_initial'], 3)} from the first to the last step (on its own it would set "
+           f"the rate between {_num(np.exp(term['min']), 3)} and {_num(np.exp(term['max']), 3)} times the step "
+           f"scale).")
+  auto = sc.get("autonomous") or {}
+  if "time" in auto and "frozen" in auto:
+    t, f = auto["time"], auto["frozen"]
+    text += (f" Holding the tensor statistics and losses at their typical values and advancing only time, the "
+             f"controller's rate has the shape {t['shape']} ({_num(t['initial'], 3)} → {_num(t['final'], 3)}); with "
+             f"time frozen at the first step it ends at {_num(f['final'], 3)}: the time features account for a "
+             f"factor {_num(auto.get('time_effect_at_horizon'), 3)} at the horizon.")
+    ratio = real["final"] / real["initial"] if real["initial"] else None
+    if ratio is not None and t["initial"]:
+      auto_ratio = t["final"] / t["initial"]
+      if (ratio < 1) != (auto_ratio < 1) or abs(np.log(ratio)) > 2 * abs(np.log(auto_ratio)):
+        text += (f" The real runs' schedule (×{_num(ratio, 3)} overall) is therefore mostly set by what the "
+                 f"optimizer observes (its tensor statistics and losses), not by the clock (×{_num(auto_ratio, 3)}).")
+  return text
+
+
+def hierarchical_validation_paragraph(h: dict) -> str:
+  v = h["validation"]
+  st = h["settings"]
+  measurements = v["steps"] // st["valid_every"]
+  rise = (1 + st["valid_rise_per_measurement"]) ** measurements - 1
+  rising = v["ratio_median"].get("rising")
+  none = v["ratio_median"].get("none")
+  low, high = v["ratio_range"]["rising"]
+  if rising is None:
+    verdict = "could not be measured"
+  elif rising < 0.95:
+    verdict = f"lowers the step size: to {_num(rising, 3)} of the flat branch's"
+  elif rising > 1.05:
+    verdict = f"raises the step size: to {_num(rising, 3)} times the flat branch's"
+  else:
+    verdict = f"barely changes the step size ({_num(rising, 3)} times the flat branch's)"
+  text = (f"From step {v['branch_step']} of the same runs, copies of the optimizer's state saw the same gradients "
+          f"and parameters while being fed a training loss falling {100 * st['train_fall_per_step']:.1f}% per step "
+          f"and, every {st['valid_every']} steps, a validation loss that stays flat or rises "
+          f"{100 * st['valid_rise_per_measurement']:.0f}% per measurement (+{100 * rise:.0f}% after "
+          f"{measurements} measurements). After {v['steps']} steps the rising validation loss {verdict} (median "
+          f"over tensors; {_num(low, 3)} to {_num(high, 3)} across tensors).")
+  if none is not None:
+    at_branch = (v.get("ratio_at_branch_median") or {}).get("none")
+    text += (f" With no validation loss ever given (otherwise the same), the step size is {_num(none, 3)} times the "
+             f"flat branch's after those {v['steps']} steps (median over tensors)"
+             + (f", and already {_num(at_branch, 3)} times at the branch point: the difference builds up over the "
+                f"whole run" if at_branch is not None else "") + ".")
+  return text
+
+
+def hierarchical_findings(h: dict) -> list[str]:
+  """One line per finding, for the command line and the top of the report's section."""
+  lines = []
+  fp = h["fixed_points"]["typical"]
+  lin = h.get("linearization")
+  if lin:
+    lines.append(f"LSTM at the typical input: {fp['distinct']} fixed point(s), {fp['stable']} stable; top |λ| "
+                 f"{', '.join(_num(a, 3) for a in lin['abs_eigenvalues'][:3])}; strongest input on the log step: "
+                 f"{lin['top_gains'][0]['feature']}")
+  eq = [e for e in h.get("log_step_equilibria") or [] if not e["at_limit"]]
+  if eq:
+    lines.append(f"log-step equilibrium at {eq[0]['log_step']:+.3g} ({'stable' if eq[0]['stable'] else 'unstable'})")
+  real = h["schedule"]["real"]
+  lines.append(f"step-size schedule along real runs: {real['shape']} ({_num(real['initial'], 3)} → "
+               f"{_num(real['final'], 3)})")
+  rising = h["validation"]["ratio_median"].get("rising")
+  lines.append(f"rising validation loss: step size × {_num(rising, 3)} after {h['validation']['steps']} steps "
+               f"(no validation loss: × {_num(h['validation']['ratio_median'].get('none'), 3)})")
+  return lines

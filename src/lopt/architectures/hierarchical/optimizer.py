@@ -284,6 +284,42 @@ class HierarchicalOptimizer:
     return unflatten(updates), HierarchicalState(unflatten(momentum), unflatten(second_moment), unflatten(average),
                                                  unflatten(tensors), train, valid, new_step)
 
+  # -- analysis helpers (``lopt.dynamics.hierarchical``): pure, read-only; ``update`` does not use them -------------
+
+  def lstm_inputs(self, theta: Theta, state: HierarchicalState, grads: Any, params: Any, *, loss=None,
+                  valid_loss=None, num_steps=None) -> jax.Array:
+    """(tensors, num_tensor_inputs) float32: what the per-tensor LSTM reads in ``update`` with the same arguments,
+    one row per leaf of ``params`` in tree order -- the tensor's statistics, then the global loss and time features
+    (``lstm_input_names`` names the columns)."""
+    new_step = state.step + 1
+    losses = loss_features(accumulate(state.train, loss), accumulate(state.valid, valid_loss))
+    global_features = jnp.concatenate([losses, time_features(new_step, num_steps)])
+    leaves, treedef = jax.tree.flatten(params)
+    flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
+    rows = [self._statistics(theta, new_step, p, g, m, v, a, ts)["inputs"].astype(jnp.float32)
+            for p, g, m, v, a, ts in zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
+                                         flat(state.average), flat(state.tensors))]
+    return jnp.stack([jnp.concatenate([row, global_features.astype(jnp.float32)]) for row in rows])
+
+  def lstm_input_names(self) -> list[str]:
+    """Names of the columns of ``lstm_inputs`` (the rows of ``theta["lstm"]["w"]`` before the hidden ones)."""
+    statistics = (["log_rms_gradient", "log_rms_param", "log_rms_adam", "log_rms_drift", "update_ratio",
+                   "gradient_spike"] + [f"alignment_m{b:g}" for b in self.momentum_decays]
+                  + ["log_step", "shape_is_scalar", "shape_is_vector", "shape_log_size", "shape_rank"]
+                  + [f"feedback_{i}" for i in range(self.feedback_size)])
+    losses = [f"{name}_{what}" for name in ("train", "valid")
+              for what in ["seen", "drop"] + [f"vs_ema{d:g}" for d in LOSS_DECAYS]] + ["gap_change"]
+    times = [f"time_tanh_t/{tau:g}" for tau in TIME_SCALES] + [f"time_fraction^{q:g}" for q in FRACTION_POWERS]
+    return statistics + losses + times
+
+  def effective_log_steps(self, theta: Theta, state: HierarchicalState, num_steps=None) -> jax.Array:
+    """(tensors,) the log step of each tensor's last update (``state`` as ``update`` returned it), before the
+    per-coordinate magnitude: its log step plus the learned schedule at the state's step count; the step size is
+    step_scale * exp(this). Leaves of ``state.tensors`` in tree order."""
+    schedule = time_features(state.step, num_steps) @ jnp.asarray(theta["step"]["schedule"], jnp.float32)
+    return jnp.stack([ts.log_step.astype(jnp.float32) + schedule for ts in jax.tree.leaves(
+        state.tensors, is_leaf=lambda x: isinstance(x, TensorState))])
+
   def _statistics(self, theta: Theta, step: jax.Array, p, g, momentum, second_moment, average,
                   tensor: TensorState) -> dict:
     """One tensor's first pass: clipping, new momenta and second moment, its feature columns and normalizers, and
