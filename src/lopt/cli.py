@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
   benchmark.add_argument("--eval-seeds", default=None, metavar="N",
                          help=f"evaluation seeds (default {bench.EVAL_SEEDS}; --quick {bench.QUICK_EVAL_SEEDS})")
   benchmark.add_argument("--list", action="store_true", help="list the problems and exit")
+  benchmark.add_argument("--no-valid-loss", action="store_true",
+                         help="give the learned optimizers no validation loss (by default one every 10 steps)")
   # Hidden: smaller runs for tests.
   benchmark.add_argument("--horizon", default=None, help=argparse.SUPPRESS)
   benchmark.add_argument("--learning-rates", default=None, help=argparse.SUPPRESS)
@@ -580,7 +582,8 @@ def command_benchmark(args) -> dict | None:
   result = benchmark.run_benchmark(
       args.names or [BENCHMARK_DEFAULT], args.out, problems=problems, quick=args.quick,
       tuning_seeds=_count(args.tuning_seeds, "--tuning-seeds"), eval_seeds=_count(args.eval_seeds, "--eval-seeds"),
-      learning_rates=learning_rates, num_trials=trials, horizon=_count(args.horizon, "--horizon"), say=say)
+      learning_rates=learning_rates, num_trials=trials, horizon=_count(args.horizon, "--horizon"),
+      feed_valid=not args.no_valid_loss, say=say)
   report = write_benchmark_report(args.out, result)
   print(benchmark.text_table(result))
   for line in benchmark.summary_lines(result):

@@ -106,9 +106,10 @@ def seed_keys(seed: int, count: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(count))
 
 
-def unroll_with_validation(task, optimizer, key, horizon: int):
+def unroll_with_validation(task, optimizer, key, horizon: int, feed_valid: bool = True):
   """(train (horizon,), valid (horizon,)) losses of one problem; valid is NaN except every VALID_EVERY steps. The
-  optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step) at every step."""
+  optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step; always none without
+  ``feed_valid``) at every step."""
   params = task.init(key)
 
   def step(carry, t):
@@ -120,14 +121,15 @@ def unroll_with_validation(task, optimizer, key, horizon: int):
       valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
                            lambda: jnp.full((), jnp.nan, loss.dtype))
     valid = jnp.where(t % VALID_EVERY == 0, valid, jnp.nan)
-    updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=valid, num_steps=horizon)
+    fed = valid if feed_valid else jnp.full((), jnp.nan, loss.dtype)
+    updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=fed, num_steps=horizon)
     return (optax.apply_updates(params, updates), state), (loss, valid)
 
   _, (losses, valids) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
   return losses, valids
 
 
-def lane_runner(task, build, horizon: int, lanes: int):
+def lane_runner(task, build, horizon: int, lanes: int, feed_valid: bool = True):
   """``run(hyperparameters {name: (n,)}, keys (n,), report) -> (train (n, T), valid (n, ceil(T / VALID_EVERY)))``.
 
   Unroll i uses hyperparameters[:][i] and keys[i]; they run ``lanes`` at a time in one jitted vmap (the last call
@@ -137,7 +139,7 @@ def lane_runner(task, build, horizon: int, lanes: int):
 
   def one(hyperparameters, key):
     optimizer = optax.with_extra_args_support(build(**hyperparameters))
-    return unroll_with_validation(task, optimizer, key, horizon)
+    return unroll_with_validation(task, optimizer, key, horizon, feed_valid)
   batched = jax.jit(jax.vmap(one))
 
   def run(hyperparameters, keys, report=lambda done, train: None):
@@ -451,10 +453,12 @@ def progress_bar(total: int, enabled: bool = True):
 def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, quick: bool = False,
                   tuning_seeds: int | None = None, eval_seeds: int | None = None,
                   learning_rates=ADAM_LEARNING_RATES, num_trials: int = NADAMW_TRIALS, horizon: int | None = None,
-                  lanes: int = LANES, progress: bool = True, say=lambda message: None) -> dict:
+                  lanes: int = LANES, progress: bool = True, feed_valid: bool = True,
+                  say=lambda message: None) -> dict:
   """Runs (or reads from the cache) every (problem, optimizer), writes OUT/benchmark.json and returns its content.
 
   ``horizon`` overrides every problem's horizon (tests); ``learning_rates`` and ``num_trials`` shrink the grids.
+  Without ``feed_valid`` the learned optimizers are given no validation loss (the baselines never read one).
   """
   out = Path(out)
   tuning_seeds = tuning_seeds or (QUICK_TUNING_SEEDS if quick else TUNING_SEEDS)
@@ -474,7 +478,7 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
               "nadamw_trials": clean(plans["nadamw_cosine"]["candidates"]), "default_learning_rate":
               DEFAULT_LEARNING_RATE, "valid_every": VALID_EVERY, "final_fraction": FINAL_FRACTION,
               "divergence_factor": DIVERGENCE_FACTOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-              "bootstrap_seed": BOOTSTRAP_SEED, "horizon_override": horizon,
+              "bootstrap_seed": BOOTSTRAP_SEED, "horizon_override": horizon, "feed_valid": feed_valid,
               "learned": {label: {"name": entry["name"], "path": entry["path"], **entry["identity"]}
                           for label, entry in learned.items()}}
   tuning_keys, eval_keys = seed_keys(TUNING_SEED, tuning_seeds), seed_keys(EVALUATION_SEED, eval_seeds)
@@ -488,7 +492,8 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
               "horizon": steps,
               "eval_seeds": eval_seeds, "seeds": [TUNING_SEED, EVALUATION_SEED], "valid_every": VALID_EVERY}
     for label, entry in learned.items():
-      jobs.append((name, steps, label, {"learned": True}, {**common, "optimizer": entry["identity"]}))
+      fed = {} if feed_valid else {"feed_valid": False}  # (the default keeps earlier caches valid)
+      jobs.append((name, steps, label, {"learned": True}, {**common, **fed, "optimizer": entry["identity"]}))
     for label, plan in plans.items():
       identity = {**common, "optimizer": {"build": plan["build"], "candidates": plan["candidates"]}}
       if plan["tuned"]:
@@ -523,7 +528,7 @@ def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, q
         else:
           # A multiple of the evaluation seeds near ``lanes``: evaluations fill their calls, tuning nearly does.
           build, width = builder(plan["build"], steps), eval_seeds * max(1, round(lanes / eval_seeds))
-        runner_cache[family] = lane_runner(task, build, steps, width)
+        runner_cache[family] = lane_runner(task, build, steps, width, feed_valid)
 
       def report(count, train, phase, name=name, label=label, steps=steps):
         finals = final_loss(train)
