@@ -1,12 +1,14 @@
 """The `general` optimizer's step against Adam's at N parameters, in JAX and in PyTorch, side by side.
 
-  python benchmarks/general_step_cost.py [--params 10_000_000] [--repeats 50]
+  python benchmarks/general_step_cost.py [--params 10_000_000] [--repeats 50] [--compile MODE]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
 lopt.load("general").as_optax() with the loss passed as ``value=``. PyTorch: torch.optim.Adam (fused where the
 device supports it, else foreach) and lopt.torch.LearnedOptimizer(params, "general") with ``step(loss=...)``.
-Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines.
+Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines. --compile runs the
+PyTorch optimizer through torch.compile (``default``, a torch.compile mode such as ``reduce-overhead``, or a JSON
+dict of its keyword arguments); the compilation happens in the warm-up.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def jax_times(shapes, repeats: int) -> dict:
   return out
 
 
-def torch_times(shapes, repeats: int) -> dict:
+def torch_times(shapes, repeats: int, compile=False) -> dict:
   import torch
   from lopt.torch import LearnedOptimizer
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +77,7 @@ def torch_times(shapes, repeats: int) -> dict:
       opt = torch.optim.Adam(params, lr=1e-3, fused=fused, foreach=None if fused else True)
       run = opt.step
     else:
-      opt = LearnedOptimizer(params, "general")
+      opt = LearnedOptimizer(params, "general", compile=compile)
       run = lambda: opt.step(loss=1.0)  # noqa: E731
     out[name] = median_ms(run, repeats, torch.cuda.synchronize if device == "cuda" else (lambda: None))
   return out
@@ -85,7 +87,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--params", type=int, default=10_000_000)
   parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--compile", default=None, help="torch.compile the PyTorch optimizer: default, a mode, or JSON")
   args = parser.parse_args()
+  compile = False if args.compile is None else True if args.compile == "default" else (
+      json.loads(args.compile) if args.compile.startswith("{") else args.compile)
   shapes = shapes_for(args.params)
   count = sum(math.prod(s) for s in shapes)
   import jax
@@ -93,8 +98,10 @@ def main() -> None:
   common = {"params": count, "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0].device_kind),
             "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-  for framework, times in (("jax", jax_times(shapes, args.repeats)), ("torch", torch_times(shapes, args.repeats))):
-    print(json.dumps({**common, "framework": framework, "adam_ms": round(times["adam"], 4),
+  for framework, times in (("jax", jax_times(shapes, args.repeats)),
+                           ("torch", torch_times(shapes, args.repeats, compile))):
+    extra = {"compile": args.compile} if framework == "torch" and args.compile else {}
+    print(json.dumps({**common, "framework": framework, **extra, "adam_ms": round(times["adam"], 4),
                       "general_ms": round(times["general"], 4),
                       "ratio": round(times["general"] / times["adam"], 2)}), flush=True)
 

@@ -385,3 +385,69 @@ def test_the_rule_does_not_import_jax():
           "assert 'jax' not in sys.modules, 'jax imported'; print('ok')")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# -- the PyTorch rule's cost: no host synchronization, a compiled path ---------------------------------------------
+
+def test_the_torch_step_never_reads_a_tensor_on_the_host(saved):
+  """On a GPU every host read of a device value (.item(), bool(), float(), a Python ``if`` on a tensor) waits for
+  the device: ``HierarchicalRule.step`` has none (the step skipping non-finite gradients has its one per step)."""
+  from torch.utils._python_dispatch import TorchDispatchMode
+
+  class Reads(TorchDispatchMode):
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+      if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        Reads.count += 1
+      return func(*args, **(kwargs or {}))
+
+  params = torch_params(torch.float32)
+  optimizer = LearnedOptimizer(params.values(), saved, num_steps=HORIZON)
+  step = optimizer.rule.step
+
+  def watched(*args, **kwargs):
+    with Reads():
+      step(*args, **kwargs)
+  optimizer.rule.step = watched
+  train_torch(optimizer, params, schedule(3))
+  assert Reads.count == 0 and int(optimizer.state[params["w"]]["step"]) == 3
+
+
+def test_compile_without_a_compiler_warns_once_and_runs_eager(saved, monkeypatch):
+  monkeypatch.setattr(htorch, "_missing_compiler", lambda device: "no C++ compiler was found")
+  steps = schedule(4)
+  eager_params, compiled_params = torch_params(), torch_params()
+  train_torch(LearnedOptimizer(eager_params.values(), saved, num_steps=HORIZON), eager_params, steps)
+  with pytest.warns(UserWarning, match="no C.. compiler was found; running eager") as caught:
+    train_torch(LearnedOptimizer(compiled_params.values(), saved, num_steps=HORIZON, compile=True), compiled_params,
+                steps)
+  assert len([w for w in caught if "running eager" in str(w.message)]) == 1
+  assert all(torch.equal(eager_params[k], compiled_params[k]) for k in eager_params)
+  with pytest.raises(ValueError, match="compile must be a bool"):
+    LearnedOptimizer(eager_params.values(), saved, compile=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(htorch._missing_compiler(torch.device("cpu")) is not None, reason="needs a C++ compiler")
+def test_compiled_update_matches_eager_in_float64(saved):
+  """torch.compile's graph of the update (the MLP as broadcast sums, a 0-d parameter as a (1,) view) against the
+  eager update: the same to rounding, learning rate changes included (a tensor input: no recompilation)."""
+  steps = schedule(6)
+  results = []
+  for compile in (False, True):
+    params = torch_params()
+    optimizer = LearnedOptimizer(params.values(), saved, lr=0.5, weight_decay=0.1, num_steps=HORIZON,
+                                 compile=compile)
+    train_torch(optimizer, params, steps[:3])
+    optimizer.param_groups[0]["lr"] = 0.25
+    train_torch(optimizer, params, steps[3:])
+    results.append((params, optimizer))
+  (eager, eager_optimizer), (compiled, compiled_optimizer) = results
+  assert not compiled_optimizer.rule._compile_failed
+  errors = relative_errors({k: v.detach().numpy() for k, v in eager.items()}, compiled)
+  assert max(errors.values()) < 1e-12, errors
+  for k in eager:
+    for name, value in eager_optimizer.state[eager[k]].items():
+      np.testing.assert_allclose(compiled_optimizer.state[compiled[k]][name].numpy(), value.numpy(), rtol=1e-9,
+                                 atol=1e-12, err_msg=f"{k} {name}")
