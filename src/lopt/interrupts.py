@@ -83,9 +83,21 @@ def _handler(signum, frame) -> None:  # noqa: ARG001 -- signal handler signature
     _stop_now()
   if _count >= 2:
     raise KeyboardInterrupt  # library mode: a second Ctrl-C behaves as Python's default does
-  if _depth == 0:
+  if _depth == 0 and not _in_gc_callback(frame):
     raise KeyboardInterrupt
-  # Inside deferred(): only the flag; the code polls interrupted() at its next safe point.
+  # Inside deferred(), or inside a garbage-collector callback (JAX registers one), where Python would print the
+  # exception as "ignored" and drop it: only the flag; the code polls interrupted() at its next safe point.
+
+
+def _in_gc_callback(frame) -> bool:
+  """Whether ``frame`` (the frame a signal interrupted) runs inside one of ``gc.callbacks``."""
+  import gc
+  codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
 
 
 def install(message: str = DEFAULT_MESSAGE) -> bool:
