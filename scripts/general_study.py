@@ -107,56 +107,26 @@ def mlp_task(c: dict, data: str = DATA, rows: int = TRAIN_ROWS) -> Task:
 
 # -- running one configuration ---------------------------------------------------------------------------------------
 
-def unroll_with_endpoint(task, optimizer, key, horizon: int, full_train_loss):
-  """``benchmark.unroll_with_validation`` (the same scan, the same hints to the optimizer), also returning the
-  final parameters' loss on the whole training split and on the held-out split: (train (T,), valid (T,), (2,))."""
-  params = task.init(key)
-
-  def step(carry, t):
-    params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-    valid = jax.lax.cond(t % bm.VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
-                         lambda: jnp.full((), jnp.nan, loss.dtype))
-    updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=valid, num_steps=horizon)
-    return (optax.apply_updates(params, updates), state), (loss, valid)
-
-  (params, _), (losses, valids) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
+def unroll_with_endpoint(task, optimizer, key, horizon: int, full_train_loss, feed_valid: bool = True):
+  """``benchmark.training_scan`` (the same scan, the same hints to the optimizer), also returning the final
+  parameters' loss on the whole training split and on the held-out split: (train (T,), valid (T,), (2,))."""
+  params, losses, valids = bm.training_scan(task, optimizer, key, horizon, feed_valid)
   return losses, valids, jnp.stack([full_train_loss(params, key), task.valid_loss(params, key, horizon)])
 
 
 def endpoint_runner(task, build, horizon: int, lanes: int, full_train_loss):
   """``benchmark.lane_runner`` on ``unroll_with_endpoint``: ``run(hyperparameters, keys, report) -> (train, valid)``
-  as benchmark.run_job expects; ``run.endpoints`` holds the (n, 2) final losses (whole training split, held-out
+  as benchmark.run_job expects; ``run.extras[0]`` holds the (n, 2) final losses (whole training split, held-out
   split) of its last call (in run_job: the evaluation)."""
-  from lopt import interrupts
-
-  def one(hyperparameters, key):
-    optimizer = optax.with_extra_args_support(build(**hyperparameters))
-    return unroll_with_endpoint(task, optimizer, key, horizon, full_train_loss)
-  batched = jax.jit(jax.vmap(one))
-
-  def run(hyperparameters, keys, report=lambda done, train: None):
-    count = keys.shape[0]
-    trains, valids, ends = [], [], []
-    for start in range(0, count, lanes):
-      index = np.minimum(np.arange(start, start + lanes), count - 1)
-      chunk = {k: jnp.asarray(np.asarray(v)[index], jnp.float32) for k, v in hyperparameters.items()}
-      with interrupts.deferred():
-        train, valid, end = (np.asarray(a, np.float64) for a in batched(chunk, keys[index]))
-      real = min(lanes, count - start)
-      trains.append(train[:real])
-      valids.append(valid[:real, ::bm.VALID_EVERY])
-      ends.append(end[:real])
-      report(real, train[:real])
-    run.endpoints = np.concatenate(ends)
-    return np.concatenate(trains), np.concatenate(valids)
-  return run
+  def unroll(task, optimizer, key, horizon, feed_valid):
+    return unroll_with_endpoint(task, optimizer, key, horizon, full_train_loss, feed_valid)
+  return bm.lane_runner(task, build, horizon, lanes, unroll=unroll)
 
 
 def run_job(task, horizon: int, plan: dict, runner, tuning_keys, eval_keys) -> dict:
   """``benchmark.run_job`` (tuning, then evaluation), its record with the evaluation's endpoint losses added."""
   record = bm.run_job(task, horizon, plan, runner, tuning_keys, eval_keys, lambda *_: None)
-  record["endpoints"] = bm._json_rows(runner.endpoints)
+  record["endpoints"] = bm._json_rows(runner.extras[0])
   return record
 
 

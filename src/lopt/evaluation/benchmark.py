@@ -106,9 +106,9 @@ def seed_keys(seed: int, count: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(count))
 
 
-def unroll_with_validation(task, optimizer, key, horizon: int, feed_valid: bool = True):
-  """(train (horizon,), valid (horizon,)) losses of one problem; valid is NaN except every VALID_EVERY steps. The
-  optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step; always none without
+def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True):
+  """(final params, train (horizon,), valid (horizon,)) of one problem; valid is NaN except every VALID_EVERY steps.
+  The optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step; always none without
   ``feed_valid``) at every step."""
   params = task.init(key)
 
@@ -120,41 +120,49 @@ def unroll_with_validation(task, optimizer, key, horizon: int, feed_valid: bool 
     else:  # a cond, not a select: the predicate is the same for every vmapped problem, so the others skip it
       valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
                            lambda: jnp.full((), jnp.nan, loss.dtype))
-    valid = jnp.where(t % VALID_EVERY == 0, valid, jnp.nan)
     fed = valid if feed_valid else jnp.full((), jnp.nan, loss.dtype)
     updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=fed, num_steps=horizon)
     return (optax.apply_updates(params, updates), state), (loss, valid)
 
-  _, (losses, valids) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
-  return losses, valids
+  (params, _), (losses, valids) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
+  return params, losses, valids
 
 
-def lane_runner(task, build, horizon: int, lanes: int, feed_valid: bool = True):
+def unroll_with_validation(task, optimizer, key, horizon: int, feed_valid: bool = True):
+  """(train (horizon,), valid (horizon,)) losses of one problem (``training_scan`` without the final params)."""
+  return training_scan(task, optimizer, key, horizon, feed_valid)[1:]
+
+
+def lane_runner(task, build, horizon: int, lanes: int, feed_valid: bool = True, unroll=unroll_with_validation):
   """``run(hyperparameters {name: (n,)}, keys (n,), report) -> (train (n, T), valid (n, ceil(T / VALID_EVERY)))``.
 
   Unroll i uses hyperparameters[:][i] and keys[i]; they run ``lanes`` at a time in one jitted vmap (the last call
   padded), so every call, tuning or evaluation, reuses one compilation. ``report(done, train)`` after each call.
+  ``unroll(task, optimizer, key, horizon, feed_valid) -> (train, valid, *extras)``; the extras of the last call
+  (concatenated over its lanes, numpy) are left in ``run.extras``.
   """
   from lopt import interrupts
 
   def one(hyperparameters, key):
     optimizer = optax.with_extra_args_support(build(**hyperparameters))
-    return unroll_with_validation(task, optimizer, key, horizon, feed_valid)
+    return unroll(task, optimizer, key, horizon, feed_valid)
   batched = jax.jit(jax.vmap(one))
 
   def run(hyperparameters, keys, report=lambda done, train: None):
     count = keys.shape[0]
-    trains, valids = [], []
+    parts = []
     for start in range(0, count, lanes):
       index = np.minimum(np.arange(start, start + lanes), count - 1)
       chunk = {k: jnp.asarray(np.asarray(v)[index], jnp.float32) for k, v in hyperparameters.items()}
       with interrupts.deferred():  # a Ctrl-C lands between calls, never inside a compilation
-        train, valid = (np.asarray(a, np.float64) for a in batched(chunk, keys[index]))
+        outputs = [np.asarray(a, np.float64) for a in batched(chunk, keys[index])]
       real = min(lanes, count - start)
-      trains.append(train[:real])
-      valids.append(valid[:real, ::VALID_EVERY])
-      report(real, train[:real])
-    return np.concatenate(trains), np.concatenate(valids)
+      train, valid, *extras = (a[:real] for a in outputs)
+      parts.append((train, valid[:, ::VALID_EVERY], *extras))
+      report(real, train)
+    train, valid, *extras = (np.concatenate(column) for column in zip(*parts))
+    run.extras = extras
+    return train, valid
   return run
 
 
@@ -422,32 +430,19 @@ def machine() -> dict:
 
 @contextmanager
 def progress_bar(total: int, enabled: bool = True):
-  """Yields ``update(advance, status)``: a rich bar with ETA and the status (problem, optimizer, loss) on a
-  terminal, a line about every 5% of the work otherwise; nothing when not ``enabled``."""
-  from rich.console import Console
-  from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-  console = Console(stderr=True)
+  """Yields ``update(advance, status)``: ``lopt.progress.work_bar`` over unrolls (a line every 5% off a terminal),
+  the status naming the problem, the optimizer and its loss; nothing when not ``enabled``."""
   if not enabled:
     yield lambda advance, status: None
     return
-  if not console.is_terminal:
-    started, done, shown = time.perf_counter(), [0], [0]
+  from lopt.progress import work_bar
+  with work_bar(total, "benchmark", lines=20) as show:
+    done = [0]
 
     def update(advance, status):
       done[0] += advance
-      if done[0] - shown[0] >= total / 20 or done[0] >= total:
-        shown[0] = done[0]
-        elapsed = time.perf_counter() - started
-        eta = elapsed / max(done[0], 1) * (total - done[0])
-        print(f"benchmark: {100 * done[0] / max(total, 1):3.0f}%  {status}  eta {eta:.0f}s", file=sys.stderr,
-              flush=True)
+      show(done[0], status)
     yield update
-    return
-  columns = [TextColumn("benchmark"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-  with Progress(*columns, console=console) as bar:
-    task = bar.add_task("benchmark", total=max(total, 1), status="")
-    yield lambda advance, status: bar.update(task, advance=advance, status=status)
 
 
 def run_benchmark(names: list[str], out, *, problems: list[str] | None = None, quick: bool = False,
