@@ -451,3 +451,24 @@ def test_compiled_update_matches_eager_in_float64(saved):
     for name, value in eager_optimizer.state[eager[k]].items():
       np.testing.assert_allclose(compiled_optimizer.state[compiled[k]][name].numpy(), value.numpy(), rtol=1e-9,
                                  atol=1e-12, err_msg=f"{k} {name}")
+
+
+def test_meta_training_can_withhold_the_validation_loss_per_problem():
+  """valid_withheld: a drawn fraction of problems never gets a validation loss for its whole episode."""
+  from lopt.meta.unroll import advance, init_inner
+  from lopt.tasks import families
+  from lopt.optax_adapter import as_optax
+  task = families.group_task(families.get("logistic_regression").sample([0, 0, 0], max_step_flops=2e5))
+  tx = as_optax(OPTIMIZER, OPTIMIZER.init(jax.random.key(0)))
+
+  @jax.jit
+  def seen(keys):  # (n,) 1 where the problem's optimizer saw a validation loss in 4 steps (fed every 2)
+    def one(key):
+      inner, _ = advance(task, tx, init_inner(task, tx, key), 4, valid_every=2, horizon=4, valid_withheld=0.5)
+      return inner.opt_state.valid.seen
+    return jax.vmap(one)(keys)
+
+  keys = jax.random.split(jax.random.key(1), 32)
+  half = np.asarray(seen(keys))
+  assert set(half.tolist()) == {0.0, 1.0} and 4 <= half.sum() <= 28  # some problems get it, the others never
+  np.testing.assert_array_equal(half[::-1], np.asarray(seen(keys[::-1])))  # a pure function of the problem's key

@@ -14,6 +14,8 @@ import optax
 
 from lopt.tasks.base import Task
 
+WITHHELD_STREAM = 2**30 + 17  # fold_in data of a problem key: whether its validation loss is withheld (never a step)
+
 
 class InnerState(NamedTuple):
   """One problem being optimized. params: the task's pytree; opt_state: the optimizer's; step: () int32, the next
@@ -40,7 +42,7 @@ def _bound_loss(task: Task, state: InnerState):
 
 def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerState, num_steps: int, *,
             remat: bool = False, first_order: bool = False, valid: bool = False, valid_every: int = 0,
-            horizon=None) -> tuple[InnerState, jax.Array]:
+            horizon=None, valid_withheld: float = 0.0) -> tuple[InnerState, jax.Array]:
   """Runs ``optimizer`` for ``num_steps`` steps from ``state``; returns (new state, (num_steps,) training losses).
 
   losses[t] is the loss at the parameters *before* update t, so an unroll's losses[0] is the loss at initialization
@@ -56,12 +58,16 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
   With ``valid_every`` (and a ``task.valid_loss``) the optimizer also receives ``valid_loss=`` every
   ``valid_every``-th step of this call (NaN, meaning "none", on the others), as a practitioner would measure it:
   the interval counts from the call's first step, so under ``vmap`` over staggered problems the measurement stays a
-  real branch, not computed every step. ``horizon`` (int or traced) is passed as the ``num_steps=`` hint.
+  real branch, not computed every step. A fraction ``valid_withheld`` of the problems (drawn from the problem's key,
+  so a problem is withheld for its whole episode) never gets one: the optimizer must also work without it.
+  ``horizon`` (int or traced) is passed as the ``num_steps=`` hint.
   """
   problem_loss = _bound_loss(task, state)  # the problem's data were drawn once, outside the scan
 
   feed_valid = bool(valid_every) and task.valid_loss is not None
   hints = {} if horizon is None else {"num_steps": horizon}
+  withheld = (jax.random.uniform(jax.random.fold_in(state.key, WITHHELD_STREAM)) < valid_withheld
+              if valid_withheld > 0 else jnp.asarray(False))
 
   def step(carry, inputs):
     params, opt_state = carry
@@ -75,7 +81,7 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
       else:
         fed = jax.lax.cond(i % valid_every == 0, lambda: task.valid_loss(params, state.key, t).astype(loss.dtype),
                            lambda: jnp.asarray(jnp.nan, loss.dtype))
-      step_hints["valid_loss"] = jnp.where(i % valid_every == 0, fed, jnp.nan)
+      step_hints["valid_loss"] = jnp.where((i % valid_every == 0) & jnp.logical_not(withheld), fed, jnp.nan)
     if first_order:
       loss_in, grads, hints_in = jax.lax.stop_gradient((loss, grads, step_hints))
     else:

@@ -147,6 +147,10 @@ TRUNCATED_PROBLEM_FIELDS = {
     "valid_every": Field(10, int_in(0, 2**20), "a non-negative integer",
                          "feed the task's validation loss to the optimizer every this many inner steps (0: never); "
                          "architectures that read it (hierarchical) learn to use it"),
+    "valid_withheld": Field(0.0, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                            "a number in [0, 1]",
+                            "fraction of problems that never get the validation loss (drawn per problem), so the "
+                            "optimizer also learns to work without one", float),
     "l2_penalty": dataclasses.replace(PROBLEM_FIELDS["l2_penalty"], default=0.0),
 }
 

@@ -138,13 +138,15 @@ class Unroller:
   remat: bool = False
   first_order: bool = False
   valid_every: int = 0
+  valid_withheld: float = 0.0
 
   @classmethod
   def from_values(cls, task, optimizer, values: dict, horizon: int | None) -> "Unroller":
     """From an estimator's validated fields (``remat`` and ``meta_gradient`` only where it backpropagates)."""
     return cls(task, optimizer, truncation_for(task, values["truncation"], horizon), values["meta_loss"],
                values["loss_cap"], values["objective"], values.get("remat", False),
-               values.get("meta_gradient") == "first_order", values.get("valid_every", 0))
+               values.get("meta_gradient") == "first_order", values.get("valid_every", 0),
+               values.get("valid_withheld", 0.0))
 
   def __call__(self, theta, episode: Episode) -> tuple[jax.Array, Episode]:
     """(meta-loss of this truncation (), the episode after it); differentiable in theta. The optimizer gets the
@@ -152,7 +154,8 @@ class Unroller:
     valid = self.objective == "valid"
     inner, measured = advance(self.task, as_optax(self.optimizer, theta), episode.inner, self.schedule.truncation,
                               remat=self.remat, first_order=self.first_order, valid=valid,
-                              valid_every=self.valid_every, horizon=episode.length)
+                              valid_every=self.valid_every, horizon=episode.length,
+                              valid_withheld=self.valid_withheld)
     losses = measured[:, 1] if valid else measured
     initial = jax.lax.stop_gradient(jnp.where(episode.inner.step == 0, losses[0], episode.initial_loss))
     ratios, diverged = bounded_ratio(losses, initial, self.loss_cap)
