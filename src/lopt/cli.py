@@ -104,6 +104,12 @@ TRAIN_OPTIONS = [
      "architecture and fields, instead of the seed's initialization (warm start, fine-tuning)"),
     ("--trainable", "trainable", str, "meta-train only these meta-parameters: comma-separated key-path prefixes "
      "(e.g. 'step,clip'; `lopt info` lists an optimizer's); the others stay as initialized and are not perturbed"),
+    ("--outer-optimizer", "outer_optimizer", str, "who applies the meta-gradient: 'adam' (hand-designed, the "
+     "--learning-rate/--decay-* settings), 'self' (a copy of the optimizer being trained, refreshed every "
+     "--outer-refresh steps) or a trained optimizer's path or name (as lopt.load takes it)"),
+    ("--outer-refresh", "outer_refresh", _positive_int, "--outer-optimizer self: outer steps between refreshes of "
+     "the copy that applies the meta-gradient"),
+    ("--outer-scale", "outer_scale", _positive_float, "a learned --outer-optimizer: multiplier on its updates"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
     ("--eval-problems", "num_eval_problems", _positive_int, "held-out problems of each evaluation (selection)"),
     ("--log-every", "log_every", _positive_int, "outer steps between lines of metrics.jsonl"),
@@ -316,7 +322,23 @@ def command_train(args) -> None:
       asked = f"family {wanted.family!r}" if wanted.family else repr(wanted.name)
       raise UserError(f"{saved_path}: the run in {args.out} trains on {trained}, not {asked}")
   _validate(config)
+  _warn_if_inert_outer(config)
   _train(config, args.out, args.resume)
+
+
+def _warn_if_inert_outer(config) -> None:
+  """``--outer-optimizer self`` from an architecture's own initialization never moves when that initialization
+  makes zero updates (mlp, gru: a zero readout): say so before the run rather than after it."""
+  from lopt.meta import outer
+  if config.outer.outer_optimizer != outer.SELF or config.outer.init_from is not None:
+    return
+  import jax
+  from lopt.meta.train import optimizer_from
+  from lopt.progress import say
+  optimizer = optimizer_from(config)
+  if outer.is_inert(optimizer, optimizer.init(jax.random.key(config.seed))):
+    say(f"warning: --outer-optimizer self: the untrained {config.optimizer.architecture!r} makes zero updates, so "
+        f"theta will not change; start from a trained optimizer (--init-from) or use `lopt selftrain`")
 
 
 def _task_section(args):
@@ -400,8 +422,9 @@ def _validate(config, source: str = "options") -> None:
       raise
     raise UserError(f"task {config.task.name!r} with options {config.task.options}: {e}") from None
   _check_task_builds(task, config)
-  from lopt.meta.train import estimator_from
+  from lopt.meta.train import estimator_from, outer_optimizer_from
   estimator_from(config, task, optimizer_from(config))  # settings valid alone but not together: a clear error now
+  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now too
 
 
 def _check_task_builds(task, config) -> None:
