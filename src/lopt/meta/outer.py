@@ -16,6 +16,7 @@ optimizer trained itself; the learned update is then multiplied by ``scale`` (1:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -101,7 +102,12 @@ def resolve(name: str, optimizer, source: str = "--outer-optimizer"):
 def is_inert(optimizer, theta) -> bool:
   """Whether ``optimizer`` with meta-parameters ``theta`` makes an all-zero update on a probe problem (an untrained
   architecture with a zero readout): as an outer optimizer of itself it would never move."""
+  return not bool(_moves(optimizer, theta))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _moves(optimizer, theta) -> jax.Array:
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.linspace(0.5, -0.5, 4)}
   grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, params)
   updates, _ = optimizer.update(theta, optimizer.init_state(theta, params), grads, params, loss=jnp.ones(()))
-  return all(not bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+  return jnp.any(jnp.stack([jnp.any(u != 0) for u in jax.tree.leaves(updates)]))

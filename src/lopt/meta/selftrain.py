@@ -24,6 +24,8 @@ finds progress before meta-gradients do.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -189,7 +191,7 @@ def applier_index(rule: str, score: np.ndarray) -> np.ndarray:
   if rule == "self":
     return np.arange(size, dtype=np.int32)
   if rule == "best":
-    return np.full(size, int(np.argmin(score)), np.int32)
+    return np.full(size, int(np.argmin(np.where(np.isfinite(score), score, np.inf))), np.int32)
   return ((np.arange(size) + 1) % size).astype(np.int32)
 
 
@@ -283,16 +285,27 @@ class Setup(NamedTuple):
 
 
 def setup(config: SelfTrainConfig) -> Setup:
-  """Everything a run needs before its first step (tasks, estimator, jitted functions, the initial population)."""
+  """Everything a run needs before its first step (tasks, estimator, jitted functions, the initial population).
+  Cached per configuration: a resumed or repeated run in one process reuses the compiled functions."""
+  return _setup(json.dumps(config.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(config_json: str) -> Setup:
+  config = SelfTrainConfig.from_dict(json.loads(config_json))
   meta, section = config.meta, config.population
   task, optimizer = task_from(meta), optimizer_from(meta)
   estimator = estimator_from(meta, task, optimizer)
-  root = jax.random.key(meta.seed)
-  theta, scale = initial_population(optimizer, section, jax.random.fold_in(root, INIT_STREAM))
-  init_keys = jax.random.split(jax.random.fold_in(root, ESTIMATOR_INIT_STREAM), section.size)
-  estimator_state = jax.vmap(estimator.init)(theta, init_keys)
-  self_init = learned_outer(optimizer, None, clip_value=meta.clip_value).init
-  outer_state = jax.vmap(self_init)(theta)
+
+  @jax.jit
+  def initialize(root):
+    theta, scale = initial_population(optimizer, section, jax.random.fold_in(root, INIT_STREAM))
+    init_keys = jax.random.split(jax.random.fold_in(root, ESTIMATOR_INIT_STREAM), section.size)
+    estimator_state = jax.vmap(estimator.init)(theta, init_keys)
+    outer_state = jax.vmap(learned_outer(optimizer, None, clip_value=meta.clip_value).init)(theta)
+    return theta, scale, estimator_state, outer_state
+
+  theta, scale, estimator_state, outer_state = initialize(jax.random.key(meta.seed))
   eval_task, eval_horizon = held_out_tasks(meta, task)
   inf = jnp.full((section.size,), jnp.inf, jnp.float32)
   initial = PopulationState(0, theta, outer_state, estimator_state, scale, inf,
@@ -324,12 +337,18 @@ def _with_valid_loss(outer_state, scores):
 
 def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> PopulationState:
   meta, section = config.meta, config.population
-  parts = setup(config)
-  state = parts.initial
   run = None
-  if run_dir is not None:
+  if run_dir is not None:  # a directory that cannot be used is an error before any compilation
     run = PopulationRun(run_dir)
     run.open(config, resume=resume)
+  try:
+    parts = setup(config)
+  except BaseException:
+    if run is not None:
+      run.close()
+    raise
+  state = parts.initial
+  if run is not None:
     if meta.task.family is not None:
       atomic_write_json(run.path / "task_groups.json", {"training": family_configs(meta.task, meta.seed),
                                                         "held_out": family_configs(meta.task, meta.seed,
