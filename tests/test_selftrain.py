@@ -130,6 +130,7 @@ def test_pbt_pieces():
   kept = source == np.arange(8)
   assert sorted(np.flatnonzero(~kept)) == [1, 5]  # the two non-finite ones are the worst
   assert set(source[~kept]) <= {2, 4}  # copied from the best two
+  assert list(selftrain.exploit_sources(scores, 0.0, jax.random.key(0))) == list(range(8))
   assert list(selftrain.applier_index("self", scores)) == list(range(8))
   assert list(selftrain.applier_index("best", scores)) == [2] * 8
   assert list(selftrain.applier_index("next", scores)) == [1, 2, 3, 4, 5, 6, 7, 0]
@@ -262,7 +263,7 @@ SMALL_SELF = ["selftrain", "rosenbrock", "--horizon", "10", "--truncation", "5",
 
 @pytest.mark.parametrize("args, message", [
     (["--population", "1"], "'size' (section 'population') must be an integer in [2, 4096]"),
-    (["--exploit-fraction", "0.9"], "'exploit_fraction' (section 'population') must be a number in (0, 0.5]"),
+    (["--exploit-fraction", "0.9"], "'exploit_fraction' (section 'population') must be a number in [0, 0.5]"),
     (["--perturb-factor", "0.5"], "'perturb_factor'"),
     (["--optimizer", "nonesuch"], "nonesuch"),
     (["--truncation", "50"], "truncation 50 is longer than the horizon 10"),

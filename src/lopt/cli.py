@@ -353,8 +353,9 @@ def _add_selftrain_parser(commands) -> None:
   parser.add_argument("--applier", choices=selftrain.APPLIERS, default=None,
                       help=f"who applies member i's meta-gradient: itself, the current best member, or member i+1 "
                            f"(default {population.applier})")
-  parser.add_argument("--exploit-fraction", type=_positive_float, default=None,
-                      help=f"the worst fraction copies the best fraction (default {population.exploit_fraction})")
+  parser.add_argument("--exploit-fraction", type=_nonnegative_float, default=None,
+                      help=f"the worst fraction copies the best fraction; 0: judge only (default "
+                           f"{population.exploit_fraction})")
   parser.add_argument("--perturb-factor", type=_positive_float, default=None,
                       help=f"explore: a copy's step multiplier times or divided by this (default "
                            f"{population.perturb_factor})")
@@ -429,6 +430,8 @@ def command_train(args) -> None:
       asked = f"family {wanted.family!r}" if wanted.family else repr(wanted.name)
       raise UserError(f"{saved_path}: the run in {args.out} trains on {trained}, not {asked}")
   _validate(config)
+  from lopt.meta.train import optimizer_from, outer_optimizer_from
+  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now
   _warn_if_inert_outer(config)
   _train(config, args.out, args.resume)
 
@@ -529,9 +532,8 @@ def _validate(config, source: str = "options") -> None:
       raise
     raise UserError(f"task {config.task.name!r} with options {config.task.options}: {e}") from None
   _check_task_builds(task, config)
-  from lopt.meta.train import estimator_from, outer_optimizer_from
+  from lopt.meta.train import estimator_from
   estimator_from(config, task, optimizer_from(config))  # settings valid alone but not together: a clear error now
-  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now too
 
 
 def _check_task_builds(task, config) -> None:

@@ -59,7 +59,7 @@ INIT_STREAM, EXPLORE_STREAM = 17, 23  # fold_in data of the population's initial
 
 
 def _fraction(value) -> bool:
-  return _is_number(value) and 0 < value <= 0.5
+  return _is_number(value) and 0 <= value <= 0.5
 
 
 def _scale_range(value) -> bool:
@@ -72,7 +72,7 @@ class PopulationSection:
   """The population and its PBT rules (defaults ours; measured in docs/SELF_TRAINING.md)."""
   size: int = 8                   # members K
   applier: str = "self"           # who applies a member's meta-gradient: one of APPLIERS
-  exploit_fraction: float = 0.25  # the worst quarter become copies of the best quarter (at least one member each)
+  exploit_fraction: float = 0.25  # the worst quarter become copies of the best quarter (> 0: at least one member)
   perturb_factor: float = 1.25    # explore: a copy's step multiplier times or divided by this
   perturb_noise: float = 0.01     # explore: std of the Gaussian noise added to a copy's theta (0: none)
   init_noise: float = 0.5         # std of the Gaussian noise added to every member's initialization
@@ -81,7 +81,7 @@ class PopulationSection:
   RULES = {
       "size": (lambda v: _positive_int(v) and 2 <= v <= 4096, "an integer in [2, 4096]"),
       "applier": (lambda v: v in APPLIERS, f"one of {list(APPLIERS)}"),
-      "exploit_fraction": (_fraction, "a number in (0, 0.5]"),
+      "exploit_fraction": (_fraction, "a number in [0, 0.5] (0: judge only, no exploit and explore)"),
       "perturb_factor": (lambda v: _is_number(v) and v >= 1, "a number >= 1 (1: no perturbation of the scale)"),
       "perturb_noise": (lambda v: _is_number(v) and v >= 0, "a non-negative finite number"),
       "init_noise": (lambda v: _is_number(v) and v >= 0, "a non-negative finite number"),
@@ -198,8 +198,10 @@ def applier_index(rule: str, score: np.ndarray) -> np.ndarray:
 def exploit_sources(score: np.ndarray, fraction: float, key: jax.Array) -> np.ndarray:
   """(K,) int32 ``source``: member i becomes a copy of member source[i]. The worst ``ceil(fraction * K)`` members
   (ranked by score, non-finite last, ties by index) copy members drawn uniformly from the best as many; everyone
-  else keeps itself."""
+  else keeps itself (everyone, for fraction 0)."""
   size = len(score)
+  if fraction == 0:
+    return np.arange(size, dtype=np.int32)
   count = max(1, math.ceil(fraction * size))
   order = np.lexsort((np.arange(size), np.where(np.isfinite(score), score, np.inf)))
   best, worst = order[:count], order[size - count:]
