@@ -94,6 +94,10 @@ def plan(quick: bool) -> list[tuple[str, str, dict]]:
                    {"seed": 0, "steps": steps, "eval_every": every, "size": size, "applier": applier}))
     runs.append((f"self-p{size}-nopbt-seed0", "selftrain",
                  {"seed": 0, "steps": steps, "eval_every": every, "size": size, "exploit_fraction": 0.0}))
+    # Exploration alone: multipliers of 1e-6 leave the meta-gradient no effect; PBT's copies and noise do the work.
+    runs.append((f"self-p{size}-nograd-seed0", "selftrain",
+                 {"seed": 0, "steps": steps, "eval_every": every, "size": size, "scale_range": (1e-6, 1e-6),
+                  "perturb_factor": 1.0}))
     runs.append(("self-p4-seed0", "selftrain", {"seed": 0, "steps": steps * 2, "eval_every": every, "size": 4}))
   return runs
 
@@ -127,6 +131,7 @@ def ablation_figure(results: dict, out: Path) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.2))
   labels = {"self-p8-seed0": "K=8, applier self (default)", "self-p8-best-seed0": "K=8, applier best",
             "self-p8-next-seed0": "K=8, applier next", "self-p8-nopbt-seed0": "K=8, no exploit/explore",
+            "self-p8-nograd-seed0": "K=8, exploit/explore only (no meta-gradient)",
             "self-p4-seed0": "K=4, applier self (2x the outer steps)"}
   for i, (name, label) in enumerate(labels.items()):
     if name not in results:

@@ -314,7 +314,7 @@ def _add_selftrain_parser(commands) -> None:
   from lopt.tasks import REGISTRY
   preset, population = selftrain.PRESET, selftrain.PopulationSection()
   parser = commands.add_parser(
-      "selftrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      "selftrain",  # each help text names its default (argparse's own would print the None placeholders)
       help="a population of randomly initialized learned optimizers that trains itself (no hand-designed optimizer)",
       description="Population-based self-training (Metz et al. 2021): K randomly initialized learned optimizers; "
                   "each member's meta-gradient is applied by a member of the population (--applier), times its own "

@@ -74,7 +74,7 @@ class PopulationSection:
   applier: str = "self"           # who applies a member's meta-gradient: one of APPLIERS
   exploit_fraction: float = 0.25  # the worst quarter become copies of the best quarter (> 0: at least one member)
   perturb_factor: float = 1.25    # explore: a copy's step multiplier times or divided by this
-  perturb_noise: float = 0.01     # explore: std of the Gaussian noise added to a copy's theta (0: none)
+  perturb_noise: float = 0.1      # explore: std of the Gaussian noise added to a copy's theta (0: none)
   init_noise: float = 0.5         # std of the Gaussian noise added to every member's initialization
   scale_range: tuple = (0.01, 1.0)  # the members' initial step multipliers, log-uniform
 
