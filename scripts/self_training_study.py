@@ -99,51 +99,79 @@ def plan(quick: bool) -> list[tuple[str, str, dict]]:
                  {"seed": 0, "steps": steps, "eval_every": every, "size": size, "scale_range": (1e-6, 1e-6),
                   "perturb_factor": 1.0}))
     runs.append(("self-p4-seed0", "selftrain", {"seed": 0, "steps": steps * 2, "eval_every": every, "size": 4}))
+    # Twice as long for the two seeds still descending at the end (a run's first steps are the shorter run's:
+    # randomness and the Adam schedule depend on the step alone, and the mlp ignores the horizon hint).
+    for seed in (1, 2):
+      runs.append((f"self-p{size}-long-seed{seed}", "selftrain",
+                   {"seed": seed, "steps": 2 * steps, "eval_every": every, "size": size}))
+      runs.append((f"adam-long-seed{seed}", "adam",
+                   {"seed": seed, "steps": 2 * steps * size, "eval_every": every * size}))
   return runs
 
 
+def by_seed(results: dict, kind: str) -> list[dict]:
+  """One run per seed of the main comparison, the longer one where there is one."""
+  prefix = "self-p8" if kind == "selftrain" else "adam"
+  chosen = {}
+  for name, run in results.items():
+    if run["kind"] == kind and (name.startswith(f"{prefix}-seed") or name.startswith(f"{prefix}-long-seed")):
+      if run["seed"] not in chosen or len(run["curve"]) > len(chosen[run["seed"]]["curve"]):
+        chosen[run["seed"]] = run
+  return [chosen[seed] for seed in sorted(chosen)]
+
+
 def curves_figure(results: dict, out: Path) -> None:
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  selfs = [r for n, r in results.items() if r["kind"] == "selftrain" and n.startswith("self-p8-seed")]
-  adams = [r for r in results.values() if r["kind"] == "adam"]
-  for i, r in enumerate(selfs):
-    xs = [c["inner_steps"] / 1e3 for c in r["curve"]]
-    ax.plot(xs, [c["best"] for c in r["curve"]], "-", color="C0", lw=1.6, label="self-training: best member"
-            if i == 0 else None)
-    ax.plot(xs, [c["median"] for c in r["curve"]], "--", color="C0", lw=1, alpha=0.7,
-            label="self-training: median member" if i == 0 else None)
-  for i, r in enumerate(adams):
-    xs = [0] + [c["inner_steps"] / 1e3 for c in r["curve"]]
-    ax.plot(xs, [1.0] + [c["held_out"] for c in r["curve"]], "-", color="C3", lw=1.6,
-            label="Adam-trained (lopt train)" if i == 0 else None)
-  ax.axhline(1.0, color="k", lw=0.6, ls=":")
-  ax.set(xlabel="training inner steps (thousands; population: all members)",
-         ylabel="held-out normalized mean loss", yscale="log",
-         title="Random learned optimizers training themselves vs Adam (3 seeds each)")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, which="both")
+  """One panel per seed: the population's best and median member against the Adam-trained optimizer."""
+  selfs, adams = by_seed(results, "selftrain"), {r["seed"]: r for r in by_seed(results, "adam")}
+  fig, axes = plt.subplots(1, len(selfs), figsize=(4.2 * len(selfs), 4.0), sharey=True, squeeze=False)
+  for ax, run in zip(axes[0], selfs):
+    xs = [c["inner_steps"] / 1e3 for c in run["curve"]]
+    ax.plot(xs, [c["best"] for c in run["curve"]], "-o", ms=3, color="C0", label="self-training: best member")
+    ax.plot(xs, [c["median"] if c["median"] <= CEILING else float("nan") for c in run["curve"]], "--", color="C0",
+            alpha=0.7, label="self-training: median member")
+    adam = adams.get(run["seed"])
+    if adam is not None:
+      ax.plot([0] + [c["inner_steps"] / 1e3 for c in adam["curve"]], [1.0] + [c["held_out"] for c in adam["curve"]],
+              "-s", ms=3, color="C3", label="Adam-trained (lopt train)")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set(xlabel="training inner steps (thousands)", yscale="log", ylim=(0.07, CEILING * 1.1),
+           title=f"seed {run['seed']}")
+    ax.grid(alpha=0.3, which="both")
+  axes[0][0].set_ylabel("held-out normalized mean loss")
+  axes[0][0].legend(fontsize=8, loc="lower left")
+  fig.suptitle("8 randomly initialized learned optimizers training themselves vs Adam-trained meta-training, equal "
+               "training inner steps", fontsize=10)
   fig.tight_layout()
   fig.savefig(out / "self_training_curves.png", dpi=120)
   plt.close(fig)
 
 
+CEILING = 1.5  # the ablation plots stop here; a member beyond it (or diverged) is an x on the top edge
+
+
 def ablation_figure(results: dict, out: Path) -> None:
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   labels = {"self-p8-seed0": "K=8, applier self (default)", "self-p8-best-seed0": "K=8, applier best",
             "self-p8-next-seed0": "K=8, applier next", "self-p8-nopbt-seed0": "K=8, no exploit/explore",
             "self-p8-nograd-seed0": "K=8, exploit/explore only (no meta-gradient)",
             "self-p4-seed0": "K=4, applier self (2x the outer steps)"}
-  for i, (name, label) in enumerate(labels.items()):
-    if name not in results:
-      continue
-    curve = results[name]["curve"]
-    best = [c["best"] if c["best"] < 1e3 else float("nan") for c in curve]
-    ax.plot([c["inner_steps"] / 1e3 for c in curve], best, "-o", ms=2.5, color=f"C{i}", label=label)
-  ax.axhline(1.0, color="k", lw=0.6, ls=":")
-  ax.set(xlabel="training inner steps (thousands)", ylabel="best member's held-out loss (log; gaps: diverged)",
-         yscale="log", title="Self-training ablation (seed 0)")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, which="both")
+  for ax, what in zip(axes, ("best", "median")):
+    for i, (name, label) in enumerate(labels.items()):
+      if name not in results:
+        continue
+      curve = results[name]["curve"]
+      xs = [c["inner_steps"] / 1e3 for c in curve]
+      ys = [c[what] for c in curve]
+      ax.plot(xs, [y if y <= CEILING else float("nan") for y in ys], "-o", ms=2.5, color=f"C{i}", label=label)
+      over = [(x, CEILING) for x, y in zip(xs, ys) if not y <= CEILING]
+      if over:
+        ax.plot(*zip(*over), "x", ms=6, color=f"C{i}")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set(xlabel="training inner steps (thousands)", yscale="log", ylim=(0.07, CEILING * 1.1),
+           title=f"{what} member's held-out loss (seed 0)")
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel(f"held-out normalized loss (x: above {CEILING} or diverged)")
+  axes[1].legend(fontsize=7.5, loc="lower left")
   fig.tight_layout()
   fig.savefig(out / "self_training_ablation.png", dpi=120)
   plt.close(fig)
