@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import shutil
 import time
@@ -190,7 +191,8 @@ def main() -> None:
   if study.get("quick") != args.quick:
     study = {}
   study.update({"quick": args.quick, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "cpus": jax.device_count(), "jax": jax.__version__,
+                "cpu_cores": os.cpu_count(), "jax": jax.__version__,
+                "note": "seconds are wall-clock on cores shared with other jobs: indicative only",
                 "settings": {"task": dataclasses.asdict(TASK), "optimizer": OPTIMIZER.to_dict(),
                              "estimator": ESTIMATOR.to_dict(), "eval_problems": EVAL_PROBLEMS}})
   results = study.setdefault("runs", {})
