@@ -85,8 +85,8 @@ def test_selftraining_uses_no_hand_designed_optimizer(reference):
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   judged = [r for r in records if "held_out_losses" in r]
   assert [r["step"] for r in judged] == [2, 4, 6] and all(len(r["held_out_losses"]) == 4 for r in judged)
-  # PBT acted between judgings (one of four members replaced each time), the final population is left as is.
-  assert [len(r["exploit"]) for r in judged] == [1, 1, 0]
+  # PBT acted at every judging: one of four members replaced each time.
+  assert [len(r["exploit"]) for r in judged] == [1, 1, 1]
   event = judged[0]["exploit"][0]
   scores = judged[0]["held_out_losses"]
   assert scores[event["from"]] <= min(scores) + 1e-12 or scores[event["from"]] < scores[event["member"]]

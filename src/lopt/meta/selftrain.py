@@ -359,15 +359,18 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
       state = run.restore(state) or state
   inner_per_member = getattr(parts.estimator, "inner_steps_per_estimate", 0)
   started = time.perf_counter()
+  # The appliers change only with the scores (at judgings), and the skipped-step count stays on the device between
+  # logs: reading either every step would make the host wait for each step before dispatching the next.
+  appliers = jnp.asarray(applier_index(section.applier, np.asarray(state.score)))
+  skipped = jnp.asarray(state.skipped_steps)
   try:
     interrupts.check()
     while state.step < meta.num_steps:
-      appliers = jnp.asarray(applier_index(section.applier, np.asarray(state.score)))
       theta, outer_state, estimator_state, metrics = parts.step(
           state.theta, state.outer_state, state.estimator_state, state.scale, appliers, step_key(meta.seed, state.step))
       state = state._replace(step=state.step + 1, theta=theta, outer_state=outer_state,
-                             estimator_state=estimator_state,
-                             skipped_steps=state.skipped_steps + int(jnp.sum(metrics.skipped)))
+                             estimator_state=estimator_state)
+      skipped = skipped + jnp.sum(metrics.skipped)
       record = None
       if state.step % meta.eval_every == 0 or state.step == meta.num_steps:
         scores = np.asarray(parts.evaluate(state.theta, parts.eval_keys))
@@ -378,12 +381,14 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
         record = {"held_out_losses": [float(s) for s in scores], "held_out_loss": float(scores[best]),
                   "median_held_out_loss": float(np.median(scores)), "best_member": best,
                   "founders": [int(f) for f in np.asarray(state.founder)], "scales": [float(s) for s in state.scale]}
-        events = []
-        if state.step < meta.num_steps:  # PBT between steps; the final population is reported as it is
-          state, events = pbt_step(state, scores, section, meta.seed)
+        # PBT at every judging, the last one too: a run extended with --resume --steps continues as a longer run
+        # would have (best_theta, the export, was taken above).
+        state, events = pbt_step(state, scores, section, meta.seed)
         state = state._replace(outer_state=_with_valid_loss(state.outer_state, state.score))
+        appliers = jnp.asarray(applier_index(section.applier, np.asarray(state.score)))
         record["exploit"] = events
       if record is not None or state.step % meta.log_every == 0:
+        state = state._replace(skipped_steps=int(skipped))
         record = {"step": state.step, "meta_loss": float(jnp.mean(metrics.meta_loss)),
                   "meta_losses": [float(x) for x in metrics.meta_loss],
                   "diverged_problems": int(jnp.sum(metrics.diverged_problems)),
@@ -397,8 +402,10 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
           progress(state.step, meta.num_steps, record)
       due = state.step % meta.checkpoint_every == 0 or state.step == meta.num_steps
       if run is not None and (due or interrupts.interrupted()):
+        state = state._replace(skipped_steps=int(skipped))
         run.checkpoint(state)
       interrupts.check()
+    state = state._replace(skipped_steps=int(skipped))
     if run is not None:
       run.export(parts.optimizer, state, config)
   finally:
@@ -449,10 +456,8 @@ class PopulationRun(run_files.RunDirectory):
       old.unlink(missing_ok=True)
     return path
 
-  def restore(self, template: PopulationState):  # noqa: D102 -- as RunDirectory.restore, for a population
-    return self._restore_with(template)
-
-  def _restore_with(self, template: PopulationState):
+  def restore(self, template: PopulationState):
+    """The newest readable checkpoint as a state shaped like ``template`` (as ``RunDirectory.restore``)."""
     paths = sorted(self.checkpoints.glob("step_*.safetensors"), reverse=True)
     problems = []
     for path in paths:
