@@ -16,7 +16,8 @@ import pytest
 import lopt
 from lopt.cli import main
 from lopt.meta import outer, selftrain
-from lopt.meta.config import EstimatorSection, LoggingSection, MetaTrainConfig, OptimizerSection, OuterSection, TaskSection
+from lopt.meta.config import (EstimatorSection, LoggingSection, MetaTrainConfig, OptimizerSection, OuterSection,
+                              TaskSection)
 from lopt.meta.train import load_metrics
 
 MLP = {"hidden_size": 4, "num_layers": 1, "step_scale": 0.01, "magnitude_scale": 0.1}
@@ -177,7 +178,10 @@ def test_learned_outer_transformation():
     updates, state = update(jax.tree.map(jnp.ones_like, current), state, current)
     seen.append(state.applier)
     current = optax.apply_updates(current, updates)
-  same = lambda a, b: all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+
+  def same(a, b):
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
   assert same(seen[0], seen[1]) and not same(seen[1], seen[2]) and same(seen[2], seen[3])
 
 

@@ -342,9 +342,10 @@ def _add_selftrain_parser(commands) -> None:
                       help="a field of the estimator")
   for flag, name, kind, text in TRAIN_OPTIONS:
     if name not in SELFTRAIN_EXCLUDED:
+      if name == "eval_every":
+        text = "outer steps between held-out judgings (exploit and explore)"
       parser.add_argument(flag, dest=name, type=kind, default=None,
-                          help=f"{text} (default: {getattr(preset, name, None)})".replace("outer steps between held-out "
-                               "evaluations", "outer steps between held-out judgings (exploit and explore)"))
+                          help=f"{text} (default: {getattr(preset, name, None)})")
   parser.set_defaults(**{name: None for name in SELFTRAIN_EXCLUDED})
   for flag, name, kind, text in ESTIMATOR_SHORTCUTS:
     parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (an estimator field)")

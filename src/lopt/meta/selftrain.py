@@ -37,15 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt import interrupts
-from lopt.errors import UserError
 from lopt.io.checkpoint import (WriteError, atomic_write_bytes, atomic_write_json, read_json, read_tensors,
                                 save_optimizer, tensors_to_bytes)
-from lopt.meta import estimators
 from lopt.meta import run as run_files
 from lopt.meta.config import (ConfigError, EstimatorSection, LoggingSection, MetaTrainConfig, OptimizerSection,
                               OuterSection, _check, _is_number, _positive, _positive_int)
 from lopt.meta.estimators.full_bptt import Metrics
-from lopt.meta.outer import LearnedOuterState, learned_outer
+from lopt.meta.outer import learned_outer
 from lopt.meta.train import (ESTIMATOR_INIT_STREAM, apply_meta_gradient, build_evaluator, estimator_from,
                              family_configs, held_out_keys, held_out_tasks, optimizer_from, step_key, task_from)
 from lopt.pytree import flatten_by_path
