@@ -104,6 +104,12 @@ TRAIN_OPTIONS = [
      "architecture and fields, instead of the seed's initialization (warm start, fine-tuning)"),
     ("--trainable", "trainable", str, "meta-train only these meta-parameters: comma-separated key-path prefixes "
      "(e.g. 'step,clip'; `lopt info` lists an optimizer's); the others stay as initialized and are not perturbed"),
+    ("--outer-optimizer", "outer_optimizer", str, "who applies the meta-gradient: 'adam' (hand-designed, the "
+     "--learning-rate/--decay-* settings), 'self' (a copy of the optimizer being trained, refreshed every "
+     "--outer-refresh steps) or a trained optimizer's path or name (as lopt.load takes it)"),
+    ("--outer-refresh", "outer_refresh", _positive_int, "--outer-optimizer self: outer steps between refreshes of "
+     "the copy that applies the meta-gradient"),
+    ("--outer-scale", "outer_scale", _positive_float, "a learned --outer-optimizer: multiplier on its updates"),
     ("--eval-every", "eval_every", _positive_int, "outer steps between held-out evaluations"),
     ("--eval-problems", "num_eval_problems", _positive_int, "held-out problems of each evaluation (selection)"),
     ("--log-every", "log_every", _positive_int, "outer steps between lines of metrics.jsonl"),
@@ -252,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
   tasks.add_argument("--seed", type=int, default=0, help="seed of the sample (a non-negative integer)")
   tasks.add_argument("--max-step-flops", type=_positive_float, default=None, metavar="X",
                      help="only configurations whose inner step (forward and backward) costs at most X FLOPs")
+  _add_selftrain_parser(commands)
   from lopt.evaluation import benchmark as bench
   benchmark = commands.add_parser(
       "benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -285,6 +292,114 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# `lopt train` options that mean nothing to self-training: the population applies its own meta-gradients.
+SELFTRAIN_EXCLUDED = ("learning_rate", "decay_rate", "decay_steps", "init_from", "trainable", "outer_optimizer",
+                      "outer_refresh", "outer_scale")
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+  parts = text.split(",")
+  if len(parts) != 2:
+    raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two positive numbers), got {text!r}")
+  low, high = (_positive_float(p) for p in parts)
+  if low > high:
+    raise argparse.ArgumentTypeError(f"expected LOW <= HIGH, got {text!r}")
+  return low, high
+
+
+def _add_selftrain_parser(commands) -> None:
+  """`lopt selftrain`: the options of `lopt train` that apply, and the population's."""
+  from lopt import architectures
+  from lopt.meta import estimators, selftrain
+  from lopt.tasks import REGISTRY
+  preset, population = selftrain.PRESET, selftrain.PopulationSection()
+  parser = commands.add_parser(
+      "selftrain",  # each help text names its default (argparse's own would print the None placeholders)
+      help="a population of randomly initialized learned optimizers that trains itself (no hand-designed optimizer)",
+      description="Population-based self-training (Metz et al. 2021): K randomly initialized learned optimizers; "
+                  "each member's meta-gradient is applied by a member of the population (--applier), times its own "
+                  "step multiplier; every --eval-every steps the members are judged on held-out problems, the worst "
+                  "become copies of the best (exploit) and are perturbed (explore). The best member ever is "
+                  "exported to OUT/optimizer/ (lopt.load(OUT)).")
+  parser.add_argument("task", nargs="?", default=None, metavar="TASK",
+                      help=f"the task, one of: {', '.join(REGISTRY)} (or use --task-family)")
+  parser.add_argument("--task-family", default=None, metavar="NAME",
+                      help="problems sampled from task families (as for `lopt train`)")
+  parser.add_argument("--out", required=True, type=_run_directory, help="run directory")
+  parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+  parser.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
+                      help="a task (or task family) option")
+  parser.add_argument("--optimizer", default=None, metavar="NAME",
+                      help=f"architecture, one of: {', '.join(sorted(architectures.REGISTRY))} (default "
+                           f"{preset.optimizer.architecture} with {preset.optimizer.fields['step_scale']:g} step_scale "
+                           f"and {preset.optimizer.fields['magnitude_scale']:g} magnitude_scale)")
+  parser.add_argument("--optimizer-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                      help="a field of the architecture")
+  parser.add_argument("--estimator", default=None, metavar="NAME",
+                      help=f"gradient estimator, one of: {', '.join(sorted(estimators.REGISTRY))} (default "
+                           f"{preset.estimator.name})")
+  parser.add_argument("--estimator-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                      help="a field of the estimator")
+  for flag, name, kind, text in TRAIN_OPTIONS:
+    if name not in SELFTRAIN_EXCLUDED:
+      if name == "eval_every":
+        text = "outer steps between held-out judgings (exploit and explore)"
+      parser.add_argument(flag, dest=name, type=kind, default=None,
+                          help=f"{text} (default: {getattr(preset, name, None)})")
+  parser.set_defaults(**{name: None for name in SELFTRAIN_EXCLUDED})
+  for flag, name, kind, text in ESTIMATOR_SHORTCUTS:
+    parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (an estimator field)")
+  parser.add_argument("--population", dest="size", type=_positive_int, default=None, metavar="K",
+                      help=f"members (default {population.size})")
+  parser.add_argument("--applier", choices=selftrain.APPLIERS, default=None,
+                      help=f"who applies member i's meta-gradient: itself, the current best member, or member i+1 "
+                           f"(default {population.applier})")
+  parser.add_argument("--exploit-fraction", type=_nonnegative_float, default=None,
+                      help=f"the worst fraction copies the best fraction; 0: judge only (default "
+                           f"{population.exploit_fraction})")
+  parser.add_argument("--perturb-factor", type=_positive_float, default=None,
+                      help=f"explore: a copy's step multiplier times or divided by this (default "
+                           f"{population.perturb_factor})")
+  parser.add_argument("--perturb-noise", type=_nonnegative_float, default=None,
+                      help=f"explore: std of the noise added to a copy's meta-parameters (default "
+                           f"{population.perturb_noise})")
+  parser.add_argument("--init-noise", type=_nonnegative_float, default=None,
+                      help=f"std of the noise added to every member's initialization (default "
+                           f"{population.init_noise})")
+  parser.add_argument("--scale-range", type=_scale_range, default=None, metavar="LOW,HIGH",
+                      help=f"initial step multipliers, log-uniform (default {population.scale_range})")
+
+
+def command_selftrain(args):
+  import dataclasses
+
+  from lopt.io.checkpoint import read_json
+  from lopt.meta import selftrain
+  from lopt.progress import say, training_bar
+  saved_path = Path(args.out) / "config.json"
+  if args.resume:
+    if not saved_path.exists():
+      raise UserError(f"{args.out}: holds no run to resume (no config.json there); drop --resume to start a new run")
+    saved = selftrain.SelfTrainConfig.from_dict(read_json(saved_path, "run config"), str(saved_path))
+    meta, population = saved.meta, saved.population
+  else:
+    meta, population = selftrain.PRESET.replace(task=_task_section(args)), selftrain.PopulationSection()
+  meta = train_config(meta, args)
+  changes = {name: getattr(args, name) for name in ("size", "applier", "exploit_fraction", "perturb_factor",
+                                                     "perturb_noise", "init_noise", "scale_range")
+             if getattr(args, name) is not None}
+  config = selftrain.SelfTrainConfig(meta, dataclasses.replace(population, **changes)).validate("options")
+  _validate(meta)
+  say(f"self-training {config.population.size} x {meta.optimizer.architecture} (applier "
+      f"{config.population.applier}) with estimator {meta.estimator.name} on {meta.task.name} for {meta.num_steps} "
+      f"outer steps -> {args.out}")
+  with training_bar(meta.num_steps, "self-training") as update:
+    state = selftrain.selftrain(config, args.out, resume=args.resume, progress=update)
+  say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
+      f"{state.skipped_steps} skipped member steps; trained optimizer in {Path(args.out) / 'optimizer'}")
+  return state
+
+
 # -- commands --------------------------------------------------------------------------------------------------------
 
 def _train(config, out: str, resume: bool) -> None:
@@ -316,7 +431,25 @@ def command_train(args) -> None:
       asked = f"family {wanted.family!r}" if wanted.family else repr(wanted.name)
       raise UserError(f"{saved_path}: the run in {args.out} trains on {trained}, not {asked}")
   _validate(config)
+  from lopt.meta.train import optimizer_from, outer_optimizer_from
+  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now
+  _warn_if_inert_outer(config)
   _train(config, args.out, args.resume)
+
+
+def _warn_if_inert_outer(config) -> None:
+  """``--outer-optimizer self`` from an architecture's own initialization never moves when that initialization
+  makes zero updates (mlp, gru: a zero readout): say so before the run rather than after it."""
+  from lopt.meta import outer
+  if config.outer.outer_optimizer != outer.SELF or config.outer.init_from is not None:
+    return
+  import jax
+  from lopt.meta.train import optimizer_from
+  from lopt.progress import say
+  optimizer = optimizer_from(config)
+  if outer.is_inert(optimizer, optimizer.init(jax.random.key(config.seed))):
+    say(f"warning: --outer-optimizer self: the untrained {config.optimizer.architecture!r} makes zero updates, so "
+        f"theta will not change; start from a trained optimizer (--init-from) or use `lopt selftrain`")
 
 
 def _task_section(args):
@@ -594,7 +727,7 @@ def command_benchmark(args) -> dict | None:
 
 COMMANDS = {"train": command_train, "compare": command_compare, "demo": command_demo, "analyze": command_analyze,
             "report": command_report, "reproduce": command_reproduce, "tasks": command_tasks,
-            "benchmark": command_benchmark}
+            "benchmark": command_benchmark, "selftrain": command_selftrain}
 
 
 def main(argv: list[str] | None = None) -> int:

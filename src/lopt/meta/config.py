@@ -113,6 +113,11 @@ class OuterSection:
   seed: int = 0
   init_from: str | None = None  # a trained optimizer (path or name) whose meta-parameters theta starts from
   trainable: str | None = None  # comma-separated key-path prefixes of theta to meta-train (None: all of it)
+  # Who applies the meta-gradient (lopt.meta.outer): "adam" (the fields above), "self" (a copy of theta refreshed
+  # every outer_refresh steps; ours: 10) or a trained optimizer's path or name, its update times outer_scale.
+  outer_optimizer: str = "adam"
+  outer_refresh: int = 10
+  outer_scale: float = 1.0
 
   RULES = {
       "num_steps": (_positive_int, "a positive integer"),
@@ -128,6 +133,10 @@ class OuterSection:
                     "null or the path or name of a trained optimizer"),
       "trainable": (lambda v: v is None or (isinstance(v, str) and all(p.strip() for p in v.split(","))),
                     "null or comma-separated key-path prefixes of the meta-parameters, e.g. 'step,clip'"),
+      "outer_optimizer": (lambda v: isinstance(v, str) and v.strip() != "",
+                          "'adam', 'self' or the path or name of a trained optimizer"),
+      "outer_refresh": (_positive_int, "a positive integer"),
+      "outer_scale": (_positive, "a positive finite number"),
   }
 
 

@@ -17,6 +17,7 @@ from lopt import architectures, interrupts, tasks as task_registry
 from lopt.errors import UserError
 from lopt.io.checkpoint import atomic_write_json
 from lopt.meta import estimators
+from lopt.meta import outer as learned_outer
 from lopt.meta import run as run_files
 from lopt.meta.config import MetaTrainConfig
 from lopt.meta.estimators.full_bptt import FullBPTT, all_finite, problem_meta_loss  # noqa: F401 (re-export)
@@ -61,7 +62,9 @@ def apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics):
   """One outer update with the estimator's ``grads``; skipped (theta and state unchanged) when not usable."""
   usable = all_finite(grads) & (metrics.dropped_problems < metrics.num_problems)
   safe_grads = jax.tree.map(lambda g: jnp.where(usable, g, 0.0), grads)
-  updates, new_state = outer_optimizer.update(safe_grads, outer_state, theta)
+  # The meta-loss is the outer problem's loss (a learned outer optimizer reads it; Adam ignores it).
+  extra = {"value": metrics.meta_loss} if isinstance(outer_optimizer, optax.GradientTransformationExtraArgs) else {}
+  updates, new_state = outer_optimizer.update(safe_grads, outer_state, theta, **extra)
   new_theta = optax.apply_updates(theta, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(usable, a, b), new, old)  # noqa: E731
   step_metrics = StepMetrics(metrics.meta_loss, optax.tree_utils.tree_norm(safe_grads), metrics.diverged_problems,
@@ -88,8 +91,15 @@ def learning_rate_schedule(config: MetaTrainConfig) -> optax.Schedule:
   return optax.exponential_decay(config.learning_rate, config.decay_steps, config.decay_rate)
 
 
-def outer_optimizer_from(config: MetaTrainConfig) -> optax.GradientTransformation:
-  """Element-wise meta-gradient clipping, then Adam with exponential learning-rate decay (the paper's outer loop)."""
+def outer_optimizer_from(config: MetaTrainConfig, optimizer=None) -> optax.GradientTransformation:
+  """Element-wise meta-gradient clipping, then Adam with exponential learning-rate decay (the paper's outer loop);
+  or, when ``config.outer.outer_optimizer`` is not "adam", a learned optimizer applying the clipped meta-gradient
+  (``lopt.meta.outer``; ``self`` needs ``optimizer``, the one being trained)."""
+  section = config.outer
+  if section.outer_optimizer != learned_outer.ADAM:
+    applying, applier = learned_outer.resolve(section.outer_optimizer, optimizer)
+    return learned_outer.learned_outer(applying, applier, clip_value=section.clip_value, scale=section.outer_scale,
+                                       refresh=section.outer_refresh, num_steps=section.num_steps)
   return optax.chain(optax.clip(config.clip_value),
                      optax.adam(learning_rate_schedule(config), config.b1, config.b2, config.eps))
 
@@ -261,7 +271,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
   theta = initial_theta(config, optimizer)
   mask = trainable_mask(config, theta)
   estimator = estimators.restrict(estimator_from(config, task, optimizer), mask)
-  outer, schedule = outer_optimizer_from(config), learning_rate_schedule(config)
+  outer, schedule = outer_optimizer_from(config, optimizer), learning_rate_schedule(config)
   if mask is not None:  # frozen meta-parameters get no update (and, above, no perturbation)
     outer = optax.chain(outer, optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)))
   outer_step = build_outer_step(estimator, outer)
@@ -305,6 +315,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
         score = float(jnp.mean(evaluate(state.theta, eval_keys)))
         if score < state.best_score:
           state.best_theta, state.best_score, state.best_step = state.theta, score, state.step
+        state.outer_state = learned_outer.record_valid_loss(state.outer_state, score)  # a learned outer one's hint
         record = {"held_out_loss": score, "best_held_out_loss": state.best_score}
       if record is not None or state.step % config.log_every == 0:
         sync_counters()
@@ -312,7 +323,8 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
             "step": state.step, "meta_loss": float(metrics.meta_loss), "gradient_norm": float(metrics.gradient_norm),
             "diverged_problems": int(metrics.diverged_problems), "dropped_problems": int(metrics.dropped_problems),
             "skipped": int(metrics.skipped), "total_skipped_steps": state.skipped_steps,
-            "learning_rate": float(schedule(state.step)),
+            **({"learning_rate": float(schedule(state.step))} if config.outer.outer_optimizer == learned_outer.ADAM else
+               {"outer_scale": config.outer.outer_scale}),
             "seconds": round(time.perf_counter() - started, 3), "best_held_out_loss": state.best_score,
             "inner_steps": state.step * getattr(estimator, "inner_steps_per_estimate", 0),
             **(record or {})}
