@@ -142,8 +142,22 @@ class Layout:
     return jax.tree.map(lambda _: NamedSharding(self.mesh, PartitionSpec(AXIS)), tree)
 
   def put(self, tree, shardings):
-    """``tree`` placed as ``shardings`` say; identity without a mesh. Every process must hold the same values."""
-    return tree if self.mesh is None else jax.device_put(tree, shardings)
+    """``tree`` placed as ``shardings`` (one, or a pytree like ``tree``) say; identity without a mesh. Every process
+    must hold the same values: each keeps the slices its devices hold."""
+    if self.mesh is None:
+      return tree
+    if not self.several_processes:
+      return jax.device_put(tree, shardings)
+    if isinstance(shardings, NamedSharding):
+      shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put_one(x, sharding):
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put_one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+      whole = np.asarray(x)
+      return jax.make_array_from_callback(whole.shape, sharding, lambda index: whole[index])
+
+    return jax.tree.map(put_one, tree, shardings)
 
   def jit(self, fn: Callable, in_shardings, out_shardings) -> Callable:
     """``fn`` jitted with these shardings and traced under the mesh (so that ``constrain`` inside it applies)."""
