@@ -20,7 +20,7 @@ from lopt.meta import sharding
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from sharding_scenarios import ARGS  # noqa: E402
+from sharding_scenarios import ARGS, LINEAR  # noqa: E402
 
 CLI = [sys.executable, "-c", "import sys; from lopt.cli import main; sys.exit(main())"]
 # Float tolerance: sharded means add the per-device partial sums in another order.
@@ -70,10 +70,9 @@ def test_two_devices_train_to_the_same_theta_as_one(scenarios):
   assert one["meta_loss"][0] != one["meta_loss"][-1]
 
 
-@pytest.mark.parametrize("change", ["2to1", "1to2"])
-def test_a_run_checkpointed_on_one_device_count_resumes_on_another(scenarios, change):
+def test_a_run_checkpointed_on_two_devices_resumes_on_one(scenarios):
   _, results = scenarios
-  assert_same_run(results["nres/1"], results[f"nres/{change}"])
+  assert_same_run(results["nres/1"], results["nres/2to1"])
 
 
 def test_problem_counts_that_do_not_split_over_the_devices_are_a_clear_error(scenarios):
@@ -83,10 +82,11 @@ def test_problem_counts_that_do_not_split_over_the_devices_are_a_clear_error(sce
 
 
 @pytest.mark.slow
-def test_full_backpropagation_and_pes_on_two_devices_match_one(tmp_path, cache):
+def test_full_backpropagation_and_pes_on_two_devices_match_one_and_resume_from_one_to_two(tmp_path, cache):
   results = run_scenarios(tmp_path, cache, "--slow")
   for estimator in ("full", "pes"):
     assert_same_run(results[f"{estimator}/1"], results[f"{estimator}/2"])
+  assert_same_run(results["nres/1"], results["nres/1to2"])
 
 
 def free_port() -> int:
@@ -98,7 +98,7 @@ def free_port() -> int:
 def launch_two(tmp_path: Path, cache: Path, *extra) -> None:
   """Processes 0 and 1 of a two-process run (one CPU device each) on a localhost coordinator."""
   port = free_port()
-  children = [subprocess.Popen([*CLI, *ARGS, *extra, "--out", str(tmp_path / f"process-{i}"), "--coordinator",
+  children = [subprocess.Popen([*CLI, *LINEAR, *extra, "--out", str(tmp_path / f"process-{i}"), "--coordinator",
                                 f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=environment(cache, devices=1)) for i in (0, 1)]
@@ -112,13 +112,22 @@ def launch_two(tmp_path: Path, cache: Path, *extra) -> None:
     assert child.returncode == 0, err[-4000:]
 
 
-def test_two_processes_train_and_resume_like_one(scenarios, cache, tmp_path):
+def test_two_processes_train_like_one(scenarios, cache, tmp_path):
+  from sharding_scenarios import summary
+  _, results = scenarios
+  launch_two(tmp_path, cache, "--steps", "4")
+  assert_same_run(results["linear/1"], summary(tmp_path / "process-0", 0.0))
+  assert not (tmp_path / "process-1").exists()  # only process 0 writes
+
+
+@pytest.mark.slow
+def test_two_processes_resume_like_one(scenarios, cache, tmp_path):
   from sharding_scenarios import summary
   _, results = scenarios
   launch_two(tmp_path, cache, "--steps", "2")
-  launch_two(tmp_path, cache, "--steps", "4", "--resume")
-  assert_same_run(results["nres/1"], summary(tmp_path / "process-0", 0.0))
-  assert not (tmp_path / "process-1").exists()  # only process 0 writes
+  launch_two(tmp_path, cache, "--steps", "4", "--resume")  # process 1 has no run directory: process 0 shares it
+  assert_same_run(results["linear/1"], summary(tmp_path / "process-0", 0.0))
+  assert not (tmp_path / "process-1").exists()
 
 
 # -- errors, in this (one-device) process ---------------------------------------------------------------------------

@@ -437,6 +437,7 @@ def _train(config, out: str, resume: bool, devices: int | None = None) -> None:
 def command_train(args) -> None:
   from lopt.meta import sharding
   several = sharding.initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
+  sharding.layout(args.devices)  # a device count this process does not have: an error before anything else
   if not several:
     config = _train_config_from(args)
   else:  # process 0 reads the saved config (resume) and decides; the others need no access to its files
