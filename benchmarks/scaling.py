@@ -96,14 +96,13 @@ def hand_written_runner(config, devices: int):
     mesh = sharding.layout(devices).mesh
     replica, keys_sharding = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
     theta, outer_state = jax.device_put((theta, outer_state), replica)
+  # step_keys' values, made where they are used (each device its own slice: no transfer per step)
+  make_keys = jax.jit(lambda step: step_keys(config.seed, step, config.meta_batch_size), out_shardings=keys_sharding)
   box = {"theta": theta, "outer": outer_state, "step": 0}
 
   def run(steps: int):
     for _ in range(steps):
-      keys = step_keys(config.seed, box["step"], config.meta_batch_size)
-      if keys_sharding is not None:
-        keys = jax.device_put(keys, keys_sharding)
-      box["theta"], box["outer"], loss = step(box["theta"], box["outer"], keys)
+      box["theta"], box["outer"], loss = step(box["theta"], box["outer"], make_keys(box["step"]))
       box["step"] += 1
     jax.block_until_ready((box["theta"], loss))
 
@@ -138,7 +137,7 @@ def alternate(runners: dict, seconds: float, rounds: int) -> dict:
 
 def nres_part(devices: int, sizes, seconds: float, rounds: int, tiny: bool) -> list[dict]:
   """NRES on the mlp family's groups, 1 vs ``devices`` devices."""
-  options = {"num_groups": 2 if tiny else 4, "max_step_flops": 2e5 if tiny else 2e7}
+  options = {"num_groups": 2 if tiny else 4, "max_step_flops": 2e5 if tiny else 1e7}
   groups = family_groups(TaskSection(name="mlp", family="mlp", options=options), seed=0)
   optimizer = MLPOptimizer(hidden_size=8, num_layers=1) if tiny else MLPOptimizer()
   truncation, horizon = (5, 20) if tiny else (50, 1000)
@@ -208,7 +207,7 @@ def main():
             "command": " ".join(["python", *sys.argv])}
   print(f"# {result['date']}  {result['machine']}  {result['device']}  jax {jax.__version__}", flush=True)
   if args.skip != "nres":
-    sizes = args.nres_problems or ([8] if args.tiny else [1024, 4096])
+    sizes = args.nres_problems or ([8] if args.tiny else [4096])
     result["nres"] = nres_part(devices, sizes, seconds, args.rounds, args.tiny)
   if args.skip != "paper":
     sizes = args.meta_batches or ([4, 8] if args.tiny else [64, 128, 512])

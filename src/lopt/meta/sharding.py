@@ -42,6 +42,10 @@ ENVIRONMENT = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "LOPT_
 FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes", "process_id": "--process-id"}
 
 
+ESTIMATOR_FIX = ("choose a meta_batch_size (and, with task families, num_groups) giving a multiple of {devices} "
+                 "problems per group, or run on fewer devices with --devices")
+
+
 class ShardingError(UserError, ValueError):
   """A device count, a size that does not divide over the devices, or distributed settings that cannot work."""
 
@@ -129,16 +133,15 @@ class Layout:
     """The replicated sharding (as a jit in/out sharding it serves a whole pytree)."""
     return NamedSharding(self.mesh, PartitionSpec())
 
-  def leading(self, tree, what: str = "estimator state"):
+  def leading(self, tree, what: str = "estimator state", fix: str = ESTIMATOR_FIX):
     """A pytree like ``tree`` (arrays or ShapeDtypeStructs) of shardings of the leading axis over the mesh.
-    ShardingError for a leaf without a leading axis a multiple of the device count."""
+    ShardingError (``what`` and ``fix`` in its message) for a leaf without a leading axis a multiple of the device
+    count."""
     sizes = {leaf.shape[0] if leaf.ndim else 0 for leaf in jax.tree.leaves(tree)}
     bad = sorted(s for s in sizes if s == 0 or s % self.size)
     if bad:
-      raise ShardingError(f"{what}: per-problem axes of {sorted(sizes)} do not split over {self.size} devices (each "
-                          f"must be a multiple of {self.size}; found {bad}); choose a meta_batch_size (and, with task "
-                          f"families, num_groups) giving multiples of {self.size} per group, or run on fewer devices "
-                          f"with --devices")
+      raise ShardingError(f"{what}: leading axes of {sorted(sizes)} do not split over {self.size} devices (each must "
+                          f"be a multiple of {self.size}; found {bad}); {fix.format(devices=self.size)}")
     return jax.tree.map(lambda _: NamedSharding(self.mesh, PartitionSpec(AXIS)), tree)
 
   def put(self, tree, shardings):

@@ -326,7 +326,8 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout
 
   started = time.perf_counter()
   try:
-    interrupts.check()  # a Ctrl-C during set-up ends here, before the first step's compilation
+    if _stop_requested(layout, True):  # a Ctrl-C during set-up ends here, before the first step's compilation
+      raise KeyboardInterrupt
     while state.step < config.num_steps:
       theta, outer_state, estimator_state, metrics = outer_step(state.theta, state.outer_state,
                                                                 state.estimator_state, step_key(config.seed, state.step))
@@ -363,9 +364,8 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout
         snapshot = _on_host(layout, state)  # with several processes a collective: every process takes part
         if run is not None:
           run.checkpoint(snapshot)
-      if stop and layout.several_processes:
+      if stop:  # with several processes, all of them (one that got no signal too) and only at the agreed step
         raise KeyboardInterrupt
-      interrupts.check()
     sync_counters()
     if run is not None:
       run.export(optimizer, dataclasses.replace(state, best_theta=layout.to_host(state.best_theta)), config)
