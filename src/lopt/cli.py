@@ -645,7 +645,7 @@ def command_demo(args) -> None:
   if resume:
     say(f"{out} already holds a demo run: resuming it (delete the directory to start over)")
   started = time.perf_counter()
-  _train(config, str(out), resume)
+  _train(config, str(out), resume, devices=1)  # laptop-sized: one device, the same numbers everywhere
   command_compare(argparse.Namespace(run_dir=str(out), eval_problems=args.eval_problems, tuning_problems=32))
   command_analyze(argparse.Namespace(run_dir=str(out), task=None, task_option=[], problems=8, analyses=None))
   report = write_report(out)
