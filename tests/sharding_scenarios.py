@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from lopt.meta import sharding
 from lopt.meta.config import PRESETS, EstimatorSection, OptimizerSection, TaskSection

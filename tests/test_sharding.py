@@ -167,3 +167,16 @@ def test_one_device_changes_nothing():
   assert layout.mesh is None and not layout.sharded and layout.size == 1
   tree = {"a": np.ones(3)}
   assert layout.local(tree) is tree and layout.to_host(tree) is tree
+
+
+@pytest.mark.slow
+def test_the_scaling_benchmark_runs_on_two_host_devices(tmp_path, cache):
+  out = tmp_path / "scaling.json"
+  done = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "scaling.py"), "--tiny", "--host-devices",
+                         "2", "--rounds", "1", "--seconds", "0.1", "--json", str(out)], capture_output=True, text=True,
+                        timeout=900, env=environment(cache))
+  assert done.returncode == 0, done.stderr[-4000:]
+  result = json.loads(out.read_text())
+  assert result["device"].startswith("2 x cpu") and result["nres"][0]["speedup"] > 0
+  assert {row["meta_batch_size"] for row in result["paper"]} == {4, 8}
+  assert all(row["milliseconds_per_outer_step"]["hand_2"] > 0 for row in result["paper"])
