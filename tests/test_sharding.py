@@ -174,7 +174,7 @@ def test_the_scaling_benchmark_runs_on_two_host_devices(tmp_path, cache):
   out = tmp_path / "scaling.json"
   done = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "scaling.py"), "--tiny", "--host-devices",
                          "2", "--rounds", "1", "--seconds", "0.1", "--json", str(out)], capture_output=True, text=True,
-                        timeout=900, env=environment(cache))
+                        timeout=900, env=environment(cache, devices=2))
   assert done.returncode == 0, done.stderr[-4000:]
   result = json.loads(out.read_text())
   assert result["device"].startswith("2 x cpu") and result["nres"][0]["speedup"] > 0
