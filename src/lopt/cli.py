@@ -405,15 +405,15 @@ def command_selftrain(args):
 def _add_scale_options(parser) -> None:
   """Devices and hosts (docs/SCALING.md): the per-problem work is sharded over them (lopt.meta.sharding)."""
   parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
-                      help="local devices to shard the meta-batch over (default: all of this process's)")
+                      help="local devices to shard the meta-batch over; None: all of this process's")
   parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                      help="several processes (jax.distributed): process 0's address and a free port "
-                           "(default: $JAX_COORDINATOR_ADDRESS)")
+                      help="several processes (jax.distributed): process 0's address and a free port"
+                           "; None: $JAX_COORDINATOR_ADDRESS")
   parser.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
-                      help="several processes: how many (default: $LOPT_NUM_PROCESSES)")
+                      help="several processes: how many; None: $LOPT_NUM_PROCESSES")
   parser.add_argument("--process-id", type=int, default=None, metavar="I",
-                      help="several processes: this one's index, 0 to N-1; 0 writes the run directory "
-                           "(default: $LOPT_PROCESS_ID)")
+                      help="several processes: this one's index, 0 to N-1; 0 writes the run directory"
+                           "; None: $LOPT_PROCESS_ID")
 
 
 # -- commands --------------------------------------------------------------------------------------------------------
