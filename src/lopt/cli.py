@@ -457,7 +457,8 @@ def command_train(args) -> None:
   from lopt.meta.train import optimizer_from, outer_optimizer_from
   outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now
   _warn_if_inert_outer(config)
-  _train(config, args.out, args.resume, args.devices)
+  chosen = {} if args.devices is None else {"devices": args.devices}  # _train(config, out, resume) stays callable
+  _train(config, args.out, args.resume, **chosen)
 
 
 def _train_config_from(args):
