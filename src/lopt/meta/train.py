@@ -342,7 +342,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout
           state.best_theta, state.best_score, state.best_step = state.theta, score, state.step
         state.outer_state = learned_outer.record_valid_loss(state.outer_state, score)  # a learned outer one's hint
         if layout.several_processes and config.outer.outer_optimizer != learned_outer.ADAM:
-          state.outer_state = layout.put(state.outer_state, layout.replica)  # the score is a local array: make it global
+          state.outer_state = layout.put(state.outer_state, layout.replica)  # the score is a local array: now global
         record = {"held_out_loss": score, "best_held_out_loss": state.best_score}
       if record is not None or state.step % config.log_every == 0:
         sync_counters()
