@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--preset", choices=list(PRESETS), default="demo",
                      help="starting settings: 'demo' (laptop CPU) or 'paper' (the paper's linear-regression run)")
   train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+  _add_scale_options(train)
   train.add_argument("--task-option", action="append", type=_task_option, default=[], metavar="KEY=VALUE",
                      help="a task option, e.g. path=mnist.npz for mnist_cnn or dim=10 for linear_regression")
   train.add_argument("--optimizer", default=None, metavar="NAME",
@@ -400,20 +402,67 @@ def command_selftrain(args):
   return state
 
 
+def _add_scale_options(parser) -> None:
+  """Devices and hosts (docs/SCALING.md): the per-problem work is sharded over them (lopt.meta.sharding)."""
+  parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                      help="local devices to shard the meta-batch over; None: all of this process's")
+  parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                      help="several processes (jax.distributed): process 0's address and a free port"
+                           "; None: $JAX_COORDINATOR_ADDRESS")
+  parser.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+                      help="several processes: how many; None: $LOPT_NUM_PROCESSES")
+  parser.add_argument("--process-id", type=int, default=None, metavar="I",
+                      help="several processes: this one's index, 0 to N-1; 0 writes the run directory"
+                           "; None: $LOPT_PROCESS_ID")
+
+
 # -- commands --------------------------------------------------------------------------------------------------------
 
-def _train(config, out: str, resume: bool) -> None:
+def _train(config, out: str, resume: bool, devices: int | None = None) -> None:
+  import jax
+
   from lopt.meta.train import meta_train
   from lopt.progress import say, training_bar
-  say(f"meta-training {config.optimizer.architecture} with estimator {config.estimator.name} on "
-      f"{config.task.name} for {config.num_steps} outer steps -> {out}")
-  with training_bar(config.num_steps) as update:
-    state = meta_train(config, out, resume=resume, progress=update)
-  say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
-      f"{state.skipped_steps} skipped steps; trained optimizer in {Path(out) / 'optimizer'}")
+  writer = jax.process_index() == 0  # with several processes, one progress bar and one set of messages
+  if writer:
+    say(f"meta-training {config.optimizer.architecture} with estimator {config.estimator.name} on "
+        f"{config.task.name} for {config.num_steps} outer steps -> {out}")
+  with training_bar(config.num_steps) if writer else contextlib.nullcontext(False) as update:
+    state = meta_train(config, out, resume=resume, progress=update, devices=devices)
+  if writer:
+    say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
+        f"{state.skipped_steps} skipped steps; trained optimizer in {Path(out) / 'optimizer'}")
 
 
 def command_train(args) -> None:
+  from lopt.meta import sharding
+  several = sharding.initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX work
+  sharding.layout(args.devices)  # a device count this process does not have: an error before anything else
+  if not several:
+    config = _train_config_from(args)
+  else:  # process 0 reads the saved config (resume) and decides; the others need no access to its files
+    import jax
+    shared = None
+    if jax.process_index() == 0:
+      try:
+        shared = {"config": _train_config_from(args).to_dict()}
+      except UserError as e:
+        shared = {"error": str(e)}
+    shared = sharding.broadcast_json(shared)
+    if "error" in shared:
+      raise UserError(shared["error"] if jax.process_index() == 0 else f"process 0: {shared['error']}")
+    from lopt.meta.config import MetaTrainConfig
+    config = MetaTrainConfig.from_dict(shared["config"], "process 0's config")
+  _validate(config)
+  from lopt.meta.train import optimizer_from, outer_optimizer_from
+  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now
+  _warn_if_inert_outer(config)
+  chosen = {} if args.devices is None else {"devices": args.devices}  # _train(config, out, resume) stays callable
+  _train(config, args.out, args.resume, **chosen)
+
+
+def _train_config_from(args):
+  """The run's config: the preset (or the saved config, on resume) with the command line's changes."""
   from lopt.io.checkpoint import read_json
   from lopt.meta.config import PRESETS, MetaTrainConfig
   saved_path = Path(args.out) / "config.json"
@@ -430,11 +479,7 @@ def command_train(args) -> None:
       trained = f"family {config.task.family!r}" if config.task.family else repr(config.task.name)
       asked = f"family {wanted.family!r}" if wanted.family else repr(wanted.name)
       raise UserError(f"{saved_path}: the run in {args.out} trains on {trained}, not {asked}")
-  _validate(config)
-  from lopt.meta.train import optimizer_from, outer_optimizer_from
-  outer_optimizer_from(config, optimizer_from(config))  # a trained --outer-optimizer that does not load: now
-  _warn_if_inert_outer(config)
-  _train(config, args.out, args.resume)
+  return config
 
 
 def _warn_if_inert_outer(config) -> None:
@@ -601,7 +646,7 @@ def command_demo(args) -> None:
   if resume:
     say(f"{out} already holds a demo run: resuming it (delete the directory to start over)")
   started = time.perf_counter()
-  _train(config, str(out), resume)
+  _train(config, str(out), resume, devices=1)  # laptop-sized: one device, the same numbers everywhere
   command_compare(argparse.Namespace(run_dir=str(out), eval_problems=args.eval_problems, tuning_problems=32))
   command_analyze(argparse.Namespace(run_dir=str(out), task=None, task_option=[], problems=8, analyses=None))
   report = write_report(out)

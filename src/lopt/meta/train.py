@@ -4,6 +4,7 @@ resume. Nothing here knows the architecture or the estimator: both come from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from lopt.io.checkpoint import atomic_write_json
 from lopt.meta import estimators
 from lopt.meta import outer as learned_outer
 from lopt.meta import run as run_files
+from lopt.meta import sharding
 from lopt.meta.config import MetaTrainConfig
 from lopt.meta.estimators.full_bptt import FullBPTT, all_finite, problem_meta_loss  # noqa: F401 (re-export)
 from lopt.meta.state import TrainState
@@ -48,14 +50,26 @@ def build_outer_step(estimator, outer_optimizer: optax.GradientTransformation, *
   """
   if not hasattr(estimator, "estimate"):
     return _legacy_outer_step(estimator, outer_optimizer, *legacy, **legacy_options)
+  return jax.jit(_outer_step(estimator, outer_optimizer))
 
-  @jax.jit
+
+def _outer_step(estimator, outer_optimizer) -> Callable:
   def outer_step(theta, outer_state, estimator_state, key):
     estimator_state, grads, metrics = estimator.estimate(theta, estimator_state, key)
     theta, outer_state, step_metrics = apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics)
     return theta, outer_state, estimator_state, step_metrics
 
   return outer_step
+
+
+def build_sharded_outer_step(estimator, outer_optimizer: optax.GradientTransformation, layout: sharding.Layout,
+                             estimator_state) -> Callable:
+  """``build_outer_step``'s function over ``layout``'s devices: the leading (per-problem) axis of the estimator state
+  (``estimator_state``: its arrays or shapes) sharded; theta, the outer state, the key and the metrics replicated
+  (see ``lopt.meta.sharding``). ShardingError when the problem counts do not split over the devices."""
+  states, replica = layout.leading(estimator_state), layout.replica
+  return layout.jit(_outer_step(estimator, outer_optimizer), (replica, replica, states, replica),
+                    (replica, replica, states, replica))
 
 
 def apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics):
@@ -222,20 +236,23 @@ def held_out_tasks(config: MetaTrainConfig, task):
 
 
 def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-               progress: Callable | bool | None = None) -> TrainState:
+               progress: Callable | bool | None = None, devices: int | None = None) -> TrainState:
   """Meta-trains a learned optimizer as ``config`` says; with ``run_dir`` writes the run directory (see run.py).
 
   ``progress(step, total, metrics_dict)`` is called after every logged step; by default (None) a bar with ETA and
   the current meta-loss is drawn on stderr (a line every 10% when stderr is not a terminal); False shows nothing.
   Returns the final TrainState; ``best_theta`` (best on held-out problems) is what gets exported.
+
+  ``devices``: local devices the per-problem work is sharded over (None: all; ``lopt.meta.sharding``); after
+  ``jax.distributed`` initialization, every process runs this with the same arguments and only process 0 writes.
   """
   if progress is None:
     from lopt.progress import training_bar
     with training_bar(config.num_steps) as update:
-      return meta_train(config, run_dir, resume=resume, progress=update)
+      return meta_train(config, run_dir, resume=resume, progress=update, devices=devices)
   # Ctrl-C only sets a flag in here; the loop ends at its next safe point (after an outer step) with a checkpoint.
   with interrupts.deferred():
-    return _meta_train(config, run_dir, resume, progress)
+    return _meta_train(config, run_dir, resume, progress, sharding.layout(devices))
 
 
 def initial_theta(config: MetaTrainConfig, optimizer):
@@ -266,7 +283,7 @@ def trainable_mask(config: MetaTrainConfig, theta):
   return mask
 
 
-def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> TrainState:
+def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout: sharding.Layout) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
   theta = initial_theta(config, optimizer)
   mask = trainable_mask(config, theta)
@@ -281,8 +298,10 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
 
   estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
   state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
+  if layout.sharded:  # before the run directory exists: a count that does not split is a plain user error
+    outer_step = build_sharded_outer_step(estimator, outer, layout, estimator_state)
   run = None
-  if run_dir is not None:
+  if run_dir is not None and layout.writes:
     run = run_files.RunDirectory(run_dir)
     run.open(config, resume=resume)
     if config.task.family is not None:  # which shapes this run trains and selects on, for whoever reads the run
@@ -293,6 +312,10 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
       restored = run.restore(state)
       if restored is not None:
         state = restored
+  if resume and run_dir is not None and layout.several_processes:
+    state = _share_restored(layout, state)
+  if layout.sharded:
+    state = _placed(layout, state)
 
   # The counters stay on the device between log steps: reading them every step would make the host wait for each
   # outer step to finish before dispatching the next one.
@@ -303,19 +326,23 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
 
   started = time.perf_counter()
   try:
-    interrupts.check()  # a Ctrl-C during set-up ends here, before the first step's compilation
+    if _stop_requested(layout, True):  # a Ctrl-C during set-up ends here, before the first step's compilation
+      raise KeyboardInterrupt
     while state.step < config.num_steps:
       theta, outer_state, estimator_state, metrics = outer_step(state.theta, state.outer_state,
                                                                 state.estimator_state, step_key(config.seed, state.step))
       state.theta, state.outer_state, state.estimator_state = theta, outer_state, estimator_state
+      metrics = layout.local(metrics)
       state.step += 1
       skipped, dropped = skipped + metrics.skipped, dropped + metrics.dropped_problems
       record = None
       if state.step % config.eval_every == 0 or state.step == config.num_steps:
-        score = float(jnp.mean(evaluate(state.theta, eval_keys)))
+        score = float(jnp.mean(evaluate(layout.local(state.theta), eval_keys)))
         if score < state.best_score:
           state.best_theta, state.best_score, state.best_step = state.theta, score, state.step
         state.outer_state = learned_outer.record_valid_loss(state.outer_state, score)  # a learned outer one's hint
+        if layout.several_processes and config.outer.outer_optimizer != learned_outer.ADAM:
+          state.outer_state = layout.put(state.outer_state, layout.replica)  # the score is a local array: now global
         record = {"held_out_loss": score, "best_held_out_loss": state.best_score}
       if record is not None or state.step % config.log_every == 0:
         sync_counters()
@@ -333,17 +360,65 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress) -> Tra
         if progress:
           progress(state.step, config.num_steps, record)
       due = state.step % config.checkpoint_every == 0 or state.step == config.num_steps
-      if run is not None and (due or interrupts.interrupted()):
+      stop = _stop_requested(layout, due or state.step % config.log_every == 0)
+      if (run is not None or layout.several_processes) and (due or stop):
         sync_counters()
-        run.checkpoint(state)
-      interrupts.check()
+        snapshot = _on_host(layout, state)  # with several processes a collective: every process takes part
+        if run is not None:
+          run.checkpoint(snapshot)
+      if stop:  # with several processes, all of them (one that got no signal too) and only at the agreed step
+        raise KeyboardInterrupt
     sync_counters()
     if run is not None:
-      run.export(optimizer, state, config)
+      run.export(optimizer, dataclasses.replace(state, best_theta=layout.to_host(state.best_theta)), config)
   finally:
     if run is not None:
       run.close()
   return state
+
+
+def _stop_requested(layout: sharding.Layout, sync_point: bool) -> bool:
+  """Whether the loop stops after this step for a Ctrl-C. With several processes they must agree (each then writes
+  its part of the checkpoint and stops), which costs a collective: asked only at log and checkpoint steps."""
+  if not layout.several_processes:
+    return interrupts.interrupted()
+  return sync_point and layout.any_process(interrupts.interrupted())
+
+
+def _placed(layout: sharding.Layout, state: TrainState) -> TrainState:
+  """``state`` on the layout's devices: the estimator state sharded by its leading axis, the rest replicated."""
+  replica = layout.replica
+  return dataclasses.replace(state, theta=layout.put(state.theta, replica),
+                             outer_state=layout.put(state.outer_state, replica),
+                             best_theta=layout.put(state.best_theta, replica),
+                             estimator_state=layout.put(state.estimator_state,
+                                                        layout.leading(state.estimator_state)))
+
+
+def _on_host(layout: sharding.Layout, state: TrainState) -> TrainState:
+  """``state`` with whole host arrays: what process 0 writes (identity in one process, where that is free)."""
+  if not layout.several_processes:
+    return state
+  return dataclasses.replace(state, theta=layout.to_host(state.theta), outer_state=layout.to_host(state.outer_state),
+                             best_theta=layout.to_host(state.best_theta),
+                             estimator_state=layout.to_host(state.estimator_state))
+
+
+def _share_restored(layout: sharding.Layout, state: TrainState) -> TrainState:
+  """Process 0's restored state (or its fresh one) on every process: the others need no access to its files."""
+  import numpy as np
+  trees = (state.theta, state.outer_state, state.best_theta, state.estimator_state)
+  keys = [jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) for x in jax.tree.leaves(trees)]
+  leaves = [np.asarray(jax.random.key_data(x) if k else x) for x, k in zip(jax.tree.leaves(trees), keys)]
+  counters = np.asarray([state.step, state.best_step, state.skipped_steps, state.dropped_problems], np.int64)
+  leaves, counters, score = layout.from_writer((leaves, counters, np.asarray(state.best_score, np.float64)))
+  like = jax.tree.leaves(trees)
+  leaves = [jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if k else jnp.asarray(x)
+            for x, t, k in zip(leaves, like, keys)]
+  theta, outer_state, best_theta, estimator_state = jax.tree.unflatten(jax.tree.structure(trees), leaves)
+  step, best_step, skipped, dropped = (int(c) for c in counters)
+  return TrainState(step, theta, outer_state, best_theta, float(score), best_step, skipped, dropped,
+                    estimator_state)
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lopt.meta import sharding
 from lopt.meta.estimators.truncated import (NOISE_STREAM, Metrics, Unroller, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
@@ -81,9 +82,10 @@ class Antithetic:
     leaves, treedef = jax.tree.flatten(theta)
     keys = jax.random.split(key, len(leaves))
     mask = self.perturb_mask or (True,) * len(leaves)
-    return jax.tree.unflatten(treedef, [self.sigma * jax.random.normal(k, (self.num_pairs,) + x.shape, x.dtype)
-                                        if perturb else jnp.zeros((self.num_pairs,) + x.shape, x.dtype)
-                                        for k, x, perturb in zip(keys, leaves, mask)])
+    # Drawn where the pairs live: each device generates only its pairs' noise.
+    return sharding.constrain(jax.tree.unflatten(treedef, [
+        self.sigma * jax.random.normal(k, (self.num_pairs,) + x.shape, x.dtype) if perturb
+        else jnp.zeros((self.num_pairs,) + x.shape, x.dtype) for k, x, perturb in zip(keys, leaves, mask)]))
 
   def init(self, theta, key):
     u = self.unroll

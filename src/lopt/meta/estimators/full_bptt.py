@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lopt.meta import sharding
 from lopt.meta.objectives import META_LOSSES
 from lopt.meta.unroll import unroll
 from lopt.optax_adapter import as_optax
@@ -73,7 +74,7 @@ class FullBPTT:
 
   def estimate(self, theta, state, key):
     """(state, meta-gradient like theta, Metrics) for the problems ``split(key, meta_batch_size)``."""
-    return (state, *self.estimate_on(theta, jax.random.split(key, self.meta_batch_size)))
+    return (state, *self.estimate_on(theta, sharding.constrain(jax.random.split(key, self.meta_batch_size))))
 
   def estimate_on(self, theta, keys):
     """(meta-gradient, Metrics) on the given (B,) problem keys."""

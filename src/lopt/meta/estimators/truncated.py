@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lopt.meta import sharding
 from lopt.meta.estimators.full_bptt import all_finite  # noqa: F401 (the estimators' one finiteness check)
 from lopt.meta.unroll import InnerState, advance, init_inner
 from lopt.optax_adapter import as_optax
@@ -108,7 +109,8 @@ def first_episodes(task, optimizer, theta, slot_keys: jax.Array, schedule: Trunc
 
 def restart_keys(key: jax.Array, num_slots: int, copies: int = 1) -> jax.Array:
   """(num_slots * copies,) problem keys for this estimate's restarts: trajectories of one slot share a problem."""
-  return jnp.repeat(jax.random.split(jax.random.fold_in(key, RESTART_STREAM), num_slots), copies, axis=0)
+  keys = jnp.repeat(jax.random.split(jax.random.fold_in(key, RESTART_STREAM), num_slots), copies, axis=0)
+  return sharding.constrain(keys)  # split over the devices like the trajectories they restart
 
 
 def bounded_ratio(losses: jax.Array, initial: jax.Array, cap: float) -> tuple[jax.Array, jax.Array]:
