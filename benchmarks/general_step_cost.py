@@ -1,14 +1,19 @@
 """The `general` optimizer's step against Adam's at N parameters, in JAX and in PyTorch, side by side.
 
-  python benchmarks/general_step_cost.py [--params 10_000_000] [--repeats 50] [--compile MODE]
+  python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
+                                         [--compile MODE ...] [--frameworks jax torch] [--kernels]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
 lopt.load("general").as_optax() with the loss passed as ``value=``. PyTorch: torch.optim.Adam (fused where the
 device supports it, else foreach) and lopt.torch.LearnedOptimizer(params, "general") with ``step(loss=...)``.
-Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines. --compile runs the
-PyTorch optimizer through torch.compile (``default``, a torch.compile mode such as ``reduce-overhead``, or a JSON
-dict of its keyword arguments); the compilation happens in the warm-up.
+Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines, one per framework,
+size and compile mode. --compile runs the PyTorch optimizer through torch.compile (``none`` for eager, ``default``,
+a torch.compile mode such as ``reduce-overhead``, or a JSON dict of its keyword arguments); several modes give a
+line each; the compilation happens in the warm-up. --kernels adds what each step launches: for JAX, the compiled
+step's top-level fusions, copies and library calls (custom-call, dot) and the bytes their operands and results
+take (an upper bound on the memory traffic: every kernel reads its operands and writes its result once); for
+PyTorch on a GPU, the kernels one step launches (torch.profiler).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
+
+_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s64": 8, "u8": 1, "s8": 1}
 
 
 def shapes_for(num_params: int) -> list[tuple[int, ...]]:
@@ -38,7 +46,35 @@ def median_ms(run, repeats: int, sync) -> float:
   return 1e3 * times[len(times) // 2]
 
 
-def jax_times(shapes, repeats: int) -> dict:
+def _array_bytes(text: str) -> int:
+  """Bytes of every array type (``f32[1118,1118]{1,0}``) in an HLO type string."""
+  total = 0
+  for dtype, dims in re.findall(r"\b(\w+)\[([\d,]*)\]", text):
+    if dtype in _BYTES:
+      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def hlo_kernels(compiled_text: str) -> dict:
+  """What the entry computation of an optimized HLO module launches: fusions, copies and library calls (counts),
+  and the bytes of their results and operands (the memory traffic if every kernel reads its operands and writes
+  its result once)."""
+  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  shapes, counts, traffic = {}, {"fusion": 0, "copy": 0, "custom-call": 0, "dot": 0}, 0
+  for line in entry.splitlines():
+    match = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([\w\-]+)\((.*)$", line)
+    if not match:
+      continue
+    name, result, op, rest = match.groups()
+    shapes[name] = _array_bytes(result)
+    if op in counts:
+      counts[op] += 1
+      operands = re.findall(r"(%[\w.\-]+)", rest.split("), ")[0])
+      traffic += shapes[name] + sum(shapes.get(o, 0) for o in operands)
+  return {**{f"{k}s": v for k, v in counts.items()}, "traffic_mb": round(traffic / 1e6, 1)}
+
+
+def jax_times(shapes, repeats: int, kernels: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -55,6 +91,8 @@ def jax_times(shapes, repeats: int) -> dict:
       updates, s = tx.update(g, s, p, value=jnp.float32(1.0))
       return optax.apply_updates(p, updates), s
     step = jax.jit(step, donate_argnums=(0, 1))
+    if kernels:
+      out[f"{name}_kernels"] = hlo_kernels(step.lower(state[0], state[1], grads).compile().as_text())
 
     def run():
       state[0], state[1] = step(state[0], state[1], grads)
@@ -62,7 +100,7 @@ def jax_times(shapes, repeats: int) -> dict:
   return out
 
 
-def torch_times(shapes, repeats: int, compile=False) -> dict:
+def torch_times(shapes, repeats: int, compile=False, kernels: bool = False) -> dict:
   import torch
   from lopt.torch import LearnedOptimizer
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,31 +117,57 @@ def torch_times(shapes, repeats: int, compile=False) -> dict:
     else:
       opt = LearnedOptimizer(params, "general", compile=compile)
       run = lambda: opt.step(loss=1.0)  # noqa: E731
-    out[name] = median_ms(run, repeats, torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out[name] = median_ms(run, repeats, sync)
+    if kernels and device == "cuda":
+      from torch.profiler import ProfilerActivity, profile
+      with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync()
+      out[f"{name}_kernels"] = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
   return out
+
+
+def compile_mode(text: str | None):
+  """--compile's value as LearnedOptimizer's ``compile`` argument."""
+  if text is None or text == "none":
+    return False
+  if text == "default":
+    return True
+  return json.loads(text) if text.startswith("{") else text
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--params", type=int, default=10_000_000)
+  parser.add_argument("--params", type=int, nargs="+", default=[10_000_000])
   parser.add_argument("--repeats", type=int, default=50)
-  parser.add_argument("--compile", default=None, help="torch.compile the PyTorch optimizer: default, a mode, or JSON")
+  parser.add_argument("--compile", nargs="+", default=[None],
+                      help="torch.compile the PyTorch optimizer: none, default, a mode, or JSON (several: a line each)")
+  parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
+  parser.add_argument("--kernels", action="store_true", help="count the kernels (and JAX's HLO traffic) of a step")
   args = parser.parse_args()
-  compile = False if args.compile is None else True if args.compile == "default" else (
-      json.loads(args.compile) if args.compile.startswith("{") else args.compile)
-  shapes = shapes_for(args.params)
-  count = sum(math.prod(s) for s in shapes)
   import jax
   import torch
-  common = {"params": count, "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-            "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0].device_kind),
+  common = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "jax": jax.__version__,
+            "torch": torch.__version__, "jax_device": str(jax.devices()[0].device_kind),
             "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-  for framework, times in (("jax", jax_times(shapes, args.repeats)),
-                           ("torch", torch_times(shapes, args.repeats, compile))):
-    extra = {"compile": args.compile} if framework == "torch" and args.compile else {}
-    print(json.dumps({**common, "framework": framework, **extra, "adam_ms": round(times["adam"], 4),
-                      "general_ms": round(times["general"], 4),
-                      "ratio": round(times["general"] / times["adam"], 2)}), flush=True)
+  for num_params in args.params:
+    shapes = shapes_for(num_params)
+    count = sum(math.prod(s) for s in shapes)
+    runs = []
+    if "jax" in args.frameworks:
+      runs.append(("jax", {}, lambda: jax_times(shapes, args.repeats, args.kernels)))
+    if "torch" in args.frameworks:
+      for mode in args.compile:
+        extra = {"compile": mode} if mode not in (None, "none") else {}
+        runs.append(("torch", extra, lambda mode=mode: torch_times(shapes, args.repeats, compile_mode(mode),
+                                                                  args.kernels)))
+    for framework, extra, measure in runs:
+      times = measure()
+      kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}
+      print(json.dumps({"params": count, **common, "framework": framework, **extra,
+                        "adam_ms": round(times["adam"], 4), "general_ms": round(times["general"], 4),
+                        "ratio": round(times["general"] / times["adam"], 2), **kernels}), flush=True)
 
 
 if __name__ == "__main__":
