@@ -55,7 +55,8 @@ def nonnegative_float(text):
 
 
 OPTIONS = {
-    "--steps": positive_int, "--meta-batch-size": positive_int, "--horizon": positive_int,
+    "--steps": positive_int, "--meta-batch-size": lambda t: positive_int(t) and int(t) <= 2**24,
+    "--horizon": positive_int,
     "--hidden-size": lambda t: positive_int(t) and int(t) <= 65536,
     "--input-scale": positive_float, "--output-scale": positive_float,
     "--input-encoding": lambda t: t in ("scale", "log1p_sign"),
