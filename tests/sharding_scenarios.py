@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from lopt.meta import sharding
 from lopt.meta.config import PRESETS, EstimatorSection, OptimizerSection, TaskSection
@@ -55,6 +56,17 @@ def train(out: Path, estimator: str, devices: int, steps: int = 4, resume: bool 
   return summary(out, started)
 
 
+def population_theta(out: Path, devices: int) -> list:
+  """Final member meta-parameters of a tiny self-training (4 members, one PBT judging) on ``devices`` devices."""
+  from lopt.meta import selftrain
+  meta = selftrain.PRESET.replace(task=FAMILY, num_steps=3, eval_every=2, checkpoint_every=2, log_every=1,
+                                  num_eval_problems=2, estimator=EstimatorSection("nres", {"meta_batch_size": 2,
+                                                                                           "truncation": 5}))
+  config = selftrain.SelfTrainConfig(meta, selftrain.PopulationSection(size=4)).validate("scenario")
+  state = selftrain.selftrain(config, out, progress=False, devices=devices)
+  return [np.asarray(x).tolist() for x in jax.tree.leaves(state.theta)]
+
+
 def main(out: Path, slow: bool) -> None:
   assert jax.local_device_count() == 2, jax.devices()
   from lopt.cli import main as cli
@@ -75,6 +87,7 @@ def main(out: Path, slow: bool) -> None:
     results["indivisible"] = None
   except sharding.ShardingError as e:
     results["indivisible"] = str(e)
+  results["selftrain"] = {str(d): population_theta(out / f"self-{d}", d) for d in (1, 2)}
   for estimator in ("full", "pes") if slow else ():
     for devices in (1, 2):
       results[f"{estimator}/{devices}"] = train(out / f"{estimator}-{devices}", estimator, devices)

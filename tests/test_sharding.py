@@ -75,6 +75,14 @@ def test_a_run_checkpointed_on_two_devices_resumes_on_one(scenarios):
   assert_same_run(results["nres/1"], results["nres/2to1"])
 
 
+def test_a_population_sharded_over_two_devices_self_trains_like_on_one(scenarios):
+  _, results = scenarios
+  one, two = results["selftrain"]["1"], results["selftrain"]["2"]
+  assert len(one) == len(two) > 0
+  for x, y in zip(one, two):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOLERANCE)
+
+
 def test_problem_counts_that_do_not_split_over_the_devices_are_a_clear_error(scenarios):
   _, results = scenarios
   message = results["indivisible"]

@@ -370,6 +370,8 @@ def _add_selftrain_parser(commands) -> None:
                            f"{population.init_noise})")
   parser.add_argument("--scale-range", type=_scale_range, default=None, metavar="LOW,HIGH",
                       help=f"initial step multipliers, log-uniform (default {population.scale_range})")
+  parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                      help="local devices to shard the population over (a divisor of --population; default: all)")
 
 
 def command_selftrain(args):
@@ -396,7 +398,7 @@ def command_selftrain(args):
       f"{config.population.applier}) with estimator {meta.estimator.name} on {meta.task.name} for {meta.num_steps} "
       f"outer steps -> {args.out}")
   with training_bar(meta.num_steps, "self-training") as update:
-    state = selftrain.selftrain(config, args.out, resume=args.resume, progress=update)
+    state = selftrain.selftrain(config, args.out, resume=args.resume, progress=update, devices=args.devices)
   say(f"done: best held-out normalized mean loss {state.best_score:.4g} at step {state.best_step}; "
       f"{state.skipped_steps} skipped member steps; trained optimizer in {Path(args.out) / 'optimizer'}")
   return state

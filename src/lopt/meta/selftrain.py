@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt import interrupts
+from lopt.errors import UserError
 from lopt.io.checkpoint import (WriteError, atomic_write_bytes, atomic_write_json, read_json, read_tensors,
                                 save_optimizer, tensors_to_bytes)
 from lopt.meta import run as run_files
+from lopt.meta import sharding
 from lopt.meta.config import (ConfigError, EstimatorSection, LoggingSection, MetaTrainConfig, OptimizerSection,
                               OuterSection, _check, _is_number, _positive, _positive_int)
 from lopt.meta.estimators.full_bptt import Metrics
@@ -261,18 +263,24 @@ def build_population_evaluator(task, optimizer, horizon: int) -> Callable:
 
 
 def selftrain(config: SelfTrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-              progress: Callable | bool | None = None) -> PopulationState:
+              progress: Callable | bool | None = None, devices: int | None = None) -> PopulationState:
   """Self-trains a population as ``config`` says; with ``run_dir`` writes a run directory (config.json,
   metrics.jsonl, checkpoints/, optimizer/ with the best member ever, loadable by ``lopt.load``).
 
   ``progress(step, total, record)`` after every logged step; None: a bar with ETA and the best held-out loss.
+  ``devices``: local devices the population axis is sharded over (None: all; one process only; the population size
+  must be a multiple of the count). Checkpoints hold whole arrays, so a run resumes on any count.
   """
   if progress is None:
     from lopt.progress import training_bar
     with training_bar(config.meta.num_steps, "self-training") as update:
-      return selftrain(config, run_dir, resume=resume, progress=update)
+      return selftrain(config, run_dir, resume=resume, progress=update, devices=devices)
+  layout = sharding.layout(devices)
+  if layout.several_processes:
+    raise UserError("lopt selftrain runs in one process (its population is sharded over this process's devices); "
+                    "start it without jax.distributed")
   with interrupts.deferred():  # Ctrl-C: the loop ends after its current outer step, with a checkpoint
-    return _selftrain(config, run_dir, resume, progress)
+    return _selftrain(config, run_dir, resume, progress, layout)
 
 
 class Setup(NamedTuple):
@@ -335,7 +343,34 @@ def _with_valid_loss(outer_state, scores):
   return outer_state._replace(valid_loss=jnp.asarray(scores, jnp.float32))
 
 
-def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> PopulationState:
+POPULATION_FIX = "choose --population as a multiple of {devices}, or fewer --devices"
+
+
+def placed(layout: sharding.Layout, state: PopulationState) -> tuple[PopulationState, Any]:
+  """``state`` with every per-member array sharded by its population axis over ``layout`` (best_theta replicated),
+  and those shardings; unchanged (and None) without a mesh. ShardingError when the population does not split."""
+  if not layout.sharded:
+    return state, None
+  per_member = (state.theta, state.outer_state, state.estimator_state, state.scale, state.score, state.founder)
+  shardings = layout.leading(per_member, "population", POPULATION_FIX)
+  theta, outer_state, estimator_state, scale, score, founder = layout.put(per_member, shardings)
+  return state._replace(theta=theta, outer_state=outer_state, estimator_state=estimator_state, scale=scale,
+                        score=score, founder=founder, best_theta=layout.put(state.best_theta, layout.replica)), shardings
+
+
+def sharded_step(layout: sharding.Layout, step: Callable, shardings) -> Callable:
+  """The population step with its per-member inputs and outputs sharded by member (metrics too: (K,) leaves), the
+  appliers and the key replicated; ``step`` itself without a mesh."""
+  if shardings is None:
+    return step
+  theta, outer_state, estimator_state, scale, _, _ = shardings
+  return layout.jit(step, (theta, outer_state, estimator_state, scale, layout.replica, layout.replica),
+                    (theta, outer_state, estimator_state, layout.split))
+
+
+def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress,
+               layout: sharding.Layout | None = None) -> PopulationState:
+  layout = layout or sharding.Layout(None)
   meta, section = config.meta, config.population
   run = None
   if run_dir is not None:  # a directory that cannot be used is an error before any compilation
@@ -355,6 +390,13 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
                                                                                    held_out=True)})
     if resume:
       state = run.restore(state) or state
+  try:
+    state, shardings = placed(layout, state)
+  except BaseException:
+    if run is not None:
+      run.close()
+    raise
+  population_step = sharded_step(layout, parts.step, shardings)
   inner_per_member = getattr(parts.estimator, "inner_steps_per_estimate", 0)
   started = time.perf_counter()
   # The appliers change only with the scores (at judgings), and the skipped-step count stays on the device between
@@ -364,7 +406,7 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
   try:
     interrupts.check()
     while state.step < meta.num_steps:
-      theta, outer_state, estimator_state, metrics = parts.step(
+      theta, outer_state, estimator_state, metrics = population_step(
           state.theta, state.outer_state, state.estimator_state, state.scale, appliers, step_key(meta.seed, state.step))
       state = state._replace(step=state.step + 1, theta=theta, outer_state=outer_state,
                              estimator_state=estimator_state)
@@ -383,6 +425,7 @@ def _selftrain(config: SelfTrainConfig, run_dir, resume: bool, progress) -> Popu
         # would have (best_theta, the export, was taken above).
         state, events = pbt_step(state, scores, section, meta.seed)
         state = state._replace(outer_state=_with_valid_loss(state.outer_state, state.score))
+        state, _ = placed(layout, state)  # the copies where their members live (eager indexing moved them)
         appliers = jnp.asarray(applier_index(section.applier, np.asarray(state.score)))
         record["exploit"] = events
       if record is not None or state.step % meta.log_every == 0:

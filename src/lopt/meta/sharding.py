@@ -133,6 +133,11 @@ class Layout:
     """The replicated sharding (as a jit in/out sharding it serves a whole pytree)."""
     return NamedSharding(self.mesh, PartitionSpec())
 
+  @property
+  def split(self) -> NamedSharding:
+    """The leading axis split over the mesh (as a jit sharding it serves a pytree whose leaves all have it)."""
+    return NamedSharding(self.mesh, PartitionSpec(AXIS))
+
   def leading(self, tree, what: str = "estimator state", fix: str = ESTIMATOR_FIX):
     """A pytree like ``tree`` (arrays or ShapeDtypeStructs) of shardings of the leading axis over the mesh.
     ShardingError (``what`` and ``fix`` in its message) for a leaf without a leading axis a multiple of the device
@@ -142,7 +147,7 @@ class Layout:
     if bad:
       raise ShardingError(f"{what}: leading axes of {sorted(sizes)} do not split over {self.size} devices (each must "
                           f"be a multiple of {self.size}; found {bad}); {fix.format(devices=self.size)}")
-    return jax.tree.map(lambda _: NamedSharding(self.mesh, PartitionSpec(AXIS)), tree)
+    return jax.tree.map(lambda _: self.split, tree)
 
   def put(self, tree, shardings):
     """``tree`` placed as ``shardings`` (one, or a pytree like ``tree``) say; identity without a mesh. Every process
