@@ -1,10 +1,8 @@
 """scripts/general_study.py: the 1/2 (x - y)^2 helpers on an optimizer whose answer is known, and the JSON and
 figures of a tiny study."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,18 +10,11 @@ import optax
 
 from lopt.evaluation import benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "general_study.py"
-
-
-def load_script():
-  spec = importlib.util.spec_from_file_location("general_study", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import load_script
 
 
 def test_xy_helpers_and_tiny_study(tmp_path):
-  gs = load_script()
+  gs = load_script("scripts/general_study.py")
   # Gradient descent on 1/2 (x - y)^2 moves along (1, -1) only: from (2, 0) it reaches the projection (1, 1).
   for layout in gs.XY_LAYOUTS:
     positions, losses = gs.xy_trajectory(optax.sgd(0.1), (2.0, 0.0), 200, layout)

@@ -1,22 +1,17 @@
 """benchmarks/general_torch.py: its problems build, its runs give finite losses, divergence counts as inf."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "general_torch.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def gt():
-  spec = importlib.util.spec_from_file_location("general_torch", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmarks/general_torch.py")
 
 
 def test_every_problem_runs_with_general_and_adam(gt):

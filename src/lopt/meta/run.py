@@ -137,12 +137,17 @@ class RunDirectory:
       tensors[f"estimator_state/{k}"] = _storable(v)
     metadata = {"step": str(state.step), "best_score": repr(state.best_score), "best_step": str(state.best_step),
                 "skipped_steps": str(state.skipped_steps), "dropped_problems": str(state.dropped_problems)}
-    path = self.checkpoints / f"step_{state.step:08d}.safetensors"
+    return self.write_checkpoint(state.step, tensors, metadata)
+
+  def write_checkpoint(self, step: int, tensors: dict, metadata: dict, command: str = "lopt train") -> Path:
+    """checkpoints/step_STEP.safetensors, atomically; then all but the newest KEEP_CHECKPOINTS go. A write that
+    fails is a WriteError saying the earlier checkpoints are intact and how to continue (``command --resume``)."""
+    path = self.checkpoints / f"step_{step:08d}.safetensors"
     try:
       atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
     except WriteError as e:
       raise WriteError(f"{e}; earlier checkpoints in {self.checkpoints} are intact: free space or fix permissions, "
-                       f"then continue with `lopt train --resume --out {self.path}`") from None
+                       f"then continue with `{command} --resume --out {self.path}`") from None
     # Older checkpoints go only once the new one is safely on disk.
     for old in sorted(self.checkpoints.glob("step_*.safetensors"))[:-KEEP_CHECKPOINTS]:
       old.unlink(missing_ok=True)

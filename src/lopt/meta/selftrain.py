@@ -38,8 +38,7 @@ import numpy as np
 
 from lopt import interrupts
 from lopt.errors import UserError
-from lopt.io.checkpoint import (WriteError, atomic_write_bytes, atomic_write_json, read_json, read_tensors,
-                                save_optimizer, tensors_to_bytes)
+from lopt.io.checkpoint import atomic_write_json, read_json, read_tensors, save_optimizer
 from lopt.meta import run as run_files
 from lopt.meta import sharding
 from lopt.meta.config import (ConfigError, EstimatorSection, LoggingSection, MetaTrainConfig, OptimizerSection,
@@ -487,15 +486,7 @@ class PopulationRun(run_files.RunDirectory):
                       for k, v in flatten_by_path(getattr(state, name)).items()})
     metadata = {"step": str(state.step), "best_score": repr(state.best_score), "best_step": str(state.best_step),
                 "skipped_steps": str(state.skipped_steps)}
-    path = self.checkpoints / f"step_{state.step:08d}.safetensors"
-    try:
-      atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
-    except WriteError as e:
-      raise WriteError(f"{e}; earlier checkpoints in {self.checkpoints} are intact: free space or fix permissions, "
-                       f"then continue with `lopt selftrain --resume --out {self.path}`") from None
-    for old in sorted(self.checkpoints.glob("step_*.safetensors"))[:-run_files.KEEP_CHECKPOINTS]:
-      old.unlink(missing_ok=True)
-    return path
+    return self.write_checkpoint(state.step, tensors, metadata, "lopt selftrain")
 
   def restore(self, template: PopulationState):
     """The newest readable checkpoint as a state shaped like ``template`` (as ``RunDirectory.restore``)."""
