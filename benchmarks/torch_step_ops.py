@@ -1,7 +1,7 @@
 """What one PyTorch step of the shipped `general` costs on the CPU, against torch Adam: ATen operations per step (a
 proxy for the kernel launches of a GPU step), the compiled step's kernel calls, and ms per step.
 
-  python benchmarks/torch_step_ops.py [--params 1_000_000] [--tensors 16] [--repeats 20] [--compile]
+  python benchmarks/torch_step_ops.py [--params 1_000_000] [--tensors 16] [--repeats 20] [--compile] [--threads 1]
 
 The model is benchmarks/general_step_cost.py's: square matrices and biases (--tensors / 2 of each) adding up to
 about --params scalars. Eager: the ATen operations one step dispatches (views excluded: they launch nothing),
@@ -63,8 +63,9 @@ def main() -> None:
   parser.add_argument("--tensors", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--compile", action="store_true")
+  parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (1: steadier on a shared machine)")
   args = parser.parse_args()
-  torch.set_num_threads(max(1, torch.get_num_threads()))
+  torch.set_num_threads(args.threads)
   modes = [False] + ([True] if args.compile else [])
   for name in ["adam"] + [f"general{'_compiled' if mode else ''}" for mode in modes]:
     params = model(args.params, args.tensors)

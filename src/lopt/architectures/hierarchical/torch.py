@@ -487,11 +487,11 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
         torch.mul(by_tensor, rs_, out=inputs[:, 4 + k:])
         if c.fused:  # wide MLPs, compiled: the first layer as a broadcast sum
           x = first_b[lo:hi, :, None] + sum(first_w[lo:hi, j, :, None] * inputs[:, j:j + 1] for j in range(columns))
-        else:
-          x = torch.baddbmm(first_b[lo:hi, :, None], first_w[lo:hi].transpose(1, 2), inputs)
+        else:  # (the bias added in place: baddbmm would first copy the broadcast bias into its output)
+          x = torch.bmm(first_w[lo:hi].transpose(1, 2), inputs).add_(first_b[lo:hi, :, None])
         for layer, (w, b) in enumerate(theta.mlp[1:], start=1):
           w, b = (theta.last_w, last_b[lo:hi, :, None]) if layer == c.num_layers else (w, b[:, None])
-          x = torch.baddbmm(b, w.t().expand(count, -1, -1), x.relu_())
+          x = torch.bmm(w.t().expand(count, -1, -1), x.relu_()).add_(b)
         # x: (count, 2 + feedback, numel); the Adam term from the column m_1 rs
         update = torch.exp(x[:, 1]).mul_(torch.addcmul(x[:, 0], inputs[:, 4 + k], adam_factor[lo:hi, None]))
         new_feedbacks.append(torch.tanh(x[:, 2:]).mean(2))
