@@ -248,6 +248,24 @@ def test_one_batched_gru_call_per_group(checkpoint, monkeypatch):
   assert calls == [(3 * 8 + 20 + 4, HIDDEN)] * 2
 
 
+def test_chunked_gru_step_equals_the_unchunked_one(checkpoint):
+  """The GRU runs chunk_size coordinates at a time (bounded transient memory), updating its hidden-state buffer in
+  place: chunks of 5 coordinates (chunks straddling tensors, a short last one) give the one-chunk result."""
+  path, _, _ = checkpoint
+  results = []
+  for chunk_size in (None, 5):
+    params = make_params()
+    optimizer = LearnedOptimizer(params, path)
+    if chunk_size is not None:
+      optimizer.rule.chunk_size = chunk_size
+    grads = gradient_sequence(params, 4)
+    apply(optimizer, params, grads)
+    results.append(([p.detach().clone() for p in params], [optimizer.state[p]["hidden"] for p in params]))
+  (params, hidden), (chunked_params, chunked_hidden) = results
+  for expected, found in zip(params + hidden, chunked_params + chunked_hidden):
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_mixed_dtypes_in_one_group(checkpoint):
   path, _, _ = checkpoint
   params = make_params(dtype=torch.float32)[:2] + make_params(dtype=torch.float64)[2:]

@@ -64,20 +64,26 @@ def readout(theta: dict, hidden: torch.Tensor, output_scale: float) -> torch.Ten
   return torch.addmm(theta["readout_bias"], hidden, theta["readout_weights"])[:, 0].mul_(output_scale)
 
 
+CHUNK_ELEMENTS = 1 << 24  # hidden-state numbers per chunk: each (chunk, H) temporary is at most 64 MiB in float32
+
+
 class GRURule:
   """The GRU as ``lopt.torch.LearnedOptimizer`` runs it: per bucket of parameters (same group, device and dtype), every
-  gradient is flattened into one (N,) vector, the GRU runs once on the (N, H) hidden states, and the (N,) updates
-  are split back (views, no copies) and added with one foreach call.
+  gradient is flattened into one (N,) vector, the GRU runs on the (N, H) hidden states chunk by chunk, and the (N,)
+  updates are split back (views, no copies) and added with one foreach call.
 
   The state of parameter p is ``hidden`` of shape p.shape + (H,) (the layout of the JAX optimizer's state) and a
-  ``step`` count; between steps the per-parameter ``hidden`` tensors are views into the last step's (N, H) output,
-  so the next step gathers them without a copy.
+  ``step`` count; the per-parameter ``hidden`` tensors are views into one (N, H) buffer of the rule's, which each
+  step updates in place, ``chunk_size`` coordinates at a time (default: CHUNK_ELEMENTS / H): the transient memory
+  is a few (chunk_size, H) temporaries however many coordinates there are -- a 256-unit GRU at 10M parameters keeps
+  10 GB of hidden states in float32, and an unchunked step would add five times that.
   """
 
   def __init__(self, values: dict, tensors: dict):
     self.hidden_size = values["hidden_size"]
     self.input_scale, self.output_scale = values["input_scale"], values["output_scale"]
     self.input_encoding = values["input_encoding"]
+    self.chunk_size = max(1, CHUNK_ELEMENTS // self.hidden_size)
     self._tensors = tensors  # on the CPU in the stored dtype; converted once per (device, dtype) that parameters use
     self._theta_cache: dict = {}
     self._flat_hidden: dict = {}
@@ -90,26 +96,31 @@ class GRURule:
     self._flat_hidden.clear()
 
   def step(self, key, params: list, states: list, lr: float) -> None:
-    """The GRU on all coordinates of ``params`` (one bucket) at once; p += lr * update."""
+    """The GRU on all coordinates of ``params`` (one bucket), chunk by chunk; p += lr * update."""
     theta = self._theta(params[0].device, params[0].dtype)
     size = self.hidden_size
     gradients = torch.cat([p.grad.reshape(-1) for p in params])                    # (N,)
-    hidden = self._gather_hidden(key, params, states, theta["initial_state"])       # (N, H)
-    new_hidden = cell(theta, hidden, gradients, self.input_scale, self.input_encoding)
-    updates = readout(theta, new_hidden, self.output_scale)                          # (N,)
+    hidden = self._gather_hidden(key, params, states, theta["initial_state"])       # (N, H), the rule's own buffer
+    updates = torch.empty_like(gradients)
+    for start in range(0, hidden.shape[0], self.chunk_size):
+      chunk = slice(start, start + self.chunk_size)
+      new_hidden = cell(theta, hidden[chunk], gradients[chunk], self.input_scale, self.input_encoding)
+      updates[chunk] = readout(theta, new_hidden, self.output_scale)
+      hidden[chunk] = new_hidden  # in place: a coordinate's new state depends on its old one only
     sizes = [p.numel() for p in params]
     torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.split(sizes), params)], alpha=lr)
     steps = []
-    for p, state, h in zip(params, states, new_hidden.split(sizes)):
-      state["hidden"] = h.view(*p.shape, size)  # a view into new_hidden: the next step gathers it for free
+    for p, state, h in zip(params, states, hidden.split(sizes)):
+      state["hidden"] = h.view(*p.shape, size)  # a view into the buffer: the next step gathers it for free
       steps.append(state.setdefault("step", torch.zeros((), dtype=torch.float32)))
     torch._foreach_add_(steps, 1.0)
-    self._flat_hidden[key] = new_hidden
+    self._flat_hidden[key] = hidden
 
   def _gather_hidden(self, key, params: list, states: list, initial_state: torch.Tensor) -> torch.Tensor:
     """(N, H) hidden states of ``params`` in order: the previous step's buffer when the per-parameter states are
     still its consecutive views (the usual case), else a concatenation (first step, after load_state_dict, or a
-    change in which parameters have gradients). New parameters start from the learned initial state h0."""
+    change in which parameters have gradients) -- a new buffer either way that no one else holds (a loaded state
+    dict's tensors are copied, never changed). New parameters start from the learned initial state h0."""
     size = self.hidden_size
     flat = self._flat_hidden.get(key)
     if flat is not None and _are_views_of(flat, params, states):

@@ -18,7 +18,9 @@ rho = rms_decay, e the clipping scale, decay = sigmoid(clip/decay_logit) (``opti
 The state of p (``state_shapes``): ``momentum`` S + (K,), ``rows``/``cols`` (``mlp.spec.factored_shapes``) when
 ndim S >= 2 or else ``second_moment`` S, ``average`` S, all in p's dtype; the LSTM's ``h`` and ``c`` (lstm_size,),
 ``log_step``, ``gradient_rms`` (e), ``update_ratio`` () and ``feedback`` (feedback_size,) in p's dtype promoted to at
-least float32 (the JAX layout: a bfloat16 model keeps a float32 recurrent state); ``step``, an int32 0-d count.
+least float32 (the JAX layout: a bfloat16 model keeps a float32 recurrent state); ``step``, an int32 0-d count. Each
+entry is a view of a buffer the rule shares between the tensors of a bucket (the state dict format is unchanged:
+loaded entries are gathered into new buffers at the next step).
 
 The optimizer-wide state -- the training and validation loss accumulators and the global step count, kept once in
 the JAX ``HierarchicalState`` -- lives in the dict ``begin_step`` receives (``LearnedOptimizer`` keeps it under
@@ -32,21 +34,26 @@ which equals the global one whenever every tensor gets a gradient at every step 
 them right for a tensor that joins later or skips steps. Results agree with JAX to rounding: in float64 to ~1e-15
 given the same global features, which both sides compute in float32 with their own tanh and log (~1e-7 apart).
 
-How a step is computed (``update_bucket``; on a GPU an update of this kind is bound by kernel launches and host-device
-synchronizations rather than arithmetic): ``step`` never reads a device value on the host -- thresholds, bias
-corrections and counts stay on the device -- the global features reach the device through pinned memory without a
-synchronization, and constants are cached per (device, dtype) and per bucket layout. Everything per tensor that is a
-number or a short vector (step counts, clipping thresholds, bias corrections, the LSTM's inputs, the LSTM and its
-readouts, the MLP's per-tensor first-layer weights and last-layer bias, the state write-back) is computed once for
-the bucket on stacked (tensors, ...) arrays or with ``torch._foreach_*`` (one launch for all tensors). Per tensor
-remain three passes over its coordinates -- its second moment; its statistics and momenta; its coordinate update --
-each a few reductions (vector norms, one matrix-vector product) and elementwise operations, with full-size
-temporaries for one tensor at a time. The normalizers divide the first layer's rows, the context and the constant
-factors fold into the biases and the last layer: u = exp(y_1) (y_0 - adam), y the MLP's output.
+How a step is computed (``update_bucket``; on a GPU an update of this kind is bound by kernel launches and memory
+traffic rather than arithmetic): a bucket's tensors are processed by group of the same shape, each group a
+(count, *shape) batch, so that every elementwise operation and every per-tensor reduction (a column's root sum of
+squares, an alignment's dot product, the Adafactor row and column sums, the feedback means) is one call for the
+group, not one per tensor -- a model of hundreds of tensors has a handful of shapes. The state lives in buffers shared
+by a bucket's tensors (``Buffers``: per group the momenta, averages and second moments; per bucket the recurrent
+state), each tensor's state entries views of them, so that the batches need no gathering and the recurrent state no
+write-back per tensor; the gradients and parameters of a group of several tensors are stacked (one copy each) and
+the updates added back with one multi-tensor call. Two passes per group: the clipped gradient, the second moment,
+the momenta and the statistics; then -- after the LSTM ran once over the bucket's tensors -- the MLP and the update,
+in eager mode as batched matrix products per tensor over chunks of at most MLP_CHUNK coordinates (bounding the
+(count, units, size) temporaries). ``step`` never reads a device value on the host -- thresholds, bias corrections
+and counts stay on the device -- the global features reach the device through pinned memory without a
+synchronization, and constants are cached per (device, dtype) and per bucket layout. The normalizers divide the
+first layer's rows, the context and the constant factors fold into the biases and the last layer: u = exp(y_1)
+(y_0 - adam), y the MLP's output.
 
 ``compile`` (``HierarchicalRule.enable_compile``; ``LearnedOptimizer(..., compile=True)``) runs ``update_bucket``
 through ``torch.compile``, one graph per bucket layout, with the per-coordinate MLP unrolled into coordinate-wise
-expressions so that each tensor's coordinate update is one loop (the MLP computed once per coordinate, its
+expressions so that each group's coordinate update is one loop (the MLP computed once per coordinate, its
 intermediate never stored). Without a compiler (Triton for CUDA, a C++ compiler for the CPU), or when compilation
 fails, it warns once and stays eager.
 """
@@ -78,6 +85,7 @@ G2_EPSILON = 1e-30  # the second moment's g^2 + eps (mlp architecture)
 
 RECURRENT = ("h", "c", "log_step", "gradient_rms", "update_ratio", "feedback")  # state kept in at least float32
 UNROLL_LIMIT = 512  # compiled: the MLP unrolled into coordinate-wise expressions up to this many products
+MLP_CHUNK = 1 << 24  # eager: the MLP over at most this many coordinates at once (more when one tensor is larger)
 
 
 class Theta(NamedTuple):
@@ -137,13 +145,64 @@ class Constants(NamedTuple):
   #               sum, the others matrix products)
 
 
+class Group(NamedTuple):
+  """The tensors of one shape in a bucket: positions ``start:stop`` of the bucket's group order, processed together
+  as one (count, *shape) batch -- every elementwise operation and every per-tensor reduction one call for all of
+  them."""
+  shape: tuple
+  start: int
+  stop: int
+  axes: tuple | None      # the factored axes (a, b) of ``shape``, or None (ndim < 2: a full second moment)
+  size: int               # numel of one tensor
+  chunks: tuple           # eager MLP: (start, stop) sub-batches of the group (relative), ~MLP_CHUNK coordinates each
+
+
 class Layout(NamedTuple):
-  """A bucket's shapes and what follows from them, cached per (device, dtype, shapes)."""
-  shapes: tuple
-  sizes: tuple            # numel per tensor
-  axes: tuple             # factored axes (a, b) per tensor, or None (ndim < 2: a full second moment)
-  size: torch.Tensor      # (n,) the sizes, in the recurrent dtype
-  shape_features: torch.Tensor  # (n, 4) ``shape_features`` per tensor, in the recurrent dtype
+  """A bucket's shapes and what follows from them, cached per (device, dtype, shapes). The bucket's tensors are
+  processed in group order: ``order[j]`` is the bucket index of the j-th tensor, grouped by shape (first appearance
+  first); every (n, ...) per-tensor array below and in the state buffers is in that order."""
+  shapes: tuple           # per tensor, bucket order
+  order: tuple            # bucket indices in group order
+  groups: tuple           # Group per distinct shape
+  size: torch.Tensor      # (n,) numel per tensor, group order, in the recurrent dtype
+  shape_features: torch.Tensor  # (n, 4) ``shape_features`` per tensor, group order, in the recurrent dtype
+
+
+def make_layout(shapes: tuple, device: torch.device, rec: torch.dtype) -> Layout:
+  by_shape: dict = {}
+  for index, shape in enumerate(shapes):
+    by_shape.setdefault(shape, []).append(index)
+  order, groups = [], []
+  for shape, indices in by_shape.items():
+    size = math.prod(shape)
+    chunks, first = [], 0
+    for last in range(1, len(indices) + 1):  # greedy: close a chunk before it exceeds MLP_CHUNK coordinates
+      if last == len(indices) or (last + 1 - first) * size > MLP_CHUNK:
+        chunks.append((first, last))
+        first = last
+    groups.append(Group(shape, len(order), len(order) + len(indices), factored_axes(shape), size, tuple(chunks)))
+    order += indices
+  sizes = [math.prod(shapes[i]) for i in order]
+  features = np.stack([shape_features(shapes[i]) for i in order])
+  return Layout(shapes, tuple(order), tuple(groups), torch.tensor(sizes, dtype=torch.float64).to(device, rec),
+                torch.from_numpy(features).to(device=device, dtype=rec))
+
+
+class Buffers(NamedTuple):
+  """A bucket's state, in buffers shared by its tensors (every entry of a tensor's state is a view of one of them):
+  per group (count, *shape, K) momenta, (count, *shape) averages and (rows, cols) -- (count, *rows) (count, *cols)
+  -- or (second moment,) (count, *shape); for the bucket, in group order, ``h`` and ``c`` (n, lstm_size),
+  ``feedback`` (n, feedback_size), ``scalars`` (3, n) [gradient_rms, update_ratio, log_step] and ``steps`` (n,)
+  int32. ``views``: per tensor (group order) the dict of views handed to its state, to recognize them next step."""
+  momenta: list
+  seconds: list
+  averages: list
+  h: torch.Tensor
+  c: torch.Tensor
+  feedback: torch.Tensor
+  scalars: torch.Tensor
+  steps: torch.Tensor
+  views: list
 
 
 def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -252,116 +311,104 @@ def clip(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 # -- the update of one bucket ----------------------------------------------------------------------------------------
 
+def _batch(tensors: list, shape: tuple) -> torch.Tensor:
+  """(count, *shape): the tensors stacked (a copy), or one tensor as a view of itself (no copy: an in-place change of
+  the batch changes it)."""
+  if len(tensors) == 1:
+    return tensors[0].reshape((1,) + shape)
+  return torch.stack([x.reshape(shape) for x in tensors])
+
+
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
-                  params: list, grads: list, momenta: list, seconds: list, averages: list, hs: list, cs: list,
-                  log_steps: list, gradient_rms: list, update_ratios: list, feedbacks: list, steps: list) -> None:
+                  params: list, grads: list, momenta: list, seconds: list, averages: list, h: torch.Tensor,
+                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor) -> None:
   """p <- p + lr u for every p of one bucket (same device and dtype), the states updated in place.
 
+  params, grads: the bucket's tensors in the layout's group order; momenta, seconds, averages, h, cell_state,
+  feedback, scalars, steps: the bucket's state buffers (``Buffers``: per group, or (n, ...) in group order).
   theta / rtheta: the meta-parameters in p's dtype / the recurrent dtype; features: this step's global features in
-  the recurrent dtype; lr: a number, or a 0-d tensor on the device (compiled: no recompilation when it changes);
-  seconds: per tensor (rows, cols) when factored, else (second_moment,); the other lists: the state entries of each
-  tensor (``HierarchicalRule.state_shapes``). Never reads a value on the host."""
-  n, k = len(params), len(c.decays)
-  dtype, rec = params[0].dtype, hs[0].dtype
-  sizes, axes = layout.sizes, layout.axes
-  size = layout.size
-  rho = c.rms_decay
-  factored = [i for i in range(n) if axes[i] is not None]
-  full = [i for i in range(n) if axes[i] is None]
+  the recurrent dtype; lr: a number, or a 0-d tensor on the device (compiled: no recompilation when it changes).
+  Never reads a value on the host.
 
-  # Per tensor numbers, for the whole bucket at once (recurrent dtype).
-  t = torch.stack(steps).add(1).to(rec)                          # each tensor's new count
-  scalars = torch.stack(gradient_rms + update_ratios + log_steps).view(3, n)
-  old_rms, old_ratio, old_log_step = scalars.unbind(0)
-  size_h, size_f = hs[0].numel(), feedbacks[0].numel()
-  old_h, old_c, old_feedback = torch.cat(hs + cs + feedbacks).split([n * size_h, n * size_h, n * size_f])
-  old_h, old_c, old_feedback = old_h.view(n, size_h), old_c.view(n, size_h), old_feedback.view(n, size_f)
+  Per group of same-shaped tensors, two passes over the coordinates -- the clipped gradient, the second moment, the
+  momenta and the statistics; after the LSTM ran once for the bucket, the MLP and the update -- each a handful of
+  calls on (count, ...) batches with per-tensor values broadcast along the first axis."""
+  n, k = len(params), len(c.decays)
+  dtype, rec = params[0].dtype, h.dtype
+  rho = c.rms_decay
+
+  # Per tensor numbers, for the whole bucket at once (recurrent dtype, (n,) in group order).
+  t = steps.add(1).to(rec)                                       # each tensor's new count
+  old_rms, old_ratio, old_log_step = scalars.unbind(0)          # (the buffer is overwritten only at the end)
   decay = rtheta.clip_decay
   history = old_rms / torch.clamp(1 - decay ** (t - 1), min=1e-12)
   has_history = (t > 1) & (old_rms > 0)
   threshold = torch.where(has_history, rtheta.clip_multiplier * history, torch.full_like(history, math.inf))
   upper = threshold.to(dtype)
-  lower, upper = torch.neg(upper).unbind(0), upper.unbind(0)
+  lower = torch.neg(upper)
   moment_correction, adam_correction = (1 - torch.pow(rtheta.correction_bases, t)).unbind(0)  # 1 - rho^t, 1 - b_1^t
-  raw_norms = torch._foreach_norm(grads, dtype=rec)              # |g| before clipping
-  param_norms = torch._foreach_norm(params, dtype=rec)
+  raw_norms = torch.stack(torch._foreach_norm(grads, dtype=rec))  # |g| before clipping
+  param_norms = torch.stack(torch._foreach_norm(params, dtype=rec))
 
-  # Pass 1: the second moment, from the clipped gradient (factored: its row and column sums of squares).
-  clipped_norms = [None] * n
-  full_moments = [seconds[i][0] for i in full]
-  if full_moments:
-    torch._foreach_mul_(full_moments, rho)
-  accumulators, sums, weights = [], [], []
-  for i in range(n):
-    g = torch.clamp(grads[i], lower[i], upper[i])
-    if axes[i] is None:
-      seconds[i][0].addcmul_(g, g, value=1 - rho)
-      clipped_norms[i] = torch.linalg.vector_norm(g, dtype=rec)
+  # Pass 1, per group: the clipped gradient, the second moment (factored: from its row and column sums of squares),
+  # rs = rsqrt(v / (1 - rho^t) + eps), the momenta, and the statistics of the feature columns (root sums of squares)
+  # and alignments. Kept for pass 2: the clipped gradient, rs and p of each group (count, *shape).
+  kept, clipped_norms, drift_norms, gradient_norms, statistics = [], [], [], [], []
+  for group, m, second, average in zip(layout.groups, momenta, seconds, averages):
+    lo, hi, shape, count = group.start, group.stop, group.shape, group.stop - group.start
+    per_tensor = lambda x: x[lo:hi].reshape((count,) + (1,) * len(shape))  # noqa: E731 -- (count,) broadcast
+    flat = lambda x: x.reshape(count, -1)  # noqa: E731
+    g = torch.clamp(_batch(grads[lo:hi], shape), per_tensor(lower), per_tensor(upper))
+    p = _batch(params[lo:hi], shape)
+    if group.axes is None:
+      (moment,) = second
+      moment.mul_(rho).addcmul_(g, g, value=1 - rho).add_((1 - rho) * G2_EPSILON)
+      clipped_norms.append(torch.linalg.vector_norm(flat(g), dim=1, dtype=rec))
+      # rsqrt(v / (1 - rho^t) + eps)
+      scale, other = per_tensor(torch.reciprocal(moment_correction).to(dtype)), moment
     else:
-      a, b = axes[i]
-      shape = params[i].shape
-      accumulators += [seconds[i][0], seconds[i][1]]
-      sums += [torch.linalg.vector_norm(g, dim=b, keepdim=True, dtype=rec),
-               torch.linalg.vector_norm(g, dim=a, keepdim=True, dtype=rec)]
-      weights += [(1 - rho) / shape[b], (1 - rho) / shape[a]]
-  if factored:
-    torch._foreach_mul_(accumulators, rho)
-    torch._foreach_addcmul_(accumulators, sums, sums, weights)   # + (1 - rho) mean over the axis of g^2
-    for i, norm in zip(factored, torch._foreach_norm(sums[1::2])):
-      clipped_norms[i] = norm
-  if accumulators or full_moments:
-    torch._foreach_add_(accumulators + full_moments, (1 - rho) * G2_EPSILON)
-  # rsqrt(v / (1 - rho^t) + eps) = rsqrt(scale other + eps): scale = rows / (mean_a rows (1 - rho^t)) and
-  # other = cols when factored, else scale = 1 / (1 - rho^t) and other = the second moment.
-  scales = [None] * n
-  if factored:
-    correction = moment_correction.to(dtype).unbind(0)
-    means = [seconds[i][0].mean(axes[i][0], keepdim=True) for i in factored]
-    torch._foreach_mul_(means, [correction[i] for i in factored])
-    for i, scale in zip(factored, torch._foreach_div([seconds[i][0] for i in factored], means)):
-      scales[i] = scale
-  if full:
-    inverse = torch.reciprocal(moment_correction).to(dtype).unbind(0)
-    for i in full:
-      scales[i] = inverse[i]
-
-  def rsqrt_estimate(i):
-    other = seconds[i][1] if axes[i] is not None else seconds[i][0]
-    return torch.addcmul(theta.rsqrt_epsilon, scales[i], other).rsqrt_()
-
-  # Pass 2: the momenta, and the statistics of every feature column (root sums of squares), alignments.
-  drift_norms, gradient_norms, statistics = [], [], []
-  for i in range(n):
-    p, m, average, count = params[i], momenta[i], averages[i], sizes[i]
-    g = torch.clamp(grads[i], lower[i], upper[i])
-    rs = rsqrt_estimate(i)
+      a, b = group.axes[0] + 1, group.axes[1] + 1  # in the batch
+      rows, cols = second
+      row_norms = torch.linalg.vector_norm(g, dim=b, keepdim=True, dtype=rec)
+      col_norms = torch.linalg.vector_norm(g, dim=a, keepdim=True, dtype=rec)
+      rows.mul_(rho).addcmul_(row_norms, row_norms, value=(1 - rho) / shape[b - 1]).add_((1 - rho) * G2_EPSILON)
+      cols.mul_(rho).addcmul_(col_norms, col_norms, value=(1 - rho) / shape[a - 1]).add_((1 - rho) * G2_EPSILON)
+      clipped_norms.append(torch.linalg.vector_norm(flat(col_norms), dim=1))
+      # rsqrt(v / (1 - rho^t) + eps) = rsqrt(scale cols + eps), scale = rows / (mean_a rows (1 - rho^t))
+      means = rows.mean(a, keepdim=True) * per_tensor(moment_correction.to(dtype))
+      scale, other = rows / means, cols
+    rs = torch.addcmul(theta.rsqrt_epsilon, scale, other).rsqrt_()
     grs = g * rs
     # cos(g, previous m_k rs) = (g rs) . m_k / (|g| |m_k rs|), from the momenta before this step's update.
-    if c.fused:  # every statistic a full reduction over the coordinates: one fused loop
+    if c.fused:  # every statistic a reduction over one tensor's coordinates: fused loops
       old = m.unbind(-1)
       new = [torch.lerp(mk, g, theta.one_minus_decays[j]) for j, mk in enumerate(old)]
-      norm = lambda value: torch.linalg.vector_norm(value, dtype=rec)  # noqa: E731
-      statistics += [torch.stack([norm(mk) for mk in new]), torch.stack([norm(mk * rs) for mk in new]),
-                     torch.stack([norm(mk * rs) for mk in old]), torch.stack([(grs * mk).sum() for mk in old])]
+      norm = lambda value: torch.linalg.vector_norm(flat(value), dim=1, dtype=rec)  # noqa: E731
+      statistics.append(torch.stack([torch.stack([norm(mk) for mk in new], dim=1),
+                                     torch.stack([norm(mk * rs) for mk in new], dim=1),
+                                     torch.stack([norm(mk * rs) for mk in old], dim=1),
+                                     torch.stack([flat(grs * mk).sum(1) for mk in old], dim=1)], dim=1).to(rec))
       m.copy_(torch.stack(new, dim=-1))   # m_k <- b_k m_k + (1 - b_k) g
     else:
-      dot = torch.mv(m.reshape(count, k).t(), grs.reshape(count))
-      rs = rs.unsqueeze(-1)
-      scaled = m * rs
-      old_norm = torch.linalg.vector_norm(scaled.reshape(count, k), dim=0, dtype=rec)
+      by_tensor = m.view(count, group.size, k)
+      dot = torch.bmm(flat(grs).unsqueeze(1), by_tensor).squeeze(1)
+      scaled = m * rs.unsqueeze(-1)
+      old_norm = torch.linalg.vector_norm(scaled.view(count, group.size, k), dim=1, dtype=rec)
       m.lerp_(g.unsqueeze(-1).expand_as(m), theta.one_minus_decays)   # m_k <- b_k m_k + (1 - b_k) g
-      momentum_norm = torch.linalg.vector_norm(m.reshape(count, k), dim=0, dtype=rec)
-      scaled = torch.mul(m, rs, out=scaled)
-      statistics += [momentum_norm, torch.linalg.vector_norm(scaled.reshape(count, k), dim=0, dtype=rec), old_norm,
-                     dot]
-    gradient_norms.append(torch.linalg.vector_norm(grs, dtype=rec))
-    drift_norms.append(torch.dist(p, average) if dtype == rec and not c.fused
-                       else torch.linalg.vector_norm(p - average, dtype=rec))
+      momentum_norm = torch.linalg.vector_norm(by_tensor, dim=1, dtype=rec)
+      scaled = torch.mul(m, rs.unsqueeze(-1), out=scaled)
+      statistics.append(torch.stack([momentum_norm, torch.linalg.vector_norm(
+          scaled.view(count, group.size, k), dim=1, dtype=rec), old_norm, dot.to(rec)], dim=1))
+    gradient_norms.append(torch.linalg.vector_norm(flat(grs), dim=1, dtype=rec))
+    drift_norms.append(torch.linalg.vector_norm(flat(p - average), dim=1, dtype=rec))
+    kept.append((g, p, rs))
 
   # The LSTM's inputs, the LSTM and its readouts: once for the bucket (recurrent dtype).
   # (5, n): |g| clipped, |g| raw, |p|, |p - a|, |g rs|;  (n, 4, K): |m_k|, |m_k rs|, |old m_k rs|, g rs . old m_k
-  norms = torch.stack([*clipped_norms, *raw_norms, *param_norms, *drift_norms, *gradient_norms]).view(5, n)
-  statistics = torch.cat(statistics).to(rec).view(n, 4, k)
+  norms = torch.stack([torch.cat(clipped_norms), raw_norms, param_norms, torch.cat(drift_norms),
+                       torch.cat(gradient_norms)])
+  statistics = torch.cat(statistics)
+  size, size_h = layout.size, h.shape[1]
   squares = norms.square()
   moment_squares = statistics[:, :3].square()
   means = torch.cat([squares[[0, 2, 3]].t(), moment_squares[:, 0], squares[4, :, None], moment_squares[:, 1]],
@@ -376,10 +423,10 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   inputs = torch.cat([
       LOG_SCALE * torch.log(torch.cat([raw_rms[:, None], sizes_rms], dim=1) + LOG_FLOOR),
       old_ratio[:, None] * LOG_SCALE, spike[:, None], alignment, old_log_step[:, None] / LOG_STEP_LIMIT,
-      layout.shape_features, old_feedback, features.expand(n, -1), old_h], dim=1)
+      layout.shape_features, feedback, features.expand(n, -1), h], dim=1)
   gates = torch.addmm(rtheta.lstm_b, inputs, rtheta.lstm_w)
   sigmoids = torch.sigmoid(gates)   # gates i, f, (g), o
-  cell = torch.addcmul(sigmoids[:, size_h:2 * size_h] * old_c, sigmoids[:, :size_h],
+  cell = torch.addcmul(sigmoids[:, size_h:2 * size_h] * cell_state, sigmoids[:, :size_h],
                        torch.tanh(gates[:, 2 * size_h:3 * size_h]))
   hidden = sigmoids[:, 3 * size_h:] * torch.tanh(cell)
   log_step = torch.addmv(torch.addmv(old_log_step + rtheta.step_b, hidden, rtheta.step_w), alignment,
@@ -391,8 +438,8 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   # per-tensor last-layer bias (log step and schedule folded into the magnitude's): (n, ...) each.
   columns = 4 + 2 * k
   w0, b0 = theta.mlp[0]
-  first_w = w0[:columns] / torch.sqrt(means + NORM_EPSILON).to(dtype)[:, :, None]
-  first_b = torch.addmm(b0, context.to(dtype), w0[columns:])
+  first_w = w0[:columns] / torch.sqrt(means + NORM_EPSILON).to(dtype)[:, :, None]   # (n, columns, units)
+  first_b = torch.addmm(b0, context.to(dtype), w0[columns:])                          # (n, units)
   shift = (log_step + schedule).to(dtype)[:, None] * theta.magnitude   # (n, 2 + feedback)
   if c.num_layers == 0:
     first_w = first_w * theta.out_scale
@@ -400,57 +447,73 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
     last_b = None
   else:
     last_b = theta.last_b + shift
-  adam_factor = torch.reciprocal(adam_correction).neg_().to(dtype).unbind(0)
+  adam_factor = torch.reciprocal(adam_correction).neg_().to(dtype)    # (n,)
 
-  # Pass 3: per tensor, the MLP over its coordinates, the update, the slow average.
+  # Pass 2, per group (eager: per chunk of its tensors, bounding the (count, units, size) temporaries): the MLP over
+  # the coordinates, the update, the slow average. x: [direction_scale d, log(step_scale) + log step + schedule +
+  # magnitude_scale mag, feedback...] per coordinate.
   update_norms, new_feedbacks = [], []
-  for i in range(n):
-    p, m, average, count = params[i], momenta[i], averages[i], sizes[i]
-    g = torch.clamp(grads[i], lower[i], upper[i])
-    rs = rsqrt_estimate(i)
-    if c.fused == "unrolled":  # every unit of the MLP its own coordinate-wise expression: one fused loop
-      scaled = [mk * rs for mk in m.unbind(-1)]
-      x = [g, p, p - average, *m.unbind(-1), g * rs, *scaled]
-      for layer, (w, b) in enumerate([(first_w[i], first_b[i])] + theta.mlp[1:]):
-        if layer == c.num_layers and layer > 0:
-          w, b = theta.last_w, last_b[i]
-        if layer > 0:
-          x = [torch.relu(unit) for unit in x]
-        x = [b[o] + sum(unit * w[j, o] for j, unit in enumerate(x)) for o in range(w.shape[1])]
-      # x: [direction_scale d, log(step_scale) + log step + schedule + magnitude_scale mag, fb...], each S
-      update = torch.exp(x[1]) * torch.addcmul(x[0], scaled[0], adam_factor[i])
-      new_feedbacks.append(torch.stack([torch.tanh(unit).mean() for unit in x[2:]]) if len(x) > 2
-                           else x[0].new_zeros(0))
-    else:  # feature-major: (features, N) matrices, every row contiguous
-      scaled = m * rs.unsqueeze(-1)
-      x = [g, p, p - average, *m.unbind(-1), g * rs, *scaled.unbind(-1)]
-      if c.fused:  # the first layer as a broadcast sum (the columns never formed), the others matrix products
-        x = first_b[i, :, None] + sum(first_w[i, j, :, None] * f.reshape(1, count) for j, f in enumerate(x))
+  for group, m, average, (g, p, rs) in zip(layout.groups, momenta, averages, kept):
+    chunks = ((0, group.stop - group.start),) if c.fused == "unrolled" else group.chunks
+    for first, last in chunks:
+      lo, hi, count, numel = group.start + first, group.start + last, last - first, group.size
+      g_, p_, rs_, m_, a_ = g[first:last], p[first:last], rs[first:last], m[first:last], average[first:last]
+      if c.fused == "unrolled":  # every unit of the MLP its own coordinate-wise expression: one fused loop
+        per_tensor = lambda x: x.reshape(x.shape[:1] + (1,) * len(group.shape))  # noqa: E731
+        scaled = [mk * rs_ for mk in m_.unbind(-1)]
+        x = [g_, p_, p_ - a_, *m_.unbind(-1), g_ * rs_, *scaled]
+        layers = [(first_w[lo:hi], first_b[lo:hi])] + theta.mlp[1:]
+        for layer, (w, b) in enumerate(layers):
+          if layer == c.num_layers and layer > 0:
+            w, b = theta.last_w, last_b[lo:hi]
+          if layer > 0:
+            x = [torch.relu(unit) for unit in x]
+          weight = (lambda j, o: per_tensor(w[:, j, o])) if layer == 0 else (lambda j, o: w[j, o])
+          bias = (lambda o: per_tensor(b[:, o])) if b.dim() == 2 else (lambda o: b[o])
+          x = [bias(o) + sum(unit * weight(j, o) for j, unit in enumerate(x)) for o in range(w.shape[-1])]
+        update = torch.exp(x[1]) * torch.addcmul(x[0], scaled[0], per_tensor(adam_factor[lo:hi]))
+        update = update.reshape(count, numel)
+        new_feedbacks.append(torch.stack([torch.tanh(unit).reshape(count, numel).mean(1) for unit in x[2:]], dim=1)
+                             if len(x) > 2 else update.new_zeros(count, 0))
+      else:  # feature-major per tensor: (count, features, size) batches, matrix products per tensor
+        by_tensor = m_.view(count, numel, k).transpose(1, 2)                    # (count, K, numel)
+        rs_ = rs_.reshape(count, 1, numel)
+        inputs = torch.empty(count, columns, numel, dtype=dtype, device=g.device)  # the columns, unnormalized
+        inputs[:, 0] = g_.reshape(count, numel)
+        inputs[:, 1] = p_.reshape(count, numel)
+        torch.sub(p_.reshape(count, numel), a_.reshape(count, numel), out=inputs[:, 2])
+        inputs[:, 3:3 + k] = by_tensor
+        torch.mul(inputs[:, :1], rs_, out=inputs[:, 3 + k:4 + k])
+        torch.mul(by_tensor, rs_, out=inputs[:, 4 + k:])
+        if c.fused:  # wide MLPs, compiled: the first layer as a broadcast sum
+          x = first_b[lo:hi, :, None] + sum(first_w[lo:hi, j, :, None] * inputs[:, j:j + 1] for j in range(columns))
+        else:  # (the bias added in place: baddbmm would first copy the broadcast bias into its output)
+          x = torch.bmm(first_w[lo:hi].transpose(1, 2), inputs).add_(first_b[lo:hi, :, None])
+        for layer, (w, b) in enumerate(theta.mlp[1:], start=1):
+          w, b = (theta.last_w, last_b[lo:hi, :, None]) if layer == c.num_layers else (w, b[:, None])
+          x = torch.bmm(w.t().expand(count, -1, -1), x.relu_()).add_(b)
+        # x: (count, 2 + feedback, numel); the Adam term from the column m_1 rs
+        update = torch.exp(x[:, 1]).mul_(torch.addcmul(x[:, 0], inputs[:, 4 + k], adam_factor[lo:hi, None]))
+        new_feedbacks.append(torch.tanh(x[:, 2:]).mean(2))
+      update_norms.append(torch.linalg.vector_norm(update, dim=1, dtype=rec))
+      # The average and the update ratio read p before the update (the decayed p, as JAX's params).
+      a_.lerp_(p_, 1 - c.average_decay)
+      targets = params[lo:hi]
+      updates = [u.view(q.shape) for u, q in zip(update.unbind(0), targets)]
+      if isinstance(lr, torch.Tensor):
+        for q, u in zip(targets, updates):
+          q.addcmul_(u, lr)
       else:
-        x = torch.addmm(first_b[i, :, None], first_w[i].t(), torch.stack(x).view(columns, count))
-      for layer, (w, b) in enumerate(theta.mlp[1:], start=1):
-        w, b = (theta.last_w, last_b[i]) if layer == c.num_layers else (w, b)
-        x = torch.addmm(b[:, None], w.t(), x.relu_())
-      # x: (2 + feedback, N) = [direction_scale d, log(step_scale) + log step + schedule + magnitude_scale mag, fb]
-      update = torch.exp(x[1]).reshape(p.shape)
-      update = update.mul_(torch.addcmul(x[0].reshape(p.shape), scaled[..., 0], adam_factor[i]))
-      new_feedbacks.append(torch.tanh(x[2:]).mean(1))
-    update_norms.append(torch.linalg.vector_norm(update, dtype=rec))
-    # The average and the update ratio read p before the update (the decayed p, as JAX's params).
-    average.lerp_(p, 1 - c.average_decay)
-    if isinstance(lr, torch.Tensor):
-      p.addcmul_(update, lr)
-    else:
-      p.add_(update, alpha=lr)
+        torch._foreach_add_(targets, updates, alpha=lr)
 
   # The recurrent state, written back for the whole bucket.
-  update_rms = torch.sqrt(torch.stack(update_norms).square_() / size + LOG_FLOOR)
+  update_rms = torch.sqrt(torch.cat(update_norms).square_() / size + LOG_FLOOR)
   ratio = torch.log(update_rms / (update_rms + sizes_rms[:, 0] + LOG_FLOOR) + LOG_FLOOR)
-  new_feedback = torch.stack(new_feedbacks).to(rec)
-  torch._foreach_copy_(gradient_rms + update_ratios + log_steps + hs + cs + feedbacks,
-                       [*new_rms.unbind(0), *ratio.unbind(0), *log_step.unbind(0), *hidden.unbind(0),
-                        *cell.unbind(0), *new_feedback.unbind(0)])
-  torch._foreach_add_(steps, 1)
+  scalars.copy_(torch.stack([new_rms, ratio, log_step]))
+  h.copy_(hidden)
+  cell_state.copy_(cell)
+  feedback.copy_(torch.cat(new_feedbacks))
+  steps.add_(1)
 
 
 class HierarchicalRule:
@@ -473,12 +536,12 @@ class HierarchicalRule:
     self._global: torch.Tensor | None = None   # this step's global features (float32, CPU)
     self._global_cache: dict = {}              # ... converted per (device, dtype)
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
-    self._conformed = False                    # False after a state dict was loaded: check every entry once
+    self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
     self._compile_options: dict = {}           # torch.compile's keyword arguments
     self._compile_failed = False
     self._compiled: dict = {}                  # the compiled update per bucket layout
-    self._views = WeakIdKeyDictionary()        # (1,) views of 0-d tensors, for the compiled update
+    self._views = WeakIdKeyDictionary()        # (1,) views of 0-d parameters, for the compiled update
 
   # -- states ------------------------------------------------------------------------------------------------------
 
@@ -513,10 +576,10 @@ class HierarchicalRule:
 
   def reset(self) -> None:
     """Called after a state dict was loaded: forgets this step's global features (``begin_step`` recomputes them)
-    and checks every state entry's dtype and device again at the next step."""
+    and the state buffers (the next step gathers the loaded entries into new ones)."""
     self._global = None
     self._global_cache.clear()
-    self._conformed = False
+    self._buffers.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -569,10 +632,8 @@ class HierarchicalRule:
     """p <- p + lr * update for every p of one bucket (each has p.grad), updating ``states[i]`` (created here if
     ``init_state`` was not called).
 
-    Three passes over each tensor's coordinates, as the JAX side's two (``update_bucket``): its second moment, its
-    statistics and momenta, then -- after the LSTM ran once over the bucket's tensors -- its coordinate update, which
-    recomputes its columns from the state (the same values), so that full-size temporaries exist for one tensor at
-    a time."""
+    The bucket's state lives in buffers shared by its tensors (``Buffers``; each state entry a view of one), so that
+    the update (``update_bucket``) runs per group of same-shaped tensors rather than per tensor."""
     if self._global is None:
       raise RuntimeError("HierarchicalRule.step: call begin_step first (once per optimizer step)")
     if not params:
@@ -580,25 +641,27 @@ class HierarchicalRule:
     for p, state in zip(params, states):
       if not state:
         state.update(self.init_state(p))
-    self._conform(params, states)
     device, dtype = params[0].device, params[0].dtype
     rec = recurrent_dtype(dtype)
     theta, rec_theta = self._theta(device, dtype), self._theta(device, rec)
     layout = self._layout(params, device, rec)
+    params = [params[i] for i in layout.order]
+    buffers = self._bind(key, layout, params, [states[i] for i in layout.order])
     features = self._global_features(device, rec)
     compiled = self._compiled_update((device, dtype, layout.shapes))
     fused = "" if compiled is None else "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
     constants = Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
                           self.values["num_layers"], fused)
-    factored = [s.get("rows") is not None for s in states]
-    arguments = (
-        [p.grad for p in params], [s["momentum"] for s in states],
-        [(s["rows"], s["cols"]) if f else (s["second_moment"],) for s, f in zip(states, factored)],
-        [s["average"] for s in states], *([s[name] for s in states] for name in RECURRENT),
-        [s["step"] for s in states])
+    grads = [p.grad for p in params]
+    arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
+                 buffers.scalars, buffers.steps)
     if fused:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
-      inputs = self._compiled_inputs(params, arguments)
+      one = self._unit_view  # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs
+      inputs = ([one(p) for p in params], [one(g) for g in grads], *arguments)
+      if self._compile_mode in ("reduce-overhead", "max-autotune") or (
+          self._compile_options.get("options") or {}).get("triton.cudagraphs"):
+        self._mark_static(inputs[0], buffers)
       try:  # fullgraph: a compiler failure surfaces before the graph runs, nothing has changed yet
         compiled(constants, theta, rec_theta, layout, features, self._lr(lr, key, device, dtype), *inputs)
         return
@@ -607,7 +670,7 @@ class HierarchicalRule:
         warnings.warn(f"HierarchicalRule: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                       f"running eager", stacklevel=2)
         constants = constants._replace(fused="")
-    update_bucket(constants, theta, rec_theta, layout, features, lr, params, *arguments)
+    update_bucket(constants, theta, rec_theta, layout, features, lr, params, grads, *arguments)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
 
@@ -616,52 +679,59 @@ class HierarchicalRule:
     shapes = [tuple(self._tensors[f"mlp/{i}/w"].shape) for i in range(self.values["num_layers"] + 1)]
     return sum(fan_in * fan_out for fan_in, fan_out in shapes) - self.values["context_size"] * shapes[0][1]
 
-  def _compiled_inputs(self, params: list, arguments: tuple) -> tuple:
-    """``update_bucket``'s tensor arguments for the compiled update: a 0-d parameter's full-size tensors (p, its
-    gradient, second moment and average; its momentum (K,)) as views of shape (1,) (1, K) -- torch.compile (2.13,
-    Inductor on the CPU) loses in-place updates of 0-d float64 inputs -- the views cached, so that the inputs keep
-    their identity from step to step; under CUDA graphs (mode "reduce-overhead", "max-autotune"), every tensor the
-    update changes marked as a static address (where cudagraphs accept in-place updates)."""
-    grads, momenta, seconds, averages, *rest = arguments
-    if any(p.dim() == 0 for p in params):
-      one = self._unit_view
-      params = [one(p) if p.dim() == 0 else p for p in params]
-      grads = [one(g) for g in grads]
-      momenta = [one(m, keep_last=True) if m.dim() == 1 else m for m in momenta]
-      seconds = [tuple(one(v) for v in pair) for pair in seconds]
-      averages = [one(a) for a in averages]
-    if self._compile_mode in ("reduce-overhead", "max-autotune") or (
-        self._compile_options.get("options") or {}).get("triton.cudagraphs"):
-      from torch._dynamo import mark_static_address
-      for group in (params, momenta, averages, *rest, *zip(*seconds)):
-        for value in group:
-          if getattr(value, "_dynamo_static_input_type", None) is None:
-            mark_static_address(value)
-    return (params, grads, momenta, seconds, averages, *rest)
+  def _bind(self, key, layout: Layout, params: list, states: list) -> Buffers:
+    """The bucket's state buffers: last step's when every state entry is still the view handed out then (the usual
+    case), else new ones gathered from the entries -- at the first step, after a state dict was loaded, when the
+    bucket's tensors changed (a parameter without a gradient) -- in the dtype and on the device each entry needs,
+    and every entry replaced by its view. ``params`` and ``states`` in the layout's group order."""
+    buffers = self._buffers.get(key)
+    if buffers is not None and len(buffers.views) == len(states) and all(
+        state.get(name) is view for state, views in zip(states, buffers.views) for name, view in views.items()):
+      return buffers
+    p = params[0]
+    device, dtype, rec = p.device, p.dtype, recurrent_dtype(p.dtype)
+    gather = lambda name, chosen, kind=dtype: torch.stack(  # noqa: E731
+        [state[name].to(device=device, dtype=kind) for state in chosen])
+    momenta, seconds, averages = [], [], []
+    for group in layout.groups:
+      chosen = states[group.start:group.stop]
+      momenta.append(gather("momentum", chosen))
+      averages.append(gather("average", chosen))
+      names = ("second_moment",) if group.axes is None else ("rows", "cols")
+      seconds.append(tuple(gather(name, chosen) for name in names))
+    scalars = torch.stack([gather(name, states, rec) for name in ("gradient_rms", "update_ratio", "log_step")])
+    buffers = Buffers(momenta, seconds, averages, gather("h", states, rec), gather("c", states, rec),
+                      gather("feedback", states, rec), scalars, gather("step", states, torch.int32), [])
+    for group, m, second, average in zip(layout.groups, momenta, seconds, averages):
+      names = ("second_moment",) if group.axes is None else ("rows", "cols")
+      for j, index in enumerate(range(group.start, group.stop)):
+        views = {"momentum": m[j], "average": average[j], **{name: v[j] for name, v in zip(names, second)},
+                 "h": buffers.h[index], "c": buffers.c[index], "feedback": buffers.feedback[index],
+                 "gradient_rms": scalars[0, index], "update_ratio": scalars[1, index], "log_step": scalars[2, index],
+                 "step": buffers.steps[index]}
+        states[index].update(views)
+        buffers.views.append(views)
+    self._buffers[key] = buffers
+    return buffers
 
-  def _unit_view(self, value: torch.Tensor, keep_last: bool = False) -> torch.Tensor:
-    """A 0-d tensor as a (1,) view (or a (K,) one as (1, K) with ``keep_last``), cached per tensor; others as they
-    are."""
-    if value.dim() != (1 if keep_last else 0):
+  def _mark_static(self, params: list, buffers: Buffers) -> None:
+    """Under CUDA graphs (modes "reduce-overhead", "max-autotune"), every tensor the update changes marked as a
+    static address (where cudagraphs accept in-place updates)."""
+    from torch._dynamo import mark_static_address
+    for value in (*params, *buffers.momenta, *(v for pair in buffers.seconds for v in pair), *buffers.averages,
+                  buffers.h, buffers.c, buffers.feedback, buffers.scalars, buffers.steps):
+      if getattr(value, "_dynamo_static_input_type", None) is None:
+        mark_static_address(value)
+
+  def _unit_view(self, value: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor as a (1,) view, cached per tensor (the compiled update's inputs keep their identity from step to
+    step); others as they are."""
+    if value.dim() != 0:
       return value
     view = self._views.get(value)
     if view is None:
-      view = self._views[value] = value.detach().view(1, -1) if keep_last else value.detach().view(1)
+      view = self._views[value] = value.detach().view(1)
     return view
-
-  def _conform(self, params: list[torch.Tensor], states: list[dict]) -> None:
-    """Brings entries whose dtype or device differ from what p needs (a state dict loaded by torch's own rules, or
-    a model moved since) to them: every entry once after a state dict was loaded, else a quick look at two."""
-    for p, state in zip(params, states):
-      if (self._conformed and state["momentum"].device == p.device and state["momentum"].dtype == p.dtype
-              and state["h"].dtype == recurrent_dtype(p.dtype) and state["h"].device == p.device):
-        continue
-      dtypes = self.state_dtypes(p)
-      for name, value in state.items():
-        dtype = dtypes.get(name, p.dtype)
-        if value.dtype != dtype or value.device != p.device:
-          state[name] = value.to(device=p.device, dtype=dtype)
-    self._conformed = True
 
   def _global_features(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     key = (device, dtype)
@@ -697,14 +767,8 @@ class HierarchicalRule:
     if layout is None:
       if len(self._layout_cache) > 64:
         self._layout_cache.clear()
-      sizes = tuple(math.prod(shape) for shape in shapes)
-      features = np.stack([shape_features(shape) for shape in shapes])
-      layout = self._layout_cache[key] = Layout(
-          shapes, sizes, tuple(factored_axes(shape) for shape in shapes),
-          torch.tensor(sizes, dtype=torch.float64).to(device=device, dtype=rec),
-          torch.from_numpy(features).to(device=device, dtype=rec))
+      layout = self._layout_cache[key] = make_layout(shapes, device, rec)
     return layout
-
 
 def _copy_function(function, index: int):
   """``function`` with a code object of its own (named ``<name>_<index>``)."""
