@@ -45,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, SPEC, TIME_SCALES
-from lopt.architectures.mlp.optimizer import init_second_moment, update_momentum, update_second_moment
+from lopt.architectures.mlp.optimizer import (Factored, init_second_moment, update_momentum,
+                                              update_second_moment)
+from lopt.architectures.mlp.spec import factored_axes
 
 Theta = dict[str, Any]
 
@@ -55,6 +57,8 @@ LOG_FLOOR = 1e-30       # log(x + LOG_FLOOR) for RMS values that may be zero
 LOG_STEP_LIMIT = 8.0    # the per-tensor log step stays within +-8: step sizes from 3e-4 to 3e3 times step_scale
 LOG_SCALE = 0.1         # log-magnitude features enter the LSTM as LOG_SCALE * log(x): O(1) for x in [1e-9, 1e4]
 ALIGNMENT_GAIN_INIT = 0.5  # hypergradient gain on cos(g, m_1 rs) at initialization (then meta-learned)
+UNITS_LIMIT = 512        # per-coordinate MLPs with up to this many products are written unit by unit (see
+                         # ``_coordinate_update``); larger ones as matrix products
 
 
 class Accumulator(NamedTuple):
@@ -157,6 +161,24 @@ def rms(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(x * x) + LOG_FLOOR)
 
 
+def tensor_means(*terms: jax.Array) -> jax.Array:
+  """(len(terms),) the mean over all coordinates of each term (expressions of one shape S), in the terms' dtype.
+
+  Separate means, written together: XLA fuses sibling reductions of one shape into kernels that read the tensors
+  they share once. (Stacked into one reduction they were slower on an H200: on a first axis every row re-reads the
+  inputs; on a last axis, XLA's column reduction of (N, terms) took 40 times as long.)"""
+  return jnp.stack([jnp.mean(t) for t in terms])
+
+
+def second_moment_estimate(second_moment, shape: tuple[int, ...]) -> jax.Array:
+  """Adafactor's estimate of g^2 of shape S from a second moment (``update_second_moment``'s new state): the rank-1
+  r_i c_j / mean(r) for a factored one, else the moment itself."""
+  if isinstance(second_moment, Factored):
+    a, _ = factored_axes(shape)
+    return second_moment.rows * second_moment.cols / jnp.mean(second_moment.rows, axis=a, keepdims=True)
+  return second_moment
+
+
 def _default(name: str):
   return SPEC.fields[name].default
 
@@ -249,9 +271,19 @@ class HierarchicalOptimizer:
 
     leaves, treedef = jax.tree.flatten(params)
     flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    stats = [self._statistics(theta, new_step, p, g, m, v, a, ts) for p, g, m, v, a, ts in zip(
-        leaves, flat(grads), flat(state.momentum), flat(state.second_moment), flat(state.average),
-        flat(state.tensors))]
+    grads, momenta, averages, tensor_states = flat(grads), flat(state.momentum), flat(state.average), flat(
+        state.tensors)
+    # Three passes over each tensor: the clipping threshold and the new second moment; the statistics the LSTM reads;
+    # after the LSTM, the per-coordinate update. Each pass recomputes the per-coordinate terms it needs from the
+    # tensors (cheaper than writing and reading them), and reads the tensors through an optimization barrier: XLA
+    # then neither keeps an earlier pass's terms in memory nor writes the new momenta and average (the step's
+    # outputs) before the last read of the old ones, which would make it copy the donated state.
+    firsts = [self._first_pass(theta, new_step, g, v, ts) for g, v, ts in zip(
+        grads, flat(state.second_moment), tensor_states)]
+    leaves, grads, momenta, averages, second_moments = jax.lax.optimization_barrier(
+        (leaves, grads, momenta, averages, [f["second_moment"] for f in firsts]))
+    stats = [self._statistics(theta, new_step, p, g, m, a, v, ts, first) for p, g, m, a, v, ts, first in zip(
+        leaves, grads, momenta, averages, second_moments, tensor_states, firsts)]
 
     # The LSTM runs once per dtype over the stacked tensors (the same weights for every tensor).
     recurrent = [None] * len(leaves)
@@ -270,16 +302,21 @@ class HierarchicalOptimizer:
       for j, i in enumerate(chosen):
         recurrent[i] = (h[j], c[j], log_step[j], schedule, context[j])
 
-    updates, momentum, second_moment, average, tensors = [], [], [], [], []
-    for p, s, (h, c, log_step, schedule, context) in zip(leaves, stats, recurrent):
-      u, feedback = self._coordinate_update(theta, s, context, log_step + schedule)
-      updates.append(u.astype(s["g"].dtype))
-      momentum.append(s["momentum"])
-      second_moment.append(s["second_moment"])
-      average.append(s["average"])
-      ratio = jnp.log(rms(u) / (rms(u) + rms(p.astype(u.dtype)) + LOG_FLOOR) + LOG_FLOOR)
+    leaves, grads, momenta, averages, second_moments, recurrent = jax.lax.optimization_barrier(
+        (leaves, grads, momenta, averages, second_moments, recurrent))
+    updates, momentum, average, tensors = [], [], [], []
+    for p, g, m, a, v, first, s, (h, c, log_step, schedule, context) in zip(
+        leaves, grads, momenta, averages, second_moments, firsts, stats, recurrent):
+      u, new_momentum, new_average, feedback, update_rms = self._coordinate_update(
+          theta, new_step, p, g, m, a, v, first, s, context, log_step + schedule)
+      updates.append(u.astype(g.dtype))
+      momentum.append(new_momentum)
+      average.append(new_average)
+      ratio = jnp.log(update_rms / (update_rms + s["param_rms"] + LOG_FLOOR) + LOG_FLOOR)
       tensors.append(TensorState(h, c, log_step, s["tensor"].gradient_rms, ratio.astype(h.dtype),
                                  feedback.astype(h.dtype)))
+    second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), f["second_moment"], old)
+                     for f, old in zip(firsts, flat(state.second_moment))]
     unflatten = treedef.unflatten
     return unflatten(updates), HierarchicalState(unflatten(momentum), unflatten(second_moment), unflatten(average),
                                                  unflatten(tensors), train, valid, new_step)
@@ -296,9 +333,12 @@ class HierarchicalOptimizer:
     global_features = jnp.concatenate([losses, time_features(new_step, num_steps)])
     leaves, treedef = jax.tree.flatten(params)
     flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    rows = [self._statistics(theta, new_step, p, g, m, v, a, ts)["inputs"].astype(jnp.float32)
-            for p, g, m, v, a, ts in zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
-                                         flat(state.average), flat(state.tensors))]
+    rows = []
+    for p, g, m, v, a, ts in zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
+                                 flat(state.average), flat(state.tensors)):
+      first = self._first_pass(theta, new_step, g, v, ts)
+      stats = self._statistics(theta, new_step, p, g, m, a, first["second_moment"], ts, first)
+      rows.append(stats["inputs"].astype(jnp.float32))
     return jnp.stack([jnp.concatenate([row, global_features.astype(jnp.float32)]) for row in rows])
 
   def lstm_input_names(self) -> list[str]:
@@ -320,70 +360,124 @@ class HierarchicalOptimizer:
     return jnp.stack([ts.log_step.astype(jnp.float32) + schedule for ts in jax.tree.leaves(
         state.tensors, is_leaf=lambda x: isinstance(x, TensorState))])
 
-  def _statistics(self, theta: Theta, step: jax.Array, p, g, momentum, second_moment, average,
-                  tensor: TensorState) -> dict:
-    """One tensor's first pass: clipping, new momenta and second moment, its feature columns and normalizers, and
-    the LSTM inputs (everything in g's dtype; the recurrent state in its own)."""
+  def _first_pass(self, theta: Theta, step: jax.Array, g, second_moment, tensor: TensorState) -> dict:
+    """A tensor's first pass: the meta-learned clipping threshold against the bias-corrected EMA of the (clipped)
+    gradient's RMS (from the state alone), and the new second moment of the clipped gradient (in g's dtype; a
+    factored one takes row and column means of g^2, a read of g)."""
     dtype = g.dtype
     t = step.astype(dtype)
-    # Meta-learned dynamic clipping against the bias-corrected EMA of the (clipped) gradient's RMS.
     decay = jax.nn.sigmoid(theta["clip"]["decay_logit"]).astype(dtype)
     history = tensor.gradient_rms.astype(dtype) / jnp.maximum(1 - decay ** (t - 1), 1e-12)
     has_history = (step > 1) & (tensor.gradient_rms > 0)
     threshold = jnp.where(has_history, jnp.exp(theta["clip"]["log_multiplier"].astype(dtype)) * history, jnp.inf)
-    raw_rms = rms(g)
-    spike = jnp.where(has_history, jnp.clip(jnp.log(raw_rms + LOG_FLOOR) - jnp.log(history + LOG_FLOOR), -5, 5) / 5,
-                      0)
-    g = jnp.clip(g, -threshold, threshold)
-    gradient_rms = decay * tensor.gradient_rms.astype(dtype) + (1 - decay) * rms(g)
+    second_moment, _ = update_second_moment(jax.tree.map(lambda v: v.astype(dtype), second_moment),
+                                            jnp.clip(g, -threshold, threshold), self.rms_decay)
+    return {"decay": decay, "history": history, "has_history": has_history, "threshold": threshold,
+            "second_moment": second_moment}
 
+  def _coordinates(self, step: jax.Array, p, g, momentum, average, second_moment, threshold) -> dict:
+    """A tensor's per-coordinate terms, expressions of shape S in g's dtype: the clipped gradient g, the new momenta
+    (S + (K,)), the feature columns [g, p, p - a, m_1..m_K, g rs, m_1 rs..m_K rs], the previous momenta times rs,
+    Adam's direction m_1 rs / (1 - b_1^t) and its correction; rs = 1 / sqrt(v / (1 - rho^t)) with v the
+    ``second_moment_estimate`` of the new second moment."""
+    dtype = g.dtype
+    t = step.astype(dtype)
+    g = jnp.clip(g, -threshold, threshold)
     decays = jnp.asarray(self.momentum_decays, dtype)
     old_momentum = momentum.astype(dtype)
     new_momentum = update_momentum(old_momentum, g, decays)
-    new_second_moment, estimate = update_second_moment(jax.tree.map(lambda v: v.astype(dtype), second_moment), g,
-                                                       self.rms_decay)
-    estimate = estimate / (1 - jnp.power(jnp.asarray(self.rms_decay, dtype), t))
+    estimate = second_moment_estimate(second_moment, g.shape) / (1 - jnp.power(jnp.asarray(self.rms_decay, dtype), t))
     rs = jax.lax.rsqrt(estimate + RSQRT_EPSILON)
     p = p.astype(dtype)
-    drift = p - average.astype(dtype)
-    momenta = [new_momentum[..., k] for k in range(len(self.momentum_decays))]
-    columns = [g, p, drift, *momenta, g * rs, *(m * rs for m in momenta)]
-    norms = jnp.stack([jnp.sqrt(jnp.mean(f * f) + NORM_EPSILON) for f in columns])
-    adam = momenta[0] * rs / (1 - decays[0] ** t)
-    # cos(g, previous m_k rs): > 0 while successive steps keep going the same way (the hypergradient's sign).
-    previous = [old_momentum[..., k] * rs for k in range(len(self.momentum_decays))]
-    alignment = jnp.stack([jnp.sum(g * m) / jnp.sqrt(jnp.sum(g * g) * jnp.sum(m * m) + LOG_FLOOR) for m in previous])
+    momenta = [new_momentum[..., i] for i in range(len(self.momentum_decays))]
+    correction = 1 - decays[0] ** t
+    return {"g": g, "momentum": new_momentum,
+            "columns": [g, p, p - average.astype(dtype), *momenta, g * rs, *(m * rs for m in momenta)],
+            "previous": [old_momentum[..., i] * rs for i in range(len(self.momentum_decays))],
+            "adam": momenta[0] * rs / correction, "adam_correction": correction}
+
+  def _statistics(self, theta: Theta, step: jax.Array, p, g, momentum, average, second_moment,
+                  tensor: TensorState, first: dict) -> dict:
+    """A tensor's second pass: the columns' normalizers (N, 4 + 2K) and the LSTM's inputs, every statistic a mean
+    over the tensor, taken together (``tensor_means``); ``second_moment`` is the first pass's new one."""
+    del theta
+    dtype = g.dtype
+    k = len(self.momentum_decays)
+    c = self._coordinates(step, p, g, momentum, average, second_moment, first["threshold"])
+    columns, previous = c["columns"], c["previous"]
+    # Means of: the raw g^2; each column squared (column 0 is the clipped g); g m_k rs and (m_k rs)^2 with the
+    # previous momenta, for the alignments.
+    means = tensor_means(g.astype(dtype) * g.astype(dtype), *(f * f for f in columns),
+                         *(c["g"] * m for m in previous), *(m * m for m in previous))
+    squares = means[1:1 + len(columns)]
+    dots, previous_squares = means[1 + len(columns):1 + len(columns) + k], means[1 + len(columns) + k:]
+    floor_sqrt = lambda mean: jnp.sqrt(mean + LOG_FLOOR)  # noqa: E731 (``rms`` of a tensor with this mean square)
+    raw_rms = floor_sqrt(means[0])
+    history = first["history"]
+    spike = jnp.where(first["has_history"],
+                      jnp.clip(jnp.log(raw_rms + LOG_FLOOR) - jnp.log(history + LOG_FLOOR), -5, 5) / 5, 0)
+    decay = first["decay"]
+    gradient_rms = decay * tensor.gradient_rms.astype(dtype) + (1 - decay) * floor_sqrt(squares[0])
+    correction = c["adam_correction"]
+    adam_rms = floor_sqrt(squares[4 + k] / (correction * correction))  # Adam's direction: column 4 + k, corrected
+    param_rms, drift_rms = floor_sqrt(squares[1]), floor_sqrt(squares[2])
+    # cos(g, previous m_k rs): > 0 while successive steps keep going the same way (the hypergradient's sign). The
+    # sums' common factor n cancels; the floor, 1e-30 on the sums, stays a normal float32 at any n (0 for g = 0).
+    alignment = dots / jnp.sqrt(squares[0] * previous_squares + max(LOG_FLOOR / g.size ** 2, 1e-37))
     rec = tensor.h.dtype
     inputs = jnp.concatenate([
-        LOG_SCALE * jnp.log(jnp.stack([raw_rms, rms(p), rms(adam), rms(drift)]) + LOG_FLOOR),
+        LOG_SCALE * jnp.log(jnp.stack([raw_rms, param_rms, adam_rms, drift_rms]) + LOG_FLOOR),
         tensor.update_ratio.astype(dtype)[None] * LOG_SCALE, spike[None], alignment,
-        tensor.log_step.astype(dtype)[None] / LOG_STEP_LIMIT, jnp.asarray(shape_features(p.shape), dtype),
+        tensor.log_step.astype(dtype)[None] / LOG_STEP_LIMIT, jnp.asarray(shape_features(g.shape), dtype),
         tensor.feedback.astype(dtype)]).astype(rec)
-    average = self.average_decay * average + (1 - self.average_decay) * p.astype(average.dtype)
-    cast_back = lambda new, old: new.astype(old.dtype)  # noqa: E731
-    return {"g": g, "columns": columns, "norms": norms, "adam": adam, "alignment": alignment.astype(rec),
-            "inputs": inputs, "tensor": tensor._replace(gradient_rms=gradient_rms.astype(rec)),
-            "momentum": new_momentum.astype(momentum.dtype),
-            "second_moment": jax.tree.map(cast_back, new_second_moment, second_moment), "average": average}
+    return {"norms": jnp.sqrt(squares + NORM_EPSILON), "alignment": alignment.astype(rec), "inputs": inputs,
+            "param_rms": param_rms, "tensor": tensor._replace(gradient_rms=gradient_rms.astype(rec))}
 
-  def _coordinate_update(self, theta: Theta, s: dict, context: jax.Array, log_step: jax.Array):
-    """One tensor's second pass: the per-coordinate MLP over the normalized columns and the LSTM's context
-    -> (update S, feedback (feedback_size,)). The normalizers scale the first layer's rows and the context folds
-    into its bias, so the normalized columns are never formed."""
-    dtype = s["g"].dtype
+  def _mlp_products(self) -> int:
+    """Multiplications per coordinate of the per-coordinate MLP."""
+    return sum(w[0] * w[1] for name, w in self.param_shapes().items() if name.startswith("mlp/") and
+               name.endswith("/w"))
+
+  def _coordinate_update(self, theta: Theta, step: jax.Array, p, g, momentum, average, second_moment, first: dict,
+                         s: dict, context: jax.Array, log_step: jax.Array):
+    """A tensor's third pass: the per-coordinate MLP over the normalized columns and the LSTM's context -> (update S,
+    new momentum S + (K,), new slow average S, feedback (feedback_size,), RMS of the update ()), the state in its
+    own dtypes. The normalizers scale the first layer's rows and the context folds into its bias, so the normalized
+    columns are never formed.
+
+    A small MLP (up to UNITS_LIMIT products) is written unit by unit, each unit an expression of shape S, which XLA
+    fuses with the reads of the tensors (on an H200 it still writes the hidden units once, to share them between
+    the update and the feedback sums: splitting those into two passes was slower)."""
+    c = self._coordinates(step, p, g, momentum, average, second_moment, first["threshold"])
+    update, feedback = self._mlp_update(theta, c, s["norms"], context, log_step)
+    means = tensor_means(update * update, *(jnp.tanh(f) for f in feedback))
+    new_average = self.average_decay * average + (1 - self.average_decay) * p.astype(average.dtype)
+    return (update, c["momentum"].astype(momentum.dtype), new_average, means[1:],
+            jnp.sqrt(means[0] + LOG_FLOOR))
+
+  def _mlp_update(self, theta: Theta, c: dict, norms: jax.Array, context: jax.Array,
+                  log_step: jax.Array) -> tuple[jax.Array, list]:
+    """The per-coordinate MLP over ``_coordinates``' columns normalized by ``norms`` -> (update S, the feedback
+    units [S] * feedback_size)."""
+    dtype = c["g"].dtype
     layers = [jax.tree.map(lambda w: w.astype(dtype), layer) for layer in theta["mlp"]]
-    columns = s["columns"]
-    first = layers[0]
+    columns = c["columns"]
     count = len(columns)
-    weights = first["w"][:count] / s["norms"][:, None]
-    bias = first["b"] + context.astype(dtype) @ first["w"][count:]
-    x = bias + sum(f[..., None] * w for f, w in zip(columns, weights))
-    x = x.reshape(-1, x.shape[-1])
-    for layer in layers[1:]:
-      x = jax.nn.relu(x) @ layer["w"] + layer["b"]
-    direction, magnitude, feedback = x[:, 0], x[:, 1], x[:, 2:]
-    shape = s["g"].shape
-    scale = self.step_scale * jnp.exp(log_step.astype(dtype) + self.magnitude_scale * magnitude.reshape(shape))
-    update = scale * (self.direction_scale * direction.reshape(shape) - s["adam"])
-    return update, jnp.mean(jnp.tanh(feedback), axis=0)
-
+    weights = layers[0]["w"][:count] / norms[:, None]
+    bias = layers[0]["b"] + context.astype(dtype) @ layers[0]["w"][count:]
+    shape = c["g"].shape
+    if self._mlp_products() <= UNITS_LIMIT:
+      units = [bias[j] + sum(f * weights[i, j] for i, f in enumerate(columns)) for j in range(bias.shape[0])]
+      for layer in layers[1:]:
+        w, b = layer["w"], layer["b"]
+        units = [sum(jax.nn.relu(x) * w[j, o] for j, x in enumerate(units)) + b[o] for o in range(w.shape[1])]
+      direction, magnitude, feedback = units[0], units[1], units[2:]
+    else:
+      x = bias + sum(f[..., None] * w for f, w in zip(columns, weights))
+      x = x.reshape(-1, x.shape[-1])
+      for layer in layers[1:]:
+        x = jax.nn.relu(x) @ layer["w"] + layer["b"]
+      direction, magnitude = x[:, 0].reshape(shape), x[:, 1].reshape(shape)
+      feedback = [x[:, 2 + i].reshape(shape) for i in range(x.shape[1] - 2)]
+    scale = self.step_scale * jnp.exp(log_step.astype(dtype) + self.magnitude_scale * magnitude)
+    return scale * (self.direction_scale * direction - c["adam"]), feedback
