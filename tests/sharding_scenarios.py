@@ -56,13 +56,14 @@ def train(out: Path, estimator: str, devices: int, steps: int = 4, resume: bool 
   return summary(out, started)
 
 
-def population_theta(out: Path, devices: int) -> list:
-  """Final member meta-parameters of a tiny self-training (4 members, one PBT judging) on ``devices`` devices."""
+def population_theta(out: Path, devices: int, size: int = 4) -> list:
+  """Final member meta-parameters of a tiny self-training (``size`` members, one PBT judging) on ``devices``
+  devices."""
   from lopt.meta import selftrain
   meta = selftrain.PRESET.replace(task=FAMILY, num_steps=3, eval_every=2, checkpoint_every=2, log_every=1,
                                   num_eval_problems=2, estimator=EstimatorSection("nres", {"meta_batch_size": 2,
                                                                                            "truncation": 5}))
-  config = selftrain.SelfTrainConfig(meta, selftrain.PopulationSection(size=4)).validate("scenario")
+  config = selftrain.SelfTrainConfig(meta, selftrain.PopulationSection(size=size)).validate("scenario")
   state = selftrain.selftrain(config, out, progress=False, devices=devices)
   return [np.asarray(x).tolist() for x in jax.tree.leaves(state.theta)]
 
@@ -87,7 +88,14 @@ def main(out: Path, slow: bool) -> None:
     results["indivisible"] = None
   except sharding.ShardingError as e:
     results["indivisible"] = str(e)
+  # Without --devices: the most devices the per-problem (or population) axes split over.
+  results["default_devices"] = {str(size): sharding.layout(None, (size,)).size for size in (3, 4)}
   results["selftrain"] = {str(d): population_theta(out / f"self-{d}", d) for d in (1, 2)}
+  try:  # 3 members on 2 devices: an error before the run directory exists
+    population_theta(out / "self-indivisible", 2, size=3)
+    results["population_indivisible"] = None
+  except sharding.ShardingError as e:
+    results["population_indivisible"] = [str(e), (out / "self-indivisible").exists()]
   for estimator in ("full", "pes") if slow else ():
     for devices in (1, 2):
       results[f"{estimator}/{devices}"] = train(out / f"{estimator}-{devices}", estimator, devices)

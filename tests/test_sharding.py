@@ -89,6 +89,13 @@ def test_problem_counts_that_do_not_split_over_the_devices_are_a_clear_error(sce
   assert message is not None and "[3]" in message and "multiple of 2" in message and "--devices" in message
 
 
+def test_the_default_device_count_splits_the_problems_and_an_indivisible_population_is_refused_early(scenarios):
+  _, results = scenarios
+  assert results["default_devices"] == {"3": 1, "4": 2}
+  message, created = results["population_indivisible"]
+  assert "--population 3" in message and "multiple of 2" in message and not created
+
+
 @pytest.mark.slow
 def test_full_backpropagation_and_pes_on_two_devices_match_one_and_resume_from_one_to_two(tmp_path, cache):
   results = run_scenarios(tmp_path, cache, "--slow")

@@ -371,7 +371,8 @@ def _add_selftrain_parser(commands) -> None:
   parser.add_argument("--scale-range", type=_scale_range, default=None, metavar="LOW,HIGH",
                       help=f"initial step multipliers, log-uniform (default {population.scale_range})")
   parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
-                      help="local devices to shard the population over (a divisor of --population; default: all)")
+                      help="local devices to shard the population over (a divisor of --population; default: the most "
+                           "local devices the population splits over)")
 
 
 def command_selftrain(args):
@@ -407,7 +408,8 @@ def command_selftrain(args):
 def _add_scale_options(parser) -> None:
   """Devices and hosts (docs/SCALING.md): the per-problem work is sharded over them (lopt.meta.sharding)."""
   parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
-                      help="local devices to shard the meta-batch over; None: all of this process's")
+                      help="local devices to shard the meta-batch over; None: the most of this process's that the "
+                           "per-problem axes split over (all of them with several processes)")
   parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                       help="several processes (jax.distributed): process 0's address and a free port"
                            "; None: $JAX_COORDINATOR_ADDRESS")

@@ -267,14 +267,17 @@ def selftrain(config: SelfTrainConfig, run_dir: str | Path | None = None, *, res
   metrics.jsonl, checkpoints/, optimizer/ with the best member ever, loadable by ``lopt.load``).
 
   ``progress(step, total, record)`` after every logged step; None: a bar with ETA and the best held-out loss.
-  ``devices``: local devices the population axis is sharded over (None: all; one process only; the population size
-  must be a multiple of the count). Checkpoints hold whole arrays, so a run resumes on any count.
+  ``devices``: local devices the population axis is sharded over (one process only; the population size must be a
+  multiple of the count; None: the most devices it is a multiple of). Checkpoints hold whole arrays, so a run resumes on any count.
   """
   if progress is None:
     from lopt.progress import training_bar
     with training_bar(config.meta.num_steps, "self-training") as update:
       return selftrain(config, run_dir, resume=resume, progress=update, devices=devices)
-  layout = sharding.layout(devices)
+  layout = sharding.layout(devices, (config.population.size,))  # the default: a count the population splits over
+  if layout.sharded and config.population.size % layout.size:  # before the run directory exists
+    raise sharding.ShardingError(f"--population {config.population.size} does not split over {layout.size} devices; "
+                                 + POPULATION_FIX.format(devices=layout.size))
   if layout.several_processes:
     raise UserError("lopt selftrain runs in one process (its population is sharded over this process's devices); "
                     "start it without jax.distributed")

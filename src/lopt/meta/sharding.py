@@ -142,8 +142,8 @@ class Layout:
     """A pytree like ``tree`` (arrays or ShapeDtypeStructs) of shardings of the leading axis over the mesh.
     ShardingError (``what`` and ``fix`` in its message) for a leaf without a leading axis a multiple of the device
     count."""
-    sizes = {leaf.shape[0] if leaf.ndim else 0 for leaf in jax.tree.leaves(tree)}
-    bad = sorted(s for s in sizes if s == 0 or s % self.size)
+    sizes = leading_sizes(tree)
+    bad = [s for s in sizes if s == 0 or s % self.size]
     if bad:
       raise ShardingError(f"{what}: leading axes of {sorted(sizes)} do not split over {self.size} devices (each must "
                           f"be a multiple of {self.size}; found {bad}); {fix.format(devices=self.size)}")
@@ -216,19 +216,27 @@ class Layout:
     return multihost_utils.broadcast_one_to_all(tree)
 
 
-def layout(devices: int | None = None) -> Layout:
-  """The layout over ``devices`` local devices of every process (None: all of them). ShardingError for a count
-  this process does not have."""
+def layout(devices: int | None = None, sizes: tuple[int, ...] = ()) -> Layout:
+  """The layout over ``devices`` local devices of every process. None: all of them; in one process, with ``sizes``
+  (the lengths of the axes to split), the most devices that every size is a multiple of, so that the default
+  always runs. ShardingError for a count this process does not have."""
   local = jax.local_devices()
   count = len(local) if devices is None else devices
   if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(local):
     raise ShardingError(f"--devices {devices}: this process has {len(local)} {local[0].platform.upper()} device(s); "
                         f"choose 1 to {len(local)}")
+  if devices is None and jax.process_count() == 1:
+    count = max(c for c in range(1, count + 1) if all(size % c == 0 for size in sizes))
   if count == 1 and jax.process_count() == 1:
     return Layout(None)
   chosen = [d for p in range(jax.process_count()) for d in
             sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)[:count]]
   return Layout(Mesh(np.array(chosen), (AXIS,)))
+
+
+def leading_sizes(tree) -> tuple[int, ...]:
+  """The distinct lengths of the leading axes of ``tree``'s leaves (arrays or shapes; 0 for a scalar leaf)."""
+  return tuple(sorted({leaf.shape[0] if leaf.ndim else 0 for leaf in jax.tree.leaves(tree)}))
 
 
 def constrain(tree):
@@ -255,4 +263,4 @@ def broadcast_json(value: Any) -> Any:
 
 
 __all__ = ["AXIS", "ENVIRONMENT", "Layout", "ShardingError", "broadcast_json", "constrain", "distributed_settings",
-           "initialize", "layout"]
+           "initialize", "layout", "leading_sizes"]

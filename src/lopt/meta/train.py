@@ -252,7 +252,7 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
       return meta_train(config, run_dir, resume=resume, progress=update, devices=devices)
   # Ctrl-C only sets a flag in here; the loop ends at its next safe point (after an outer step) with a checkpoint.
   with interrupts.deferred():
-    return _meta_train(config, run_dir, resume, progress, sharding.layout(devices))
+    return _meta_train(config, run_dir, resume, progress, devices)
 
 
 def initial_theta(config: MetaTrainConfig, optimizer):
@@ -283,7 +283,7 @@ def trainable_mask(config: MetaTrainConfig, theta):
   return mask
 
 
-def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout: sharding.Layout) -> TrainState:
+def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, devices: int | None) -> TrainState:
   task, optimizer = task_from(config), optimizer_from(config)
   theta = initial_theta(config, optimizer)
   mask = trainable_mask(config, theta)
@@ -298,7 +298,10 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, layout
 
   estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
   state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
-  if layout.sharded:  # before the run directory exists: a count that does not split is a plain user error
+  # The default device count splits the per-problem axes; a given one that does not is a plain user error, raised
+  # before the run directory exists.
+  layout = sharding.layout(devices, sharding.leading_sizes(estimator_state))
+  if layout.sharded:
     outer_step = build_sharded_outer_step(estimator, outer, layout, estimator_state)
   run = None
   if run_dir is not None and layout.writes:
