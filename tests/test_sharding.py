@@ -110,13 +110,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two(tmp_path: Path, cache: Path, *extra) -> None:
-  """Processes 0 and 1 of a two-process run (one CPU device each) on a localhost coordinator."""
+def start_two(tmp_path: Path, cache: Path, *extra) -> list:
+  """Processes 0 and 1 of a two-process run (one CPU device each) on a localhost coordinator, started."""
   port = free_port()
-  children = [subprocess.Popen([*CLI, *LINEAR, *extra, "--out", str(tmp_path / f"process-{i}"), "--coordinator",
-                                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment(cache, devices=1)) for i in (0, 1)]
+  return [subprocess.Popen([*CLI, *LINEAR, *extra, "--out", str(tmp_path / f"process-{i}"), "--coordinator",
+                            f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=environment(cache, devices=1)) for i in (0, 1)]
+
+
+def finish(children: list, returncode: int = 0) -> list:
+  """Waits for ``children``; asserts each exits with ``returncode``; returns their stderr."""
   try:
     outcomes = [child.communicate(timeout=600) for child in children]
   finally:
@@ -124,7 +128,12 @@ def launch_two(tmp_path: Path, cache: Path, *extra) -> None:
       if child.poll() is None:
         child.kill()
   for child, (_, err) in zip(children, outcomes):
-    assert child.returncode == 0, err[-4000:]
+    assert child.returncode == returncode, err[-4000:]
+  return [err for _, err in outcomes]
+
+
+def launch_two(tmp_path: Path, cache: Path, *extra) -> None:
+  finish(start_two(tmp_path, cache, *extra))
 
 
 def test_two_processes_train_like_one(scenarios, cache, tmp_path):
@@ -195,3 +204,28 @@ def test_the_scaling_benchmark_runs_on_two_host_devices(tmp_path, cache):
   assert result["device"].startswith("2 x cpu") and result["nres"][0]["speedup"] > 0
   assert {row["meta_batch_size"] for row in result["paper"]} == {4, 8}
   assert all(row["milliseconds_per_outer_step"]["hand_2"] > 0 for row in result["paper"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_of_two_processes_stops_both_at_one_checkpoint_and_they_resume(cache, tmp_path):
+  """SIGINT to process 1 only (the one that writes nothing): both agree to stop after the same step, process 0
+  checkpoints it, both exit 130 with one line; resumed, the run ends where one process running unbroken ends."""
+  import signal
+  import time
+
+  from sharding_scenarios import summary
+  children = start_two(tmp_path, cache, "--steps", "100000")
+  metrics = tmp_path / "process-0" / "metrics.jsonl"
+  deadline = time.monotonic() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  children[1].send_signal(signal.SIGINT)
+  for err in finish(children, returncode=130):
+    assert "interrupted; a run resumes" in err and "Traceback" not in err
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert 2 <= steps[-1] < 100000
+  end = steps[-1] + 2
+  launch_two(tmp_path, cache, "--steps", str(end), "--resume")
+  assert subprocess.run([*CLI, *LINEAR, "--steps", str(end), "--devices", "1", "--out", str(tmp_path / "unbroken")],
+                        capture_output=True, env=environment(cache, devices=1)).returncode == 0
+  assert_same_run(summary(tmp_path / "unbroken", 0.0), summary(tmp_path / "process-0", 0.0))
