@@ -351,28 +351,29 @@ def _add_selftrain_parser(commands) -> None:
   parser.set_defaults(**{name: None for name in SELFTRAIN_EXCLUDED})
   for flag, name, kind, text in ESTIMATOR_SHORTCUTS:
     parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (an estimator field)")
-  parser.add_argument("--population", dest="size", type=_positive_int, default=None, metavar="K",
-                      help=f"members (default {population.size})")
-  parser.add_argument("--applier", choices=selftrain.APPLIERS, default=None,
-                      help=f"who applies member i's meta-gradient: itself, the current best member, or member i+1 "
-                           f"(default {population.applier})")
-  parser.add_argument("--exploit-fraction", type=_nonnegative_float, default=None,
-                      help=f"the worst fraction copies the best fraction; 0: judge only (default "
-                           f"{population.exploit_fraction})")
-  parser.add_argument("--perturb-factor", type=_positive_float, default=None,
-                      help=f"explore: a copy's step multiplier times or divided by this (default "
-                           f"{population.perturb_factor})")
-  parser.add_argument("--perturb-noise", type=_nonnegative_float, default=None,
-                      help=f"explore: std of the noise added to a copy's meta-parameters (default "
-                           f"{population.perturb_noise})")
-  parser.add_argument("--init-noise", type=_nonnegative_float, default=None,
-                      help=f"std of the noise added to every member's initialization (default "
-                           f"{population.init_noise})")
-  parser.add_argument("--scale-range", type=_scale_range, default=None, metavar="LOW,HIGH",
-                      help=f"initial step multipliers, log-uniform (default {population.scale_range})")
+  for flag, name, kind, text in POPULATION_OPTIONS:
+    extra = ({"choices": selftrain.APPLIERS} if name == "applier" else
+             {"type": kind, "metavar": {"size": "K", "scale_range": "LOW,HIGH"}.get(name, name.upper())})
+    parser.add_argument(flag, dest=name, default=None, help=f"{text} (default {getattr(population, name)})", **extra)
   parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
                       help="local devices to shard the population over (a divisor of --population; default: the most "
                            "local devices the population splits over)")
+
+
+# `lopt selftrain`'s population options: flag, field of selftrain.PopulationSection, type, help (the default is added).
+POPULATION_OPTIONS = [
+    ("--population", "size", _positive_int, "members"),
+    ("--applier", "applier", str, "who applies member i's meta-gradient: itself, the current best member, or member "
+                                  "i+1"),
+    ("--exploit-fraction", "exploit_fraction", _nonnegative_float, "the worst fraction copies the best fraction; 0: "
+                                                                   "judge only"),
+    ("--perturb-factor", "perturb_factor", _positive_float, "explore: a copy's step multiplier times or divided by "
+                                                            "this"),
+    ("--perturb-noise", "perturb_noise", _nonnegative_float, "explore: std of the noise added to a copy's "
+                                                             "meta-parameters"),
+    ("--init-noise", "init_noise", _nonnegative_float, "std of the noise added to every member's initialization"),
+    ("--scale-range", "scale_range", _scale_range, "initial step multipliers, log-uniform"),
+]
 
 
 def command_selftrain(args):
@@ -390,9 +391,7 @@ def command_selftrain(args):
   else:
     meta, population = selftrain.PRESET.replace(task=_task_section(args)), selftrain.PopulationSection()
   meta = train_config(meta, args)
-  changes = {name: getattr(args, name) for name in ("size", "applier", "exploit_fraction", "perturb_factor",
-                                                     "perturb_noise", "init_noise", "scale_range")
-             if getattr(args, name) is not None}
+  changes = {name: getattr(args, name) for _, name, _, _ in POPULATION_OPTIONS if getattr(args, name) is not None}
   config = selftrain.SelfTrainConfig(meta, dataclasses.replace(population, **changes)).validate("options")
   _validate(meta)
   say(f"self-training {config.population.size} x {meta.optimizer.architecture} (applier "
