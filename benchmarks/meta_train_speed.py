@@ -2,7 +2,8 @@
 
 Both do: sample a meta-batch of random quadratics, unroll the component-wise GRU with full backpropagation through a
 rematerialized lax.scan, meta-loss mean(loss_t / loss_0) + l2 * ||theta||, element-wise clipping, Adam with decay.
-lopt's step adds what a library needs (bounded losses, a finite-gradient guard with per-problem fallback).
+lopt's step adds what a library needs (bounded losses, a finite-gradient guard with per-problem fallback); it is
+timed as configured by default and with ``on_nonfinite="skip_step"`` (the guard without its ``lax.cond``).
 
   python benchmarks/meta_train_speed.py                 # the demo configuration (CPU)
   python benchmarks/meta_train_speed.py --paper         # hidden 256, meta-batch 64, 201 steps (GPU)
@@ -88,20 +89,26 @@ def main():
   config = PRESETS["paper" if args.paper else "demo"]
   config = config.replace(horizon=config.horizon or 200)
   task, optimizer = task_from(config), optimizer_from(config)
-  lopt_step = build_outer_step(task, optimizer, outer_optimizer_from(config), horizon=config.horizon,
-                               meta_loss=config.meta_loss, loss_cap=config.loss_cap, l2_penalty=config.l2_penalty)
+  common = dict(horizon=config.horizon, meta_loss=config.meta_loss, loss_cap=config.loss_cap,
+                l2_penalty=config.l2_penalty)
+  lopt_step = build_outer_step(task, optimizer, outer_optimizer_from(config), **common)
+  # The same with on_nonfinite="skip_step": no per-problem fallback, so no lax.cond (a host sync per step on a GPU).
+  skip_step = build_outer_step(task, optimizer, outer_optimizer_from(config), **common, on_nonfinite="skip_step")
   plain_step = hand_written_step(config)
   theta = optimizer.init(jax.random.key(config.seed))
   theta["readout_weights"] = 0.01 * jnp.ones_like(theta["readout_weights"])  # a moving, non-trivial optimizer
   state = outer_optimizer_from(config).init(theta)
   lopt_state = (theta, state)
   rows = []
-  for _ in range(args.rounds):  # alternate, so that drifts in machine load hit both equally
+  for _ in range(args.rounds):  # alternate, so that drifts in machine load hit all equally
     t_lopt = time_steps(lopt_step, *lopt_state, config, args.repeats)
     t_plain = time_steps(plain_step, theta, state, config, args.repeats)
-    rows.append((t_lopt, t_plain))
-  ratios = sorted(a / b for a, b in rows)
-  t_lopt, t_plain = sorted(a for a, _ in rows)[len(rows) // 2], sorted(b for _, b in rows)[len(rows) // 2]
+    t_skip = time_steps(skip_step, *lopt_state, config, args.repeats)
+    rows.append((t_lopt, t_plain, t_skip))
+  median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+  ratios = sorted(a / b for a, b, _ in rows)
+  skip_ratios = sorted(c / b for _, b, c in rows)
+  t_lopt, t_plain, t_skip = (median([row[i] for row in rows]) for i in range(3))
   result = {
       "config": "paper" if args.paper else "demo", "hidden_size": config.hidden_size,
       "meta_batch_size": config.meta_batch_size, "horizon": config.horizon, "device": str(jax.devices()[0]),
@@ -109,6 +116,8 @@ def main():
       "lopt_seconds_per_step": t_lopt, "hand_written_seconds_per_step": t_plain,
       "ratio_lopt_over_hand_written": ratios[len(ratios) // 2], "ratios": ratios,
       "lopt_seconds_for_5000_steps": 5000 * t_lopt,
+      "lopt_skip_step_seconds_per_step": t_skip, "ratio_skip_step_over_hand_written": median(skip_ratios),
+      "skip_step_ratios": skip_ratios,
   }
   print(f"{result['config']} config (hidden {config.hidden_size}, meta-batch {config.meta_batch_size}, "
         f"{config.horizon} steps) on {result['device']}")
@@ -117,6 +126,8 @@ def main():
   print(f"  ratio lopt / hand-written: {result['ratio_lopt_over_hand_written']:.3f} (per round: "
         f"{', '.join(f'{r:.3f}' for r in ratios)})")
   print(f"  5000 outer steps with lopt: {5000 * t_lopt / 60:.1f} min")
+  print(f"  lopt with on_nonfinite=skip_step: {1e3 * t_skip:8.2f} ms, ratio {median(skip_ratios):.3f} (per round: "
+        f"{', '.join(f'{r:.3f}' for r in skip_ratios)})")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -116,6 +116,29 @@ def test_dropped_problems_leave_the_mean_of_the_healthy_ones():
     np.testing.assert_allclose(np.asarray(mixed[k]), np.asarray(healthy[k]), rtol=1e-5, atol=1e-7)
 
 
+def test_skip_step_leaves_theta_and_counts_every_problem_dropped():
+  """on_nonfinite="skip_step": a non-finite batch meta-gradient skips the outer step (no per-problem fallback); a
+  finite one gives the default's step exactly."""
+  task = faulty_quadratic("nan_gradient", fraction=0.5, after_step=2)
+  config = MetaTrainConfig(**TINY)
+  optimizer, outer = optimizer_from(config), outer_optimizer_from(config)
+  theta = optimizer.init(jax.random.key(0))
+  theta = {**theta, "readout_weights": 0.1 * jnp.ones_like(theta["readout_weights"])}
+  keys = jax.random.split(jax.random.key(2), 8)
+  bad = np.asarray(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 12345)) < 0.5)(keys))
+  skipping = build_outer_step(task, optimizer, outer, horizon=10, l2_penalty=0.0, on_nonfinite="skip_step")
+  dropping = build_outer_step(task, optimizer, outer, horizon=10, l2_penalty=0.0)
+  new, _, metrics = skipping(theta, outer.init(theta), keys)
+  assert int(metrics.dropped_problems) == 8 and int(metrics.skipped) == 1
+  for k in theta:
+    np.testing.assert_array_equal(np.asarray(new[k]), np.asarray(theta[k]))
+  healthy, _, metrics = skipping(theta, outer.init(theta), keys[~bad])
+  assert int(metrics.dropped_problems) == 0 and int(metrics.skipped) == 0
+  reference, _, _ = dropping(theta, outer.init(theta), keys[~bad])
+  for k in theta:
+    np.testing.assert_array_equal(np.asarray(healthy[k]), np.asarray(reference[k]))
+
+
 def test_counts_reach_the_progress_line(tmp_path, capsys):
   code = lopt.cli.main(["train", "faulty_quadratic", "--out", str(tmp_path / "run"), "--task-option",
                         "kind=nan_gradient", "--steps", "4", "--hidden-size", "4", "--horizon", "10",

@@ -45,7 +45,7 @@ def build_outer_step(estimator, outer_optimizer: optax.GradientTransformation, *
   theta and the outer state stay as they were and the step counts as skipped.
 
   lopt 0.1's form ``build_outer_step(task, optimizer, outer, horizon=..., meta_loss=..., loss_cap=..., l2_penalty=...,
-  remat=..., first_order=...)`` still works: it returns ``outer_step(theta, outer_state, keys) -> (theta,
+  remat=..., first_order=..., on_nonfinite=...)`` still works: it returns ``outer_step(theta, outer_state, keys) -> (theta,
   outer_state, StepMetrics)`` with full backpropagation on the (B,) problem ``keys``.
   """
   if not hasattr(estimator, "estimate"):
@@ -88,9 +88,9 @@ def apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics):
 
 def _legacy_outer_step(task, optimizer, outer_optimizer, *, horizon: int, meta_loss: str = "mean",
                        loss_cap: float = 10.0, l2_penalty: float = 0.0, remat: bool = True,
-                       first_order: bool = False) -> Callable:
+                       first_order: bool = False, on_nonfinite: str = "drop_problems") -> Callable:
   estimator = FullBPTT(task, optimizer, horizon, meta_loss=meta_loss, loss_cap=loss_cap, remat=remat,
-                       first_order=first_order, l2_penalty=l2_penalty)
+                       first_order=first_order, l2_penalty=l2_penalty, on_nonfinite=on_nonfinite)
 
   @jax.jit
   def outer_step(theta, outer_state, keys):
