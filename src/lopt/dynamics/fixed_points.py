@@ -17,6 +17,7 @@ flagged as outliers, and each is linearized for stability.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -26,7 +27,6 @@ import numpy as np
 import optax
 
 from lopt.dynamics._precision import as_input, as_state, bind, default_dtype, precision
-from lopt.dynamics.linearize import _linearize
 
 # Defaults (ours; the paper's code runs Adam alone, lr 0.01, up to 1000 steps, tolerance 1e-8 on the mean speed).
 FIRST_ORDER_STEPS = 200        # Adam steps before polishing; Newton does the rest
@@ -52,6 +52,7 @@ DUPLICATE_TOLERANCE_SQRT_EPS = 10.0  # ... at least this times sqrt(eps) (float3
 SLOW_DUPLICATE_TOLERANCE = 0.1
 OUTLIER_FACTOR = 3.0           # flagged when farther from every seed than this times the seeds' spread
 MAX_JACOBIAN_ELEMENTS = 2**25  # polishing works on chunks of seeds so that the stacked Jacobians stay this size
+ADAM_BLOCK = 10                # Adam steps per test of the stopping rule (see _adam_run)
 
 
 class FixedPoints(NamedTuple):
@@ -155,26 +156,45 @@ def adam_minimize(step, states, x_star, tolerance, *, per_seed: bool = False, ma
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed", "max_steps", "learning_rate", "stop"))
 def _adam_minimize(step, states, x_star, tolerance, *, per_seed, max_steps, learning_rate, stop):
+  return _adam_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps,
+                   learning_rate=learning_rate, stop=stop)
+
+
+def _adam_run(step, states, x_star, tolerance, *, per_seed, max_steps, learning_rate, stop):
+  """``_adam_minimize``'s body, traceable inside a larger jitted function.
+
+  Every step evaluates q and its gradient in one pass at the new point (the gradient is the next step's, the speed
+  is the stopping test's). The steps run in blocks of ADAM_BLOCK under a fixed trip count, a step past the stop
+  leaving everything as it was, so the loop's condition (read back by the host on accelerators) is tested once per
+  block rather than once per step; the states and the count are those of stopping after the exact step.
+  """
   optimizer = optax.adam(learning_rate)
-  # Each state's speed depends on that state only, so the gradient of the sum is every state's own gradient.
-  value_and_grad = jax.value_and_grad(lambda h: jnp.sum(_speeds(step, h, x_star, per_seed)))
+  # Each state's speed depends on that state only: per-state gradients are the gradient of the sum.
+  value_and_grad = jax.vmap(jax.value_and_grad(functools.partial(_speed, step)),
+                            in_axes=(0, 0 if per_seed else None))
 
   def done(q):
     return jnp.max(q) <= tolerance if stop == "all" else jnp.mean(q) <= tolerance
 
-  def cond(carry):
-    _, _, q, t = carry
+  def running(q, t):
     return (t < max_steps) & ~done(q)
 
-  def body(carry):
-    h, opt_state, _, t = carry
-    _, grad = value_and_grad(h)
-    updates, opt_state = optimizer.update(grad, opt_state)
-    h = optax.apply_updates(h, updates)
-    return h, opt_state, _speeds(step, h, x_star, per_seed), t + 1
+  def one_step(carry, _):
+    h, opt_state, q, grad, t = carry
+    updates, new_opt_state = optimizer.update(grad, opt_state)
+    new_h = optax.apply_updates(h, updates)
+    new_q, new_grad = value_and_grad(new_h, x_star)
+    active = running(q, t)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+    return (keep(new_h, h), keep(new_opt_state, opt_state), keep(new_q, q), keep(new_grad, grad),
+            t + active.astype(t.dtype)), None
 
-  q0 = _speeds(step, states, x_star, per_seed)
-  h, _, q, t = jax.lax.while_loop(cond, body, (states, optimizer.init(states), q0, jnp.zeros((), jnp.int32)))
+  def block(carry):
+    return jax.lax.scan(one_step, carry, None, length=min(ADAM_BLOCK, max_steps))[0]
+
+  q0, grad0 = value_and_grad(states, x_star)
+  init = (states, optimizer.init(states), q0, grad0, jnp.zeros((), jnp.int32))
+  h, _, q, _, t = jax.lax.while_loop(lambda c: running(c[2], c[4]), block, init)
   return h, q, t
 
 
@@ -200,9 +220,8 @@ def _polish_one(step, s: _Polish, x, tolerance) -> _Polish:
   """
   h = s.h
   residual = lambda v: v - step(v, x)  # noqa: E731
-  r = residual(h)
+  jac, r = jax.jacfwd(lambda v: (residual(v),) * 2, has_aux=True)(h)  # I - J_rec, and r from the same pass
   q = 0.5 * jnp.sum(r * r)
-  jac = jax.jacfwd(residual)(h)  # I - J_rec
   size = h.shape[0]
   newton = -jnp.linalg.solve(jac, r)
   normal = jac.T @ jac
@@ -257,6 +276,11 @@ def newton_polish(step, states, x_star, tolerance, *, per_seed: bool = False, ma
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed", "max_steps"))
 def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
+  return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
+
+
+def _newton_run(step, states, x_star, tolerance, valid=None, *, per_seed, max_steps):
+  """``_newton_polish``'s body, traceable inside a larger jitted function. ``valid`` (N,) False: padding, left as is."""
   one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
   size = states.shape[0]
 
@@ -270,12 +294,60 @@ def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
 
   q0 = _speeds(step, states, x_star, per_seed)
   false = jnp.zeros((size,), bool)
-  init = _Polish(states, q0, jnp.full((size,), 1e-3, states.dtype), q0 <= tolerance, false, states, q0, states, q0)
+  done = q0 <= tolerance if valid is None else (q0 <= tolerance) | ~valid
+  init = _Polish(states, q0, jnp.full((size,), 1e-3, states.dtype), done, false, states, q0, states, q0)
   s, t = jax.lax.while_loop(cond, body, (init, jnp.zeros((), jnp.int32)))
   # Undo unfinished trials.
   revert = s.trial & (s.q >= s.anchor_q)
   h = jnp.where(revert[:, None], jnp.where((s.fallback_q < s.anchor_q)[:, None], s.fallback, s.anchor), s.h)
   return h, _speeds(step, h, x_star, per_seed), t
+
+
+def _newton_chunked(step, states, x_star, tolerance, *, per_seed, max_steps, chunk):
+  """``_newton_run`` over chunks of ``chunk`` states, one after the other (lax.map: one compiled body), so that the
+  stacked Jacobians (chunk, H, H) fit in memory. Each chunk iterates until its own states are done; a state's
+  iterations do not depend on the others, so chunking changes nothing but the memory (and the work: a chunk stops
+  when its slowest state does). The last chunk is padded with states marked done.
+
+  Returns (states, speeds, the most iterations any chunk ran).
+  """
+  num = states.shape[0]
+  count = -(-num // chunk)
+  if count == 1:
+    return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
+  pad = count * chunk - num
+  in_chunks = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]).reshape(  # noqa: E731
+      (count, chunk) + a.shape[1:])
+  valid = (jnp.arange(count * chunk) < num).reshape(count, chunk)
+
+  def run(part):
+    h, ok, x = part
+    return _newton_run(step, h, x if per_seed else x_star, tolerance, ok, per_seed=per_seed, max_steps=max_steps)
+
+  h, q, t = jax.lax.map(run, (in_chunks(states), valid, in_chunks(x_star) if per_seed else valid))
+  return h.reshape((-1,) + h.shape[2:])[:num], q.reshape(-1)[:num], jnp.max(t)
+
+
+@functools.partial(jax.jit, static_argnames=("step", "per_seed", "first_order_steps", "learning_rate",
+                                             "newton_steps", "chunk"))
+def _search(step, seeds, x_star, tolerance, *, per_seed, first_order_steps, learning_rate, newton_steps, chunk):
+  """Both stages in one compiled call: (states (N, H), speeds (N,), Adam steps (), Newton iterations ())."""
+  states, adam_steps = seeds, jnp.zeros((), jnp.int32)
+  if first_order_steps > 0:
+    states, _, adam_steps = _adam_run(step, seeds, x_star, tolerance, per_seed=per_seed, max_steps=first_order_steps,
+                                      learning_rate=learning_rate, stop="all")
+  if newton_steps > 0:
+    states, final_speeds, newton_iters = _newton_chunked(step, states, x_star, tolerance, per_seed=per_seed,
+                                                         max_steps=newton_steps, chunk=chunk)
+  else:
+    final_speeds, newton_iters = _speeds(step, states, x_star, per_seed), jnp.zeros((), jnp.int32)
+  return states, final_speeds, adam_steps, newton_iters
+
+
+@functools.partial(jax.jit, static_argnames=("step", "per_seed"))
+def _recurrent_jacobians(step, points, x_star, *, per_seed):
+  """J_rec = dF/dh at each of ``points`` (K, H) -> (K, H, H)."""
+  return jax.vmap(jax.jacfwd(step), in_axes=(0, 0 if per_seed else None))(points, x_star)
 
 
 # -- classification ----------------------------------------------------------------------------------------------------
@@ -289,21 +361,65 @@ def deduplicate(points: np.ndarray, speeds_: np.ndarray, distance) -> tuple[np.n
   """Greedy merge, slowest first: a point within ``distance`` (a float, or (N,) one per point) of a kept one joins it.
 
   Returns (kept indices into ``points`` (K,), assignment (N,) index into the kept list).
+
+  Point by point in order of speed, each joins the nearest point kept before it (the first on ties) if within its
+  own distance, else is kept. Computed kept point by kept point: every point's distance to the nearest kept point is
+  tracked as points are kept, and the next point kept is the first one in the order beyond its distance from all
+  kept so far; the points before it join their nearest (K passes over the points, not N).
   """
+  points = np.asarray(points)
   distance = np.broadcast_to(np.asarray(distance, np.float64), (len(points),))
   order = np.argsort(speeds_, kind="stable")
+  ordered, limit = points[order], distance[order]
+  nearest_gap = np.full(len(points), np.inf)
+  nearest = np.zeros(len(points), dtype=np.int64)
   kept: list[int] = []
   assignment = np.empty(len(points), dtype=np.int64)
-  for i in order:
-    if kept:
-      gaps = np.linalg.norm(points[kept] - points[i], axis=1)
-      nearest = int(np.argmin(gaps))
-      if gaps[nearest] <= distance[i]:
-        assignment[i] = nearest
-        continue
-    assignment[i] = len(kept)
-    kept.append(int(i))
+  position = 0  # in the order: every point before it is assigned
+  while position < len(points):
+    # ordered[position] is beyond every kept point: keep it.
+    assignment[order[position]] = len(kept)
+    kept.append(int(order[position]))
+    rest = slice(position + 1, len(points))
+    gaps = np.linalg.norm(ordered[rest] - ordered[position], axis=1)
+    closer = gaps < nearest_gap[rest]  # strictly: ties stay with the earlier kept point
+    nearest_gap[rest] = np.where(closer, gaps, nearest_gap[rest])
+    nearest[rest] = np.where(closer, len(kept) - 1, nearest[rest])
+    beyond = np.flatnonzero(~(nearest_gap[rest] <= limit[rest]))
+    end = position + 1 + (int(beyond[0]) if len(beyond) else len(points) - position - 1)
+    assignment[order[position + 1:end]] = nearest[position + 1:end]
+    position = end
   return np.asarray(kept, dtype=np.int64), assignment
+
+
+def _bucket(count: int) -> int:
+  """The smallest power of 2 >= count."""
+  return 1 << max(count - 1, 0).bit_length()
+
+
+_blas_controller = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+  """BLAS and LAPACK on one thread inside the block (through threadpoolctl, which scikit-learn brings).
+
+  The search factorizes many small (H, H) matrices (XLA's CPU LAPACK calls, numpy's eigenvalues): one thread each
+  is all they can use, while OpenBLAS's worker threads, spinning as they wait for one another, take the cores from
+  XLA and from each other. On 2 busy cores a batch of 512 float64 256 x 256 solves took 8-20 s with OpenBLAS's
+  default threads and 1 s with one.
+  """
+  global _blas_controller
+  try:
+    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that XLA's CPU LAPACK calls, so the controller sees it)
+    import threadpoolctl
+  except ImportError:
+    yield
+    return
+  if _blas_controller is None:
+    _blas_controller = threadpoolctl.ThreadpoolController()
+  with _blas_controller.limit(limits=1, user_api="blas"):
+    yield
 
 
 def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=None, tolerance: float | None = None,
@@ -349,25 +465,16 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
       slow_tolerance = SLOW_TOLERANCE * max(1.0, scale**2)
     slow_tolerance = max(slow_tolerance, tolerance)
 
-    # Stage 1: a bounded first-order descent (stops early once every point is within the polishing basin).
-    states, adam_steps = seeds, 0
-    if first_order_steps > 0:
-      states, _, adam_steps = _adam_minimize(step, seeds, x_star, jnp.asarray(tolerance, dtype), per_seed=per_seed,
-                                             max_steps=first_order_steps, learning_rate=learning_rate, stop="all")
-      adam_steps = int(adam_steps)
-    # Stage 2: Newton polishing, in chunks so the stacked Jacobians (chunk, H, H) fit in memory.
-    newton_iters = 0
-    if newton_steps > 0:
-      chunk = max(1, min(num, MAX_JACOBIAN_ELEMENTS // (size * size)))
-      parts = []
-      for start in range(0, num, chunk):
-        xs = x_star[start:start + chunk] if per_seed else x_star
-        h, _, t = _newton_polish(step, states[start:start + chunk], xs, jnp.asarray(tolerance, dtype),
-                                 per_seed=per_seed, max_steps=newton_steps)
-        parts.append(h)
-        newton_iters = max(newton_iters, int(t))
-      states = jnp.concatenate(parts)
-    final_speeds = np.asarray(_speeds_jit(step, states, x_star, per_seed=per_seed), np.float64)
+    # Both stages in one compiled call: a bounded first-order descent (stopping early once every point is within
+    # the polishing basin), then Newton polishing in chunks so the stacked Jacobians (chunk, H, H) fit in memory.
+    chunk = max(1, min(num, MAX_JACOBIAN_ELEMENTS // (size * size)))
+    with _single_threaded_blas():
+      states, final_speeds, adam_steps, newton_iters = jax.device_get(_search(
+          step, seeds, x_star, jnp.asarray(tolerance, dtype), per_seed=per_seed,
+          first_order_steps=max(first_order_steps, 0), learning_rate=learning_rate,
+          newton_steps=max(newton_steps, 0), chunk=chunk))
+    adam_steps, newton_iters = int(adam_steps), int(newton_iters)
+    final_speeds = np.asarray(final_speeds, np.float64)
     states_np = np.asarray(states, np.float64)
 
     # Keep converged and slow points; merge duplicates with a tolerance relative to the state scale.
@@ -383,11 +490,16 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
     candidates = usable_index[first]  # seed index of each distinct point
 
     # Stability from the spectral radius of J_rec at each point; how flat q is there from the eigenvalues near 1.
+    # One compiled call for all points (their number padded to a power of 2, so few shapes compile), eigenvalues
+    # on the host.
     radius, flatness = np.zeros(len(candidates)), np.zeros(len(candidates))
-    for k, i in enumerate(candidates):
-      j_rec, _ = _linearize(step, states[i], x_star[i] if per_seed else x_star)
-      eigenvalues = np.linalg.eigvals(np.asarray(j_rec, np.float64))
-      radius[k], flatness[k] = np.max(np.abs(eigenvalues)), np.min(np.abs(1.0 - eigenvalues))
+    if len(candidates):
+      padded = np.concatenate([candidates, np.full(_bucket(len(candidates)) - len(candidates), candidates[0])])
+      with _single_threaded_blas():
+        j_rec = _recurrent_jacobians(step, jnp.asarray(states[padded]), x_star[padded] if per_seed else x_star,
+                                     per_seed=per_seed)
+        eigenvalues = np.linalg.eigvals(np.asarray(j_rec, np.float64)[:len(candidates)])
+      radius, flatness = np.max(np.abs(eigenvalues), axis=1), np.min(np.abs(1.0 - eigenvalues), axis=1)
 
     # Slow points within their own uncertainty (see SLOW_DUPLICATE_TOLERANCE) of a slower point join it.
     candidate_speeds = final_speeds[candidates]
@@ -404,10 +516,7 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
     # Outliers: far from every seed, relative to how spread out the seeds are.
     spread = float(np.sqrt(np.mean(np.sum((seeds_np - seeds_np.mean(0))**2, axis=1))))
     reference = max(spread, 1e-3 * scale, np.finfo(np.float64).tiny)
-    if len(points):
-      nearest_seed = np.array([np.min(np.linalg.norm(seeds_np - p, axis=1)) for p in points])
-    else:
-      nearest_seed = np.zeros(0)
+    nearest_seed = np.array([np.min(np.linalg.norm(seeds_np - p, axis=1)) for p in points])
     outlier = nearest_seed > outlier_factor * reference
 
   return FixedPoints(points=points, speeds=point_speeds, converged=point_speeds <= tolerance,
