@@ -173,6 +173,7 @@ def expected_square_difference(objective, dims: int) -> float:
   return float(np.sum(weights * np.asarray(differences, np.float64) ** 2))
 
 
+@pytest.mark.slow  # a statistical property over many estimates (~12 s); the unbiasedness tests stay in CI
 def test_pes_variance_grows_with_truncations_and_nres_does_not():
   """On meta-parameters without effect an estimate is pure noise, (L+ - L-) / (2 sigma^2) times the weight: its
   variance is E[(L+ - L-)^2] / (4 sigma^4) times the weight's. PES's weight at the k-th truncation (from 0) is the

@@ -79,6 +79,13 @@ def test_jax_general_matches_the_pinned_values():
   check(run_jax(), json.loads(PINS.read_text())["jax"])
 
 
+def test_jax_general_unit_by_unit_matches_the_pinned_values(monkeypatch):
+  """The per-coordinate MLP as accelerators write it (unit by unit; a CPU uses matrix products): the same numbers."""
+  from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
+  monkeypatch.setattr(HierarchicalOptimizer, "_units_form", lambda self: True)
+  check(run_jax(), json.loads(PINS.read_text())["jax"])
+
+
 def test_torch_general_matches_the_pinned_values():
   check(run_torch(), json.loads(PINS.read_text())["torch"])
 

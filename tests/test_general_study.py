@@ -7,12 +7,13 @@ import math
 import jax
 import numpy as np
 import optax
+import pytest
+from conftest import load_script
 
 from lopt.evaluation import benchmark
 
-from conftest import load_script
 
-
+@pytest.mark.slow  # runs the generalization study script end to end (~20 s)
 def test_xy_helpers_and_tiny_study(tmp_path):
   gs = load_script("scripts/general_study.py")
   # Gradient descent on 1/2 (x - y)^2 moves along (1, -1) only: from (2, 0) it reaches the projection (1, 1).

@@ -436,6 +436,7 @@ def test_learned_optimizer_from_a_file_matches_as_optax_in_float64(one_torch_thr
     assert np.max(np.abs(jax_params[name] - final)) / np.max(np.abs(final)) < 1e-10, name
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: kept out of CI's 20 minutes (test_family_training trains mlp too)
 def test_a_short_meta_training_on_two_moons_lowers_the_held_out_loss(tmp_path):
   """Through the registry and the trainer, as `lopt train two_moons --optimizer mlp` runs it (shortened): the
   untrained optimizer does not move (held-out normalized mean loss 1), a few outer steps make it optimize."""
