@@ -268,7 +268,8 @@ def selftrain(config: SelfTrainConfig, run_dir: str | Path | None = None, *, res
 
   ``progress(step, total, record)`` after every logged step; None: a bar with ETA and the best held-out loss.
   ``devices``: local devices the population axis is sharded over (one process only; the population size must be a
-  multiple of the count; None: the most devices it is a multiple of). Checkpoints hold whole arrays, so a run resumes on any count.
+  multiple of the count; None: the most devices it is a multiple of). Checkpoints hold whole arrays, so a run
+  resumes on any count.
   """
   if progress is None:
     from lopt.progress import training_bar
@@ -356,8 +357,9 @@ def placed(layout: sharding.Layout, state: PopulationState) -> tuple[PopulationS
   per_member = (state.theta, state.outer_state, state.estimator_state, state.scale, state.score, state.founder)
   shardings = layout.leading(per_member, "population", POPULATION_FIX)
   theta, outer_state, estimator_state, scale, score, founder = layout.put(per_member, shardings)
+  best_theta = layout.put(state.best_theta, layout.replica)
   return state._replace(theta=theta, outer_state=outer_state, estimator_state=estimator_state, scale=scale,
-                        score=score, founder=founder, best_theta=layout.put(state.best_theta, layout.replica)), shardings
+                        score=score, founder=founder, best_theta=best_theta), shardings
 
 
 def sharded_step(layout: sharding.Layout, step: Callable, shardings) -> Callable:

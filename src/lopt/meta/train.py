@@ -45,8 +45,8 @@ def build_outer_step(estimator, outer_optimizer: optax.GradientTransformation, *
   theta and the outer state stay as they were and the step counts as skipped.
 
   lopt 0.1's form ``build_outer_step(task, optimizer, outer, horizon=..., meta_loss=..., loss_cap=..., l2_penalty=...,
-  remat=..., first_order=..., on_nonfinite=...)`` still works: it returns ``outer_step(theta, outer_state, keys) -> (theta,
-  outer_state, StepMetrics)`` with full backpropagation on the (B,) problem ``keys``.
+  remat=..., first_order=..., on_nonfinite=...)`` still works: it returns ``outer_step(theta, outer_state, keys) ->
+  (theta, outer_state, StepMetrics)`` with full backpropagation on the (B,) problem ``keys``.
   """
   if not hasattr(estimator, "estimate"):
     return _legacy_outer_step(estimator, outer_optimizer, *legacy, **legacy_options)
