@@ -3,7 +3,8 @@
 #   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]
 # Environment: STEPS (stop and export at this outer step), NAME (run name suffix), PROBLEMS (meta-batch, 256),
 # SIGMA (0.01), LR (outer Adam), TRAINABLE (key-path prefixes), EVAL_HORIZON (held-out unrolls, 200), VALID_WITHHELD
-# (fraction of problems never fed a validation loss, 0).
+# (fraction of problems never fed a validation loss, 0), BATCH_NOISE (1: training problems draw a batch_fraction,
+# the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT: it writes a checkpoint and exports its best optimizer. The run
@@ -23,6 +24,7 @@ args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PR
       --optimizer "$arch" --seed 1 --out "$run")
 case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
+[ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")
 elif [ -n "$init" ]; then

@@ -3,6 +3,7 @@ bad combinations refused with one line and exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -51,6 +52,7 @@ def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
     (["--estimator", "mixed", "--truncation", "5", "--meta-batch-size", "1", "--num-particles", "1"], "needs at least 2 antithetic pairs"),
     (["--estimator", "pes", "--task-family", "nonesuch"], "nonesuch"),
     (["--estimator", "pes", "--objective", "validation"], "objective"),
+    (["--estimator", "pes", "--task-option", "batch_noise=1"], "'batch_noise' must be true or false, found 1"),
 ])
 def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message):
   args = ["train", "--task-family", "mlp", *SMALL, *extra, "--out", str(tmp_path / "bad")]
@@ -58,6 +60,26 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message)
   err = capsys.readouterr().err.strip()
   assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_batch_noise_trains_and_is_recorded(tmp_path, capsys):
+  """--task-option batch_noise=true: the run config keeps the option; the training groups are the shapes a run
+  without it trains on, plus a drawn batch_fraction; held-out groups have none."""
+  from lopt.meta.config import MetaTrainConfig
+  from lopt.meta.train import family_configs
+  assert train(tmp_path, "logistic_regression", "pes", "--truncation", "5", "--task-option", "batch_noise=true") == 0
+  run = tmp_path / "logistic_regression-pes"
+  config = MetaTrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+  assert config.task.options["batch_noise"] is True
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert records[-1]["step"] == 2 and all(jnp.isfinite(r["meta_loss"]) for r in records)
+  groups = json.loads((run / "task_groups.json").read_text())
+  assert all(0 < g["batch_fraction"] <= 1 for g in groups["training"])
+  assert not any("batch_fraction" in g for g in groups["held_out"])
+  plain = dataclasses.replace(config.task, options={"num_groups": 1, "max_step_flops": 2e5})
+  assert groups["held_out"] == family_configs(plain, config.seed, held_out=True)
+  without = [{k: v for k, v in g.items() if k != "batch_fraction"} for g in groups["training"]]
+  assert without == family_configs(plain, config.seed)
 
 
 def test_task_and_family_are_exclusive(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Task families: deterministic sampling, finite losses and gradients under jit and vmap, the parameter-scale
-augmentation, the exact 64-32-10 digits MLP, the offline datasets, and `lopt tasks`."""
+augmentation, the opt-in batch-fraction (gradient-noise) augmentation, the exact 64-32-10 digits MLP, the offline
+datasets, and `lopt tasks`."""
 
 import functools
 import json
@@ -12,7 +13,7 @@ import pytest
 from lopt.cli import main
 from lopt.data import datasets
 from lopt.tasks import families
-from lopt.tasks.families import FamilyError, problem_fields
+from lopt.tasks.families import BATCH_NOISE_SPACE, FamilyError, _nn, batch_fraction, problem_fields
 
 NAMES = sorted(families.FAMILIES)
 SMALL = 2e6  # a step budget that keeps each family's test problem (and its compile) small
@@ -46,10 +47,12 @@ def test_sample_is_deterministic_in_the_key(name):
 def group_run(name):
   """One compile per family (CPU compiles dominate this file's time): for 4 problem keys of the group task, its
   loss, gradients and held-out loss, its initial parameters beside the unaugmented task's, the drawn scales, and the
-  unaugmented loss at init_scale times its initial parameters."""
+  unaugmented loss at init_scale times its initial parameters; and the same group with batch noise: its drawn
+  fraction, loss and held-out loss at the same parameters."""
   config = small_config(name)
   family = families.get(name)
   group, base = families.group_task(config), family.build(family.shape_config(config))
+  noisy = family.with_batch_noise().group_task(config)
 
   @jax.jit
   @jax.vmap
@@ -59,7 +62,9 @@ def group_run(name):
     loss, grads = jax.value_and_grad(group.loss)(params, key, 3)
     base_loss = base.loss(jax.tree.map(lambda p: init_scale * p, base_params), key, 3)
     return dict(loss=loss, grads=grads, valid=group.valid_loss(params, key, 3), params=params,
-                base_params=base_params, init_scale=init_scale, param_scale=param_scale, base_loss=base_loss)
+                base_params=base_params, init_scale=init_scale, param_scale=param_scale, base_loss=base_loss,
+                fraction=batch_fraction(key, BATCH_NOISE_SPACE), noisy_loss=noisy.loss(params, key, 3),
+                noisy_valid=noisy.valid_loss(params, key, 3), noisy_init=noisy.init(key))
 
   return config, group, jax.tree.map(np.asarray, run(jax.random.split(jax.random.key(9), 4)))
 
@@ -95,6 +100,89 @@ def test_parameter_scale_augmentation_rescales_and_keeps_the_loss(name):
   np.testing.assert_allclose(out["loss"], out["base_loss"], rtol=1e-4)
 
 
+# -- batch noise (opt-in) --------------------------------------------------------------------------------------------
+
+def test_without_batch_noise_the_draws_are_what_they_were():
+  """Known answers from before the batch fraction existed (numpy sampling, with a step budget that makes it redraw,
+  and the jax draws of a group task); with batch noise the same configurations plus a batch_fraction."""
+  assert families.sample([0, 11], "mlp") == {
+      "family": "mlp", "dataset": "iris", "data_seed": 519, "depth": 1, "width": 38, "activation": "relu",
+      "layer_norm": True, "batch_size": 228, "init_scale": 1.3193756309103883, "param_scale": 1.0, "horizon": 107,
+      "step_flops": 363888.0}
+  assert families.sample([1, 5], "transformer_lm", max_step_flops=2e6) == {
+      "family": "transformer_lm", "data": "markov", "data_seed": 951, "layers": 1, "d_model": 24, "heads": 4,
+      "seq_len": 9, "batch_size": 4, "init_scale": 0.9957236851336823, "param_scale": 0.6444650398457091,
+      "horizon": 172, "step_flops": 1752192.0}
+  keys = jax.random.split(jax.random.key(9), 4)
+  init_scale, param_scale = jax.vmap(problem_fields)(keys)
+  np.testing.assert_allclose(init_scale, [0.6502353, 0.6272419, 1.1219814, 1.3804904], rtol=1e-6)
+  np.testing.assert_allclose(param_scale, [1.0, 1.0, 2.9317913, 1.0], rtol=1e-6)
+  for name in NAMES:
+    family, noisy = families.get(name), families.get(name).with_batch_noise()
+    assert "batch_fraction" not in family.problem_space and "batch_fraction" in noisy.problem_space
+    for key, budget in [([s, 5], b) for s in range(10) for b in (None, families.min_step_flops(name) * 4)]:
+      plain, drawn = family.sample(key, max_step_flops=budget), noisy.sample(key, max_step_flops=budget)
+      assert "batch_fraction" not in plain and drawn == {**plain, "batch_fraction": drawn["batch_fraction"]}
+      assert list(drawn) == ["family", *noisy.space, *noisy.problem_space, "step_flops"]
+  noisy_space = families.get("mlp").with_batch_noise().problem_space
+  for got, expected in zip(jax.vmap(lambda k: problem_fields(k, noisy_space))(keys), (init_scale, param_scale)):
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_noise_changes_only_the_training_loss_of_problems_drawing_a_fraction(name):
+  config, _, out = group_run(name)
+  fraction, full = out["fraction"], out["fraction"] == 1
+  assert full.any() and (~full).any() and np.all((fraction >= 1 / 64) & (fraction <= 1))
+  for noisy, plain in zip(jax.tree.leaves(out["noisy_init"]), jax.tree.leaves(out["params"])):
+    np.testing.assert_array_equal(noisy, plain)
+  np.testing.assert_array_equal(out["noisy_valid"], out["valid"])  # held-out losses: the whole minibatch
+  np.testing.assert_allclose(out["noisy_loss"][full], out["loss"][full], rtol=2e-6)  # a mask of ones: a mean
+  assert finite(out["noisy_loss"]) and out["noisy_loss"].shape == (4,)
+  if round(float(fraction[~full][0]) * config["batch_size"]) < config["batch_size"]:
+    assert not np.allclose(out["noisy_loss"][~full], out["loss"][~full])
+
+
+def test_a_batch_fraction_averages_the_first_examples_of_each_minibatch():
+  """The loss of logistic regression with batch_fraction f, by hand: the cross-entropy of the first round(f * 50)
+  examples of the minibatch (at least one), plus the whole L2 penalty; the held-out loss keeps all 50. A
+  configuration naming batch_fraction 1 is the task without one, exactly."""
+  config = {"family": "logistic_regression", "dataset": "iris", "data_seed": 3, "l2": 0.01, "batch_size": 50,
+            "init_scale": 1.0, "param_scale": 1.0, "horizon": 100}
+  (train_x, train_y), _ = datasets.tabular("iris", 3)
+  key, step = jax.random.key(4), 2
+  rows = np.asarray(_nn.batch_index(key, step, _nn.TRAIN_STREAM, 50, len(train_y)))
+  plain = families.task(config)
+  params = jax.tree.map(np.float64, plain.init(key))
+  penalty = 0.5 * 0.01 * np.sum(params["w"] ** 2)
+  named = families.task({**config, "batch_fraction": 1.0})
+  assert float(named.loss(plain.init(key), key, step)) == float(plain.loss(plain.init(key), key, step))
+  for fraction, count in ((0.3, 15), (0.5, 25), (0.01, 1), (1 / 64, 1)):
+    task = families.task({**config, "batch_fraction": fraction})
+    logits = train_x[rows[:count]] @ params["w"] + params["b"]
+    log_probs = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+    expected = -np.mean(log_probs[np.arange(count), train_y[rows[:count]]]) + penalty
+    assert float(task.loss(plain.init(key), key, step)) == pytest.approx(expected, rel=1e-5)
+    assert float(task.valid_loss(plain.init(key), key, step)) == float(plain.valid_loss(plain.init(key), key, step))
+
+
+def test_gradient_noise_grows_as_the_batch_fraction_shrinks():
+  """The variance of the minibatch gradient over 256 minibatches at fixed parameters (summed over coordinates) goes
+  as 1/k for k examples drawn with replacement: x4 per quartering of the fraction; asserted above x2."""
+  family = families.get("logistic_regression")
+  base = family.build({"dataset": "digits", "data_seed": 0, "l2": 0.0, "batch_size": 64})
+  key = jax.random.key(0)
+  params = base.init(key)
+
+  @jax.jit
+  def variance(fraction):
+    grads = jax.vmap(lambda step: jax.grad(base.loss)(params, key, step, batch_fraction=fraction))(jnp.arange(256))
+    return sum(jnp.sum(jnp.var(g, axis=0)) for g in jax.tree.leaves(grads))
+
+  full, quarter, sixteenth = (float(variance(f)) for f in (1.0, 0.25, 1 / 16))  # k = 64, 16, 4
+  assert quarter > 2 * full and sixteenth > 2 * quarter, (full, quarter, sixteenth)
+
+
 def test_a_fixed_parameter_scale_multiplies_the_parameters_not_the_loss():
   config = {**small_config("mlp"), "init_scale": 1.5}
   key = jax.random.key(0)
@@ -125,6 +213,9 @@ def test_the_64_32_10_digits_mlp_is_expressible_exactly():
     ({"width": 32.0}, "field 'width' must be a positive integer"),
     ({"layer_norm": 1}, "field 'layer_norm' must be one of false, true"),
     ({"param_scale": -1.0}, "field 'param_scale' must be 1 or a positive number"),
+    ({"batch_fraction": 1.5}, r"field 'batch_fraction' must be 1 or a number in \(0, 1\]"),
+    ({"batch_fraction": 0}, r"field 'batch_fraction' must be 1 or a number in \(0, 1\]"),
+    ({"batch_fraction": "half"}, r"field 'batch_fraction' must be 1 or a number in \(0, 1\]"),
     ({"colour": "red"}, "unknown field"),
     ({"family": "nope"}, "unknown task family 'nope'; known: autoencoder"),
 ])
@@ -199,6 +290,7 @@ def test_lopt_tasks_lists_every_family_and_field(capsys):
     assert f"{name}: {family.description}" in out
     for field_name in {**family.space, **family.problem_space}:
       assert f"  {field_name} " in out
+  assert out.count("  batch_fraction  problem  1 (with --task-option batch_noise=true: log-uniform") == len(NAMES)
 
 
 def test_lopt_tasks_sample_2000_is_varied_and_deterministic(capsys):

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--task-family", default=None, metavar="NAME",
                      help="meta-train on problems sampled from task families instead: a family name, several "
                           "comma-separated, or 'all' (`lopt tasks` lists them); --task-option num_groups=N, "
-                          "max_step_flops=X, eval_horizon=N (held-out selection unrolls, default 200)")
+                          "max_step_flops=X, eval_horizon=N (held-out selection unrolls, default 200), "
+                          "batch_noise=true (training problems draw a batch_fraction: gradient noise)")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",
@@ -714,14 +715,15 @@ def _families_table(chosen) -> str:
   """Each family: its name and description, then one row per field (shape fields first)."""
   blocks = []
   for family in chosen:
-    kinds = {**{name: "shape" for name in family.space}, **{name: "problem" for name in family.problem_space}}
     ranges = family.ranges()
     width = max(map(len, ranges))
-    rows = [f"  {name:<{width}}  {kinds[name]:<7}  {text}" for name, text in ranges.items()]
+    rows = [f"  {name:<{width}}  {'shape' if name in family.space else 'problem':<7}  {text}"
+            for name, text in ranges.items()]
     blocks.append("\n".join([f"{family.name}: {family.description}", *rows]))
   note = ("shape fields fix a problem's arrays and data (group_task vmaps every problem sharing them); problem fields "
-          "are drawn per problem.\n`lopt tasks --sample N` prints configurations, with each one's estimated "
-          "step_flops.")
+          "are drawn per problem.\nbatch_fraction: the share of each minibatch the training loss counts "
+          "(gradient noise; drawn only in `lopt train --task-family` runs with --task-option batch_noise=true).\n"
+          "`lopt tasks --sample N` prints configurations, with each one's estimated step_flops.")
   return "\n\n".join(blocks + [note])
 
 

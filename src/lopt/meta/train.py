@@ -129,6 +129,7 @@ FAMILY_OPTIONS = {
     "num_groups": 4,         # shapes sampled per run; each is one vmapped group of problems (one compilation each)
     "max_step_flops": None,  # restrict sampling to configurations whose inner step costs at most this many FLOPs
     "eval_horizon": 200,     # held-out problems are unrolled this long (unless the run sets a horizon)
+    "batch_noise": False,    # training problems draw a batch fraction (gradient noise; families.BATCH_NOISE_SPACE)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -136,16 +137,36 @@ HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: nev
 
 def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
   """The task groups of a family run: ``num_groups`` shapes sampled from the families in turn, each a Task that
-  draws its problem fields (initialization and parameter scale, horizon) per problem key."""
-  from lopt.tasks import families
-  return tuple(families.group_task(c) for c in family_configs(section, seed, held_out=held_out))
+  draws its problem fields (initialization and parameter scale, horizon, the batch fraction with ``batch_noise``)
+  per problem key."""
+  noisy = family_options(section)["batch_noise"] and not held_out
+  return tuple(_family(c["family"], noisy).group_task(c)
+               for c in family_configs(section, seed, held_out=held_out))
 
 
 def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
   """The configurations behind ``family_groups`` (JSON; their problem fields are one draw, shown for reference:
-  training draws them per problem). A pure function of the task section and the seed."""
+  training draws them per problem). A pure function of the task section and the seed. ``batch_noise`` adds a
+  batch fraction to the training configurations and changes nothing else; held-out ones never have it (selection
+  compares optimizers on the problems as they are)."""
   from lopt.tasks import families
   names = families.names_from(section.family)
+  options = family_options(section)
+  noisy = options["batch_noise"] and not held_out
+  stream = HELD_OUT_STREAM if held_out else 0
+  return [_family(names[g % len(names)], noisy).sample([seed, stream, g], max_step_flops=options["max_step_flops"])
+          for g in range(options["num_groups"])]
+
+
+def _family(name: str, batch_noise: bool):
+  from lopt.tasks import families
+  family = families.get(name)
+  return family.with_batch_noise() if batch_noise else family
+
+
+def family_options(section) -> dict:
+  """The family options of a task section, defaults filled in (FamilyError naming a bad one)."""
+  from lopt.tasks import families
   options = {**FAMILY_OPTIONS, **section.options}
   unknown = sorted(set(options) - set(FAMILY_OPTIONS))
   if unknown:
@@ -159,9 +180,10 @@ def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
   budget = options["max_step_flops"]
   if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
     raise families.FamilyError(f"task family option 'max_step_flops' must be a positive number, found {budget!r}")
-  stream = HELD_OUT_STREAM if held_out else 0
-  return [families.get(names[g % len(names)]).sample([seed, stream, g], max_step_flops=budget)
-          for g in range(count)]
+  if not isinstance(options["batch_noise"], bool):
+    raise families.FamilyError(f"task family option 'batch_noise' must be true or false, found "
+                               f"{options['batch_noise']!r}")
+  return options
 
 
 def task_from(config: MetaTrainConfig):
@@ -231,7 +253,7 @@ def held_out_tasks(config: MetaTrainConfig, task):
   other shapes from the same families (configurations never trained on)."""
   if not isinstance(task, tuple):
     return task, config.task.horizon or task.horizon
-  horizon = {**FAMILY_OPTIONS, **config.task.options}["eval_horizon"]
+  horizon = family_options(config.task)["eval_horizon"]
   return family_groups(config.task, config.seed, held_out=True), config.task.horizon or horizon
 
 

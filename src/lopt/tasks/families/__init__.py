@@ -1,5 +1,6 @@
 """Task families for meta-training general-purpose learned optimizers (Metz et al. 2020): distributions over
-architectures, datasets and batch sizes (shape fields) and over initialization and parameter scale (problem fields).
+architectures, datasets and batch sizes (shape fields) and over initialization and parameter scale (problem fields;
+opt-in, ``Family.with_batch_noise``: the fraction of each minibatch the training loss counts).
 
 ``sample(key)`` draws a JSON configuration (a uniform mix of the families unless ``family`` is named);
 ``task(config)`` builds exactly that problem and ``group_task(config)`` every problem sharing its shape fields, drawn
@@ -13,8 +14,8 @@ import itertools
 
 from lopt.fields import Registry
 from lopt.tasks.families import autoencoder, cnn, logistic_regression, mlp, rnn_lm, transformer_lm
-from lopt.tasks.families.base import (PROBLEM_SPACE, Choice, Family, FamilyError, IntRange, LogUniform, Sometimes,
-                                      augmented, problem_fields, rng_from)
+from lopt.tasks.families.base import (BATCH_NOISE_SPACE, PROBLEM_SPACE, Choice, Family, FamilyError, IntRange,
+                                      LogUniform, Sometimes, augmented, batch_fraction, problem_fields, rng_from)
 
 FAMILIES = Registry("task family", FamilyError)
 for _module in (mlp, cnn, rnn_lm, transformer_lm, autoencoder, logistic_regression):
@@ -94,5 +95,6 @@ def group_task(config: dict):
   return _family_of(config).group_task(config)
 
 
-__all__ = ["FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice", "IntRange", "LogUniform", "Sometimes",
-           "augmented", "get", "group_task", "min_step_flops", "names_from", "problem_fields", "sample", "task"]
+__all__ = ["BATCH_NOISE_SPACE", "FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice", "IntRange",
+           "LogUniform", "Sometimes", "augmented", "batch_fraction", "get", "group_task", "min_step_flops",
+           "names_from", "problem_fields", "sample", "task"]

@@ -83,6 +83,20 @@ def cross_entropy(logits, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1))
 
 
+def fraction_mean(objective, predictions, targets, batch_fraction=None):
+  """``objective(predictions, targets)`` (a mean over the leading batch axis and any others); with ``batch_fraction``
+  (() float, may be traced) the mean of each example's objective over the first k = max(1, round(batch_fraction *
+  batch)) examples only. A mask, not a slice, so every fraction has the same shapes (problems of one compiled
+  group differ in their gradient noise)."""
+  if batch_fraction is None:
+    return objective(predictions, targets)  # exactly the unaugmented value
+  batch = targets.shape[0]
+  each = jax.vmap(lambda p, t: objective(p[None], t[None]))(predictions, targets)  # (batch,) one example at a time
+  count = jnp.maximum(1.0, jnp.round(batch_fraction * batch))
+  # where, not a product: an overflowing example left out does not turn the mean into 0 * inf = nan
+  return jnp.sum(jnp.where(jnp.arange(batch) < count, each, 0.0)) / count
+
+
 def batch_index(key, step, stream: int, batch_size: int, count: int):
   """(batch_size,) rows in [0, count): minibatch ``step`` of problem ``key``, a pure function of both. Random bits
   modulo count (bias < count / 2^32, negligible) compile faster than randint's two draws."""
@@ -91,17 +105,19 @@ def batch_index(key, step, stream: int, batch_size: int, count: int):
 
 
 def supervised_task(name: str, train, valid, spec, predict, objective, batch_size: int, penalty=None) -> Task:
-  """The Task of ``objective(predict(params, x), y)`` on minibatches of the (train, valid) split (numpy arrays,
-  captured as constants), parameters drawn from ``spec``. ``penalty(params)`` is added to both losses."""
+  """The Task of ``objective(predict(params, x), y)`` (a mean over the batch) on minibatches of the (train, valid)
+  split (numpy arrays, captured as constants), parameters drawn from ``spec``. ``penalty(params)`` is added to both
+  losses. The training loss takes ``batch_fraction=f`` too: the mean over the minibatch's first examples
+  (``fraction_mean``); the penalty is not per example and stays whole."""
   train_x, train_y, valid_x, valid_y = (jnp.asarray(a) for a in (*train, *valid))
 
-  def batch_loss(params, x, y, key, step, stream):
+  def batch_loss(params, x, y, key, step, stream, batch_fraction=None):
     index = batch_index(key, step, stream, batch_size, y.shape[0])
-    value = objective(predict(params, x[index]), y[index])
+    value = fraction_mean(objective, predict(params, x[index]), y[index], batch_fraction)
     return value if penalty is None else value + penalty(params)
 
-  def loss(params, key, step=0):
-    return batch_loss(params, train_x, train_y, key, step, TRAIN_STREAM)
+  def loss(params, key, step=0, batch_fraction=None):
+    return batch_loss(params, train_x, train_y, key, step, TRAIN_STREAM, batch_fraction)
 
   def valid_loss(params, key, step=0):
     return batch_loss(params, valid_x, valid_y, key, step, VALID_STREAM)
@@ -134,17 +150,18 @@ def lm_streams(data: str, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def lm_task(name: str, data: str, data_seed: int, spec, logits_fn, batch_size: int, seq_len: int) -> Task:
   """Next-token cross-entropy of ``logits_fn(params, tokens (batch, seq_len)) -> (batch, seq_len, vocab)`` on windows
-  of seq_len + 1 tokens starting at positions drawn from (key, step); parameters drawn from ``spec``."""
+  of seq_len + 1 tokens starting at positions drawn from (key, step); parameters drawn from ``spec``. The training
+  loss takes ``batch_fraction=f`` too: the mean over the first sequences of the batch (``fraction_mean``)."""
   train, valid = (jnp.asarray(s, jnp.int32) for s in lm_streams(data, data_seed))
   offsets = jnp.arange(seq_len + 1)
 
-  def window_loss(params, stream, key, step, tag):
+  def window_loss(params, stream, key, step, tag, batch_fraction=None):
     starts = batch_index(key, step, tag, batch_size, stream.shape[0] - seq_len)
     tokens = stream[starts[:, None] + offsets]
-    return cross_entropy(logits_fn(params, tokens[:, :-1]), tokens[:, 1:])
+    return fraction_mean(cross_entropy, logits_fn(params, tokens[:, :-1]), tokens[:, 1:], batch_fraction)
 
-  def loss(params, key, step=0):
-    return window_loss(params, train, key, step, TRAIN_STREAM)
+  def loss(params, key, step=0, batch_fraction=None):
+    return window_loss(params, train, key, step, TRAIN_STREAM, batch_fraction)
 
   def valid_loss(params, key, step=0):
     return window_loss(params, valid, key, step, VALID_STREAM)

@@ -3,13 +3,14 @@ configurations and with jax for per-problem draws inside a jitted loop), and the
 
 A configuration is ``{"family": name, **shape fields, **problem fields, "step_flops": estimate}``. Shape fields
 (sizes, dataset, batch size, activation) fix the arrays' shapes; problem fields (initialization scale, parameter
-scale, horizon) do not. ``Family.group_task(config)`` is the Task of *every* configuration sharing ``config``'s shape
-fields, drawing the problem fields from each problem key, so that they are vmapped together;
-``Family.task(config)`` is exactly one configuration.
+scale, horizon, and with ``Family.with_batch_noise`` the batch fraction) do not. ``Family.group_task(config)`` is
+the Task of *every* configuration sharing ``config``'s shape fields, drawing the problem fields from each problem
+key, so that they are vmapped together; ``Family.task(config)`` is exactly one configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,10 +72,12 @@ class IntRange:
 
 @dataclass(frozen=True)
 class LogUniform:
-  """exp(Uniform(log low, log high)); ``integer`` rounds it (widths, batch sizes, horizons)."""
+  """exp(Uniform(log low, log high)); ``integer`` rounds it (widths, batch sizes, horizons); ``maximum`` bounds what
+  a configuration may name (fractions: 1)."""
   low: float
   high: float
   integer: bool = False
+  maximum: float = math.inf
 
   def draw(self, rng: np.random.Generator):
     value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
@@ -99,10 +102,11 @@ class LogUniform:
     return f"log-uniform {kind} {self.low:g}..{self.high:g}"
 
   def allows(self, value) -> bool:
-    """A positive integer (``integer``) or a positive finite number, inside or beyond [low, high]."""
+    """A positive integer (``integer``) or a positive finite number, inside or beyond [low, high], up to
+    ``maximum``."""
     if self.integer:
-      return _is_int(value) and value >= 1
-    return _is_number(value) and 0 < value < math.inf
+      return _is_int(value) and 1 <= value <= self.maximum
+    return _is_number(value) and 0 < value <= self.maximum
 
   def middle(self):
     """The geometric middle of the range (the value of a field a configuration leaves out)."""
@@ -163,6 +167,15 @@ PROBLEM_SPACE = {
     "horizon": LogUniform(100, 2000, integer=True),
 }
 
+# Gradient-noise augmentation, opt-in (``Family.with_batch_noise``; meta-training's ``batch_noise`` option) so that
+# draws without it stay what they were: the training loss counts only the first max(1, round(batch_fraction *
+# batch_size)) examples of each minibatch, so that one shape group spans noise levels from a single example to its
+# whole batch (ours; the batch sizes alone, each a compiled shape, span 4..256).
+BATCH_NOISE_SPACE = {
+    "batch_fraction": Sometimes(LogUniform(1 / 64, 1.0, maximum=1.0), probability=0.5, otherwise=1.0),
+}
+BATCH_FRACTION_TAG = 0xBA7C4  # fold_in data of a problem key's batch-fraction draw (problem_fields' is 0x5CA1E)
+
 
 # -- families --------------------------------------------------------------------------------------------------------
 
@@ -183,13 +196,16 @@ class Family:
 
   def sample(self, key, *, max_step_flops: float | None = None) -> dict:
     """A JSON configuration from ``key`` (an int, ints or a jax key); redrawn (up to 1000 times, from the same
-    stream) until its step costs at most ``max_step_flops``."""
+    stream) until its step costs at most ``max_step_flops``. The batch fraction, when drawn, comes last: the same
+    configuration as without it, plus that field."""
     rng = rng_from(key)
+    noise = {name: dist for name, dist in self.problem_space.items() if name in BATCH_NOISE_SPACE}
     for _ in range(1000):
       shape = {name: dist.draw(rng) for name, dist in self.space.items()}
-      problem = {name: dist.draw(rng) for name, dist in self.problem_space.items()}
+      problem = {name: dist.draw(rng) for name, dist in self.problem_space.items() if name not in noise}
       flops = float(self.step_flops(shape))
       if max_step_flops is None or flops <= max_step_flops:
+        problem.update({name: dist.draw(rng) for name, dist in noise.items()})
         return {"family": self.name, **shape, **problem, "step_flops": flops}
     raise FamilyError(f"family {self.name!r}: no configuration within max_step_flops={max_step_flops:g} in 1000 "
                       f"draws")
@@ -198,7 +214,7 @@ class Family:
     """The shape fields of ``config`` (FamilyError naming what is missing or unknown)."""
     if config.get("family", self.name) != self.name:
       raise FamilyError(f"a {config.get('family')!r} configuration given to family {self.name!r}")
-    allowed = set(self.space) | set(self.problem_space) | {"family", "step_flops"}
+    allowed = set(self.space) | set(self.problem_space) | set(BATCH_NOISE_SPACE) | {"family", "step_flops"}
     unknown = sorted(set(config) - allowed)
     if unknown:
       raise FamilyError(f"family {self.name!r}: unknown field(s) {unknown}; its fields are {sorted(allowed)}")
@@ -215,10 +231,12 @@ class Family:
                           f"{show(config[name])}")
 
   def task(self, config: dict):
-    """The Task of exactly ``config`` (problem fields fixed to the configuration's values)."""
+    """The Task of exactly ``config`` (problem fields fixed to the configuration's values; a batch fraction only
+    when the configuration names one or this family draws it)."""
     shape = self.shape_config(config)
-    self._check(config, self.problem_space)
-    fixed = {name: config.get(name, _default(dist)) for name, dist in self.problem_space.items()}
+    space = {**self.problem_space, **{name: dist for name, dist in BATCH_NOISE_SPACE.items() if name in config}}
+    self._check(config, space)
+    fixed = {name: config.get(name, _default(dist)) for name, dist in space.items()}
     return augmented(self.build(shape), fixed, None, self.problem_space, config)
 
   def group_task(self, config: dict):
@@ -228,8 +246,16 @@ class Family:
                      {"family": self.name, **shape})
 
   def ranges(self) -> dict[str, str]:
-    """Field -> its distribution in words (``lopt tasks``)."""
-    return {name: dist.describe() for name, dist in {**self.space, **self.problem_space}.items()}
+    """Field -> its distribution in words (``lopt tasks``); the batch fraction too when this family does not draw
+    it (what meta-training's batch_noise option draws, what a configuration may name)."""
+    ranges = {name: dist.describe() for name, dist in {**self.space, **self.problem_space}.items()}
+    for name, dist in BATCH_NOISE_SPACE.items():
+      ranges.setdefault(name, f"{_default(dist):g} (with --task-option batch_noise=true: {dist.describe()})")
+    return ranges
+
+  def with_batch_noise(self) -> Family:
+    """This family drawing a batch fraction per problem too (``BATCH_NOISE_SPACE``)."""
+    return dataclasses.replace(self, problem_space={**self.problem_space, **BATCH_NOISE_SPACE})
 
 
 def _default(dist):
@@ -245,7 +271,9 @@ def _allowed(dist) -> str:
   if isinstance(dist, Sometimes):
     return f"{dist.otherwise:g} or {_allowed(dist.distribution)}"
   if isinstance(dist, LogUniform):
-    return f"a positive {'integer' if dist.integer else 'number'} ({dist.describe()} when sampled)"
+    kind = "integer" if dist.integer else "number"
+    bound = f"a positive {kind}" if dist.maximum == math.inf else f"a {kind} in (0, {dist.maximum:g}]"
+    return f"{bound} ({dist.describe()} when sampled)"
   if isinstance(dist, IntRange):
     return f"an integer >= {min(dist.low, 1)} ({dist.describe()} when sampled)"
   return dist.describe()
@@ -261,11 +289,19 @@ def problem_fields(key, space: dict | None = None):
   return init_dist.from_uniforms(u[:init_dist.num_uniforms]), scale_dist.from_uniforms(u[init_dist.num_uniforms:])
 
 
+def batch_fraction(key, space: dict):
+  """The batch fraction of problem ``key`` as a group task draws it from ``space["batch_fraction"]``: () float32,
+  inside jit and vmap. Its own fold_in tag, so the other fields' draws do not depend on whether it is drawn."""
+  import jax
+  return space["batch_fraction"].draw_jax(jax.random.fold_in(key, BATCH_FRACTION_TAG))
+
+
 def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options: dict):
   """``base`` with initialization scale and parameter-scale augmentation: the optimizer sees parameters q = s * p
   with p = init_scale * base.init(key), and the loss base.loss(q / s). Values from ``fixed`` or drawn per problem key
-  from ``drawn`` (a distribution per field). A horizon range (``traits["horizon_range"]``) tells truncated
-  estimators how long each problem's episode may be."""
+  from ``drawn`` (a distribution per field). With a batch fraction (fixed below 1, or drawn) the training loss is
+  ``base.loss(q / s, key, step, batch_fraction=f)``; the validation loss stays the whole minibatch's. A horizon
+  range (``traits["horizon_range"]``) tells truncated estimators how long each problem's episode may be."""
   import jax
 
   from lopt.tasks.base import Task
@@ -275,14 +311,23 @@ def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options
       return float(fixed["init_scale"]), float(fixed["param_scale"])
     return problem_fields(key, drawn)
 
+  def fraction(key):
+    """None: no batch fraction (the base loss unchanged, not merely equal)."""
+    if fixed is not None:
+      value = float(fixed.get("batch_fraction", 1.0))
+      return None if value == 1.0 else value
+    return batch_fraction(key, drawn) if "batch_fraction" in drawn else None
+
   def init(key):
     init_scale, param_scale = scales(key)
     return jax.tree.map(lambda p: p * (init_scale * param_scale), base.init(key))
 
-  def unscaled(loss):
+  def unscaled(loss, noisy=False):
     def scaled_loss(params, key, step=0):
       _, param_scale = scales(key)
-      return loss(jax.tree.map(lambda q: q / param_scale, params), key, step)
+      params = jax.tree.map(lambda q: q / param_scale, params)
+      f = fraction(key) if noisy else None
+      return loss(params, key, step) if f is None else loss(params, key, step, batch_fraction=f)
     return scaled_loss
 
   horizon_dist = space["horizon"]
@@ -293,4 +338,5 @@ def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options
     horizon = int(round(math.sqrt(horizon_dist.low * horizon_dist.high)))
   valid = None if base.valid_loss is None else unscaled(base.valid_loss)
   traits = {**base.traits, "network": True, "family": options.get("family"), "horizon_range": horizon_range}
-  return Task(base.name, init, unscaled(base.loss), horizon, valid_loss=valid, options=dict(options), traits=traits)
+  return Task(base.name, init, unscaled(base.loss, noisy=True), horizon, valid_loss=valid, options=dict(options),
+              traits=traits)
