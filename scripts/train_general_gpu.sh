@@ -4,11 +4,13 @@
 # Environment: STEPS (stop and export at this outer step), NAME (run name suffix), PROBLEMS (meta-batch, 256),
 # SIGMA (0.01), LR (outer Adam), TRAINABLE (key-path prefixes), EVAL_HORIZON (held-out unrolls, 200), VALID_WITHHELD
 # (fraction of problems never fed a validation loss, 0), BATCH_NOISE (1: training problems draw a batch_fraction,
-# the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off).
+# the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
+# (the meta-objective's loss: train, the default, or valid).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
-# resume it exactly. After SECONDS it gets SIGINT: it writes a checkpoint and exports its best optimizer. The run
-# directory without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
+# resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
+# the run reaches STEPS, so set STEPS to end within SECONDS when the optimizer should come back. The run directory
+# without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
 # Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again.
 set -u
 seconds=${1:-480}
@@ -18,7 +20,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_
 run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
 args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
       --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
-      --estimator-option "valid_withheld=${VALID_WITHHELD:-0}"
+      --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
       --task-option num_groups=6 --task-option max_step_flops=2e7 --clip-value 0.1 --decay-steps 2000
       --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64 --checkpoint-every 25 --log-every 5
       --optimizer "$arch" --seed 1 --out "$run")

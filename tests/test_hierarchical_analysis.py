@@ -206,3 +206,21 @@ def test_lopt_analyze_writes_the_hierarchical_analysis_and_report_section(hierar
   html = (hierarchical_run / "report.html").read_text()
   assert "response to a rising validation loss" in html and "learned step-size schedule" in html
   assert "fixed point(s) from" in html
+
+
+def test_training_settings_read_both_config_layouts(tmp_path):
+  """The shipped paper optimizers record lopt 0.1's flat training config (the task as a name, the horizon at the top
+  level); reading it crashed `lopt analyze linear_regression` before the analysis began."""
+  from lopt import trained
+  from lopt.pipeline.hierarchical_analysis import training_settings
+  shipped = trained.resolve_optimizer_path("linear_regression")
+  assert training_settings(shipped) == {"horizon": None, "valid_every": None}
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  (flat / "config.json").write_text(json.dumps({"info": {"training": {"task": "rosenbrock", "horizon": 40}}}))
+  assert training_settings(flat) == {"horizon": 40, "valid_every": None}
+  nested = tmp_path / "nested"
+  nested.mkdir()
+  (nested / "config.json").write_text(json.dumps({"info": {"training": {"task": {"horizon": 30},
+                                                                        "estimator": {"valid_every": 10}}}}))
+  assert training_settings(nested) == {"horizon": 30, "valid_every": 10}

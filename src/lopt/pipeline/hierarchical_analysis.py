@@ -62,8 +62,10 @@ def training_settings(source: str | Path | None) -> dict:
       config = (read_json(source / "config.json", "optimizer config").get("info") or {}).get("training")
   if not isinstance(config, dict):
     return {"horizon": None, "valid_every": None}
-  return {"horizon": (config.get("task") or {}).get("horizon"),
-          "valid_every": (config.get("estimator") or {}).get("valid_every")}
+  task, estimator = config.get("task"), config.get("estimator")
+  # The optimizers shipped with lopt 0.1 record a flat config: the task's name and the horizon at the top level.
+  horizon = task.get("horizon") if isinstance(task, dict) else config.get("horizon")
+  return {"horizon": horizon, "valid_every": estimator.get("valid_every") if isinstance(estimator, dict) else None}
 
 
 def tensor_table(task) -> list[dict]:
