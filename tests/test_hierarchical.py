@@ -210,6 +210,35 @@ def test_untrained_optimizer_is_adam_with_a_hypergradient_step():
   np.testing.assert_allclose(state.tensors["b"].log_step, theta["step"]["alignment"][0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_tensors_of_one_shape_stepped_as_a_batch_give_the_same_steps(monkeypatch, units):
+  """Accelerators step tensors of one shape and dtype as one batch (``_batches_tensors``): the same updates and
+  states as one tensor at a time, with the MLP in either form, for a mix of grouped and lone tensors."""
+  theta = random_theta(OPTIMIZER)
+  rng = np.random.default_rng(3)
+  shapes = {"w1": (7, 5), "w2": (7, 5), "w3": (7, 5), "b1": (5,), "b2": (5,), "conv": (3, 2, 3, 3), "s": ()}
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rng.normal(size=s) * (1 + t), jnp.float32) for k, s in shapes.items()} for t in range(4)]
+  monkeypatch.setattr(HierarchicalOptimizer, "_units_form", lambda self: units)
+
+  def run(batched):
+    monkeypatch.setattr(HierarchicalOptimizer, "_batches_tensors", lambda self: batched)
+    update = jax.jit(functools.partial(OPTIMIZER.update, num_steps=10))
+    p, state, steps = params, OPTIMIZER.init_state(theta, params), []
+    for t, g in enumerate(grads):
+      u, state = update(theta, state, g, p, loss=2.0 - 0.1 * t, valid_loss=2.1 if t % 2 else np.nan)
+      p = jax.tree.map(lambda a, b: a + b, p, u)
+      steps.append(u)
+    return steps, state
+
+  monkeypatch.setattr(HierarchicalOptimizer, "_batches_tensors", lambda self: True)
+  groups = OPTIMIZER._groups([jax.tree.leaves(x) for x in (params, params, params, params, params, params)])
+  assert sorted(len(g) for g in groups) == [1, 1, 2, 3]
+  (one, one_state), (batch, batch_state) = run(False), run(True)
+  for a, b in zip(jax.tree.leaves((one, one_state)), jax.tree.leaves((batch, batch_state))):
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=2e-5, atol=1e-7)
+
+
 def test_losses_are_optional_and_a_missing_validation_loss_changes_nothing():
   theta = random_theta(OPTIMIZER)
   params, grads = {"b": jnp.ones(5)}, {"b": jnp.linspace(-1, 1, 5)}

@@ -57,6 +57,7 @@ LOG_FLOOR = 1e-30       # log(x + LOG_FLOOR) for RMS values that may be zero
 LOG_STEP_LIMIT = 8.0    # the per-tensor log step stays within +-8: step sizes from 3e-4 to 3e3 times step_scale
 LOG_SCALE = 0.1         # log-magnitude features enter the LSTM as LOG_SCALE * log(x): O(1) for x in [1e-9, 1e4]
 ALIGNMENT_GAIN_INIT = 0.5  # hypergradient gain on cos(g, m_1 rs) at initialization (then meta-learned)
+GROUP_LIMIT = 1 << 21    # on accelerators, tensors of one shape with up to this many coordinates step as one batch
 UNITS_LIMIT = 512        # on accelerators, per-coordinate MLPs with up to this many products are written unit by
                          # unit (see ``_units_form``); larger ones, and any on a CPU, as matrix products
 
@@ -174,6 +175,17 @@ def second_moment_estimate(second_moment, shape: tuple[int, ...]) -> jax.Array:
   return second_moment
 
 
+def _stack(items: list):
+  """One pytree from a group's entries: the entry itself for a group of one, else its leaves stacked on a new first
+  axis."""
+  return items[0] if len(items) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *items)
+
+
+def _batched(fn, group: list):
+  """``fn`` for a group of one; else ``fn`` over the group's stacked entries (every argument batched on axis 0)."""
+  return fn if len(group) == 1 else jax.vmap(fn)
+
+
 def _default(name: str):
   return SPEC.fields[name].default
 
@@ -266,55 +278,66 @@ class HierarchicalOptimizer:
 
     leaves, treedef = jax.tree.flatten(params)
     flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    grads, momenta, averages, tensor_states = flat(grads), flat(state.momentum), flat(state.average), flat(
-        state.tensors)
-    # Three passes over each tensor: the clipping threshold and the new second moment; the statistics the LSTM reads;
+    per_tensor = [leaves, flat(grads), flat(state.momentum), flat(state.average), flat(state.second_moment),
+                  flat(state.tensors)]
+    # Tensors of one shape and dtype are stepped as one batch on accelerators (``_groups``): a pass over a group is
+    # one kernel where it was one per tensor. A group of one is the tensor itself, as on a CPU.
+    groups = self._groups(per_tensor)
+    p, g, m, a, v, ts = ([_stack([x[i] for i in group]) for group in groups] for x in per_tensor)
+    # Three passes over each group: the clipping threshold and the new second moment; the statistics the LSTM reads;
     # after the LSTM, the per-coordinate update. Each pass recomputes the per-coordinate terms it needs from the
-    # tensors (cheaper than writing and reading them), and reads the tensors through an optimization barrier: XLA
-    # then neither keeps an earlier pass's terms in memory nor writes the new momenta and average (the step's
-    # outputs) before the last read of the old ones, which would make it copy the donated state.
-    firsts = [self._first_pass(theta, new_step, g, v, ts) for g, v, ts in zip(
-        grads, flat(state.second_moment), tensor_states)]
-    leaves, grads, momenta, averages, second_moments = jax.lax.optimization_barrier(
-        (leaves, grads, momenta, averages, [f["second_moment"] for f in firsts]))
-    stats = [self._statistics(theta, new_step, p, g, m, a, v, ts, first) for p, g, m, a, v, ts, first in zip(
-        leaves, grads, momenta, averages, second_moments, tensor_states, firsts)]
+    # tensors (cheaper than writing and reading them), and reads them through an optimization barrier: XLA then
+    # neither keeps an earlier pass's terms in memory nor writes the new momenta and average (the step's outputs)
+    # before the last read of the old ones, which would make it copy the donated state.
+    first_pass = lambda *args: self._first_pass(theta, new_step, *args)  # noqa: E731
+    firsts = [_batched(first_pass, group)(*args) for group, *args in zip(groups, g, v, ts)]
+    p, g, m, a, v = jax.lax.optimization_barrier((p, g, m, a, [f["second_moment"] for f in firsts]))
+    statistics = lambda *args: self._statistics(theta, new_step, *args)  # noqa: E731
+    stats = [_batched(statistics, group)(*args) for group, *args in zip(groups, p, g, m, a, v, ts, firsts)]
 
-    # The LSTM runs once per dtype over the stacked tensors (the same weights for every tensor).
-    recurrent = [None] * len(leaves)
+    # The LSTM runs once per dtype over every tensor (the same weights for every tensor): rows (tensors, ...).
+    rows = lambda x, group: x if len(group) > 1 else x[None]  # noqa: E731
+    recurrent = [None] * len(groups)
     for dtype in dict.fromkeys(s["tensor"].h.dtype for s in stats):
-      chosen = [i for i, s in enumerate(stats) if s["tensor"].h.dtype == dtype]
-      inputs = jnp.stack([jnp.concatenate([stats[i]["inputs"], global_features.astype(dtype)]) for i in chosen])
-      h, c = lstm_cell(theta["lstm"], jnp.stack([stats[i]["tensor"].h for i in chosen]),
-                       jnp.stack([stats[i]["tensor"].c for i in chosen]), inputs)
-      alignment = jnp.stack([stats[i]["alignment"] for i in chosen])
-      old_log_step = jnp.stack([stats[i]["tensor"].log_step for i in chosen])
+      chosen = [k for k, s in enumerate(stats) if s["tensor"].h.dtype == dtype]
+      cat = lambda name: jnp.concatenate([rows(name(stats[k]), groups[k]) for k in chosen])  # noqa: E731
+      inputs = cat(lambda s: s["inputs"])
+      inputs = jnp.concatenate([inputs, jnp.broadcast_to(global_features.astype(dtype),
+                                                         (inputs.shape[0], global_features.shape[0]))], axis=1)
+      h, c = lstm_cell(theta["lstm"], cat(lambda s: s["tensor"].h), cat(lambda s: s["tensor"].c), inputs)
       cast = lambda x: x.astype(dtype)  # noqa: E731
-      log_step = jnp.clip(old_log_step + h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
-                          + alignment @ cast(theta["step"]["alignment"]), -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+      log_step = jnp.clip(cat(lambda s: s["tensor"].log_step) + h @ cast(theta["step"]["w"])
+                          + cast(theta["step"]["b"]) + cat(lambda s: s["alignment"]) @ cast(theta["step"]["alignment"]),
+                          -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
       schedule = global_features[-theta["step"]["schedule"].shape[0]:].astype(dtype) @ cast(theta["step"]["schedule"])
       context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
-      for j, i in enumerate(chosen):
-        recurrent[i] = (h[j], c[j], log_step[j], schedule, context[j])
+      offsets = np.cumsum([0] + [len(groups[k]) for k in chosen])
+      for k, start, stop in zip(chosen, offsets[:-1], offsets[1:]):
+        part = lambda x: x[start:stop] if len(groups[k]) > 1 else x[start]  # noqa: E731
+        recurrent[k] = (part(h), part(c), part(log_step), schedule, part(context))
 
-    leaves, grads, momenta, averages, second_moments, recurrent = jax.lax.optimization_barrier(
-        (leaves, grads, momenta, averages, second_moments, recurrent))
-    updates, momentum, average, tensors = [], [], [], []
-    for p, g, m, a, v, first, s, (h, c, log_step, schedule, context) in zip(
-        leaves, grads, momenta, averages, second_moments, firsts, stats, recurrent):
-      u, new_momentum, new_average, feedback, update_rms = self._coordinate_update(
-          theta, new_step, p, g, m, a, v, first, s, context, log_step + schedule)
-      updates.append(u.astype(g.dtype))
-      momentum.append(new_momentum)
-      average.append(new_average)
+    p, g, m, a, v, recurrent = jax.lax.optimization_barrier((p, g, m, a, v, recurrent))
+    third_pass = lambda *args: self._coordinate_update(theta, new_step, *args)  # noqa: E731
+    results = []
+    for group, *args, first, s, (h, c, log_step, schedule, context) in zip(groups, p, g, m, a, v, firsts, stats,
+                                                                         recurrent):
+      u, new_momentum, new_average, feedback, update_rms = _batched(third_pass, group)(
+          *args, first, s, context, log_step + schedule)
       ratio = jnp.log(update_rms / (update_rms + s["param_rms"] + LOG_FLOOR) + LOG_FLOOR)
-      tensors.append(TensorState(h, c, log_step, s["tensor"].gradient_rms, ratio.astype(h.dtype),
-                                 feedback.astype(h.dtype)))
-    second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), f["second_moment"], old)
-                     for f, old in zip(firsts, flat(state.second_moment))]
+      tensors = TensorState(h, c, log_step, s["tensor"].gradient_rms, ratio.astype(h.dtype), feedback.astype(h.dtype))
+      results.append((u, new_momentum, new_average, tensors, first["second_moment"]))
+    # Back to one entry per tensor, in tree order, each in its own dtypes.
+    out = [[None] * len(leaves) for _ in range(5)]
+    for group, result in zip(groups, results):
+      for column, value in zip(out, result):
+        for j, i in enumerate(group):
+          column[i] = jax.tree.map(lambda x: x[j], value) if len(group) > 1 else value
+    updates = [u.astype(grad.dtype) for u, grad in zip(out[0], per_tensor[1])]
+    second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), new, old)
+                     for new, old in zip(out[4], per_tensor[4])]
     unflatten = treedef.unflatten
-    return unflatten(updates), HierarchicalState(unflatten(momentum), unflatten(second_moment), unflatten(average),
-                                                 unflatten(tensors), train, valid, new_step)
+    return unflatten(updates), HierarchicalState(unflatten(out[1]), unflatten(second_moment), unflatten(out[2]),
+                                                 unflatten(out[3]), train, valid, new_step)
 
   # -- analysis helpers (``lopt.dynamics.hierarchical``): pure, read-only; ``update`` does not use them -------------
 
@@ -428,6 +451,25 @@ class HierarchicalOptimizer:
         tensor.feedback.astype(dtype)]).astype(rec)
     return {"norms": jnp.sqrt(squares + NORM_EPSILON), "alignment": alignment.astype(rec), "inputs": inputs,
             "param_rms": param_rms, "tensor": tensor._replace(gradient_rms=gradient_rms.astype(rec))}
+
+  def _groups(self, per_tensor: list) -> list[list[int]]:
+    """Indices of the tensors stepped together (``_batches_tensors``): tensors of at most GROUP_LIMIT coordinates
+    whose parameter, gradient and state entries all have the same shapes and dtypes, in order of first appearance;
+    every other tensor alone."""
+    count = len(per_tensor[0])
+    if not self._batches_tensors():
+      return [[i] for i in range(count)]
+    groups: dict = {}
+    for i in range(count):
+      entries = jax.tree.leaves([x[i] for x in per_tensor])
+      key = tuple((x.shape, x.dtype) for x in entries) if per_tensor[0][i].size <= GROUP_LIMIT else i
+      groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+  def _batches_tensors(self) -> bool:
+    """Whether tensors of one shape are stepped as one batch: on accelerators, where a pass over a batch is one
+    kernel launch where it was one per tensor; not on a CPU, where it saves nothing and costs compilation."""
+    return jax.default_backend() != "cpu"
 
   def _units_form(self) -> bool:
     """Whether the per-coordinate MLP is written unit by unit, each unit an expression of shape S: on accelerators,
