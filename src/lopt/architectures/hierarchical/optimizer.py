@@ -181,9 +181,24 @@ def _stack(items: list):
   return items[0] if len(items) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *items)
 
 
+def _unstack(tree, count: int) -> list:
+  """The inverse of ``_stack``: a group's ``count`` entries from its pytree."""
+  return [tree] if count == 1 else [jax.tree.map(lambda x: x[j], tree) for j in range(count)]
+
+
 def _batched(fn, group: list):
   """``fn`` for a group of one; else ``fn`` over the group's stacked entries (every argument batched on axis 0)."""
   return fn if len(group) == 1 else jax.vmap(fn)
+
+
+def _as_rows(x: jax.Array, count: int) -> jax.Array:
+  """A group's per-tensor values (count, ...) whatever its size: a group of one gets its leading axis."""
+  return x[None] if count == 1 else x
+
+
+def _from_rows(x: jax.Array, count: int) -> jax.Array:
+  """The inverse of ``_as_rows``."""
+  return x[0] if count == 1 else x
 
 
 def _default(name: str):
@@ -296,11 +311,10 @@ class HierarchicalOptimizer:
     stats = [_batched(statistics, group)(*args) for group, *args in zip(groups, p, g, m, a, v, ts, firsts)]
 
     # The LSTM runs once per dtype over every tensor (the same weights for every tensor): rows (tensors, ...).
-    rows = lambda x, group: x if len(group) > 1 else x[None]  # noqa: E731
     recurrent = [None] * len(groups)
     for dtype in dict.fromkeys(s["tensor"].h.dtype for s in stats):
       chosen = [k for k, s in enumerate(stats) if s["tensor"].h.dtype == dtype]
-      cat = lambda name: jnp.concatenate([rows(name(stats[k]), groups[k]) for k in chosen])  # noqa: E731
+      cat = lambda name: jnp.concatenate([_as_rows(name(stats[k]), len(groups[k])) for k in chosen])  # noqa: E731
       inputs = cat(lambda s: s["inputs"])
       inputs = jnp.concatenate([inputs, jnp.broadcast_to(global_features.astype(dtype),
                                                          (inputs.shape[0], global_features.shape[0]))], axis=1)
@@ -313,7 +327,7 @@ class HierarchicalOptimizer:
       context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
       offsets = np.cumsum([0] + [len(groups[k]) for k in chosen])
       for k, start, stop in zip(chosen, offsets[:-1], offsets[1:]):
-        part = lambda x: x[start:stop] if len(groups[k]) > 1 else x[start]  # noqa: E731
+        part = lambda x: _from_rows(x[start:stop], len(groups[k]))  # noqa: E731
         recurrent[k] = (part(h), part(c), part(log_step), schedule, part(context))
 
     p, g, m, a, v, recurrent = jax.lax.optimization_barrier((p, g, m, a, v, recurrent))
@@ -330,8 +344,8 @@ class HierarchicalOptimizer:
     out = [[None] * len(leaves) for _ in range(5)]
     for group, result in zip(groups, results):
       for column, value in zip(out, result):
-        for j, i in enumerate(group):
-          column[i] = jax.tree.map(lambda x: x[j], value) if len(group) > 1 else value
+        for i, entry in zip(group, _unstack(value, len(group))):
+          column[i] = entry
     updates = [u.astype(grad.dtype) for u, grad in zip(out[0], per_tensor[1])]
     second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), new, old)
                      for new, old in zip(out[4], per_tensor[4])]
