@@ -116,3 +116,17 @@ def test_warm_start_and_trainable_subset(tmp_path, capsys):
     bad = args[:args.index("--init-from")] + extra + ["--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_checkpointed_by_lopt_0_2_resumes(tmp_path, capsys):
+  """runs/general-heads-cpu-2 was checkpointed by lopt 0.2, which stored the hierarchical optimizer's per-tensor
+  states one tensor at a time; it resumes (into the stacked layout) and takes its next outer steps."""
+  import shutil
+  from pathlib import Path
+  source = Path(__file__).resolve().parents[1] / "runs" / "general-heads-cpu-2"
+  run = tmp_path / "run"
+  shutil.copytree(source, run, ignore=shutil.ignore_patterns(".lock"))
+  assert main(["train", "--resume", "--out", str(run), "--steps", "2010"]) == 0
+  last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == 2010 and jnp.isfinite(last["meta_loss"]), last

@@ -13,7 +13,7 @@ import pytest
 
 import lopt
 from lopt.architectures.hierarchical import optimizer as hjax
-from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
+from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer, TensorState
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, TIME_SCALES
 from lopt.io.checkpoint import save_optimizer
 
@@ -155,8 +155,9 @@ def test_torch_matches_jax(saved, jax_run):
   for name in ("train", "valid"):
     for part in ("seen", "first", "last", "ema"):
       np.testing.assert_allclose(found[f"{name}_{part}"].numpy(), getattr(getattr(state, name), part), rtol=1e-6)
+  tensors = HierarchicalOptimizer().tensor_states(state, expected)
   for k, p in params.items():  # per-tensor state: float64 like its parameter, the layout of the JAX state
-    np.testing.assert_allclose(optimizer.state[p]["log_step"].numpy(), state.tensors[k].log_step, atol=1e-4)
+    np.testing.assert_allclose(optimizer.state[p]["log_step"].numpy(), tensors[k].log_step, atol=1e-4)
     np.testing.assert_allclose(optimizer.state[p]["momentum"].numpy(), state.momentum[k], rtol=1e-5, atol=1e-12)
     assert optimizer.state[p]["h"].dtype == torch.float64 and int(optimizer.state[p]["step"]) == STEPS
 
@@ -205,9 +206,10 @@ def test_untrained_optimizer_is_adam_with_a_hypergradient_step():
   m_hat = (1 - b1) * g / (1 - b1)
   v_hat = (1 - rho) * (g * g + 1e-30) / (1 - rho)
   np.testing.assert_allclose(updates["b"], -OPTIMIZER.step_scale * m_hat / np.sqrt(v_hat + 1e-12), rtol=1e-4)
-  assert float(state.tensors["b"].log_step) == 0.0
+  assert float(OPTIMIZER.tensor_states(state, params)["b"].log_step) == 0.0
   _, state = UPDATE(theta, state, {"b": jnp.asarray(g, jnp.float32)}, params)
-  np.testing.assert_allclose(state.tensors["b"].log_step, theta["step"]["alignment"][0], rtol=1e-5)
+  np.testing.assert_allclose(OPTIMIZER.tensor_states(state, params)["b"].log_step, theta["step"]["alignment"][0],
+                             rtol=1e-5)
 
 
 @pytest.mark.parametrize("units", [False, True])
@@ -501,3 +503,28 @@ def test_meta_training_can_withhold_the_validation_loss_per_problem():
   half = np.asarray(seen(keys))
   assert set(half.tolist()) == {0.0, 1.0} and 4 <= half.sum() <= 28  # some problems get it, the others never
   np.testing.assert_array_equal(half[::-1], np.asarray(seen(keys[::-1])))  # a pure function of the problem's key
+
+
+def test_checkpoints_with_one_tensor_state_per_tensor_restore_stacked():
+  """lopt 0.2 stored one TensorState per tensor (``.../tensors/<param path>/<field>``, shapes B + F); restoring
+  stacks them into ``.../tensors/<field>`` (B + (T,) + F) with the rows in the tree order of params, leaving every
+  other tensor as it was."""
+  from lopt.architectures.hierarchical.optimizer import stack_legacy_tensor_states
+  from lopt.pytree import flatten_by_path
+  params = {"z": jnp.ones((3,)), "a": {"w": jnp.ones((2, 4)), "b": jnp.ones((4,))},
+            "list": [jnp.ones(()), jnp.ones((5,))]}
+  state = OPTIMIZER.init_state(default_theta(OPTIMIZER), params)
+  batch = (2, 3)  # e.g. problems x particles, as in an estimator's state
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda x: rng.normal(size=batch + x.shape).astype(x.dtype), state)
+  wanted = {f"estimator_state/inner/{k}": np.asarray(v) for k, v in flatten_by_path(state).items()}
+  legacy = {k: v for k, v in wanted.items() if "/tensors/" not in k}
+  param_paths = list(flatten_by_path(params))
+  for field in TensorState._fields:
+    stacked = wanted[f"estimator_state/inner/tensors/{field}"]
+    for i, path in enumerate(param_paths):
+      legacy[f"estimator_state/inner/tensors/{path}/{field}"] = stacked[:, :, i]
+  restored = stack_legacy_tensor_states(legacy, list(wanted))
+  for name, value in wanted.items():
+    np.testing.assert_array_equal(restored[name], value, err_msg=name)
+  assert stack_legacy_tensor_states(wanted, list(wanted)) is wanted  # a current checkpoint passes through

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lopt.architectures.hierarchical.optimizer import stack_legacy_tensor_states
 from lopt.io.checkpoint import (TMP_SUFFIX, CheckpointError, WriteError, atomic_write_bytes, atomic_write_json,
                                 read_json, read_tensors, save_optimizer, tensors_to_bytes)
 from lopt.errors import UserError
@@ -211,6 +212,8 @@ def _state_from_checkpoint(path: Path, template: TrainState) -> TrainState:
 def _restore_tree(tensors: dict, prefix: str, template, path: Path):
   """The pytree shaped like ``template`` from ``tensors[prefix/key path]`` (PRNG keys rewrapped)."""
   flat = flatten_by_path(template)
+  # Checkpoints written by lopt 0.2 hold the hierarchical optimizer's per-tensor states one tensor at a time.
+  tensors = stack_legacy_tensor_states(tensors, [f"{prefix}/{name}" for name in flat])
   found = _matching(tensors, prefix, {name: _storable(leaf) for name, leaf in flat.items()}, path)
   restored = [jax.random.wrap_key_data(found[name], impl=jax.random.key_impl(leaf)) if _is_key(leaf) else found[name]
               for name, leaf in flat.items()]

@@ -136,11 +136,9 @@ def record_runs(task, optimizer, theta, keys, *, num_steps: int, horizon: int, v
       run_valid = jnp.where(run_code == 1, real_valid, nan)
       hints = {"loss": loss, "valid_loss": run_valid, "num_steps": horizon}
       inputs = optimizer.lstm_inputs(theta, state, grads, params, **hints)
-      leaves = jax.tree.leaves(state.tensors, is_leaf=_is_tensor_state)
-      h = jnp.stack([ts.h for ts in leaves]).astype(jnp.float32)
-      c = jnp.stack([ts.c for ts in leaves]).astype(jnp.float32)
+      h, c = state.tensors.h.astype(jnp.float32), state.tensors.c.astype(jnp.float32)
       updates, state = optimizer.update(theta, state, grads, params, **hints)
-      log_step = jnp.stack([ts.log_step for ts in jax.tree.leaves(state.tensors, is_leaf=_is_tensor_state)])
+      log_step = state.tensors.log_step
       effective = optimizer.effective_log_steps(theta, state, horizon)
       # The branches: the same gradients and parameters, other losses fed.
       fed_train = jnp.where(jnp.isfinite(train_factor), anchor_train * train_factor, loss)
@@ -165,11 +163,6 @@ def record_runs(task, optimizer, theta, keys, *, num_steps: int, horizon: int, v
   names = ("loss", "fed_valid", "inputs", "h", "c", "log_step", "effective_log_step", "branch_fed_train",
            "branch_fed_valid", "branch_effective_log_step")
   return {name: np.asarray(value) for name, value in zip(names, records)}
-
-
-def _is_tensor_state(x) -> bool:
-  from lopt.architectures.hierarchical.optimizer import TensorState
-  return isinstance(x, TensorState)
 
 
 def _seeds(states: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -85,8 +85,12 @@ class TensorState(NamedTuple):
 
 class HierarchicalState(NamedTuple):
   """momentum: like params, S + (K,); second_moment: like params, ``Factored`` for ndim >= 2 else S; average: like
-  params (the slow average of p); tensors: like params, a ``TensorState`` per tensor; train, valid: the loss
-  ``Accumulator``s; step: () int32."""
+  params (the slow average of p); tensors: one ``TensorState`` for all T tensors, leaves (T,) or (T, n), rows in the
+  tree order of params (``tensor_states`` gives them per tensor); train, valid: the loss ``Accumulator``s; step: ()
+  int32.
+
+  The per-tensor states are stacked, not one per tensor, so that a step reads and writes six arrays for them rather
+  than six per tensor: on a GPU, every array a jitted step takes and returns costs host time (H200: about 3 us)."""
   momentum: Any
   second_moment: Any
   average: Any
@@ -94,6 +98,31 @@ class HierarchicalState(NamedTuple):
   train: Accumulator
   valid: Accumulator
   step: jax.Array
+
+
+# The rank of each TensorState field for one tensor (h: (lstm_size,), log_step: (), ...).
+TENSOR_STATE_RANKS = {"h": 1, "c": 1, "log_step": 0, "gradient_rms": 0, "update_ratio": 0, "feedback": 1}
+
+
+def stack_legacy_tensor_states(tensors: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+  """Upgrades checkpoint tensors written before the per-tensor states were stacked (one ``TensorState`` per tensor:
+  names ``.../tensors/<param path>/<field>``, shapes B + F) to the names in ``wanted`` that now hold them stacked
+  (``.../tensors/<field>``, B + (T,) + F, tensors in the order of the sibling ``.../momentum/<param path>`` names).
+  ``wanted``: every name the restoring template expects, in tree order. Other tensors are passed through."""
+  out = tensors
+  for name in wanted:
+    base, _, field = name.rpartition("/")
+    if name in tensors or field not in TENSOR_STATE_RANKS or not (base + "/").endswith("/tensors/"):
+      continue
+    owner = base[:-len("tensors")]
+    params = [n[len(owner + "momentum/"):] for n in wanted if n.startswith(owner + "momentum/")]
+    legacy = [f"{base}/{p}/{field}" for p in params]
+    if not params or not all(k in tensors for k in legacy):
+      continue
+    parts = [np.asarray(tensors[k]) for k in legacy]
+    out = dict(out) if out is tensors else out
+    out[name] = np.stack(parts, axis=parts[0].ndim - TENSOR_STATE_RANKS[field])
+  return out
 
 
 # -- global features ------------------------------------------------------------------------------------------------
@@ -201,6 +230,26 @@ def _from_rows(x: jax.Array, count: int) -> jax.Array:
   return x[0] if count == 1 else x
 
 
+def recurrent_dtype(leaves: list) -> Any:
+  """The dtype of the per-tensor recurrent states: float32, or wider where a parameter is (float64)."""
+  return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
+
+
+def _row(tree, i: int):
+  """Row ``i`` of every leaf of ``tree``."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _rows(tree, group: list[int]):
+  """A group's rows of every leaf: the row itself for a group of one (as ``_stack``), a slice for consecutive
+  indices, else a gather."""
+  if len(group) == 1:
+    return _row(tree, group[0])
+  if group == list(range(group[0], group[0] + len(group))):
+    return jax.tree.map(lambda x: x[group[0]:group[0] + len(group)], tree)
+  return jax.tree.map(lambda x: x[np.asarray(group)], tree)
+
+
 def _default(name: str):
   return SPEC.fields[name].default
 
@@ -261,11 +310,19 @@ class HierarchicalOptimizer:
 
   # -- the optimizer -----------------------------------------------------------------------------------------------
 
-  def _init_tensor(self, theta: Theta, p: jax.Array) -> TensorState:
-    dtype = jnp.result_type(p.dtype, jnp.float32)
-    zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731 (distinct buffers: donation-safe)
+  def _init_tensors(self, params: Any) -> TensorState:
+    """Zero recurrent states for every tensor, stacked: leaves (T,) or (T, n) in ``recurrent_dtype``."""
+    leaves = jax.tree.leaves(params)
+    dtype = recurrent_dtype(leaves)
+    zeros = lambda *shape: jnp.zeros((len(leaves),) + shape, dtype)  # noqa: E731 (distinct buffers: donation-safe)
     return TensorState(zeros(self.lstm_size), zeros(self.lstm_size), zeros(), zeros(), zeros(),
                        zeros(self.feedback_size))
+
+  def tensor_states(self, state: HierarchicalState, params: Any) -> Any:
+    """The per-tensor recurrent states as a tree like ``params``: one ``TensorState`` (leaves () or (n,)) per
+    tensor."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([_row(state.tensors, i) for i in range(len(leaves))])
 
   def init_state(self, theta: Theta, params: Any) -> HierarchicalState:
     """Zero momenta, second moments and recurrent states; the slow average starts at p; step 0."""
@@ -274,7 +331,7 @@ class HierarchicalOptimizer:
         momentum=jax.tree.map(lambda p: jnp.zeros(p.shape + (k,), p.dtype), params),
         second_moment=jax.tree.map(init_second_moment, params),
         average=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # its own buffer: donation-safe
-        tensors=jax.tree.map(lambda p: self._init_tensor(theta, p), params),
+        tensors=self._init_tensors(params),
         train=init_accumulator(), valid=init_accumulator(), step=jnp.zeros((), jnp.int32))
 
   def update(self, theta: Theta, state: HierarchicalState, grads: Any, params: Any, *, loss=None,
@@ -293,12 +350,14 @@ class HierarchicalOptimizer:
 
     leaves, treedef = jax.tree.flatten(params)
     flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    per_tensor = [leaves, flat(grads), flat(state.momentum), flat(state.average), flat(state.second_moment),
-                  flat(state.tensors)]
+    per_tensor = [leaves, flat(grads), flat(state.momentum), flat(state.average), flat(state.second_moment)]
+    if not leaves:
+      return params, state._replace(train=train, valid=valid, step=new_step)
     # Tensors of one shape and dtype are stepped as one batch on accelerators (``_groups``): a pass over a group is
     # one kernel where it was one per tensor. A group of one is the tensor itself, as on a CPU.
     groups = self._groups(per_tensor)
-    p, g, m, a, v, ts = ([_stack([x[i] for i in group]) for group in groups] for x in per_tensor)
+    p, g, m, a, v = ([_stack([x[i] for i in group]) for group in groups] for x in per_tensor)
+    ts = [_rows(state.tensors, group) for group in groups]
     # Three passes over each group: the clipping threshold and the new second moment; the statistics the LSTM reads;
     # after the LSTM, the per-coordinate update. Each pass recomputes the per-coordinate terms it needs from the
     # tensors (cheaper than writing and reading them), and reads them through an optimization barrier: XLA then
@@ -310,48 +369,45 @@ class HierarchicalOptimizer:
     statistics = lambda *args: self._statistics(theta, new_step, *args)  # noqa: E731
     stats = [_batched(statistics, group)(*args) for group, *args in zip(groups, p, g, m, a, v, ts, firsts)]
 
-    # The LSTM runs once per dtype over every tensor (the same weights for every tensor): rows (tensors, ...).
-    recurrent = [None] * len(groups)
-    for dtype in dict.fromkeys(s["tensor"].h.dtype for s in stats):
-      chosen = [k for k, s in enumerate(stats) if s["tensor"].h.dtype == dtype]
-      cat = lambda name: jnp.concatenate([_as_rows(name(stats[k]), len(groups[k])) for k in chosen])  # noqa: E731
-      inputs = cat(lambda s: s["inputs"])
-      inputs = jnp.concatenate([inputs, jnp.broadcast_to(global_features.astype(dtype),
-                                                         (inputs.shape[0], global_features.shape[0]))], axis=1)
-      h, c = lstm_cell(theta["lstm"], cat(lambda s: s["tensor"].h), cat(lambda s: s["tensor"].c), inputs)
-      cast = lambda x: x.astype(dtype)  # noqa: E731
-      log_step = jnp.clip(cat(lambda s: s["tensor"].log_step) + h @ cast(theta["step"]["w"])
-                          + cast(theta["step"]["b"]) + cat(lambda s: s["alignment"]) @ cast(theta["step"]["alignment"]),
-                          -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
-      schedule = global_features[-theta["step"]["schedule"].shape[0]:].astype(dtype) @ cast(theta["step"]["schedule"])
-      context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
-      offsets = np.cumsum([0] + [len(groups[k]) for k in chosen])
-      for k, start, stop in zip(chosen, offsets[:-1], offsets[1:]):
-        part = lambda x: _from_rows(x[start:stop], len(groups[k]))  # noqa: E731
-        recurrent[k] = (part(h), part(c), part(log_step), schedule, part(context))
+    # The LSTM runs once over every tensor (the same weights for every tensor): rows (T, ...) in group order.
+    dtype = state.tensors.h.dtype
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    cat = lambda values: jnp.concatenate([_as_rows(x, len(group)) for x, group in zip(values, groups)])  # noqa: E731
+    tensors = [s["tensor"] for s in stats]
+    inputs = cat([s["inputs"] for s in stats])
+    inputs = jnp.concatenate([inputs, jnp.broadcast_to(cast(global_features), (len(leaves), global_features.shape[0]))],
+                             axis=1)
+    h, c = lstm_cell(theta["lstm"], cat([t.h for t in tensors]), cat([t.c for t in tensors]), inputs)
+    log_step = jnp.clip(cat([t.log_step for t in tensors]) + h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
+                        + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]),
+                        -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+    schedule = cast(global_features[-theta["step"]["schedule"].shape[0]:]) @ cast(theta["step"]["schedule"])
+    context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
+    offsets = np.cumsum([0] + [len(group) for group in groups])
+    part = lambda x, k: _from_rows(x[offsets[k]:offsets[k + 1]], len(groups[k]))  # noqa: E731
 
-    p, g, m, a, v, recurrent = jax.lax.optimization_barrier((p, g, m, a, v, recurrent))
+    p, g, m, a, v, log_step, context = jax.lax.optimization_barrier((p, g, m, a, v, log_step, context))
     third_pass = lambda *args: self._coordinate_update(theta, new_step, *args)  # noqa: E731
-    results = []
-    for group, *args, first, s, (h, c, log_step, schedule, context) in zip(groups, p, g, m, a, v, firsts, stats,
-                                                                         recurrent):
-      u, new_momentum, new_average, feedback, update_rms = _batched(third_pass, group)(
-          *args, first, s, context, log_step + schedule)
-      ratio = jnp.log(update_rms / (update_rms + s["param_rms"] + LOG_FLOOR) + LOG_FLOOR)
-      tensors = TensorState(h, c, log_step, s["tensor"].gradient_rms, ratio.astype(h.dtype), feedback.astype(h.dtype))
-      results.append((u, new_momentum, new_average, tensors, first["second_moment"]))
-    # Back to one entry per tensor, in tree order, each in its own dtypes.
-    out = [[None] * len(leaves) for _ in range(5)]
-    for group, result in zip(groups, results):
-      for column, value in zip(out, result):
+    results = [_batched(third_pass, group)(*args, first, s, part(context, k), part(log_step, k) + schedule)
+               for k, (group, *args, first, s) in enumerate(zip(groups, p, g, m, a, v, firsts, stats))]
+    ratios = [jnp.log(rms / (rms + s["param_rms"] + LOG_FLOOR) + LOG_FLOOR) for (*_, rms), s in zip(results, stats)]
+    new_tensors = TensorState(h, c, log_step, cat([t.gradient_rms for t in tensors]), cast(cat(ratios)),
+                              cast(cat([feedback for _, _, _, feedback, _ in results])))
+    # Back to tree order: the tensors' rows, and one entry per tensor in its own dtypes.
+    order = [i for group in groups for i in group]
+    if order != sorted(order):
+      new_tensors = jax.tree.map(lambda x: x[np.argsort(order)], new_tensors)
+    out = [[None] * len(leaves) for _ in range(4)]
+    for group, (u, new_momentum, new_average, _, _), first in zip(groups, results, firsts):
+      for column, value in zip(out, (u, new_momentum, new_average, first["second_moment"])):
         for i, entry in zip(group, _unstack(value, len(group))):
           column[i] = entry
     updates = [u.astype(grad.dtype) for u, grad in zip(out[0], per_tensor[1])]
     second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), new, old)
-                     for new, old in zip(out[4], per_tensor[4])]
+                     for new, old in zip(out[3], per_tensor[4])]
     unflatten = treedef.unflatten
     return unflatten(updates), HierarchicalState(unflatten(out[1]), unflatten(second_moment), unflatten(out[2]),
-                                                 unflatten(out[3]), train, valid, new_step)
+                                                 new_tensors, train, valid, new_step)
 
   # -- analysis helpers (``lopt.dynamics.hierarchical``): pure, read-only; ``update`` does not use them -------------
 
@@ -366,8 +422,9 @@ class HierarchicalOptimizer:
     leaves, treedef = jax.tree.flatten(params)
     flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
     rows = []
-    for p, g, m, v, a, ts in zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
-                                 flat(state.average), flat(state.tensors)):
+    for i, (p, g, m, v, a) in enumerate(zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
+                                            flat(state.average))):
+      ts = _row(state.tensors, i)
       first = self._first_pass(theta, new_step, g, v, ts)
       stats = self._statistics(theta, new_step, p, g, m, a, first["second_moment"], ts, first)
       rows.append(stats["inputs"].astype(jnp.float32))
@@ -387,10 +444,9 @@ class HierarchicalOptimizer:
   def effective_log_steps(self, theta: Theta, state: HierarchicalState, num_steps=None) -> jax.Array:
     """(tensors,) the log step of each tensor's last update (``state`` as ``update`` returned it), before the
     per-coordinate magnitude: its log step plus the learned schedule at the state's step count; the step size is
-    step_scale * exp(this). Leaves of ``state.tensors`` in tree order."""
+    step_scale * exp(this). Tensors in the tree order of params."""
     schedule = time_features(state.step, num_steps) @ jnp.asarray(theta["step"]["schedule"], jnp.float32)
-    return jnp.stack([ts.log_step.astype(jnp.float32) + schedule for ts in jax.tree.leaves(
-        state.tensors, is_leaf=lambda x: isinstance(x, TensorState))])
+    return state.tensors.log_step.astype(jnp.float32) + schedule
 
   def _first_pass(self, theta: Theta, step: jax.Array, g, second_moment, tensor: TensorState) -> dict:
     """A tensor's first pass: the meta-learned clipping threshold against the bias-corrected EMA of the (clipped)
