@@ -1,0 +1,147 @@
+"""The shipped `general` against Adam with a tuned learning rate on fresh problems of its own training families.
+
+`lopt benchmark` probes problems unlike the training tasks; this probes the training distribution itself: do the
+six families' configurations that meta-training never drew (seeds it never used) come out as well as the ones it
+selected on? It is also a development set that leaves the benchmark untouched.
+
+  python benchmarks/general_family_problems.py [--count 24] [--seed 880000] [--max-horizon 600]
+      [--relative-reference R] [--out results.json]
+
+Each problem is ``lopt.tasks.families.sample(seed + i, max_step_flops=1e6)``, run for min(its horizon,
+--max-horizon) steps on 2 keys. `general` gets ``num_steps`` and the validation loss every 10 steps, as in
+``lopt benchmark``; Adam's learning rate is the best of 8 (1e-4..0.3, half decades) on the same keys (an optimistic
+Adam: tuned on the keys it is scored on). Printed per problem: the family, the horizon, Adam's learning rate, and the
+ratio of general's mean training loss over the run to tuned Adam's; then the win rate and the geometric mean.
+
+``--relative-reference R`` adds an experimental variant: every update of general scaled by clip(RMS0 / R, 1e-2, 1e2),
+RMS0 the root mean square of the problem's weight matrices at initialization (1 when they are all zero), so that
+its step follows the parameters' scale (families' median RMS0 at param_scale 1: 0.33).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lopt
+from lopt.tasks import families
+
+LEARNING_RATES = tuple(float(x) for x in 10.0 ** np.arange(-4.0, -0.4, 0.5))
+VALID_EVERY = 10
+KEYS = 2
+
+
+def weight_rms(params) -> jax.Array:
+  """() the RMS over every parameter tensor of at least two axes (0 without any)."""
+  weights = [x for x in jax.tree.leaves(params) if x.ndim >= 2]
+  if not weights:
+    return jnp.zeros(())
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in weights) / sum(x.size for x in weights))
+
+
+def general_runner(task, horizon: int, optimizer):
+  """jitted (theta, key, reference) -> training losses (horizon,); reference 0: the plain update."""
+  @jax.jit
+  def run(theta, key, reference):
+    params = task.init(key)
+    rms = weight_rms(params)
+    factor = jnp.where((reference > 0) & (rms > 0), jnp.clip(rms / jnp.where(reference > 0, reference, 1.0),
+                                                               1e-2, 1e2), 1.0)
+
+    def step(carry, t):
+      params, state = carry
+      loss, grads = jax.value_and_grad(task.loss)(params, key, t)
+      valid = jnp.full((), jnp.nan, loss.dtype)
+      if task.valid_loss is not None:
+        valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
+                             lambda: valid)
+      updates, state = optimizer.update(theta, state, grads, params, loss=loss, valid_loss=valid, num_steps=horizon)
+      updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+      return (optax.apply_updates(params, updates), state), loss
+    return jax.lax.scan(step, (params, optimizer.init_state(theta, params)), jnp.arange(horizon))[1]
+  return run
+
+
+def adam_runner(task, horizon: int):
+  """jitted (learning rate, key) -> training losses (horizon,)."""
+  @jax.jit
+  def run(learning_rate, key):
+    params = task.init(key)
+    adam = optax.adam(1.0)  # Adam's update is linear in its learning rate: one compile for every rate
+
+    def step(carry, t):
+      params, state = carry
+      loss, grads = jax.value_and_grad(task.loss)(params, key, t)
+      updates, state = adam.update(grads, state, params)
+      return (optax.apply_updates(params, jax.tree.map(lambda u: learning_rate * u, updates)), state), loss
+    return jax.lax.scan(step, (params, adam.init(params)), jnp.arange(horizon))[1]
+  return run
+
+
+def mean_loss(losses) -> float:
+  """The mean training loss over the run; inf when any is not finite (a divergence)."""
+  losses = np.asarray(losses, np.float64)
+  return float(np.mean(losses)) if np.all(np.isfinite(losses)) else float("inf")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--count", type=int, default=24)
+  parser.add_argument("--seed", type=int, default=880000)
+  parser.add_argument("--max-horizon", type=int, default=600)
+  parser.add_argument("--relative-reference", type=float, default=0.0)
+  parser.add_argument("--out")
+  args = parser.parse_args(argv)
+  shipped = lopt.load("general")
+  theta = jax.tree.map(jnp.asarray, shipped.theta)
+  variants = {"general": 0.0}
+  if args.relative_reference > 0:
+    variants[f"general_relative_{args.relative_reference:g}"] = args.relative_reference
+  keys = [jax.random.key(1000 + k) for k in range(KEYS)]
+  rows, start = [], time.time()
+  for i in range(args.count):
+    config = families.sample(args.seed + i, max_step_flops=1e6)
+    task = families.task(config)
+    horizon = min(int(config["horizon"]), args.max_horizon)
+    adam = adam_runner(task, horizon)
+    adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
+    best = min(adam_losses, key=adam_losses.get)
+    run = general_runner(task, horizon, shipped.optimizer)
+    ratios = {name: np.mean([mean_loss(run(theta, k, jnp.float32(ref))) for k in keys]) / adam_losses[best]
+              for name, ref in variants.items()}
+    rows.append({"seed": args.seed + i, "family": config["family"], "horizon": horizon,
+                 "param_scale": config["param_scale"], "adam_learning_rate": best, "ratios": ratios})
+    print(f"{config['family']:20s} T={horizon:4d} scale={config['param_scale']:.3g} adam lr={best:.2g}  "
+          + "  ".join(f"{name} {r:.3g}" for name, r in ratios.items()) + f"  ({time.time() - start:.0f} s)",
+          flush=True)
+  summary = {}
+  for name in variants:
+    r = np.array([row["ratios"][name] for row in rows])
+    summary[name] = {"win_rate": float(np.mean(r < 1)), "geometric_mean_ratio": float(np.exp(np.mean(np.log(r)))),
+                     "median_ratio": float(np.median(r)), "worst_ratio": float(np.max(r))}
+    print(f"{name}: wins {summary[name]['win_rate']:.0%} against tuned Adam (mean loss over the run), geometric "
+          f"mean ratio {summary[name]['geometric_mean_ratio']:.3f}, median {summary[name]['median_ratio']:.3f}, "
+          f"worst {summary[name]['worst_ratio']:.3g}")
+  if args.out:
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+                          "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+              "command": "python benchmarks/general_family_problems.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
