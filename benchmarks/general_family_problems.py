@@ -5,7 +5,7 @@ six families' configurations that meta-training never drew (seeds it never used)
 selected on? It is also a development set that leaves the benchmark untouched.
 
   python benchmarks/general_family_problems.py [--count 24] [--seed 880000] [--max-horizon 600]
-      [--relative-reference R] [--out results.json]
+      [--relative-reference R] [--update-cap K] [--out results.json]
 
 Each problem is ``lopt.tasks.families.sample(seed + i, max_step_flops=1e6)``, run for min(its horizon,
 --max-horizon) steps on 2 keys. `general` gets ``num_steps`` and the validation loss every 10 steps, as in
@@ -15,7 +15,9 @@ ratio of general's mean training loss over the run to tuned Adam's; then the win
 
 ``--relative-reference R`` adds an experimental variant: every update of general scaled by clip(RMS0 / R, 1e-2, 1e2),
 RMS0 the root mean square of the problem's weight matrices at initialization (1 when they are all zero), so that
-its step follows the parameters' scale (families' median RMS0 at param_scale 1: 0.33).
+its step follows the parameters' scale (families' median RMS0 at param_scale 1: 0.33). ``--update-cap K`` adds
+another: each tensor's update scaled down to at most K times its parameters' RMS (a trust-ratio clip; none for an
+all-zero tensor).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def weight_rms(params) -> jax.Array:
 
 
 def general_runner(task, horizon: int, optimizer):
-  """jitted (theta, key, reference) -> training losses (horizon,); reference 0: the plain update."""
+  """jitted (theta, key, reference, cap) -> training losses (horizon,); reference 0 and cap 0: the plain update."""
   @jax.jit
-  def run(theta, key, reference):
+  def run(theta, key, reference, cap):
     params = task.init(key)
     rms = weight_rms(params)
     factor = jnp.where((reference > 0) & (rms > 0), jnp.clip(rms / jnp.where(reference > 0, reference, 1.0),
@@ -67,9 +69,18 @@ def general_runner(task, horizon: int, optimizer):
                              lambda: valid)
       updates, state = optimizer.update(theta, state, grads, params, loss=loss, valid_loss=valid, num_steps=horizon)
       updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+      updates = jax.tree.map(lambda u, p: capped(u, p, cap), updates, params)
       return (optax.apply_updates(params, updates), state), loss
     return jax.lax.scan(step, (params, optimizer.init_state(theta, params)), jnp.arange(horizon))[1]
   return run
+
+
+def capped(update, param, cap):
+  """``update`` scaled down to RMS(update) <= cap * RMS(param) where the parameter is not all zero (cap 0: off)."""
+  rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))  # noqa: E731
+  limit = cap * rms(param)
+  scale = jnp.where((cap > 0) & (limit > 0), jnp.minimum(1.0, limit / jnp.maximum(rms(update), 1e-30)), 1.0)
+  return update * scale.astype(update.dtype)
 
 
 def adam_runner(task, horizon: int):
@@ -100,13 +111,16 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=880000)
   parser.add_argument("--max-horizon", type=int, default=600)
   parser.add_argument("--relative-reference", type=float, default=0.0)
+  parser.add_argument("--update-cap", type=float, default=0.0)
   parser.add_argument("--out")
   args = parser.parse_args(argv)
   shipped = lopt.load("general")
   theta = jax.tree.map(jnp.asarray, shipped.theta)
-  variants = {"general": 0.0}
+  variants = {"general": (0.0, 0.0)}
   if args.relative_reference > 0:
-    variants[f"general_relative_{args.relative_reference:g}"] = args.relative_reference
+    variants[f"general_relative_{args.relative_reference:g}"] = (args.relative_reference, 0.0)
+  if args.update_cap > 0:
+    variants[f"general_cap_{args.update_cap:g}"] = (0.0, args.update_cap)
   keys = [jax.random.key(1000 + k) for k in range(KEYS)]
   rows, start = [], time.time()
   for i in range(args.count):
@@ -117,8 +131,8 @@ def main(argv=None) -> int:
     adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
     best = min(adam_losses, key=adam_losses.get)
     run = general_runner(task, horizon, shipped.optimizer)
-    ratios = {name: np.mean([mean_loss(run(theta, k, jnp.float32(ref))) for k in keys]) / adam_losses[best]
-              for name, ref in variants.items()}
+    ratios = {name: np.mean([mean_loss(run(theta, k, jnp.float32(ref), jnp.float32(cap))) for k in keys])
+              / adam_losses[best] for name, (ref, cap) in variants.items()}
     rows.append({"seed": args.seed + i, "family": config["family"], "horizon": horizon,
                  "param_scale": config["param_scale"], "adam_learning_rate": best, "ratios": ratios})
     print(f"{config['family']:20s} T={horizon:4d} scale={config['param_scale']:.3g} adam lr={best:.2g}  "
