@@ -62,10 +62,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 import os
 import shutil
 import types
 import warnings
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -193,7 +195,8 @@ class Buffers(NamedTuple):
   per group (count, *shape, K) momenta, (count, *shape) averages and (rows, cols) -- (count, *rows) (count, *cols)
   -- or (second moment,) (count, *shape); for the bucket, in group order, ``h`` and ``c`` (n, lstm_size),
   ``feedback`` (n, feedback_size), ``scalars`` (3, n) [gradient_rms, update_ratio, log_step] and ``steps`` (n,)
-  int32. ``views``: per tensor (group order) the dict of views handed to its state, to recognize them next step."""
+  int32. ``entries``: every value of the tensors' state dicts once bound (group order, each dict in its own order),
+  the views among them, to recognize them next step (``_unchanged``)."""
   momenta: list
   seconds: list
   averages: list
@@ -202,12 +205,18 @@ class Buffers(NamedTuple):
   feedback: torch.Tensor
   scalars: torch.Tensor
   steps: torch.Tensor
-  views: list
+  entries: list
 
 
 def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
   """The recurrent state's dtype for parameters of ``dtype``: at least float32 (JAX's result_type(dtype, float32))."""
-  return torch.promote_types(dtype, torch.float32)
+  rec = _RECURRENT_DTYPES.get(dtype)
+  if rec is None:  # (promote_types is an operation: cached)
+    rec = _RECURRENT_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+  return rec
+
+
+_RECURRENT_DTYPES: dict = {}
 
 
 def shape_features(shape: tuple[int, ...]) -> np.ndarray:
@@ -251,8 +260,8 @@ def _array(state: dict, key: str) -> np.ndarray:
 
 
 def accumulate(state: dict, name: str, loss) -> None:
-  """Folds ``loss`` (None, or a float32 0-d tensor) into the ``name`` accumulators of ``state``; a non-finite loss
-  leaves them unchanged (``optimizer.accumulate``).
+  """Folds ``loss`` (None, a float or a one-element tensor: float32 values) into the ``name`` accumulators of
+  ``state``; a non-finite loss leaves them unchanged (``optimizer.accumulate``).
 
   Host arithmetic on a handful of numbers, as Python floats rounded to float32 after every operation: float32
   arithmetic exactly (double rounding is harmless for + - * /), log and tanh within an ulp of torch's, and ~50x
@@ -275,16 +284,14 @@ def accumulate(state: dict, name: str, loss) -> None:
 
 def loss_features(state: dict) -> torch.Tensor:
   """(NUM_LOSS_FEATURES,) float32 (``optimizer.loss_features``)."""
-  def one(name):
-    seen, first, last = (float(_array(state, f"{name}_{part}")) for part in ("seen", "first", "last"))
-    ema = _array(state, f"{name}_ema").tolist()
-    return ([seen, seen * math.tanh(_f32(last - first) / 4)]
-            + [seen * math.tanh(4 * _f32(last - e)) for e in ema])
-  value = lambda key: float(_array(state, key))  # noqa: E731
-  gap = value("valid_seen") * value("train_seen") * math.tanh(
-      _f32(value("valid_last") - float(_array(state, "train_ema")[-1]))
-      - _f32(value("valid_first") - value("train_first")))
-  return torch.tensor(one("train") + one("valid") + [gap], dtype=torch.float32)
+  (train_seen, train_first, _, train_ema), (valid_seen, valid_first, valid_last, _) = accumulators = [
+      [float(_array(state, f"{name}_{part}")) for part in ("seen", "first", "last")]
+      + [_array(state, f"{name}_ema").tolist()] for name in ("train", "valid")]  # each entry read once
+  features = []
+  for seen, first, last, ema in accumulators:
+    features += [seen, seen * math.tanh(_f32(last - first) / 4)] + [seen * math.tanh(4 * _f32(last - e)) for e in ema]
+  gap = valid_seen * train_seen * math.tanh(_f32(valid_last - train_ema[-1]) - _f32(valid_first - train_first))
+  return torch.tensor(features + [gap], dtype=torch.float32)
 
 
 def time_features(step, num_steps) -> torch.Tensor:
@@ -313,10 +320,11 @@ def clip(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def _batch(tensors: list, shape: tuple) -> torch.Tensor:
   """(count, *shape): the tensors stacked (a copy), or one tensor as a view of itself (no copy: an in-place change of
-  the batch changes it)."""
+  the batch changes it). The tensors of a group share their shape: ``shape``, or (1,) for the compiled update's views
+  of 0-d tensors (then reshaped; a reshape per tensor is an operation per tensor in eager mode)."""
   if len(tensors) == 1:
     return tensors[0].reshape((1,) + shape)
-  return torch.stack([x.reshape(shape) for x in tensors])
+  return torch.stack(tensors if tensors[0].shape == shape else [x.reshape(shape) for x in tensors])
 
 
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
@@ -499,7 +507,7 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
       # The average and the update ratio read p before the update (the decayed p, as JAX's params).
       a_.lerp_(p_, 1 - c.average_decay)
       targets = params[lo:hi]
-      updates = [u.view(q.shape) for u, q in zip(update.unbind(0), targets)]
+      updates = update.view((count,) + group.shape).unbind(0)   # one view for the group, not one per tensor
       if isinstance(lr, torch.Tensor):
         for q, u in zip(targets, updates):
           q.addcmul_(u, lr)
@@ -542,6 +550,11 @@ class HierarchicalRule:
     self._compile_failed = False
     self._compiled: dict = {}                  # the compiled update per bucket layout
     self._views = WeakIdKeyDictionary()        # (1,) views of 0-d parameters, for the compiled update
+    self._static: dict = {}                    # per bucket key, the Buffers marked static (CUDA graphs) with them
+    # The numbers the update reads, per form of the MLP ("": eager; the compiled update's form): built once.
+    self._fused = "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
+    self._constants = {fused: Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
+                                        self.values["num_layers"], fused) for fused in ("", self._fused)}
 
   # -- states ------------------------------------------------------------------------------------------------------
 
@@ -580,6 +593,7 @@ class HierarchicalRule:
     self._global = None
     self._global_cache.clear()
     self._buffers.clear()
+    self._static.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -592,6 +606,7 @@ class HierarchicalRule:
     self._compile_mode = self._compile_options.get("mode") or "default"
     self._compile_failed = False
     self._compiled.clear()
+    self._static.clear()
 
   def _compiled_update(self, key: tuple):
     """The compiled ``update_bucket`` for the bucket layout ``key`` (device, dtype, shapes), or None (eager) with a
@@ -616,9 +631,9 @@ class HierarchicalRule:
 
   @torch.no_grad()
   def begin_step(self, state: dict, *, loss=None, valid_loss=None, num_steps=None) -> None:
-    """Once per optimizer step, before ``step``: folds the losses (None, or float32 0-d tensors; non-finite: none
-    this step) into the accumulators of ``state`` (the optimizer-wide dict, filled on first use), counts the step,
-    and computes the global features every tensor's LSTM reads this step."""
+    """Once per optimizer step, before ``step``: folds the losses (None, or float32 values: floats or 0-d tensors;
+    non-finite: none this step) into the accumulators of ``state`` (the optimizer-wide dict, filled on first use),
+    counts the step, and computes the global features every tensor's LSTM reads this step."""
     if not state:
       state.update(init_global_state())
     accumulate(state, "train", loss)
@@ -645,23 +660,22 @@ class HierarchicalRule:
     rec = recurrent_dtype(dtype)
     theta, rec_theta = self._theta(device, dtype), self._theta(device, rec)
     layout = self._layout(params, device, rec)
-    params = [params[i] for i in layout.order]
-    buffers = self._bind(key, layout, params, [states[i] for i in layout.order])
+    params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
+    buffers = self._bind(key, layout, params, states)
     features = self._global_features(device, rec)
     compiled = self._compiled_update((device, dtype, layout.shapes))
-    fused = "" if compiled is None else "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
-    constants = Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
-                          self.values["num_layers"], fused)
+    constants = self._constants["" if compiled is None else self._fused]
     grads = [p.grad for p in params]
     arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
                  buffers.scalars, buffers.steps)
-    if fused:
+    if compiled is not None:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
-      one = self._unit_view  # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs
-      inputs = ([one(p) for p in params], [one(g) for g in grads], *arguments)
-      if self._compile_mode in ("reduce-overhead", "max-autotune") or (
-          self._compile_options.get("options") or {}).get("triton.cudagraphs"):
-        self._mark_static(inputs[0], buffers)
+      # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs: (1,) views of them
+      inputs = (self._unit_views(layout, params), self._unit_views(layout, grads), *arguments)
+      if self._static.get(key) is not buffers and (self._compile_mode in ("reduce-overhead", "max-autotune") or (
+          self._compile_options.get("options") or {}).get("triton.cudagraphs")):
+        self._mark_static(inputs[0], buffers)  # once per binding: the same parameters and buffers until the next
+        self._static[key] = buffers
       try:  # fullgraph: a compiler failure surfaces before the graph runs, nothing has changed yet
         compiled(constants, theta, rec_theta, layout, features, self._lr(lr, key, device, dtype), *inputs)
         return
@@ -685,8 +699,7 @@ class HierarchicalRule:
     bucket's tensors changed (a parameter without a gradient) -- in the dtype and on the device each entry needs,
     and every entry replaced by its view. ``params`` and ``states`` in the layout's group order."""
     buffers = self._buffers.get(key)
-    if buffers is not None and len(buffers.views) == len(states) and all(
-        state.get(name) is view for state, views in zip(states, buffers.views) for name, view in views.items()):
+    if buffers is not None and _unchanged(states, buffers.entries):
       return buffers
     p = params[0]
     device, dtype, rec = p.device, p.dtype, recurrent_dtype(p.dtype)
@@ -705,12 +718,12 @@ class HierarchicalRule:
     for group, m, second, average in zip(layout.groups, momenta, seconds, averages):
       names = ("second_moment",) if group.axes is None else ("rows", "cols")
       for j, index in enumerate(range(group.start, group.stop)):
-        views = {"momentum": m[j], "average": average[j], **{name: v[j] for name, v in zip(names, second)},
-                 "h": buffers.h[index], "c": buffers.c[index], "feedback": buffers.feedback[index],
-                 "gradient_rms": scalars[0, index], "update_ratio": scalars[1, index], "log_step": scalars[2, index],
-                 "step": buffers.steps[index]}
-        states[index].update(views)
-        buffers.views.append(views)
+        states[index].update({
+            "momentum": m[j], "average": average[j], **{name: v[j] for name, v in zip(names, second)},
+            "h": buffers.h[index], "c": buffers.c[index], "feedback": buffers.feedback[index],
+            "gradient_rms": scalars[0, index], "update_ratio": scalars[1, index], "log_step": scalars[2, index],
+            "step": buffers.steps[index]})
+    buffers.entries.extend(chain.from_iterable(map(dict.values, states)))
     self._buffers[key] = buffers
     return buffers
 
@@ -722,6 +735,15 @@ class HierarchicalRule:
                   buffers.h, buffers.c, buffers.feedback, buffers.scalars, buffers.steps):
       if getattr(value, "_dynamo_static_input_type", None) is None:
         mark_static_address(value)
+
+  def _unit_views(self, layout: Layout, tensors: list) -> list:
+    """``tensors`` (group order) with the 0-d ones as (1,) views (``_unit_view``); no call per tensor when the
+    layout has none."""
+    tensors = list(tensors)
+    for group in layout.groups:
+      if not group.shape:
+        tensors[group.start:group.stop] = map(self._unit_view, tensors[group.start:group.stop])
+    return tensors
 
   def _unit_view(self, value: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor as a (1,) view, cached per tensor (the compiled update's inputs keep their identity from step to
@@ -761,14 +783,24 @@ class HierarchicalRule:
     return self._theta_cache[key]
 
   def _layout(self, params: list[torch.Tensor], device: torch.device, rec: torch.dtype) -> Layout:
-    shapes = tuple(tuple(p.shape) for p in params)
-    key = (device, rec, shapes)
+    key = (device, rec, tuple(map(_SHAPE, params)))  # (torch.Size: a tuple, hashed and compared as one)
     layout = self._layout_cache.get(key)
     if layout is None:
       if len(self._layout_cache) > 64:
         self._layout_cache.clear()
-      layout = self._layout_cache[key] = make_layout(shapes, device, rec)
+      layout = self._layout_cache[key] = make_layout(tuple(map(tuple, key[2])), device, rec)
     return layout
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def _unchanged(states: list, entries: list) -> bool:
+  """Whether the values of the dicts ``states``, in order, are the objects ``entries`` -- by identity, in one pass of
+  C loops: a bucket's state has a dozen entries per tensor, compared at every step."""
+  return (sum(map(len, states)) == len(entries)
+          and all(map(operator.is_, chain.from_iterable(map(dict.values, states)), entries)))
+
 
 def _copy_function(function, index: int):
   """``function`` with a code object of its own (named ``<name>_<index>``)."""
