@@ -259,6 +259,16 @@ def _array(state: dict, key: str) -> np.ndarray:
   return value.numpy()
 
 
+def _read(state: dict, key: str):
+  """``state[key]`` as a float or a list of floats, float32 values (the entry converted first when it is not a
+  float32 CPU tensor, as ``_array`` does); ``tolist`` reads a CPU tensor faster than numpy."""
+  value = state[key]
+  if value.dtype is not torch.float32 or not value.is_cpu:
+    _array(state, key)
+    value = state[key]
+  return value.tolist()
+
+
 def accumulate(state: dict, name: str, loss) -> None:
   """Folds ``loss`` (None, a float or a one-element tensor: float32 values) into the ``name`` accumulators of
   ``state``; a non-finite loss leaves them unchanged (``optimizer.accumulate``).
@@ -285,8 +295,7 @@ def accumulate(state: dict, name: str, loss) -> None:
 def loss_features(state: dict) -> torch.Tensor:
   """(NUM_LOSS_FEATURES,) float32 (``optimizer.loss_features``)."""
   (train_seen, train_first, _, train_ema), (valid_seen, valid_first, valid_last, _) = accumulators = [
-      [float(_array(state, f"{name}_{part}")) for part in ("seen", "first", "last")]
-      + [_array(state, f"{name}_ema").tolist()] for name in ("train", "valid")]  # each entry read once
+      [_read(state, f"{name}_{part}") for part in ("seen", "first", "last", "ema")] for name in ("train", "valid")]
   features = []
   for seen, first, last, ema in accumulators:
     features += [seen, seen * math.tanh(_f32(last - first) / 4)] + [seen * math.tanh(4 * _f32(last - e)) for e in ema]
@@ -542,15 +551,17 @@ class HierarchicalRule:
     self._theta_cache: dict = {}
     self._layout_cache: dict = {}
     self._global: torch.Tensor | None = None   # this step's global features (float32, CPU)
-    self._global_cache: dict = {}              # ... converted per (device, dtype)
+    self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
+    self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
     self._compile_options: dict = {}           # torch.compile's keyword arguments
+    self._cudagraphs = False                   # whether the compiled update runs as CUDA graphs
     self._compile_failed = False
     self._compiled: dict = {}                  # the compiled update per bucket layout
     self._views = WeakIdKeyDictionary()        # (1,) views of 0-d parameters, for the compiled update
-    self._static: dict = {}                    # per bucket key, the Buffers marked static (CUDA graphs) with them
+    self._static: dict = {}                    # per bucket key, the (Buffers, Layout) whose tensors are marked static
     # The numbers the update reads, per form of the MLP ("": eager; the compiled update's form): built once.
     self._fused = "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
     self._constants = {fused: Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
@@ -604,6 +615,8 @@ class HierarchicalRule:
     (Triton); on the CPU the compiled update is correct but not faster than the eager one."""
     self._compile_options = dict(mode) if isinstance(mode, dict) else {"mode": mode}
     self._compile_mode = self._compile_options.get("mode") or "default"
+    self._cudagraphs = self._compile_mode in ("reduce-overhead", "max-autotune") or bool(
+        (self._compile_options.get("options") or {}).get("triton.cudagraphs"))
     self._compile_failed = False
     self._compiled.clear()
     self._static.clear()
@@ -662,8 +675,9 @@ class HierarchicalRule:
     layout = self._layout(params, device, rec)
     params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
     buffers = self._bind(key, layout, params, states)
-    features = self._global_features(device, rec)
     compiled = self._compiled_update((device, dtype, layout.shapes))
+    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
+    features = self._global_features(device, rec, persistent=static)
     constants = self._constants["" if compiled is None else self._fused]
     grads = [p.grad for p in params]
     arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
@@ -672,12 +686,15 @@ class HierarchicalRule:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
       # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs: (1,) views of them
       inputs = (self._unit_views(layout, params), self._unit_views(layout, grads), *arguments)
-      if self._static.get(key) is not buffers and (self._compile_mode in ("reduce-overhead", "max-autotune") or (
-          self._compile_options.get("options") or {}).get("triton.cudagraphs")):
-        self._mark_static(inputs[0], buffers)  # once per binding: the same parameters and buffers until the next
-        self._static[key] = buffers
+      rate = self._lr(lr, key, device, dtype)
+      marked = self._static.get(key)
+      if static and (marked is None or marked[0] is not buffers or marked[1] is not layout):
+        # once per binding: the same parameters, buffers and constants until the next
+        self._mark_static([*inputs[0], *_tree_leaves(arguments), *_tree_leaves((theta, rec_theta)), layout.size,
+                           layout.shape_features, features, rate])
+        self._static[key] = (buffers, layout)
       try:  # fullgraph: a compiler failure surfaces before the graph runs, nothing has changed yet
-        compiled(constants, theta, rec_theta, layout, features, self._lr(lr, key, device, dtype), *inputs)
+        compiled(constants, theta, rec_theta, layout, features, rate, *inputs)
         return
       except (TorchDynamoException, FailOnRecompileLimitHit) as error:
         self._compile_failed = True
@@ -727,12 +744,14 @@ class HierarchicalRule:
     self._buffers[key] = buffers
     return buffers
 
-  def _mark_static(self, params: list, buffers: Buffers) -> None:
-    """Under CUDA graphs (modes "reduce-overhead", "max-autotune"), every tensor the update changes marked as a
-    static address (where cudagraphs accept in-place updates)."""
+  def _mark_static(self, tensors: list) -> None:
+    """Under CUDA graphs (modes "reduce-overhead", "max-autotune"), the compiled update's tensor inputs that keep
+    their address from step to step marked as static addresses: every tensor the update changes (cudagraphs accept
+    in-place updates only there), and the meta-parameters, the layout's constants, the learning rate and the global
+    features' buffer -- a replay reads these in place, where it copies every other input into the graph's own
+    (host work per input and step). Only the gradients remain (new tensors at every backward pass)."""
     from torch._dynamo import mark_static_address
-    for value in (*params, *buffers.momenta, *(v for pair in buffers.seconds for v in pair), *buffers.averages,
-                  buffers.h, buffers.c, buffers.feedback, buffers.scalars, buffers.steps):
+    for value in tensors:
       if getattr(value, "_dynamo_static_input_type", None) is None:
         mark_static_address(value)
 
@@ -755,14 +774,25 @@ class HierarchicalRule:
       view = self._views[value] = value.detach().view(1)
     return view
 
-  def _global_features(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    key = (device, dtype)
-    if key not in self._global_cache:
+  def _global_features(self, device: torch.device, dtype: torch.dtype, persistent: bool = False) -> torch.Tensor:
+    """This step's global features on ``device`` in ``dtype`` (converted once per step); ``persistent`` (CUDA
+    graphs): copied into a buffer kept from step to step, a static input of the graphs."""
+    key = (device, dtype, persistent)
+    value = self._global_cache.get(key)
+    if value is None:
       value = self._global
-      if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
-        value = value.pin_memory().to(device=device, non_blocking=True)
-      self._global_cache[key] = value.to(device=device, dtype=dtype)
-    return self._global_cache[key]
+      if persistent:
+        buffer = self._features.get(key[:2])
+        if buffer is None or buffer.shape != value.shape:
+          buffer = self._features[key[:2]] = torch.empty(value.shape, dtype=dtype, device=device)
+        value = value.to(dtype)  # (on the host: then one copy, that does not wait for the device, from pinned memory)
+        value = buffer.copy_(value.pin_memory() if device.type == "cuda" else value, non_blocking=True)
+      else:
+        if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
+          value = value.pin_memory().to(device=device, non_blocking=True)
+        value = value.to(device=device, dtype=dtype)
+      self._global_cache[key] = value
+    return value
 
   def _lr(self, lr: float, key, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """lr as a 0-d device tensor per bucket ``key`` (compiled: a new value is no new graph), refilled when it
@@ -793,6 +823,11 @@ class HierarchicalRule:
 
 
 _SHAPE = operator.attrgetter("shape")
+
+
+def _tree_leaves(tree) -> list:
+  from torch.utils._pytree import tree_leaves
+  return tree_leaves(tree)
 
 
 def _unchanged(states: list, entries: list) -> bool:
