@@ -72,6 +72,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, TIME_SCALES
@@ -208,15 +209,15 @@ class Buffers(NamedTuple):
   entries: list
 
 
+_RECURRENT_DTYPES: dict = {}  # recurrent_dtype's results (promote_types dispatches an operation: ~1 us per call)
+
+
 def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
   """The recurrent state's dtype for parameters of ``dtype``: at least float32 (JAX's result_type(dtype, float32))."""
   rec = _RECURRENT_DTYPES.get(dtype)
-  if rec is None:  # (promote_types is an operation: cached)
+  if rec is None:
     rec = _RECURRENT_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
   return rec
-
-
-_RECURRENT_DTYPES: dict = {}
 
 
 def shape_features(shape: tuple[int, ...]) -> np.ndarray:
@@ -690,7 +691,7 @@ class HierarchicalRule:
       marked = self._static.get(key)
       if static and (marked is None or marked[0] is not buffers or marked[1] is not layout):
         # once per binding: the same parameters, buffers and constants until the next
-        self._mark_static([*inputs[0], *_tree_leaves(arguments), *_tree_leaves((theta, rec_theta)), layout.size,
+        self._mark_static([*inputs[0], *tree_leaves(arguments), *tree_leaves((theta, rec_theta)), layout.size,
                            layout.shape_features, features, rate])
         self._static[key] = (buffers, layout)
       try:  # fullgraph: a compiler failure surfaces before the graph runs, nothing has changed yet
@@ -785,8 +786,8 @@ class HierarchicalRule:
         buffer = self._features.get(key[:2])
         if buffer is None or buffer.shape != value.shape:
           buffer = self._features[key[:2]] = torch.empty(value.shape, dtype=dtype, device=device)
-        value = value.to(dtype)  # (on the host: then one copy, that does not wait for the device, from pinned memory)
-        value = buffer.copy_(value.pin_memory() if device.type == "cuda" else value, non_blocking=True)
+        source = value.to(dtype)  # converted on the host, then one copy from pinned memory: it does not wait
+        value = buffer.copy_(source.pin_memory() if device.type == "cuda" else source, non_blocking=True)
       else:
         if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
           value = value.pin_memory().to(device=device, non_blocking=True)
@@ -823,11 +824,6 @@ class HierarchicalRule:
 
 
 _SHAPE = operator.attrgetter("shape")
-
-
-def _tree_leaves(tree) -> list:
-  from torch.utils._pytree import tree_leaves
-  return tree_leaves(tree)
 
 
 def _unchanged(states: list, entries: list) -> bool:
