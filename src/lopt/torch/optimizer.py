@@ -19,9 +19,10 @@ and optionally
                                         floating state tensor to p's dtype, these are re-read from the state dict
   begin_step(state, *, loss, valid_loss, num_steps)
                                         once per optimizer step that updates anything (not for a skipped step),
-                                        before the buckets: the losses (None, or float32 0-d CPU tensors), the
-                                        horizon hint, and ``state``, the optimizer-wide dict the rule keeps its
-                                        global state in (``self.state["lopt_global"]``, saved in state dicts as is)
+                                        before the buckets: the losses (None, or Python floats holding float32
+                                        values), the horizon hint, and ``state``, the optimizer-wide dict the rule
+                                        keeps its global state in (``self.state["lopt_global"]``, saved in state
+                                        dicts as is)
 
 (the gru and mlp rules need none of the three: they ignore losses and horizon, as their JAX optimizers do).
 """
@@ -165,9 +166,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
     for group in self.param_groups:
       buckets: dict = {}
       for p in group["params"]:
-        if p.grad is None:
+        grad = p.grad
+        if grad is None:
           continue
-        if p.grad.is_sparse:
+        if grad.is_sparse:
           raise RuntimeError("LearnedOptimizer does not support sparse gradients")
         if not p.is_floating_point():
           raise RuntimeError(f"LearnedOptimizer: parameters must be floating point, found {p.dtype}")
@@ -179,27 +181,29 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # max |g| per tensor, in one multi-tensor reduction per bucket (NaN propagates; an empty tensor is finite)
         grads = [p.grad for p in params if p.grad.numel()]
         by_device.setdefault(device, []).extend(torch._foreach_norm(grads, ord=math.inf) if grads else ())
-    # One host sync per device and step: the price of never letting a NaN or inf into the state.
-    if not all(not norms or bool(torch.stack(norms).isfinite().all()) for norms in by_device.values()):
-      self.skipped_steps += 1
-      return result
     if not by_device:  # no gradient at all: nothing to update, nothing to count
       return result
+    losses = [loss, valid_loss] if begin_step is not None else []
+    if not _read_on_host(by_device, losses):
+      self.skipped_steps += 1
+      return result
     init_state = getattr(self.rule, "init_state", None)
-    if init_state is not None:  # before weight decay changes p
-      for buckets in groups:
-        for params in buckets.values():
-          for p in params:
-            if not self.state[p]:
-              self.state[p].update(init_state(p))
+    buckets = []  # (group index, group, device, dtype, parameters, their states): each state looked up once
+    for group_index, (group, by_key) in enumerate(zip(self.param_groups, groups)):
+      for (device, dtype), params in by_key.items():
+        states = [self.state[p] for p in params]
+        if init_state is not None:  # before weight decay changes p
+          for p, state in zip(params, states):
+            if not state:
+              state.update(init_state(p))
+        buckets.append((group_index, group, device, dtype, params, states))
     if begin_step is not None:
-      begin_step(self.state[GLOBAL_STATE], loss=loss, valid_loss=valid_loss, num_steps=self.num_steps)
-    for group_index, (group, buckets) in enumerate(zip(self.param_groups, groups)):
-      for (device, dtype), params in buckets.items():
-        decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
-        if decay:
-          torch._foreach_mul_(params, 1 - group["lr"] * decay)
-        self.rule.step((group_index, device, dtype), params, [self.state[p] for p in params], group["lr"])
+      begin_step(self.state[GLOBAL_STATE], loss=losses[0], valid_loss=losses[1], num_steps=self.num_steps)
+    for group_index, group, device, dtype, params, states in buckets:
+      decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
+      if decay:
+        torch._foreach_mul_(params, 1 - group["lr"] * decay)
+      self.rule.step((group_index, device, dtype), params, states, group["lr"])
     return result
 
   # -- state dicts ------------------------------------------------------------------------------------------------
@@ -264,13 +268,14 @@ def _check_rate(name: str, value) -> None:
 
 def _scalar(name: str, value, convert: bool):
   """Checks a loss: None, a real number (numpy's and 0-d arrays included) or a one-element tensor; with ``convert``,
-  returns it as a float32 0-d CPU tensor (a device-to-host copy for a CUDA loss), else as given."""
+  returns a number as a Python float rounded to float32 and a tensor as a float32 0-d tensor on its device (read on
+  the host by ``_read_on_host``, with the gradients' check), else as given."""
   if value is None:
     return None
   if isinstance(value, torch.Tensor):
     if value.numel() != 1:
       raise ValueError(f"LearnedOptimizer.step: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-    return value.detach().reshape(()).to(device="cpu", dtype=torch.float32) if convert else value
+    return value.detach().reshape(()).to(dtype=torch.float32) if convert else value
   try:
     if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0:
       raise TypeError
@@ -278,7 +283,30 @@ def _scalar(name: str, value, convert: bool):
   except (TypeError, ValueError):
     raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
                     f"{type(value).__name__}") from None
-  return torch.tensor(number, dtype=torch.float32) if convert else value
+  return float(torch.tensor(number, dtype=torch.float32)) if convert else value  # (torch's rounding: inf, no warning)
+
+
+def _read_on_host(norms: dict, losses: list) -> bool:
+  """Whether every gradient is finite, given each tensor's max |g| per device (``norms``); then the float32 0-d
+  tensors among ``losses`` replaced by Python floats.
+
+  These are a step's host reads -- on a GPU each waits for the device -- one per device: its gradients' check, the
+  price of never letting a NaN or inf into the state, with the losses held on that device read in the same copy
+  (a loss on a device without gradients is read on its own)."""
+  for device, values in norms.items():
+    mine = [i for i, x in enumerate(losses) if isinstance(x, torch.Tensor) and x.device == device]
+    if not values and not mine:
+      continue
+    flag = torch.stack(values).isfinite().all() if values else torch.ones((), dtype=torch.bool, device=device)
+    read = torch.stack([flag] + [losses[i] for i in mine]).tolist()  # (a bool and float32 values: float32, exactly)
+    if not read[0]:
+      return False
+    for i, value in zip(mine, read[1:]):
+      losses[i] = value
+  for i, x in enumerate(losses):
+    if isinstance(x, torch.Tensor):
+      losses[i] = float(x)
+  return True
 
 
 def _copy(state):

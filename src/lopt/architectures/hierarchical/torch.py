@@ -62,14 +62,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 import os
 import shutil
 import types
 import warnings
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, TIME_SCALES
@@ -193,7 +196,8 @@ class Buffers(NamedTuple):
   per group (count, *shape, K) momenta, (count, *shape) averages and (rows, cols) -- (count, *rows) (count, *cols)
   -- or (second moment,) (count, *shape); for the bucket, in group order, ``h`` and ``c`` (n, lstm_size),
   ``feedback`` (n, feedback_size), ``scalars`` (3, n) [gradient_rms, update_ratio, log_step] and ``steps`` (n,)
-  int32. ``views``: per tensor (group order) the dict of views handed to its state, to recognize them next step."""
+  int32. ``entries``: every value of the tensors' state dicts once bound (group order, each dict in its own order),
+  the views among them, to recognize them next step (``_unchanged``)."""
   momenta: list
   seconds: list
   averages: list
@@ -202,12 +206,18 @@ class Buffers(NamedTuple):
   feedback: torch.Tensor
   scalars: torch.Tensor
   steps: torch.Tensor
-  views: list
+  entries: list
+
+
+_RECURRENT_DTYPES: dict = {}  # recurrent_dtype's results (promote_types dispatches an operation: ~1 us per call)
 
 
 def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
   """The recurrent state's dtype for parameters of ``dtype``: at least float32 (JAX's result_type(dtype, float32))."""
-  return torch.promote_types(dtype, torch.float32)
+  rec = _RECURRENT_DTYPES.get(dtype)
+  if rec is None:
+    rec = _RECURRENT_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+  return rec
 
 
 def shape_features(shape: tuple[int, ...]) -> np.ndarray:
@@ -250,9 +260,19 @@ def _array(state: dict, key: str) -> np.ndarray:
   return value.numpy()
 
 
+def _read(state: dict, key: str):
+  """``state[key]`` as a float or a list of floats, float32 values (the entry converted first when it is not a
+  float32 CPU tensor, as ``_array`` does); ``tolist`` reads a CPU tensor faster than numpy."""
+  value = state[key]
+  if value.dtype is not torch.float32 or not value.is_cpu:
+    _array(state, key)
+    value = state[key]
+  return value.tolist()
+
+
 def accumulate(state: dict, name: str, loss) -> None:
-  """Folds ``loss`` (None, or a float32 0-d tensor) into the ``name`` accumulators of ``state``; a non-finite loss
-  leaves them unchanged (``optimizer.accumulate``).
+  """Folds ``loss`` (None, a float or a one-element tensor: float32 values) into the ``name`` accumulators of
+  ``state``; a non-finite loss leaves them unchanged (``optimizer.accumulate``).
 
   Host arithmetic on a handful of numbers, as Python floats rounded to float32 after every operation: float32
   arithmetic exactly (double rounding is harmless for + - * /), log and tanh within an ulp of torch's, and ~50x
@@ -275,16 +295,13 @@ def accumulate(state: dict, name: str, loss) -> None:
 
 def loss_features(state: dict) -> torch.Tensor:
   """(NUM_LOSS_FEATURES,) float32 (``optimizer.loss_features``)."""
-  def one(name):
-    seen, first, last = (float(_array(state, f"{name}_{part}")) for part in ("seen", "first", "last"))
-    ema = _array(state, f"{name}_ema").tolist()
-    return ([seen, seen * math.tanh(_f32(last - first) / 4)]
-            + [seen * math.tanh(4 * _f32(last - e)) for e in ema])
-  value = lambda key: float(_array(state, key))  # noqa: E731
-  gap = value("valid_seen") * value("train_seen") * math.tanh(
-      _f32(value("valid_last") - float(_array(state, "train_ema")[-1]))
-      - _f32(value("valid_first") - value("train_first")))
-  return torch.tensor(one("train") + one("valid") + [gap], dtype=torch.float32)
+  (train_seen, train_first, _, train_ema), (valid_seen, valid_first, valid_last, _) = accumulators = [
+      [_read(state, f"{name}_{part}") for part in ("seen", "first", "last", "ema")] for name in ("train", "valid")]
+  features = []
+  for seen, first, last, ema in accumulators:
+    features += [seen, seen * math.tanh(_f32(last - first) / 4)] + [seen * math.tanh(4 * _f32(last - e)) for e in ema]
+  gap = valid_seen * train_seen * math.tanh(_f32(valid_last - train_ema[-1]) - _f32(valid_first - train_first))
+  return torch.tensor(features + [gap], dtype=torch.float32)
 
 
 def time_features(step, num_steps) -> torch.Tensor:
@@ -313,10 +330,11 @@ def clip(g: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def _batch(tensors: list, shape: tuple) -> torch.Tensor:
   """(count, *shape): the tensors stacked (a copy), or one tensor as a view of itself (no copy: an in-place change of
-  the batch changes it)."""
+  the batch changes it). The tensors of a group share their shape: ``shape``, or (1,) for the compiled update's views
+  of 0-d tensors (then reshaped; a reshape per tensor is an operation per tensor in eager mode)."""
   if len(tensors) == 1:
     return tensors[0].reshape((1,) + shape)
-  return torch.stack([x.reshape(shape) for x in tensors])
+  return torch.stack(tensors if tensors[0].shape == shape else [x.reshape(shape) for x in tensors])
 
 
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
@@ -499,7 +517,7 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
       # The average and the update ratio read p before the update (the decayed p, as JAX's params).
       a_.lerp_(p_, 1 - c.average_decay)
       targets = params[lo:hi]
-      updates = [u.view(q.shape) for u, q in zip(update.unbind(0), targets)]
+      updates = update.view((count,) + group.shape).unbind(0)   # one view for the group, not one per tensor
       if isinstance(lr, torch.Tensor):
         for q, u in zip(targets, updates):
           q.addcmul_(u, lr)
@@ -534,14 +552,21 @@ class HierarchicalRule:
     self._theta_cache: dict = {}
     self._layout_cache: dict = {}
     self._global: torch.Tensor | None = None   # this step's global features (float32, CPU)
-    self._global_cache: dict = {}              # ... converted per (device, dtype)
+    self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
+    self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
     self._compile_options: dict = {}           # torch.compile's keyword arguments
+    self._cudagraphs = False                   # whether the compiled update runs as CUDA graphs
     self._compile_failed = False
     self._compiled: dict = {}                  # the compiled update per bucket layout
     self._views = WeakIdKeyDictionary()        # (1,) views of 0-d parameters, for the compiled update
+    self._static: dict = {}                    # per bucket key, the (Buffers, Layout) whose tensors are marked static
+    # The numbers the update reads, per form of the MLP ("": eager; the compiled update's form): built once.
+    self._fused = "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
+    self._constants = {fused: Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
+                                        self.values["num_layers"], fused) for fused in ("", self._fused)}
 
   # -- states ------------------------------------------------------------------------------------------------------
 
@@ -580,6 +605,7 @@ class HierarchicalRule:
     self._global = None
     self._global_cache.clear()
     self._buffers.clear()
+    self._static.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -590,8 +616,11 @@ class HierarchicalRule:
     (Triton); on the CPU the compiled update is correct but not faster than the eager one."""
     self._compile_options = dict(mode) if isinstance(mode, dict) else {"mode": mode}
     self._compile_mode = self._compile_options.get("mode") or "default"
+    self._cudagraphs = self._compile_mode in ("reduce-overhead", "max-autotune") or bool(
+        (self._compile_options.get("options") or {}).get("triton.cudagraphs"))
     self._compile_failed = False
     self._compiled.clear()
+    self._static.clear()
 
   def _compiled_update(self, key: tuple):
     """The compiled ``update_bucket`` for the bucket layout ``key`` (device, dtype, shapes), or None (eager) with a
@@ -616,9 +645,9 @@ class HierarchicalRule:
 
   @torch.no_grad()
   def begin_step(self, state: dict, *, loss=None, valid_loss=None, num_steps=None) -> None:
-    """Once per optimizer step, before ``step``: folds the losses (None, or float32 0-d tensors; non-finite: none
-    this step) into the accumulators of ``state`` (the optimizer-wide dict, filled on first use), counts the step,
-    and computes the global features every tensor's LSTM reads this step."""
+    """Once per optimizer step, before ``step``: folds the losses (None, or float32 values: floats or 0-d tensors;
+    non-finite: none this step) into the accumulators of ``state`` (the optimizer-wide dict, filled on first use),
+    counts the step, and computes the global features every tensor's LSTM reads this step."""
     if not state:
       state.update(init_global_state())
     accumulate(state, "train", loss)
@@ -645,25 +674,28 @@ class HierarchicalRule:
     rec = recurrent_dtype(dtype)
     theta, rec_theta = self._theta(device, dtype), self._theta(device, rec)
     layout = self._layout(params, device, rec)
-    params = [params[i] for i in layout.order]
-    buffers = self._bind(key, layout, params, [states[i] for i in layout.order])
-    features = self._global_features(device, rec)
+    params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
+    buffers = self._bind(key, layout, params, states)
     compiled = self._compiled_update((device, dtype, layout.shapes))
-    fused = "" if compiled is None else "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
-    constants = Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
-                          self.values["num_layers"], fused)
+    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
+    features = self._global_features(device, rec, persistent=static)
+    constants = self._constants["" if compiled is None else self._fused]
     grads = [p.grad for p in params]
     arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
                  buffers.scalars, buffers.steps)
-    if fused:
+    if compiled is not None:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
-      one = self._unit_view  # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs
-      inputs = ([one(p) for p in params], [one(g) for g in grads], *arguments)
-      if self._compile_mode in ("reduce-overhead", "max-autotune") or (
-          self._compile_options.get("options") or {}).get("triton.cudagraphs"):
-        self._mark_static(inputs[0], buffers)
+      # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs: (1,) views of them
+      inputs = (self._unit_views(layout, params), self._unit_views(layout, grads), *arguments)
+      rate = self._lr(lr, key, device, dtype)
+      marked = self._static.get(key)
+      if static and (marked is None or marked[0] is not buffers or marked[1] is not layout):
+        # once per binding: the same parameters, buffers and constants until the next
+        self._mark_static([*inputs[0], *tree_leaves(arguments), *tree_leaves((theta, rec_theta)), layout.size,
+                           layout.shape_features, features, rate])
+        self._static[key] = (buffers, layout)
       try:  # fullgraph: a compiler failure surfaces before the graph runs, nothing has changed yet
-        compiled(constants, theta, rec_theta, layout, features, self._lr(lr, key, device, dtype), *inputs)
+        compiled(constants, theta, rec_theta, layout, features, rate, *inputs)
         return
       except (TorchDynamoException, FailOnRecompileLimitHit) as error:
         self._compile_failed = True
@@ -685,8 +717,7 @@ class HierarchicalRule:
     bucket's tensors changed (a parameter without a gradient) -- in the dtype and on the device each entry needs,
     and every entry replaced by its view. ``params`` and ``states`` in the layout's group order."""
     buffers = self._buffers.get(key)
-    if buffers is not None and len(buffers.views) == len(states) and all(
-        state.get(name) is view for state, views in zip(states, buffers.views) for name, view in views.items()):
+    if buffers is not None and _unchanged(states, buffers.entries):
       return buffers
     p = params[0]
     device, dtype, rec = p.device, p.dtype, recurrent_dtype(p.dtype)
@@ -705,23 +736,34 @@ class HierarchicalRule:
     for group, m, second, average in zip(layout.groups, momenta, seconds, averages):
       names = ("second_moment",) if group.axes is None else ("rows", "cols")
       for j, index in enumerate(range(group.start, group.stop)):
-        views = {"momentum": m[j], "average": average[j], **{name: v[j] for name, v in zip(names, second)},
-                 "h": buffers.h[index], "c": buffers.c[index], "feedback": buffers.feedback[index],
-                 "gradient_rms": scalars[0, index], "update_ratio": scalars[1, index], "log_step": scalars[2, index],
-                 "step": buffers.steps[index]}
-        states[index].update(views)
-        buffers.views.append(views)
+        states[index].update({
+            "momentum": m[j], "average": average[j], **{name: v[j] for name, v in zip(names, second)},
+            "h": buffers.h[index], "c": buffers.c[index], "feedback": buffers.feedback[index],
+            "gradient_rms": scalars[0, index], "update_ratio": scalars[1, index], "log_step": scalars[2, index],
+            "step": buffers.steps[index]})
+    buffers.entries.extend(chain.from_iterable(map(dict.values, states)))
     self._buffers[key] = buffers
     return buffers
 
-  def _mark_static(self, params: list, buffers: Buffers) -> None:
-    """Under CUDA graphs (modes "reduce-overhead", "max-autotune"), every tensor the update changes marked as a
-    static address (where cudagraphs accept in-place updates)."""
+  def _mark_static(self, tensors: list) -> None:
+    """Under CUDA graphs (modes "reduce-overhead", "max-autotune"), the compiled update's tensor inputs that keep
+    their address from step to step marked as static addresses: every tensor the update changes (cudagraphs accept
+    in-place updates only there), and the meta-parameters, the layout's constants, the learning rate and the global
+    features' buffer -- a replay reads these in place, where it copies every other input into the graph's own
+    (host work per input and step). Only the gradients remain (new tensors at every backward pass)."""
     from torch._dynamo import mark_static_address
-    for value in (*params, *buffers.momenta, *(v for pair in buffers.seconds for v in pair), *buffers.averages,
-                  buffers.h, buffers.c, buffers.feedback, buffers.scalars, buffers.steps):
+    for value in tensors:
       if getattr(value, "_dynamo_static_input_type", None) is None:
         mark_static_address(value)
+
+  def _unit_views(self, layout: Layout, tensors: list) -> list:
+    """``tensors`` (group order) with the 0-d ones as (1,) views (``_unit_view``); no call per tensor when the
+    layout has none."""
+    tensors = list(tensors)
+    for group in layout.groups:
+      if not group.shape:
+        tensors[group.start:group.stop] = map(self._unit_view, tensors[group.start:group.stop])
+    return tensors
 
   def _unit_view(self, value: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor as a (1,) view, cached per tensor (the compiled update's inputs keep their identity from step to
@@ -733,14 +775,25 @@ class HierarchicalRule:
       view = self._views[value] = value.detach().view(1)
     return view
 
-  def _global_features(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    key = (device, dtype)
-    if key not in self._global_cache:
+  def _global_features(self, device: torch.device, dtype: torch.dtype, persistent: bool = False) -> torch.Tensor:
+    """This step's global features on ``device`` in ``dtype`` (converted once per step); ``persistent`` (CUDA
+    graphs): copied into a buffer kept from step to step, a static input of the graphs."""
+    key = (device, dtype, persistent)
+    value = self._global_cache.get(key)
+    if value is None:
       value = self._global
-      if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
-        value = value.pin_memory().to(device=device, non_blocking=True)
-      self._global_cache[key] = value.to(device=device, dtype=dtype)
-    return self._global_cache[key]
+      if persistent:
+        buffer = self._features.get(key[:2])
+        if buffer is None or buffer.shape != value.shape:
+          buffer = self._features[key[:2]] = torch.empty(value.shape, dtype=dtype, device=device)
+        source = value.to(dtype)  # converted on the host, then one copy from pinned memory: it does not wait
+        value = buffer.copy_(source.pin_memory() if device.type == "cuda" else source, non_blocking=True)
+      else:
+        if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
+          value = value.pin_memory().to(device=device, non_blocking=True)
+        value = value.to(device=device, dtype=dtype)
+      self._global_cache[key] = value
+    return value
 
   def _lr(self, lr: float, key, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """lr as a 0-d device tensor per bucket ``key`` (compiled: a new value is no new graph), refilled when it
@@ -761,14 +814,24 @@ class HierarchicalRule:
     return self._theta_cache[key]
 
   def _layout(self, params: list[torch.Tensor], device: torch.device, rec: torch.dtype) -> Layout:
-    shapes = tuple(tuple(p.shape) for p in params)
-    key = (device, rec, shapes)
+    key = (device, rec, tuple(map(_SHAPE, params)))  # (torch.Size: a tuple, hashed and compared as one)
     layout = self._layout_cache.get(key)
     if layout is None:
       if len(self._layout_cache) > 64:
         self._layout_cache.clear()
-      layout = self._layout_cache[key] = make_layout(shapes, device, rec)
+      layout = self._layout_cache[key] = make_layout(tuple(map(tuple, key[2])), device, rec)
     return layout
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def _unchanged(states: list, entries: list) -> bool:
+  """Whether the values of the dicts ``states``, in order, are the objects ``entries`` -- by identity, in one pass of
+  C loops: a bucket's state has a dozen entries per tensor, compared at every step."""
+  return (sum(map(len, states)) == len(entries)
+          and all(map(operator.is_, chain.from_iterable(map(dict.values, states)), entries)))
+
 
 def _copy_function(function, index: int):
   """``function`` with a code object of its own (named ``<name>_<index>``)."""
