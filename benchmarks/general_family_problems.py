@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
                           "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-              "command": "python benchmarks/general_family_problems.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": " ".join(["python benchmarks/general_family_problems.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
               "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
