@@ -267,8 +267,14 @@ SMALL_ARCHITECTURES = {"gru": {"hidden_size": 4, "input_scale": 0.1, "output_sca
                        "mlp": {"hidden_size": 8, "num_layers": 1}}
 
 
-@pytest.mark.parametrize("architecture", BUILTIN_ARCHITECTURES)
-@pytest.mark.parametrize("name", sorted(estimators.REGISTRY))
+# The pairs that take 10-17 s each on 2 CPU cores run with -m slow; by default every estimator still runs with mlp and
+# every architecture with full, tbptt, pes and nres.
+SLOW_CONTRACTS = {("es", "gru"), ("es", "hierarchical"), ("mixed", "gru"), ("mixed", "hierarchical")}
+
+
+@pytest.mark.parametrize("name, architecture", [
+    pytest.param(name, architecture, marks=pytest.mark.slow) if (name, architecture) in SLOW_CONTRACTS
+    else (name, architecture) for name in sorted(estimators.REGISTRY) for architecture in BUILTIN_ARCHITECTURES])
 def test_estimator_contract(name, architecture):
   """Every registered estimator works with every architecture: a pure, finite estimate."""
   from lopt import tasks

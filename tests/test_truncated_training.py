@@ -31,8 +31,8 @@ def leaves(state):
 
 # pes (an accumulator per pair) and mixed (perturbed pairs and backpropagation) in the default run; the others share
 # their machinery and run with -m slow.
-@pytest.mark.parametrize("estimator", ["pes", "mixed", *(pytest.param(name, marks=pytest.mark.slow)
-                                                        for name in ("tbptt", "es", "nres"))])
+@pytest.mark.parametrize("estimator", ["pes", *(pytest.param(name, marks=pytest.mark.slow)
+                                                for name in ("mixed", "tbptt", "es", "nres"))])
 def test_resume_mid_episode_is_bit_identical(estimator, tmp_path):
   unbroken = meta_train(config(estimator, 7), tmp_path / "unbroken", progress=False)
   meta_train(config(estimator, 3), tmp_path / "run", progress=False)  # episodes of 4 truncations: mid-episode
