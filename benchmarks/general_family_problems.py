@@ -51,14 +51,20 @@ def weight_rms(params) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in weights) / sum(x.size for x in weights))
 
 
+def relative_factor(params, reference) -> jax.Array:
+  """() the experimental step factor clip(RMS0 / reference, 1e-2, 1e2), RMS0 = ``weight_rms(params)``; 1 where the
+  weights are all zero, or with ``reference`` <= 0 (the variant off)."""
+  rms = weight_rms(params)
+  on = (reference > 0) & (rms > 0)
+  return jnp.where(on, jnp.clip(rms / jnp.where(on, reference, 1.0), 1e-2, 1e2), 1.0)
+
+
 def general_runner(task, horizon: int, optimizer):
   """jitted (theta, key, reference, cap) -> training losses (horizon,); reference 0 and cap 0: the plain update."""
   @jax.jit
   def run(theta, key, reference, cap):
     params = task.init(key)
-    rms = weight_rms(params)
-    factor = jnp.where((reference > 0) & (rms > 0), jnp.clip(rms / jnp.where(reference > 0, reference, 1.0),
-                                                               1e-2, 1e2), 1.0)
+    factor = relative_factor(params, reference)
 
     def step(carry, t):
       params, state = carry

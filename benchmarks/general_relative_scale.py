@@ -18,10 +18,10 @@ import sys
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import lopt.trained
+from general_family_problems import relative_factor  # this folder: the same variant
 from lopt.cli import main as lopt_main
 
 
@@ -30,18 +30,10 @@ class RelativeState(NamedTuple):
   factor: jax.Array  # () the scale factor, fixed at init
 
 
-def weight_rms(params) -> jax.Array:
-  weights = [x for x in jax.tree.leaves(params) if x.ndim >= 2]
-  if not weights:
-    return jnp.zeros(())
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in weights) / sum(x.size for x in weights))
-
-
 def relative(inner: optax.GradientTransformationExtraArgs, reference: float) -> optax.GradientTransformationExtraArgs:
   """``inner`` with every update scaled by clip(RMS0 / reference, 1e-2, 1e2) (1 for all-zero weights)."""
   def init(params):
-    rms = weight_rms(params)
-    return RelativeState(inner.init(params), jnp.where(rms > 0, jnp.clip(rms / reference, 1e-2, 1e2), 1.0))
+    return RelativeState(inner.init(params), relative_factor(params, reference))
 
   def update(updates, state, params=None, **extra):
     updates, inner_state = inner.update(updates, state.inner, params, **extra)

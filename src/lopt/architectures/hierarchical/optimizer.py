@@ -212,7 +212,7 @@ def _stack(items: list):
 
 def _unstack(tree, count: int) -> list:
   """The inverse of ``_stack``: a group's ``count`` entries from its pytree."""
-  return [tree] if count == 1 else [jax.tree.map(lambda x: x[j], tree) for j in range(count)]
+  return [tree] if count == 1 else [_row(tree, j) for j in range(count)]
 
 
 def _batched(fn, group: list):
