@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -54,6 +56,8 @@ SLOW_DUPLICATE_TOLERANCE = 0.1
 OUTLIER_FACTOR = 3.0           # flagged when farther from every seed than this times the seeds' spread
 MAX_JACOBIAN_ELEMENTS = 2**25  # polishing works on chunks of seeds so that the stacked Jacobians stay this size
 ADAM_BLOCK = 10                # Adam steps per test of the stopping rule (see _adam_run)
+# Threads computing the eigenvalues at the distinct points (1: serial): a core each, at most 16.
+EIGENVALUE_THREADS = min(16, os.cpu_count() or 1)
 
 
 class FixedPoints(NamedTuple):
@@ -437,6 +441,22 @@ def _single_threaded_blas():
     yield
 
 
+def _eigenvalues(matrices: np.ndarray) -> np.ndarray:
+  """``np.linalg.eigvals`` of (K, H, H) -> (K, H), the matrices shared out over EIGENVALUE_THREADS threads at most.
+
+  numpy runs one LAPACK call per matrix of a stack, without the GIL, so each thread's share gets the values one
+  call on the whole stack would, bit for bit (where a share's eigenvalues are all real numpy returns them real, the
+  stack's complex: the same numbers, and only their moduli are used). One 256 x 256 problem takes 30-50 ms on an
+  H200's host and no more BLAS threads speed it up (benchmarks/results/fixed_points_speed.md), so with K points
+  the classification took K times that, after the search.
+  """
+  workers = min(len(matrices), EIGENVALUE_THREADS)
+  if workers <= 1:
+    return np.linalg.eigvals(matrices)
+  with ThreadPoolExecutor(workers) as pool:
+    return np.concatenate(list(pool.map(np.linalg.eigvals, np.array_split(matrices, workers))))
+
+
 def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=None, tolerance: float | None = None,
                       slow_tolerance: float | None = None, first_order_steps: int = FIRST_ORDER_STEPS,
                       learning_rate: float = FIRST_ORDER_LEARNING_RATE, newton_steps: int = NEWTON_STEPS,
@@ -513,7 +533,7 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
       with _single_threaded_blas():
         j_rec = _recurrent_jacobians(step, jnp.asarray(states[padded]), x_star[padded] if per_seed else x_star,
                                      per_seed=per_seed)
-        eigenvalues = np.linalg.eigvals(np.asarray(j_rec, np.float64)[:len(candidates)])
+        eigenvalues = _eigenvalues(np.asarray(j_rec, np.float64)[:len(candidates)])
       radius, flatness = np.max(np.abs(eigenvalues), axis=1), np.min(np.abs(1.0 - eigenvalues), axis=1)
 
     # Slow points within their own uncertainty (see SLOW_DUPLICATE_TOLERANCE) of a slower point join it.
