@@ -299,10 +299,9 @@ def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
   return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
 
 
-def _newton_run(step, states, x_star, tolerance, valid=None, *, per_seed, max_steps):
-  """``_newton_polish``'s body, traceable inside a larger jitted function. ``valid`` (N,) False: padding, left as is."""
+def _newton_run(step, states, x_star, tolerance, *, per_seed, max_steps):
+  """``_newton_polish``'s body: every state iterates until all are done."""
   one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
-  size = states.shape[0]
 
   def cond(carry):
     s, t = carry
@@ -312,15 +311,24 @@ def _newton_run(step, states, x_star, tolerance, valid=None, *, per_seed, max_st
     s, t = carry
     return one(s, x_star, tolerance), t + 1
 
-  q0 = _speeds(step, states, x_star, per_seed)
-  false = jnp.zeros((size,), bool)
-  done = q0 <= tolerance if valid is None else (q0 <= tolerance) | ~valid
-  init = _Polish(states, q0, jnp.full((size,), 1e-3, states.dtype), done, false, states, q0, states, q0)
+  init = _polish_init(step, states, x_star, tolerance, per_seed)
   s, t = jax.lax.while_loop(cond, body, (init, jnp.zeros((), jnp.int32)))
-  # Undo unfinished trials.
+  return (*_polish_result(step, s, x_star, per_seed), t)
+
+
+def _polish_init(step, states, x_star, tolerance, per_seed) -> _Polish:
+  """The polishing state of states (N, H) before the first iteration: done where q is already <= tolerance."""
+  q0 = _speeds(step, states, x_star, per_seed)
+  false = jnp.zeros(q0.shape, bool)
+  return _Polish(states, q0, jnp.full(q0.shape, 1e-3, states.dtype), q0 <= tolerance, false, states, q0, states, q0)
+
+
+def _polish_result(step, s: _Polish, x_star, per_seed):
+  """(states (N, H), speeds (N,)) at the end: a state still on a tentative Newton step returns to the best point it
+  had before."""
   revert = s.trial & (s.q >= s.anchor_q)
   h = jnp.where(revert[:, None], jnp.where((s.fallback_q < s.anchor_q)[:, None], s.fallback, s.anchor), s.h)
-  return h, _speeds(step, h, x_star, per_seed), t
+  return h, _speeds(step, h, x_star, per_seed)
 
 
 def _lanes(count: int, chunk: int) -> int:
@@ -332,12 +340,8 @@ def _lanes(count: int, chunk: int) -> int:
   return lanes
 
 
-@functools.partial(jax.jit, static_argnames=("step", "per_seed"))
-def _polish_start(step, states, x_star, tolerance, *, per_seed):
-  """The polishing state of every seed (N, H) before the first iteration: done where q is already <= tolerance."""
-  q0 = _speeds(step, states, x_star, per_seed)
-  false = jnp.zeros(q0.shape, bool)
-  return _Polish(states, q0, jnp.full(q0.shape, 1e-3, states.dtype), q0 <= tolerance, false, states, q0, states, q0)
+_polish_start = jax.jit(_polish_init, static_argnames=("step", "per_seed"))
+_polish_finish = jax.jit(_polish_result, static_argnames=("step", "per_seed"))
 
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed"), donate_argnames=("s",))
@@ -351,22 +355,17 @@ def _polish_lanes(step, s: _Polish, index, x_star, tolerance, *, per_seed):
   return jax.tree.map(lambda a, b: a.at[index].set(b, mode="drop"), s, new)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "per_seed"))
-def _polish_finish(step, s: _Polish, x_star, *, per_seed):
-  """(states, speeds) at the end: a seed still on a tentative Newton step returns to the best point it had before."""
-  revert = s.trial & (s.q >= s.anchor_q)
-  h = jnp.where(revert[:, None], jnp.where((s.fallback_q < s.anchor_q)[:, None], s.fallback, s.anchor), s.h)
-  return h, _speeds(step, h, x_star, per_seed)
-
-
 def _polish_active(step, states, x_star, tolerance, *, per_seed, max_steps, chunk):
   """``_newton_run`` on every seed, each iteration run only on the seeds not yet done, at most ``chunk`` per call.
 
   A seed's iterations depend on that seed alone (done seeds are left as they are), so which seeds share a call
-  changes nothing but the work: most seeds are done after one or two iterations (1024 seeds of a 256-unit GRU: 1024,
-  then 421, then 17 still running), and iterating whole chunks until their slowest seed is done cost 2-3 times the
-  iterations needed. The host reads the done flags after each iteration (as the loop's condition was read back
-  every iteration before) and gathers the seeds still running into the fewest lanes (see ``_lanes``).
+  changes the work, and the rounding only: XLA's kernels do not give bit-identical rows at another batch size (seen
+  on CPU in float32, and in float64 at 256 units; the points found agree to rounding, but where speeds are at the
+  rounding floor their order, and so the order of the points, can change). Most seeds are done after one or two
+  iterations (1024 seeds of a 256-unit GRU: 1024, then 421, then 17 still running), and iterating whole chunks until
+  their slowest seed is done cost 2-3 times the iterations needed. The host reads the done flags after each
+  iteration (as the loop's condition was read back every iteration before) and gathers the seeds still running into
+  the fewest lanes (see ``_lanes``).
 
   Returns (states (N, H), speeds (N,), iterations run (the most any seed ran)).
   """
@@ -537,8 +536,8 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
       slow_tolerance = SLOW_TOLERANCE * max(1.0, scale**2)
     slow_tolerance = max(slow_tolerance, tolerance)
 
-    # Both stages in one compiled call: a bounded first-order descent (stopping early once every point is within
-    # the polishing basin), then Newton polishing in chunks so the stacked Jacobians (chunk, H, H) fit in memory.
+    # A bounded first-order descent (stopping early once every point is within the polishing basin), then Newton
+    # polishing of the seeds still running, at most `chunk` per call so the stacked Jacobians (chunk, H, H) fit.
     chunk = max(1, min(num, MAX_JACOBIAN_ELEMENTS // (size * size)))
     with _single_threaded_blas():
       states, final_speeds, adam_steps, newton_iters = _search(
