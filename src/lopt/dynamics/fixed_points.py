@@ -332,12 +332,11 @@ def _polish_result(step, s: _Polish, x_star, per_seed):
 
 
 def _lanes(count: int, chunk: int) -> int:
-  """How many states one polishing call runs to hold ``count`` of them: ``chunk``, or a quarter of it while that
-  still holds them, and so on down to MIN_LANES (a few sizes, so few shapes compile)."""
-  lanes = chunk
-  while lanes // 4 >= max(count, MIN_LANES):
-    lanes //= 4
-  return lanes
+  """How many states one polishing call runs to hold ``count`` of them: ``chunk``, or a sixteenth of it (at least
+  MIN_LANES) for the few seeds of the last iterations. Two sizes, so that two shapes compile: each costs about as
+  much as a polishing call on a small problem, and the lanes a finer ladder would save are few."""
+  small = max(chunk // 16, min(chunk, MIN_LANES))
+  return small if count <= small else chunk
 
 
 _polish_start = jax.jit(_polish_init, static_argnames=("step", "per_seed"))
