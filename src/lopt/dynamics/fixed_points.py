@@ -300,7 +300,7 @@ def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
 
 
 def _newton_run(step, states, x_star, tolerance, *, per_seed, max_steps):
-  """``_newton_polish``'s body: every state iterates until all are done."""
+  """``_newton_polish``'s body: the whole batch iterates until every state is done (done states stay as they are)."""
   one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
 
   def cond(carry):
