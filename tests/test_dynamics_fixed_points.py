@@ -88,3 +88,44 @@ def test_outliers_flagged_and_duplicates_scale_aware():
   fixed = dynamics.find_fixed_points(step, np.random.default_rng(0).normal(0, 0.1, size=(8, 1)), 0.0,
                                      dtype=np.float64)
   assert len(fixed.points) == 1 and fixed.outlier[0] and fixed.converged[0]
+
+
+def _gru(w, h, x):
+  """A GRU cell with random recurrent weights (gain 2): many slow points, stable and unstable fixed points."""
+  z = jax.nn.sigmoid(w["uz"] @ h + w["bz"] + x)
+  r = jax.nn.sigmoid(w["ur"] @ h + w["br"])
+  n = jnp.tanh(w["un"] @ (r * h) + w["bn"] + x)
+  return (1 - z) * n + z * h
+
+
+def _identical_case(name, dtype):
+  """(step, seeds, x_star, per_seed) of a problem with several distinct points."""
+  rng = np.random.default_rng(3)
+  if name == "bistable":  # 9 fixed points, 4 stable
+    with jax.enable_x64(dtype == np.float64):
+      step = functools.partial(_bistable, jnp.asarray(ROTATION, dtype))
+    return step, rng.uniform(-1.6, 1.6, size=(128, 2)), 0.0, False
+  if name == "gru":  # 18-28 points, mostly slow (their merging uses the eigenvalues near 1), 1-2 stable
+    w = {f"u{g}": 2.0 * rng.normal(size=(8, 8)) / np.sqrt(8) for g in "zrn"}
+    w.update({f"b{g}": 0.1 * rng.normal(size=8) for g in "zrn"})
+    return functools.partial(_gru, w), rng.normal(size=(128, 8)), 0.0, False
+  # One input per seed: a point (or two) per seed, stable and unstable.
+  w = 1.5 * rng.normal(size=(6, 6)) / np.sqrt(6)
+  step = lambda h, x: jnp.tanh(jnp.asarray(w, h.dtype) @ h + x)  # noqa: E731
+  return step, rng.normal(size=(48, 6)), 0.3 * rng.normal(size=(48, 6)), True
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["bistable", "gru", "per_seed"])
+def test_eigenvalues_on_threads_change_nothing(name, dtype, monkeypatch):
+  # The eigenvalues at the distinct points, shared out over threads (unevenly: 3), against one call on the stack.
+  from lopt.dynamics import fixed_points
+  step, seeds, x_star, per_seed = _identical_case(name, dtype)
+  results = []
+  for threads in (1, 3):
+    monkeypatch.setattr(fixed_points, "EIGENVALUE_THREADS", threads)
+    results.append(dynamics.find_fixed_points(step, seeds, x_star, per_seed=per_seed, dtype=dtype))
+  serial, threaded = results
+  assert len(serial.points) >= 4 and serial.stable.any() and not serial.stable.all()
+  for field in serial._fields:
+    np.testing.assert_array_equal(getattr(threaded, field), getattr(serial, field), err_msg=field)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -54,6 +56,9 @@ SLOW_DUPLICATE_TOLERANCE = 0.1
 OUTLIER_FACTOR = 3.0           # flagged when farther from every seed than this times the seeds' spread
 MAX_JACOBIAN_ELEMENTS = 2**25  # polishing works on chunks of seeds so that the stacked Jacobians stay this size
 ADAM_BLOCK = 10                # Adam steps per test of the stopping rule (see _adam_run)
+# Threads computing the eigenvalues at the distinct points (1: serial): a core each, at most 16.
+EIGENVALUE_THREADS = min(16, os.cpu_count() or 1)
+MIN_LANES = 8                  # the fewest states one polishing call runs (see _lanes)
 
 
 class FixedPoints(NamedTuple):
@@ -294,10 +299,9 @@ def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
   return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
 
 
-def _newton_run(step, states, x_star, tolerance, valid=None, *, per_seed, max_steps):
-  """``_newton_polish``'s body, traceable inside a larger jitted function. ``valid`` (N,) False: padding, left as is."""
+def _newton_run(step, states, x_star, tolerance, *, per_seed, max_steps):
+  """``_newton_polish``'s body: the whole batch iterates until every state is done (done states stay as they are)."""
   one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
-  size = states.shape[0]
 
   def cond(carry):
     s, t = carry
@@ -307,56 +311,91 @@ def _newton_run(step, states, x_star, tolerance, valid=None, *, per_seed, max_st
     s, t = carry
     return one(s, x_star, tolerance), t + 1
 
-  q0 = _speeds(step, states, x_star, per_seed)
-  false = jnp.zeros((size,), bool)
-  done = q0 <= tolerance if valid is None else (q0 <= tolerance) | ~valid
-  init = _Polish(states, q0, jnp.full((size,), 1e-3, states.dtype), done, false, states, q0, states, q0)
+  init = _polish_init(step, states, x_star, tolerance, per_seed)
   s, t = jax.lax.while_loop(cond, body, (init, jnp.zeros((), jnp.int32)))
-  # Undo unfinished trials.
+  return (*_polish_result(step, s, x_star, per_seed), t)
+
+
+def _polish_init(step, states, x_star, tolerance, per_seed) -> _Polish:
+  """The polishing state of states (N, H) before the first iteration: done where q is already <= tolerance."""
+  q0 = _speeds(step, states, x_star, per_seed)
+  false = jnp.zeros(q0.shape, bool)
+  return _Polish(states, q0, jnp.full(q0.shape, 1e-3, states.dtype), q0 <= tolerance, false, states, q0, states, q0)
+
+
+def _polish_result(step, s: _Polish, x_star, per_seed):
+  """(states (N, H), speeds (N,)) at the end: a state still on a tentative Newton step returns to the best point it
+  had before."""
   revert = s.trial & (s.q >= s.anchor_q)
   h = jnp.where(revert[:, None], jnp.where((s.fallback_q < s.anchor_q)[:, None], s.fallback, s.anchor), s.h)
-  return h, _speeds(step, h, x_star, per_seed), t
+  return h, _speeds(step, h, x_star, per_seed)
 
 
-def _newton_chunked(step, states, x_star, tolerance, *, per_seed, max_steps, chunk):
-  """``_newton_run`` over chunks of ``chunk`` states, one after the other (lax.map: one compiled body), so that the
-  stacked Jacobians (chunk, H, H) fit in memory. Each chunk iterates until its own states are done; a state's
-  iterations do not depend on the others, so chunking changes nothing but the memory (and the work: a chunk stops
-  when its slowest state does). The last chunk is padded with states marked done.
+def _lanes(count: int, chunk: int) -> int:
+  """How many states one polishing call runs to hold ``count`` of them: ``chunk``, or a sixteenth of it (at least
+  MIN_LANES) for the few seeds of the last iterations. Two sizes, so that two shapes compile: each costs about as
+  much as a polishing call on a small problem, and the lanes a finer ladder would save are few."""
+  small = max(chunk // 16, min(chunk, MIN_LANES))
+  return small if count <= small else chunk
 
-  Returns (states, speeds, the most iterations any chunk ran).
+
+_polish_start = jax.jit(_polish_init, static_argnames=("step", "per_seed"))
+_polish_finish = jax.jit(_polish_result, static_argnames=("step", "per_seed"))
+
+
+@functools.partial(jax.jit, static_argnames=("step", "per_seed"), donate_argnames=("s",))
+def _polish_lanes(step, s: _Polish, index, x_star, tolerance, *, per_seed):
+  """One polishing iteration for the seeds at ``index`` (lanes,) of ``s`` (N per field); index N marks an empty
+  lane (it computes a copy of the last seed, and writes nothing)."""
+  lane = lambda a: jnp.take(a, index, axis=0, mode="clip")  # noqa: E731
+  x = lane(x_star) if per_seed else x_star
+  new = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))(
+      jax.tree.map(lane, s), x, tolerance)
+  return jax.tree.map(lambda a, b: a.at[index].set(b, mode="drop"), s, new)
+
+
+def _polish_active(step, states, x_star, tolerance, *, per_seed, max_steps, chunk):
+  """``_newton_run`` on every seed, each iteration run only on the seeds not yet done, at most ``chunk`` per call.
+
+  A seed's iterations depend on that seed alone (done seeds are left as they are), so which seeds share a call
+  changes the work, and the rounding only: XLA's kernels do not give bit-identical rows at another batch size (seen
+  on CPU in float32, and in float64 at 256 units; the points found agree to rounding, but where speeds are at the
+  rounding floor their order, and so the order of the points, can change). Most seeds are done after one or two
+  iterations (1024 seeds of a 256-unit GRU: 1024, then 421, then 17 still running), and iterating whole chunks until
+  their slowest seed is done cost 2-3 times the iterations needed. The host reads the done flags after each
+  iteration (as the loop's condition was read back every iteration before) and gathers the seeds still running into
+  the fewest lanes (see ``_lanes``).
+
+  Returns (states (N, H), speeds (N,), iterations run (the most any seed ran)).
   """
   num = states.shape[0]
-  count = -(-num // chunk)
-  if count == 1:
-    return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
-  pad = count * chunk - num
-  in_chunks = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]).reshape(  # noqa: E731
-      (count, chunk) + a.shape[1:])
-  valid = (jnp.arange(count * chunk) < num).reshape(count, chunk)
-
-  def run(part):
-    h, ok, x = part
-    return _newton_run(step, h, x if per_seed else x_star, tolerance, ok, per_seed=per_seed, max_steps=max_steps)
-
-  h, q, t = jax.lax.map(run, (in_chunks(states), valid, in_chunks(x_star) if per_seed else valid))
-  return h.reshape((-1,) + h.shape[2:])[:num], q.reshape(-1)[:num], jnp.max(t)
+  s = _polish_start(step, states, x_star, tolerance, per_seed=per_seed)
+  iterations = 0
+  while iterations < max_steps:
+    running = np.flatnonzero(~np.asarray(s.done))
+    if not len(running):
+      break
+    for part in np.array_split(running, -(-len(running) // chunk)):
+      index = np.full(_lanes(len(part), chunk), num, dtype=np.int32)
+      index[:len(part)] = part
+      s = _polish_lanes(step, s, jnp.asarray(index), x_star, tolerance, per_seed=per_seed)
+    iterations += 1
+  return (*_polish_finish(step, s, x_star, per_seed=per_seed), iterations)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "per_seed", "first_order_steps", "learning_rate",
-                                             "newton_steps", "chunk"))
 def _search(step, seeds, x_star, tolerance, *, per_seed, first_order_steps, learning_rate, newton_steps, chunk):
-  """Both stages in one compiled call: (states (N, H), speeds (N,), Adam steps (), Newton iterations ())."""
-  states, adam_steps = seeds, jnp.zeros((), jnp.int32)
+  """Both stages: (states (N, H), speeds (N,), Adam steps, Newton iterations), on the host."""
+  states, adam_steps = seeds, 0
   if first_order_steps > 0:
-    states, _, adam_steps = _adam_run(step, seeds, x_star, tolerance, per_seed=per_seed, max_steps=first_order_steps,
-                                      learning_rate=learning_rate, stop="all")
+    states, _, adam_steps = _adam_minimize(step, seeds, x_star, tolerance, per_seed=per_seed,
+                                           max_steps=first_order_steps, learning_rate=learning_rate, stop="all")
   if newton_steps > 0:
-    states, final_speeds, newton_iters = _newton_chunked(step, states, x_star, tolerance, per_seed=per_seed,
-                                                         max_steps=newton_steps, chunk=chunk)
+    states, final_speeds, newton_iters = _polish_active(step, states, x_star, tolerance, per_seed=per_seed,
+                                                        max_steps=newton_steps, chunk=chunk)
   else:
-    final_speeds, newton_iters = _speeds(step, states, x_star, per_seed), jnp.zeros((), jnp.int32)
-  return states, final_speeds, adam_steps, newton_iters
+    final_speeds, newton_iters = _speeds_jit(step, states, x_star, per_seed=per_seed), 0
+  states, final_speeds, adam_steps = jax.device_get((states, final_speeds, adam_steps))
+  return states, final_speeds, int(adam_steps), int(newton_iters)
 
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed"))
@@ -437,6 +476,22 @@ def _single_threaded_blas():
     yield
 
 
+def _eigenvalues(matrices: np.ndarray) -> np.ndarray:
+  """``np.linalg.eigvals`` of (K, H, H) -> (K, H), the matrices shared out over EIGENVALUE_THREADS threads at most.
+
+  numpy runs one LAPACK call per matrix of a stack, without the GIL, so each thread's share gets the values one
+  call on the whole stack would, bit for bit (where a share's eigenvalues are all real numpy returns them real, the
+  stack's complex: the same numbers, and only their moduli are used). One 256 x 256 problem takes 30-50 ms on an
+  H200's host and no more BLAS threads speed it up (benchmarks/results/fixed_points_speed.md), so with K points
+  the classification took K times that, after the search.
+  """
+  workers = min(len(matrices), EIGENVALUE_THREADS)
+  if workers <= 1:
+    return np.linalg.eigvals(matrices)
+  with ThreadPoolExecutor(workers) as pool:
+    return np.concatenate(list(pool.map(np.linalg.eigvals, np.array_split(matrices, workers))))
+
+
 def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=None, tolerance: float | None = None,
                       slow_tolerance: float | None = None, first_order_steps: int = FIRST_ORDER_STEPS,
                       learning_rate: float = FIRST_ORDER_LEARNING_RATE, newton_steps: int = NEWTON_STEPS,
@@ -480,15 +535,14 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
       slow_tolerance = SLOW_TOLERANCE * max(1.0, scale**2)
     slow_tolerance = max(slow_tolerance, tolerance)
 
-    # Both stages in one compiled call: a bounded first-order descent (stopping early once every point is within
-    # the polishing basin), then Newton polishing in chunks so the stacked Jacobians (chunk, H, H) fit in memory.
+    # A bounded first-order descent (stopping early once every point is within the polishing basin), then Newton
+    # polishing of the seeds still running, at most `chunk` per call so the stacked Jacobians (chunk, H, H) fit.
     chunk = max(1, min(num, MAX_JACOBIAN_ELEMENTS // (size * size)))
     with _single_threaded_blas():
-      states, final_speeds, adam_steps, newton_iters = jax.device_get(_search(
+      states, final_speeds, adam_steps, newton_iters = _search(
           step, seeds, x_star, jnp.asarray(tolerance, dtype), per_seed=per_seed,
           first_order_steps=max(first_order_steps, 0), learning_rate=learning_rate,
-          newton_steps=max(newton_steps, 0), chunk=chunk))
-    adam_steps, newton_iters = int(adam_steps), int(newton_iters)
+          newton_steps=max(newton_steps, 0), chunk=chunk)
     final_speeds = np.asarray(final_speeds, np.float64)
     states_np = np.asarray(states, np.float64)
 
@@ -513,7 +567,7 @@ def find_fixed_points(step, seeds, x_star=0.0, *, per_seed: bool = False, dtype=
       with _single_threaded_blas():
         j_rec = _recurrent_jacobians(step, jnp.asarray(states[padded]), x_star[padded] if per_seed else x_star,
                                      per_seed=per_seed)
-        eigenvalues = np.linalg.eigvals(np.asarray(j_rec, np.float64)[:len(candidates)])
+        eigenvalues = _eigenvalues(np.asarray(j_rec, np.float64)[:len(candidates)])
       radius, flatness = np.max(np.abs(eigenvalues), axis=1), np.min(np.abs(1.0 - eigenvalues), axis=1)
 
     # Slow points within their own uncertainty (see SLOW_DUPLICATE_TOLERANCE) of a slower point join it.
