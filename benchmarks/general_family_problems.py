@@ -5,7 +5,7 @@ six families' configurations that meta-training never drew (seeds it never used)
 selected on? It is also a development set that leaves the benchmark untouched.
 
   python benchmarks/general_family_problems.py [--count 24] [--seed 880000] [--max-horizon 600]
-      [--relative-reference R] [--update-cap K] [--out results.json]
+      [--relative-reference R] [--update-cap K] [--candidate NAME|PATH ...] [--out results.json]
 
 Each problem is ``lopt.tasks.families.sample(seed + i, max_step_flops=1e6)``, run for min(its horizon,
 --max-horizon) steps on 2 keys. `general` gets ``num_steps`` and the validation loss every 10 steps, as in
@@ -17,7 +17,8 @@ ratio of general's mean training loss over the run to tuned Adam's; then the win
 RMS0 the root mean square of the problem's weight matrices at initialization (1 when they are all zero), so that
 its step follows the parameters' scale (families' median RMS0 at param_scale 1: 0.33). ``--update-cap K`` adds
 another: each tensor's update scaled down to at most K times its parameters' RMS (a trust-ratio clip; none for an
-all-zero tensor).
+all-zero tensor). ``--candidate`` adds trained optimizers of `general`'s architecture and configuration (a
+meta-training run's exported optimizer, say), each run exactly as `general` is.
 """
 
 from __future__ import annotations
@@ -118,15 +119,23 @@ def main(argv=None) -> int:
   parser.add_argument("--max-horizon", type=int, default=600)
   parser.add_argument("--relative-reference", type=float, default=0.0)
   parser.add_argument("--update-cap", type=float, default=0.0)
+  parser.add_argument("--candidate", action="append", default=[], metavar="NAME|PATH")
   parser.add_argument("--out")
   args = parser.parse_args(argv)
   shipped = lopt.load("general")
   theta = jax.tree.map(jnp.asarray, shipped.theta)
-  variants = {"general": (0.0, 0.0)}
+  variants = {"general": (theta, 0.0, 0.0)}  # name -> (meta-parameters, relative reference, update cap)
   if args.relative_reference > 0:
-    variants[f"general_relative_{args.relative_reference:g}"] = (args.relative_reference, 0.0)
+    variants[f"general_relative_{args.relative_reference:g}"] = (theta, args.relative_reference, 0.0)
   if args.update_cap > 0:
-    variants[f"general_cap_{args.update_cap:g}"] = (0.0, args.update_cap)
+    variants[f"general_cap_{args.update_cap:g}"] = (theta, 0.0, args.update_cap)
+  for name in args.candidate:
+    candidate = lopt.load(name)
+    if candidate.optimizer != shipped.optimizer:
+      parser.error(f"--candidate {name}: its optimizer {candidate.optimizer} is not general's {shipped.optimizer}")
+    path = os.path.normpath(name)  # a run's exported optimizer is named after its run
+    label = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "optimizer" else path)
+    variants[label] = (jax.tree.map(jnp.asarray, candidate.theta), 0.0, 0.0)
   keys = [jax.random.key(1000 + k) for k in range(KEYS)]
   rows, start = [], time.time()
   for i in range(args.count):
@@ -137,8 +146,8 @@ def main(argv=None) -> int:
     adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
     best = min(adam_losses, key=adam_losses.get)
     run = general_runner(task, horizon, shipped.optimizer)
-    ratios = {name: np.mean([mean_loss(run(theta, k, jnp.float32(ref), jnp.float32(cap))) for k in keys])
-              / adam_losses[best] for name, (ref, cap) in variants.items()}
+    ratios = {name: np.mean([mean_loss(run(weights, k, jnp.float32(ref), jnp.float32(cap))) for k in keys])
+              / adam_losses[best] for name, (weights, ref, cap) in variants.items()}
     rows.append({"seed": args.seed + i, "family": config["family"], "horizon": horizon,
                  "param_scale": config["param_scale"], "adam_learning_rate": best, "ratios": ratios})
     print(f"{config['family']:20s} T={horizon:4d} scale={config['param_scale']:.3g} adam lr={best:.2g}  "

@@ -1,7 +1,7 @@
 """The shipped `general` in PyTorch, used exactly as the README says, against torch.optim.Adam with a tuned learning
 rate and at 1e-3, on PyTorch models that meta-training never saw, side by side in one run.
 
-  python benchmarks/general_torch.py [--quick] [--device cpu|cuda] [--out results.json]
+  python benchmarks/general_torch.py [--quick] [--device cpu|cuda] [--optimizer NAME|PATH] [--out results.json]
 
 Seven problems built here (not lopt's JAX suite): an MLP, a CNN and an autoencoder on scikit-learn's digits, an MLP
 regression on its diabetes data, logistic regression on breast cancer (convex, full batch), a GRU classifying
@@ -10,6 +10,8 @@ sequences and a one-layer transformer sorting tokens. `general` gets ``LearnedOp
 learning rate is chosen among 9 values (1e-4..1, half decades) by the mean training loss on tuning seeds; every
 optimizer is then run on other evaluation seeds. Prints the mean training loss over the run, the final loss and
 their ratios to tuned Adam per problem, and the win rates; --out writes them as JSON with machine, versions, date.
+``--optimizer`` puts another trained optimizer (a name or a meta-training run's exported directory) in general's
+place, used the same way; the results still call it "general".
 """
 
 from __future__ import annotations
@@ -156,15 +158,16 @@ def _autoencoding(data):
 # -- running ---------------------------------------------------------------------------------------------------------
 
 def run(problem: Problem, optimizer_name: str, learning_rate: float | None, seed: int, horizon: int,
-        device: str) -> np.ndarray:
-  """(horizon,) training losses of one run; the rest NaN from the first non-finite loss on."""
+        device: str, learned: str = "general") -> np.ndarray:
+  """(horizon,) training losses of one run; the rest NaN from the first non-finite loss on. ``optimizer_name``
+  "general" runs the trained optimizer ``learned``, anything else torch's Adam at ``learning_rate``."""
   torch.manual_seed(seed)
   model = problem.build().to(device)
   x, y = (a.to(device) for a in problem.train)
   vx, vy = (a.to(device) for a in problem.valid)
   if optimizer_name == "general":
     from lopt.torch import LearnedOptimizer
-    optimizer = LearnedOptimizer(model.parameters(), "general", num_steps=horizon)
+    optimizer = LearnedOptimizer(model.parameters(), learned, num_steps=horizon)
   else:
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
   batches = torch.Generator().manual_seed(seed + 7)
@@ -202,14 +205,15 @@ def summarize(losses: np.ndarray) -> tuple[float, float]:
   return float(np.mean(losses)), float(np.mean(final))
 
 
-def evaluate(problem: Problem, name: str, learning_rate, seeds, horizon: int, device: str) -> dict:
-  runs = [summarize(run(problem, name, learning_rate, s, horizon, device)) for s in seeds]
+def evaluate(problem: Problem, name: str, learning_rate, seeds, horizon: int, device: str,
+             learned: str = "general") -> dict:
+  runs = [summarize(run(problem, name, learning_rate, s, horizon, device, learned)) for s in seeds]
   means, finals = zip(*runs)
   return {"mean_loss": float(np.mean(means)), "final_loss": float(np.mean(finals)),
           "diverged_seeds": int(sum(math.isinf(m) for m in means))}
 
 
-def benchmark(quick: bool, device: str, say=lambda line: print(line, flush=True)) -> dict:
+def benchmark(quick: bool, device: str, learned: str = "general", say=lambda line: print(line, flush=True)) -> dict:
   rows = {}
   for problem in problems():
     horizon = problem.horizon // 2 if quick else problem.horizon
@@ -219,7 +223,7 @@ def benchmark(quick: bool, device: str, say=lambda line: print(line, flush=True)
     best = min(tuning, key=tuning.get)
     results = {"adam_tuned": {"learning_rate": best, **evaluate(problem, "adam", best, EVAL_SEEDS, horizon, device)},
                "adam_1e-3": evaluate(problem, "adam", 1e-3, EVAL_SEEDS, horizon, device),
-               "general": evaluate(problem, "general", None, EVAL_SEEDS, horizon, device)}
+               "general": evaluate(problem, "general", None, EVAL_SEEDS, horizon, device, learned)}
     general, tuned = results["general"], results["adam_tuned"]
     rows[problem.name] = {"horizon": horizon, "batch_size": problem.batch_size, "results": results,
                           "ratio_mean_loss": general["mean_loss"] / tuned["mean_loss"],
@@ -240,9 +244,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="half the horizons, one tuning seed")
   parser.add_argument("--device", default="cpu")
+  parser.add_argument("--optimizer", default="general", help="the trained optimizer in general's place")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
-  result = benchmark(args.quick, args.device)
+  result = benchmark(args.quick, args.device, args.optimizer)
   for key, value in result["summary"].items():
     print(f"{key}: {value:.0%}" if key.startswith("win") else f"{key}: {value}")
   if args.out:
@@ -251,7 +256,8 @@ def main(argv=None) -> int:
     result.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   machine={"device": device_name, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "platform": platform.platform(), "python": sys.version.split()[0],
-                           "torch": torch.__version__, "lopt": lopt.__version__, "quick": args.quick})
+                           "torch": torch.__version__, "lopt": lopt.__version__, "quick": args.quick},
+                  optimizer=args.optimizer)
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
   return 0

@@ -6,13 +6,16 @@
 # (fraction of problems never fed a validation loss, 0), BATCH_NOISE (1: training problems draw a batch_fraction,
 # the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
 # (the meta-objective's loss: train, the default, or valid), NUM_GROUPS (shape groups, 6), MAX_STEP_FLOPS (the
-# largest inner step sampled, 2e7), CHECKPOINT_EVERY (outer steps, 25; a checkpoint is also written at SIGINT), SEED (1: the shapes drawn).
+# largest inner step sampled, 2e7), CHECKPOINT_EVERY (outer steps, 25; a checkpoint is also written at SIGINT),
+# SEED (1; it picks the shapes drawn).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
 # the run reaches STEPS, so set STEPS to end within SECONDS when the optimizer should come back. The run directory
 # without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
-# Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again.
+# Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again. The cache also comes back
+# as $OUT/jax_cache.tar.gz (about 11 MB): unpacked into gpu_runs/ here and named in the device call's `carry`, it
+# may spare a fresh machine of the same kind its 250-300 s of compilation (not yet tried).
 set -u
 seconds=${1:-480}
 arch=${2:-hierarchical}
@@ -22,8 +25,9 @@ run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
 args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
       --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
-      --task-option num_groups="${NUM_GROUPS:-6}" --task-option max_step_flops="${MAX_STEP_FLOPS:-2e7}" --clip-value 0.1 --decay-steps 2000
-      --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64 --checkpoint-every "${CHECKPOINT_EVERY:-25}" --log-every 5
+      --task-option num_groups="${NUM_GROUPS:-6}" --task-option max_step_flops="${MAX_STEP_FLOPS:-2e7}"
+      --clip-value 0.1 --decay-steps 2000 --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64
+      --checkpoint-every "${CHECKPOINT_EVERY:-25}" --log-every 5
       --optimizer "$arch" --seed "${SEED:-1}" --out "$run")
 case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
@@ -38,3 +42,4 @@ timeout -s INT -k 60 "$seconds" python3 -c 'import sys; from lopt.cli import mai
   > "$OUT/$arch.log" 2>&1
 tar -czf "$OUT/$(basename "$run").tar.gz" --exclude=checkpoints -C gpu_runs "$(basename "$run")"
 tr '\r' '\n' < "$OUT/$arch.log" | tail -n 4
+tar -czf "$OUT/jax_cache.tar.gz" -C gpu_runs jax_cache
