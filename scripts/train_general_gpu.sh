@@ -7,7 +7,9 @@
 # the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
 # (the meta-objective's loss: train, the default, or valid), NUM_GROUPS (shape groups, 6), MAX_STEP_FLOPS (the
 # largest inner step sampled, 2e7), CHECKPOINT_EVERY (outer steps, 25; a checkpoint is also written at SIGINT),
-# SEED (1; it picks the shapes drawn).
+# SEED (1; it picks the shapes drawn), EVALUATE (1: once the run has exported its optimizer, the same call runs
+# `lopt benchmark general <it> --quick` and benchmarks/general_family_problems.py with it as a candidate on the GPU,
+# results in $OUT/benchmark-quick.json and $OUT/family-problems.json; this comes after SECONDS: leave it room).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
@@ -42,4 +44,12 @@ timeout -s INT -k 60 "$seconds" python3 -c 'import sys; from lopt.cli import mai
   > "$OUT/$arch.log" 2>&1
 tar -czf "$OUT/$(basename "$run").tar.gz" --exclude=checkpoints -C gpu_runs "$(basename "$run")"
 tr '\r' '\n' < "$OUT/$arch.log" | tail -n 4
+if [ "${EVALUATE:-0}" = 1 ] && [ -f "$run/optimizer/config.json" ]; then
+  python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' benchmark general "$run/optimizer" --quick \
+    --out gpu_runs/benchmark-quick > "$OUT/benchmark-quick.log" 2>&1
+  cp gpu_runs/benchmark-quick/benchmark.json "$OUT/benchmark-quick.json"
+  python3 benchmarks/general_family_problems.py --candidate "$run/optimizer" --out "$OUT/family-problems.json" \
+    > "$OUT/family-problems.log" 2>&1
+  tail -n 3 "$OUT/family-problems.log"
+fi
 tar -czf "$OUT/jax_cache.tar.gz" -C gpu_runs jax_cache
