@@ -7,9 +7,11 @@
 # the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
 # (the meta-objective's loss: train, the default, or valid), NUM_GROUPS (shape groups, 6), MAX_STEP_FLOPS (the
 # largest inner step sampled, 2e7), CHECKPOINT_EVERY (outer steps, 25; a checkpoint is also written at SIGINT),
-# SEED (1; it picks the shapes drawn), EVALUATE (1: once the run has exported its optimizer, the same call runs
-# `lopt benchmark general <it> --quick` and benchmarks/general_family_problems.py with it as a candidate on the GPU,
-# results in $OUT/benchmark-quick.json and $OUT/family-problems.json; this comes after SECONDS: leave it room).
+# SEED (1; it picks the shapes drawn), OPTIMIZER_OPTIONS (space-separated KEY=VALUE fields of the architecture, e.g.
+# direct_step=true; with INIT_FROM, fields added since the trained one was saved start at zero), EVALUATE (1: once
+# the run has exported its optimizer, the same call runs `lopt benchmark general <it> --quick` and
+# benchmarks/general_family_problems.py with it as a candidate on the GPU, results in $OUT/benchmark-quick.json and
+# $OUT/family-problems.json; this comes after SECONDS: leave it room).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
@@ -33,6 +35,7 @@ args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PR
       --optimizer "$arch" --seed "${SEED:-1}" --out "$run")
 case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
+for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); done
 [ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")

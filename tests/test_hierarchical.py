@@ -528,3 +528,100 @@ def test_checkpoints_with_one_tensor_state_per_tensor_restore_stacked():
   for name, value in wanted.items():
     np.testing.assert_array_equal(restored[name], value, err_msg=name)
   assert stack_legacy_tensor_states(wanted, list(wanted)) is wanted  # a current checkpoint passes through
+
+
+# -- the direct step head (``direct_step``) ----------------------------------------------------------------------------
+
+DIRECT = HierarchicalOptimizer(direct_step=True)
+
+
+def run_updates(optimizer, theta, steps=6):
+  """(updates of the last step, final state) of ``steps`` jitted float32 steps on model() with schedule()'s
+  gradients and losses."""
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in model().items()}
+  state, update = optimizer.init_state(theta, params), jax.jit(optimizer.update)
+  for grads, loss, valid in schedule(steps):
+    updates, state = update(theta, state, {k: jnp.asarray(g, jnp.float32) for k, g in grads.items()}, params,
+                            loss=loss, valid_loss=np.nan if valid is None else valid, num_steps=HORIZON)
+    params = optax.apply_updates(params, updates)
+  return jax.tree.map(np.asarray, updates), state
+
+
+def test_a_zero_direct_step_head_changes_nothing():
+  """At its initialization (the head zero) the direct step head leaves every step as it was without one."""
+  theta = default_theta(OPTIMIZER)
+  with_head = {**theta, "step": {**theta["step"], "direct": np.zeros(DIRECT.param_shapes()["step/direct"],
+                                                                      np.float32)}}
+  assert jax.tree.map(np.shape, with_head) == jax.tree.map(np.shape, default_theta(DIRECT))
+  expected, _ = run_updates(OPTIMIZER, random_theta(OPTIMIZER))
+  random = random_theta(OPTIMIZER)
+  found, _ = run_updates(DIRECT, {**random, "step": {**random["step"], "direct": with_head["step"]["direct"]}})
+  for k in expected:
+    np.testing.assert_array_equal(found[k], expected[k])
+
+
+def test_the_direct_step_head_moves_the_log_step_by_its_inputs():
+  """One step from the same state: the log step with the head minus without it is the head's gain times the LSTM's
+  inputs (``lstm_inputs``), per tensor."""
+  theta = random_theta(DIRECT)
+  without = {**theta, "step": {k: v for k, v in theta["step"].items() if k != "direct"}}
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in model().items()}
+  grads = {k: jnp.asarray(g, jnp.float32) for k, g in schedule(1)[0][0].items()}
+  _, with_state = DIRECT.update(theta, DIRECT.init_state(theta, params), grads, params, loss=2.0)
+  _, plain_state = OPTIMIZER.update(without, OPTIMIZER.init_state(without, params), grads, params, loss=2.0)
+  inputs = np.asarray(DIRECT.lstm_inputs(theta, DIRECT.init_state(theta, params), grads, params, loss=2.0))
+  shift = np.asarray(with_state.tensors.log_step) - np.asarray(plain_state.tensors.log_step)
+  np.testing.assert_allclose(shift, inputs @ theta["step"]["direct"], rtol=1e-4, atol=1e-6)
+  assert np.max(np.abs(shift)) > 1e-2  # the check is not vacuous
+
+
+@pytest.fixture(scope="module")
+def saved_direct(tmp_path_factory):
+  return save_optimizer(tmp_path_factory.mktemp("hierarchical_direct") / "opt", DIRECT, random_theta(DIRECT))
+
+
+def test_torch_matches_jax_with_the_direct_step_head(saved_direct, monkeypatch):
+  """As test_torch_matches_jax_given_float64_global_features, for an optimizer with a (random) direct step head."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hjax, "loss_features", lambda train, valid: jnp.asarray(FIXED_LOSS_FEATURES))
+    patch.setattr(hjax, "time_features", jax_time_features)
+    expected, _ = train_jax(saved_direct)
+  monkeypatch.setattr(htorch, "loss_features", lambda state: torch.tensor(FIXED_LOSS_FEATURES))
+  monkeypatch.setattr(htorch, "time_features", torch_time_features)
+  params = torch_params()
+  train_torch(LearnedOptimizer(params.values(), saved_direct, lr=0.5, weight_decay=0.1, num_steps=HORIZON), params,
+              schedule())
+  errors = relative_errors(expected, params)
+  assert max(errors.values()) < 1e-12, errors
+
+
+def test_files_saved_before_the_direct_step_head_load_without_it(saved, tmp_path):
+  """A config.json without ``direct_step`` (every hierarchical optimizer saved by lopt 0.3 and earlier, the shipped
+  `general` included) loads as an optimizer without the head, with the same meta-parameters."""
+  import json
+  import shutil
+  old = tmp_path / "old"
+  shutil.copytree(saved, old)
+  config = json.loads((old / "config.json").read_text())
+  del config["optimizer"]["direct_step"]
+  (old / "config.json").write_text(json.dumps(config))
+  loaded = lopt.load(old)
+  assert loaded.optimizer == HierarchicalOptimizer() and "direct" not in loaded.theta["step"]
+  assert lopt.load("general").optimizer.direct_step is False
+
+
+def test_a_run_with_the_head_warm_starts_from_an_optimizer_without_it():
+  """`lopt train --init-from general --optimizer-option direct_step=true`: general's meta-parameters, plus the
+  head at zero; any other difference of fields is still refused."""
+  from types import SimpleNamespace
+
+  from lopt.errors import UserError
+  from lopt.meta.train import initial_theta
+  from lopt.pytree import flatten_by_path
+  config = SimpleNamespace(seed=0, outer=SimpleNamespace(init_from="general"))
+  flat = flatten_by_path(initial_theta(config, DIRECT))
+  general = flatten_by_path(lopt.load("general").theta)
+  assert set(flat) - set(general) == {"step/direct"} and not np.any(np.asarray(flat["step/direct"]))
+  assert all(np.array_equal(np.asarray(flat[k]), general[k]) for k in general)
+  with pytest.raises(UserError, match="they must match"):
+    initial_theta(config, HierarchicalOptimizer(direct_step=True, lstm_size=16))

@@ -105,6 +105,26 @@ def test_the_log_step_equilibrium_is_where_the_drift_vanishes():
   assert [e["at_limit"] for e in equilibria] == [True] and equilibria[0]["log_step"] == pytest.approx(8.0)
 
 
+def test_the_direct_step_head_enters_the_drift_and_the_gains():
+  """With ``direct_step`` the log step reads the inputs directly too. Without a readout of h, D = b_s + k . x, so both
+  gains are k, and a negative gain on the log step's own input (x = L / 8) makes it revert to the level where D
+  vanishes: here 0.1 + 0.2 * 0.5 - 0.5 L / 8 = 0 at L* = 3.2, a stable equilibrium."""
+  rng = np.random.default_rng(2)
+  gain = np.array([0.0, -0.5, 0.2, 0.0])  # on (alignment, log step, time 1, time 2)
+  ctrl = controller(rng.normal(size=(F, 4 * L)), 0.3 * rng.normal(size=(L, 4 * L)), rng.normal(size=4 * L),
+                    step_b=0.1)._replace(input_gain=gain)
+  x = np.array([0.3, 0.0, 0.5, 0.1])
+  cell, closed = hd.maps(ctrl)
+  with jax.enable_x64(True):
+    linear = hd.fixed_point_analysis(ctrl, cell, x, rng.normal(size=(8, 2 * L)))["linearization"]
+    curve = hd.drift_curve(ctrl, cell, x, np.zeros(2 * L))
+    equilibria = hd.log_step_equilibria(ctrl, closed, cell, x, curve)
+  np.testing.assert_allclose(linear["immediate_gain"], gain, atol=1e-12)
+  np.testing.assert_allclose(linear["steady_gain"], gain, atol=1e-12)
+  assert len(equilibria) == 1 and equilibria[0]["stable"]
+  assert equilibria[0]["log_step"] == pytest.approx(3.2, abs=1e-8)
+
+
 def test_the_schedule_term_follows_the_time_inputs():
   ctrl = controller(np.zeros((F, 4 * L)), np.zeros((L, 4 * L)), np.zeros(4 * L), step_b=0.1, schedule=(2.0, -1.0))
   inputs = np.zeros((30, F))

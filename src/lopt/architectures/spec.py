@@ -42,6 +42,8 @@ class ArchitectureSpec:
   max_meta_parameters: int = 2**28
   summary: Callable[[dict], str] = lambda values: ""  # a few words for reports: "GRU with 32 units"
   legacy_defaults: dict = field(default_factory=dict)  # filled in for files of format_version 1 (GRU only)
+  # Fields added after files were written without them: the value such a file means (the behaviour it was saved with).
+  added_fields: dict = field(default_factory=dict)
 
   def defaults(self) -> dict:
     """The fields that have defaults, with them."""

@@ -47,7 +47,8 @@ TOP_EIGENVALUES = 10
 class Controller(NamedTuple):
   """The per-tensor step-size controller as arrays: the LSTM's weights (inputs + hidden, 4 hidden) and biases, the
   log-step readout (w_s, b_s), the direct gains on the alignment inputs, the schedule's weights on the time inputs,
-  and where those inputs sit in x (column indices)."""
+  and where those inputs sit in x (column indices); with ``direct_step``, the direct head's gain on every input
+  (``input_gain``, (F,); None without)."""
   lstm_w: np.ndarray
   lstm_b: np.ndarray
   step_w: np.ndarray
@@ -58,6 +59,7 @@ class Controller(NamedTuple):
   log_step_index: int
   time_index: tuple
   log_step_limit: float = LOG_STEP_LIMIT
+  input_gain: np.ndarray | None = None
 
   @property
   def size(self) -> int:
@@ -79,7 +81,8 @@ def controller_from_theta(theta: dict, names: list[str]) -> Controller:
       schedule=f64(theta["step"]["schedule"]),
       alignment_index=tuple(i for i, n in enumerate(names) if n.startswith("alignment_")),
       log_step_index=names.index("log_step"),
-      time_index=tuple(i for i, n in enumerate(names) if n.startswith("time_")))
+      time_index=tuple(i for i, n in enumerate(names) if n.startswith("time_")),
+      input_gain=f64(theta["step"]["direct"]) if "direct" in theta["step"] else None)
 
 
 # -- the maps ----------------------------------------------------------------------------------------------------------
@@ -93,10 +96,13 @@ def cell(controller: Controller, s, x):
 
 def drift(controller: Controller, s_new, x):
   """D: the change of the log step (before clipping) after the LSTM reached s_new = F(s, x)."""
-  return (s_new[:controller.size] @ jnp.asarray(controller.step_w).astype(s_new.dtype)
-          + jnp.asarray(controller.step_b).astype(s_new.dtype)
-          + x[jnp.asarray(controller.alignment_index, jnp.int32)] @ jnp.asarray(controller.alignment_gain).astype(
-              x.dtype))
+  value = (s_new[:controller.size] @ jnp.asarray(controller.step_w).astype(s_new.dtype)
+           + jnp.asarray(controller.step_b).astype(s_new.dtype)
+           + x[jnp.asarray(controller.alignment_index, jnp.int32)] @ jnp.asarray(controller.alignment_gain).astype(
+               x.dtype))
+  if controller.input_gain is not None:
+    value = value + x @ jnp.asarray(controller.input_gain, x.dtype)
+  return value
 
 
 def closed_loop(controller: Controller, z, x):
@@ -120,9 +126,12 @@ def readout_vector(controller: Controller) -> np.ndarray:
 
 
 def direct_gain(controller: Controller) -> np.ndarray:
-  """(F,) the direct (not through the LSTM) gain of each input on D: the alignment gains, zero elsewhere."""
+  """(F,) the direct (not through the LSTM) gain of each input on D: the alignment gains, plus the direct step
+  head's gains with ``direct_step`` (zero elsewhere)."""
   direct = np.zeros(controller.num_inputs)
   direct[list(controller.alignment_index)] = np.asarray(controller.alignment_gain, np.float64)
+  if controller.input_gain is not None:
+    direct += np.asarray(controller.input_gain, np.float64)
   return direct
 
 
@@ -232,8 +241,11 @@ def _drift_at(controller: Controller, step, x_star, seed_state, log_steps, dtype
 def drift_values(controller: Controller, states, xs) -> np.ndarray:
   """D for a batch (numpy, float64): states (N, 2L) after the LSTM step, inputs xs (N, F) -> (N,)."""
   states, xs = np.asarray(states, np.float64), np.asarray(xs, np.float64)
-  return (states[:, :controller.size] @ np.asarray(controller.step_w, np.float64) + float(controller.step_b)
-          + xs[:, list(controller.alignment_index)] @ np.asarray(controller.alignment_gain, np.float64))
+  values = (states[:, :controller.size] @ np.asarray(controller.step_w, np.float64) + float(controller.step_b)
+            + xs[:, list(controller.alignment_index)] @ np.asarray(controller.alignment_gain, np.float64))
+  if controller.input_gain is not None:
+    values = values + xs @ np.asarray(controller.input_gain, np.float64)
+  return values
 
 
 @functools.partial(jax.jit, static_argnames=("step",))

@@ -260,8 +260,9 @@ def load_optimizer(path: str | Path):
 def architecture_config(fields, source: str | Path, format_version: int = FORMAT_VERSION) -> ArchitectureConfig:
   """Validates config.json's ``optimizer`` field ({"architecture": name, **fields}) through the architecture's spec.
 
-  Version-2 files name any registered architecture and give every field; version-1 files (lopt 0.1) are GRUs whose
-  scales and encoding may be missing. Raises ``CheckpointError`` naming the file, the field, found and allowed.
+  Version-2 files name any registered architecture and give every field but those added since they were written
+  (``ArchitectureSpec.added_fields``); version-1 files (lopt 0.1) are GRUs whose scales and encoding may be missing.
+  Raises ``CheckpointError`` naming the file, the field, found and allowed.
   """
   if not isinstance(fields, dict):
     raise CheckpointError(f"{source}: field 'optimizer' must be an object, found {type(fields).__name__}")
@@ -274,6 +275,7 @@ def architecture_config(fields, source: str | Path, format_version: int = FORMAT
     fields = {**spec.legacy_defaults, **fields}
   else:
     spec = architectures.get(name, f"{source}: field 'optimizer.architecture'", error=CheckpointError)
+  fields = {**spec.added_fields, **fields}
   config = spec.configure(fields, str(source), complete=True, error=CheckpointError, in_file=True)
   count = spec.num_meta_parameters(config.values)
   if count > spec.max_meta_parameters:

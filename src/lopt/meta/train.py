@@ -278,17 +278,28 @@ def meta_train(config: MetaTrainConfig, run_dir: str | Path | None = None, *, re
 
 
 def initial_theta(config: MetaTrainConfig, optimizer):
-  """The seed's initialization, or the meta-parameters of the trained optimizer ``init_from`` (which must have
-  this run's architecture and fields: UserError otherwise)."""
+  """The seed's initialization, or the meta-parameters of the trained optimizer ``init_from``, which must have this
+  run's architecture and fields (UserError otherwise) -- except fields added to the architecture since
+  (``ArchitectureSpec.added_fields``) that the trained one has at their old value: the meta-parameters they add
+  start at the seed's initialization (``direct_step``: a zero head, which changes no step)."""
   source = config.outer.init_from
+  fresh = optimizer.init(jax.random.key(config.seed))
   if source is None:
-    return optimizer.init(jax.random.key(config.seed))
+    return fresh
   from lopt.trained import load
   trained = load(source)
-  if trained.optimizer.config() != optimizer.config():
-    raise UserError(f"--init-from {source}: its optimizer is {trained.optimizer.config()}, this run's is "
-                    f"{optimizer.config()}; they must match")
-  return jax.tree.map(jnp.asarray, trained.theta)
+  theirs, ours = trained.optimizer.config(), optimizer.config()
+  added = architectures.get(ours["architecture"]).added_fields if ours.get("architecture") == theirs.get(
+      "architecture") else {}
+  differing = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+  if not differing <= set(added) or any(theirs.get(k) != added[k] for k in differing):
+    raise UserError(f"--init-from {source}: its optimizer is {theirs}, this run's is {ours}; they must match")
+  if not differing:
+    return jax.tree.map(jnp.asarray, trained.theta)
+  from lopt.pytree import flatten_by_path, unflatten_by_path
+  known = flatten_by_path(trained.theta)
+  merged = {path: known.get(path, value) for path, value in flatten_by_path(fresh).items()}
+  return jax.tree.map(jnp.asarray, unflatten_by_path(merged, fresh))
 
 
 def trainable_mask(config: MetaTrainConfig, theta):

@@ -19,7 +19,8 @@ log loss since its first value, its deviation from two EMAs, whether one was eve
 validation-training gap) and the time (tanh(t / tau), and (t / num_steps)^q when a horizon hint is given). Then
 
   (h, c)   <- LSTM((h, c), inputs)
-  log_step <- clip(log_step + w_s . h + b_s + alignment_gain . cos(g, m rs), -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+  log_step <- clip(log_step + w_s . h + b_s + alignment_gain . cos(g, m rs) [+ w_d . inputs], -LOG_STEP_LIMIT,
+                   LOG_STEP_LIMIT)                     ([w_d . inputs]: with ``direct_step``, the inputs read directly)
   context   = tanh(h W_c + b_c)                                (context_size,) for every coordinate of the tensor
   (d, mag, feedback) = MLP([f, context])                        per coordinate; feedback averaged over the tensor
   u = step_scale * exp(log_step + schedule . time + magnitude_scale * mag) * (direction_scale * d - adam)
@@ -269,6 +270,7 @@ class HierarchicalOptimizer:
   step_scale: float = _default("step_scale")
   magnitude_scale: float = _default("magnitude_scale")
   direction_scale: float = _default("direction_scale")
+  direct_step: bool = _default("direct_step")
 
   def __post_init__(self):
     for name, value in SPEC.validate(asdict(self), type(self).__name__).items():
@@ -284,7 +286,7 @@ class HierarchicalOptimizer:
 
   def init(self, key: jax.Array) -> Theta:
     """LSTM weights N(0, 1 / fan_in) with forget-gate bias 1; the context map N(0, 1 / lstm_size); MLP hidden
-    layers He-normal; zero for the MLP's last layer, the step readout and the schedule (the untrained optimizer is
+    layers He-normal; zero for the MLP's last layer, the step readouts and the schedule (the untrained optimizer is
     Adam with a hypergradient step size, module docstring); clipping at 10x the gradient's RMS EMA of decay 0.99."""
     shapes = self.param_shapes()
     keys = iter(jax.random.split(key, 3 + self.num_layers))
@@ -301,6 +303,8 @@ class HierarchicalOptimizer:
         "clip": {"log_multiplier": jnp.log(jnp.asarray(10.0)), "decay_logit": jnp.log(jnp.asarray(99.0))},
         "mlp": [],
     }
+    if self.direct_step:
+      theta["step"]["direct"] = jnp.zeros(shapes["step/direct"])
     for i in range(self.num_layers + 1):
       w_shape = shapes[f"mlp/{i}/w"]
       weights = (jax.random.normal(next(keys), w_shape) * jnp.sqrt(2.0 / w_shape[0]) if i < self.num_layers
@@ -378,9 +382,11 @@ class HierarchicalOptimizer:
     inputs = jnp.concatenate([inputs, jnp.broadcast_to(cast(global_features), (len(leaves), global_features.shape[0]))],
                              axis=1)
     h, c = lstm_cell(theta["lstm"], cat([t.h for t in tensors]), cat([t.c for t in tensors]), inputs)
-    log_step = jnp.clip(cat([t.log_step for t in tensors]) + h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
-                        + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]),
-                        -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+    drift = (h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
+             + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]))
+    if "direct" in theta["step"]:
+      drift = drift + inputs @ cast(theta["step"]["direct"])
+    log_step = jnp.clip(cat([t.log_step for t in tensors]) + drift, -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
     schedule = cast(global_features[-theta["step"]["schedule"].shape[0]:]) @ cast(theta["step"]["schedule"])
     context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
     offsets = np.cumsum([0] + [len(group) for group in groups])

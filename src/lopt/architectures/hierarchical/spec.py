@@ -45,12 +45,14 @@ def param_shapes(values: dict) -> dict[str, tuple[int, ...]]:
   """Key paths: 'lstm/w' (inputs + hidden, 4 hidden), 'lstm/b' (4 hidden,); 'step/w' (hidden,), 'step/b' (),
   'step/alignment' (K,), 'step/schedule' (time features,); 'context/w' (hidden, context), 'context/b' (context,);
   'mlp/i/w', 'mlp/i/b' (the per-coordinate MLP; the last layer has 2 + feedback outputs); 'clip/log_multiplier',
-  'clip/decay_logit' ()."""
+  'clip/decay_logit' (); with ``direct_step``, 'step/direct' (the LSTM's inputs,)."""
   hidden, context, k = values["lstm_size"], values["context_size"], len(values["momentum_decays"])
   shapes = {"lstm/w": (num_tensor_inputs(values) + hidden, 4 * hidden), "lstm/b": (4 * hidden,),
             "step/w": (hidden,), "step/b": (), "step/alignment": (k,), "step/schedule": (num_time_features(),),
             "context/w": (hidden, context), "context/b": (context,),
             "clip/log_multiplier": (), "clip/decay_logit": ()}
+  if values.get("direct_step"):
+    shapes["step/direct"] = (num_tensor_inputs(values),)
   sizes = ([num_coordinate_features(values) + context] + [values["hidden_size"]] * values["num_layers"]
            + [2 + values["feedback_size"]])
   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -94,11 +96,18 @@ SPEC = ArchitectureSpec(
                                  "multiplier on the per-coordinate log-magnitude output", float),
         "direction_scale": Field(1e-1, is_positive_finite, "a positive finite number",
                                  "multiplier on the per-coordinate learned direction", float),
+        # Off by default, so that optimizers saved before it existed keep their meta-parameters and numbers.
+        "direct_step": Field(False, lambda v: isinstance(v, bool), "true or false",
+                             "the log step also reads the LSTM's inputs through a linear head ('step/direct', zero "
+                             "at initialization), so that meta-training the step-size heads alone can use every "
+                             "statistic the LSTM reads (a weight on the log step's own input makes it revert to a "
+                             "level)"),
     },
     param_shapes=param_shapes,
     jax_class="lopt.architectures.hierarchical.optimizer:HierarchicalOptimizer",
     torch_class="lopt.architectures.hierarchical.torch:HierarchicalRule",
     recurrent=False,
+    added_fields={"direct_step": False},  # lopt 0.4: optimizers saved before have no direct step head
     summary=lambda values: (f"hierarchical: per-tensor LSTM of {values['lstm_size']}, per-coordinate MLP "
                             f"{values['num_layers']}x{values['hidden_size']}"),
 )

@@ -10,7 +10,7 @@ rho = rms_decay, e the clipping scale, decay = sigmoid(clip/decay_logit) (``opti
   f     = [g, p, p - a, m_1..m_K, g rs, m_1 rs..m_K rs], each / sqrt(mean_S f^2 + 1e-12)
   LSTM  (one call over the tensors of a bucket) on [0.1 log RMS of g, p, adam, p - a; 0.1 last update ratio; spike;
         cos(g, old m_k rs); log_step / 8; shape; feedback; global loss and time features]
-  log_step <- clip(log_step + w_s . h + b_s + alignment . cos, -8, 8);  context = tanh(h W_c + b_c)
+  log_step <- clip(log_step + w_s . h + b_s + alignment . cos [+ w_d . inputs], -8, 8);  context = tanh(h W_c + b_c)
   (d, mag, feedback) = MLP([f, context]) per coordinate;  feedback <- mean over S of tanh(feedback)
   u     = step_scale exp(log_step + schedule . time + magnitude_scale mag) (direction_scale d - adam);  p <- p + lr u
   a    <- average_decay a + (1 - average_decay) p;  ratio <- log(RMS u / (RMS u + RMS p) + 1e-30)   (p before the step)
@@ -113,6 +113,7 @@ class Theta(NamedTuple):
   magnitude: torch.Tensor       # (2 + feedback,) [0, 1, 0, ...]
   last_w: torch.Tensor          # the MLP's last layer times out_scale (its columns)
   last_b: torch.Tensor          # its bias times out_scale plus out_shift
+  step_direct: torch.Tensor | None = None  # (LSTM inputs,) with ``direct_step``, else None
 
 
 def prepare_theta(tensors: dict, values: dict, decays: tuple, dtype: torch.dtype, device: torch.device) -> Theta:
@@ -134,7 +135,8 @@ def prepare_theta(tensors: dict, values: dict, decays: tuple, dtype: torch.dtype
       mlp, decay_tensor, 1 - decay_tensor,
       torch.as_tensor([[values["rms_decay"]], [decays[0]]], dtype=dtype, device=device),
       torch.as_tensor(RSQRT_EPSILON, dtype=dtype, device=device), scale, magnitude * math.log(values["step_scale"]),
-      magnitude, mlp[-1][0] * scale, mlp[-1][1] * scale + magnitude * math.log(values["step_scale"]))
+      magnitude, mlp[-1][0] * scale, mlp[-1][1] * scale + magnitude * math.log(values["step_scale"]),
+      convert(tensors["step/direct"]) if "step/direct" in tensors else None)
 
 
 class Constants(NamedTuple):
@@ -448,7 +450,10 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
                        torch.tanh(gates[:, 2 * size_h:3 * size_h]))
   hidden = sigmoids[:, 3 * size_h:] * torch.tanh(cell)
   log_step = torch.addmv(torch.addmv(old_log_step + rtheta.step_b, hidden, rtheta.step_w), alignment,
-                         rtheta.step_alignment).clamp_(-LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+                         rtheta.step_alignment)
+  if rtheta.step_direct is not None:  # the LSTM's inputs without its own hidden state (the last columns)
+    log_step = torch.addmv(log_step, inputs[:, :-size_h], rtheta.step_direct)
+  log_step = log_step.clamp_(-LOG_STEP_LIMIT, LOG_STEP_LIMIT)
   schedule = features[-rtheta.step_schedule.shape[0]:] @ rtheta.step_schedule
   context = torch.tanh(torch.addmm(rtheta.context_b, hidden, rtheta.context_w))
 
