@@ -289,8 +289,8 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   from lopt.trained import load
   trained = load(source)
   theirs, ours = trained.optimizer.config(), optimizer.config()
-  added = architectures.get(ours["architecture"]).added_fields if ours.get("architecture") == theirs.get(
-      "architecture") else {}
+  kind = ours.get("architecture")
+  added = architectures.get(kind).added_fields if kind is not None and kind == theirs.get("architecture") else {}
   differing = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
   if not differing <= set(added) or any(theirs.get(k) != added[k] for k in differing):
     raise UserError(f"--init-from {source}: its optimizer is {theirs}, this run's is {ours}; they must match")
