@@ -7,7 +7,8 @@
 # the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
 # (the meta-objective's loss: train, the default, or valid), NUM_GROUPS (shape groups, 6), MAX_STEP_FLOPS (the
 # largest inner step sampled, 2e7), CHECKPOINT_EVERY (outer steps, 25; a checkpoint is also written at SIGINT),
-# SEED (1; it picks the shapes drawn), OPTIMIZER_OPTIONS (space-separated KEY=VALUE fields of the architecture, e.g.
+# SEED (1; it picks the shapes drawn), PARAM_SCALE_PROBABILITY (the share of training problems with an augmented
+# parameter scale, 0.5), OPTIMIZER_OPTIONS (space-separated KEY=VALUE fields of the architecture, e.g.
 # direct_step=true; with INIT_FROM, fields added since the trained one was saved start at zero), EVALUATE (1: once
 # the run has exported its optimizer, the same call runs `lopt benchmark general <it> --quick` and
 # benchmarks/general_family_problems.py with it as a candidate on the GPU, results in $OUT/benchmark-quick.json and
@@ -37,6 +38,7 @@ case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
 for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); done
 [ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
+[ -n "${PARAM_SCALE_PROBABILITY:-}" ] && args+=(--task-option "param_scale_probability=$PARAM_SCALE_PROBABILITY")
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")
 elif [ -n "$init" ]; then

@@ -53,6 +53,8 @@ def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
     (["--estimator", "pes", "--task-family", "nonesuch"], "nonesuch"),
     (["--estimator", "pes", "--objective", "validation"], "objective"),
     (["--estimator", "pes", "--task-option", "batch_noise=1"], "'batch_noise' must be true or false, found 1"),
+    (["--estimator", "pes", "--task-option", "param_scale_probability=2"],
+     "'param_scale_probability' must be a number in [0, 1], found 2"),
 ])
 def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message):
   args = ["train", "--task-family", "mlp", *SMALL, *extra, "--out", str(tmp_path / "bad")]
@@ -80,6 +82,21 @@ def test_batch_noise_trains_and_is_recorded(tmp_path, capsys):
   assert groups["held_out"] == family_configs(plain, config.seed, held_out=True)
   without = [{k: v for k, v in g.items() if k != "batch_fraction"} for g in groups["training"]]
   assert without == family_configs(plain, config.seed)
+
+
+def test_the_share_of_augmented_parameter_scales_is_a_training_option():
+  """param_scale_probability changes the training groups' parameter-scale draws only: the same shapes, and
+  held-out groups as without it."""
+  from types import SimpleNamespace
+
+  from lopt.meta.train import family_configs, family_groups
+  plain = SimpleNamespace(family="all", options={"num_groups": 6, "max_step_flops": 2e6})
+  always = SimpleNamespace(family="all", options={**plain.options, "param_scale_probability": 1})
+  shapes = lambda configs: [{k: v for k, v in c.items() if k not in ("param_scale",)} for c in configs]  # noqa
+  assert shapes(family_configs(always, 0)) == shapes(family_configs(plain, 0))
+  assert family_configs(always, 0, held_out=True) == family_configs(plain, 0, held_out=True)
+  assert all(c["param_scale"] != 1.0 for c in family_configs(always, 0))
+  assert all(g.options == h.options for g, h in zip(family_groups(always, 0), family_groups(plain, 0)))
 
 
 def test_task_and_family_are_exclusive(tmp_path, capsys):

@@ -129,6 +129,23 @@ def test_without_batch_noise_the_draws_are_what_they_were():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_the_share_of_problems_with_an_augmented_parameter_scale():
+  """with_param_scale_probability(p): the same shapes, the same draws of every other field; the parameter scale is
+  augmented for every problem at p = 1 and for none at p = 0 (numpy and jax draws alike)."""
+  family = families.get("mlp")
+  always, never = family.with_param_scale_probability(1.0), family.with_param_scale_probability(0.0)
+  keys = jax.random.split(jax.random.key(4), 64)
+  for space, check in ((always.problem_space, lambda s: np.all(s != 1.0)), (never.problem_space,
+                                                                         lambda s: np.all(s == 1.0))):
+    init_scale, param_scale = jax.vmap(lambda k: problem_fields(k, space))(keys)
+    assert check(np.asarray(param_scale))
+    np.testing.assert_array_equal(init_scale, jax.vmap(problem_fields)(keys)[0])
+  for seed in range(20):
+    plain, drawn = family.sample([seed, 3]), always.sample([seed, 3])
+    assert drawn["param_scale"] != 1.0 and {**drawn, "param_scale": plain["param_scale"]} == plain
+  assert family.problem_space["param_scale"].probability == 0.5  # the family itself is unchanged
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_noise_changes_only_the_training_loss_of_problems_drawing_a_fraction(name):
   config, _, out = group_run(name)

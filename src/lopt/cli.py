@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="meta-train on problems sampled from task families instead: a family name, several "
                           "comma-separated, or 'all' (`lopt tasks` lists them); --task-option num_groups=N, "
                           "max_step_flops=X, eval_horizon=N (held-out selection unrolls, default 200), "
-                          "batch_noise=true (training problems draw a batch_fraction: gradient noise)")
+                          "batch_noise=true (training problems draw a batch_fraction: gradient noise), "
+                          "param_scale_probability=P (the share of training problems with an augmented parameter "
+                          "scale; default 0.5)")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",

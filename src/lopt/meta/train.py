@@ -130,6 +130,8 @@ FAMILY_OPTIONS = {
     "max_step_flops": None,  # restrict sampling to configurations whose inner step costs at most this many FLOPs
     "eval_horizon": 200,     # held-out problems are unrolled this long (unless the run sets a horizon)
     "batch_noise": False,    # training problems draw a batch fraction (gradient noise; families.BATCH_NOISE_SPACE)
+    "param_scale_probability": None,  # the share of training problems with an augmented parameter scale (None: the
+                                      # families' own, one half)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -139,29 +141,37 @@ def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
   """The task groups of a family run: ``num_groups`` shapes sampled from the families in turn, each a Task that
   draws its problem fields (initialization and parameter scale, horizon, the batch fraction with ``batch_noise``)
   per problem key."""
-  noisy = family_options(section)["batch_noise"] and not held_out
-  return tuple(_family(c["family"], noisy).group_task(c)
+  return tuple(_family(c["family"], section, held_out).group_task(c)
                for c in family_configs(section, seed, held_out=held_out))
 
 
 def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
   """The configurations behind ``family_groups`` (JSON; their problem fields are one draw, shown for reference:
   training draws them per problem). A pure function of the task section and the seed. ``batch_noise`` adds a
-  batch fraction to the training configurations and changes nothing else; held-out ones never have it (selection
-  compares optimizers on the problems as they are)."""
+  batch fraction to the training configurations and ``param_scale_probability`` changes how often their parameter
+  scale is augmented; neither changes the shapes drawn, and held-out ones have neither (selection compares
+  optimizers on the problems as they are)."""
   from lopt.tasks import families
   names = families.names_from(section.family)
   options = family_options(section)
-  noisy = options["batch_noise"] and not held_out
   stream = HELD_OUT_STREAM if held_out else 0
-  return [_family(names[g % len(names)], noisy).sample([seed, stream, g], max_step_flops=options["max_step_flops"])
+  return [_family(names[g % len(names)], section, held_out).sample([seed, stream, g],
+                                                                   max_step_flops=options["max_step_flops"])
           for g in range(options["num_groups"])]
 
 
-def _family(name: str, batch_noise: bool):
+def _family(name: str, section, held_out: bool):
+  """Family ``name`` as the run's training problems draw from it (the augmentation options), or as held-out
+  selection does (the families as they are: selection compares optimizers on the problems themselves)."""
   from lopt.tasks import families
-  family = families.get(name)
-  return family.with_batch_noise() if batch_noise else family
+  family, options = families.get(name), family_options(section)
+  if held_out:
+    return family
+  if options["batch_noise"]:
+    family = family.with_batch_noise()
+  if options["param_scale_probability"] is not None:
+    family = family.with_param_scale_probability(options["param_scale_probability"])
+  return family
 
 
 def family_options(section) -> dict:
@@ -183,6 +193,10 @@ def family_options(section) -> dict:
   if not isinstance(options["batch_noise"], bool):
     raise families.FamilyError(f"task family option 'batch_noise' must be true or false, found "
                                f"{options['batch_noise']!r}")
+  share = options["param_scale_probability"]
+  if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
+    raise families.FamilyError(f"task family option 'param_scale_probability' must be a number in [0, 1], found "
+                               f"{share!r}")
   return options
 
 

@@ -257,6 +257,11 @@ class Family:
     """This family drawing a batch fraction per problem too (``BATCH_NOISE_SPACE``)."""
     return dataclasses.replace(self, problem_space={**self.problem_space, **BATCH_NOISE_SPACE})
 
+  def with_param_scale_probability(self, probability: float) -> Family:
+    """This family augmenting the parameter scale of a share ``probability`` of its problems (by default half)."""
+    scale = dataclasses.replace(self.problem_space["param_scale"], probability=float(probability))
+    return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
+
 
 def _default(dist):
   """A problem field's value when a configuration leaves it out: the natural parameter scale, the middle of a range
