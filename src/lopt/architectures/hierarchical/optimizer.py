@@ -382,11 +382,12 @@ class HierarchicalOptimizer:
     inputs = jnp.concatenate([inputs, jnp.broadcast_to(cast(global_features), (len(leaves), global_features.shape[0]))],
                              axis=1)
     h, c = lstm_cell(theta["lstm"], cat([t.h for t in tensors]), cat([t.c for t in tensors]), inputs)
-    drift = (h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
-             + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]))
+    # Summed in this order, as before the direct head existed, so that optimizers without it step bit for bit alike.
+    log_step = (cat([t.log_step for t in tensors]) + h @ cast(theta["step"]["w"]) + cast(theta["step"]["b"])
+                + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]))
     if "direct" in theta["step"]:
-      drift = drift + inputs @ cast(theta["step"]["direct"])
-    log_step = jnp.clip(cat([t.log_step for t in tensors]) + drift, -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+      log_step = log_step + inputs @ cast(theta["step"]["direct"])
+    log_step = jnp.clip(log_step, -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
     schedule = cast(global_features[-theta["step"]["schedule"].shape[0]:]) @ cast(theta["step"]["schedule"])
     context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
     offsets = np.cumsum([0] + [len(group) for group in groups])
