@@ -296,11 +296,7 @@ def newton_polish(step, states, x_star, tolerance, *, per_seed: bool = False, ma
 
 @functools.partial(jax.jit, static_argnames=("step", "per_seed", "max_steps"))
 def _newton_polish(step, states, x_star, tolerance, *, per_seed, max_steps):
-  return _newton_run(step, states, x_star, tolerance, per_seed=per_seed, max_steps=max_steps)
-
-
-def _newton_run(step, states, x_star, tolerance, *, per_seed, max_steps):
-  """``_newton_polish``'s body: the whole batch iterates until every state is done (done states stay as they are)."""
+  """``newton_polish``'s body: the whole batch iterates until every state is done (done states stay as they are)."""
   one = jax.vmap(functools.partial(_polish_one, step), in_axes=(0, 0 if per_seed else None, None))
 
   def cond(carry):
@@ -355,7 +351,7 @@ def _polish_lanes(step, s: _Polish, index, x_star, tolerance, *, per_seed):
 
 
 def _polish_active(step, states, x_star, tolerance, *, per_seed, max_steps, chunk):
-  """``_newton_run`` on every seed, each iteration run only on the seeds not yet done, at most ``chunk`` per call.
+  """``_newton_polish`` on every seed, each iteration run only on the seeds not yet done, at most ``chunk`` per call.
 
   A seed's iterations depend on that seed alone (done seeds are left as they are), so which seeds share a call
   changes the work, and the rounding only: XLA's kernels do not give bit-identical rows at another batch size (seen

@@ -297,9 +297,8 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   (``ArchitectureSpec.added_fields``) that the trained one has at their old value: the meta-parameters they add
   start at the seed's initialization (``direct_step``: a zero head, which changes no step)."""
   source = config.outer.init_from
-  fresh = optimizer.init(jax.random.key(config.seed))
   if source is None:
-    return fresh
+    return optimizer.init(jax.random.key(config.seed))
   from lopt.trained import load
   trained = load(source)
   theirs, ours = trained.optimizer.config(), optimizer.config()
@@ -311,7 +310,7 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   if not differing:
     return jax.tree.map(jnp.asarray, trained.theta)
   from lopt.pytree import flatten_by_path, unflatten_by_path
-  known = flatten_by_path(trained.theta)
+  fresh, known = optimizer.init(jax.random.key(config.seed)), flatten_by_path(trained.theta)
   merged = {path: known.get(path, value) for path, value in flatten_by_path(fresh).items()}
   return jax.tree.map(jnp.asarray, unflatten_by_path(merged, fresh))
 
