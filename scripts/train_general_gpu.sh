@@ -11,8 +11,11 @@
 # parameter scale, 0.5), OPTIMIZER_OPTIONS (space-separated KEY=VALUE fields of the architecture, e.g.
 # direct_step=true; with INIT_FROM, fields added since the trained one was saved start at zero), EVALUATE (1: once
 # the run has exported its optimizer, the same call runs `lopt benchmark general <it> --quick` and
-# benchmarks/general_family_problems.py with it as a candidate on the GPU, results in $OUT/benchmark-quick.json and
-# $OUT/family-problems.json; this comes after SECONDS: leave it room).
+# benchmarks/general_family_problems.py with it as a candidate on the GPU, results in $OUT/RUN-benchmark-quick.json and
+# $OUT/RUN-family-problems.json; this comes after SECONDS: leave it room), META_LOSS (mean, the default, or log_mean: the
+# mean of the log normalized losses, which weighs a problem's relative progress the same whatever its loss level),
+# GPU (the CUDA device to run on, so that two runs share a two-GPU machine), CACHE_TARBALL (0: do not return the
+# compilation cache; a pair of runs returns it once, after both).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
@@ -30,6 +33,7 @@ run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
 args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
       --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
+      --meta-loss "${META_LOSS:-mean}"
       --task-option num_groups="${NUM_GROUPS:-6}" --task-option max_step_flops="${MAX_STEP_FLOPS:-2e7}"
       --clip-value 0.1 --decay-steps 2000 --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64
       --checkpoint-every "${CHECKPOINT_EVERY:-25}" --log-every 5
@@ -44,17 +48,19 @@ if [ -f "$run/config.json" ]; then
 elif [ -n "$init" ]; then
   args+=(--init-from "$init")
 fi
+[ -n "${GPU:-}" ] && export CUDA_VISIBLE_DEVICES=$GPU
+log="$OUT/$(basename "$run").log"
 mkdir -p gpu_runs
 timeout -s INT -k 60 "$seconds" python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' train "${args[@]}" \
-  > "$OUT/$arch.log" 2>&1
+  > "$log" 2>&1
 tar -czf "$OUT/$(basename "$run").tar.gz" --exclude=checkpoints -C gpu_runs "$(basename "$run")"
-tr '\r' '\n' < "$OUT/$arch.log" | tail -n 4
+tr '\r' '\n' < "$log" | tail -n 4
 if [ "${EVALUATE:-0}" = 1 ] && [ -f "$run/optimizer/config.json" ]; then
   python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' benchmark general "$run/optimizer" --quick \
-    --out gpu_runs/benchmark-quick > "$OUT/benchmark-quick.log" 2>&1
-  cp gpu_runs/benchmark-quick/benchmark.json "$OUT/benchmark-quick.json"
-  python3 benchmarks/general_family_problems.py --candidate "$run/optimizer" --out "$OUT/family-problems.json" \
-    > "$OUT/family-problems.log" 2>&1
-  tail -n 3 "$OUT/family-problems.log"
+    --out "$run-benchmark-quick" > "$OUT/$(basename "$run")-benchmark-quick.log" 2>&1
+  cp "$run-benchmark-quick/benchmark.json" "$OUT/$(basename "$run")-benchmark-quick.json"
+  python3 benchmarks/general_family_problems.py --candidate "$run/optimizer" \
+    --out "$OUT/$(basename "$run")-family-problems.json" > "$OUT/$(basename "$run")-family-problems.log" 2>&1
+  tail -n 3 "$OUT/$(basename "$run")-family-problems.log"
 fi
-tar -czf "$OUT/jax_cache.tar.gz" -C gpu_runs jax_cache
+if [ "${CACHE_TARBALL:-1}" = 1 ]; then tar -czf "$OUT/jax_cache.tar.gz" -C gpu_runs jax_cache; fi
