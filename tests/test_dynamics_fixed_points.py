@@ -129,3 +129,48 @@ def test_eigenvalues_on_threads_change_nothing(name, dtype, monkeypatch):
   assert len(serial.points) >= 4 and serial.stable.any() and not serial.stable.all()
   for field in serial._fields:
     np.testing.assert_array_equal(getattr(threaded, field), getattr(serial, field), err_msg=field)
+
+
+def _matrices_with_known_radii():
+  """(name, (H, H) matrix) pairs that stress the spectral radius: non-normal, complex, defective, nilpotent."""
+  rng = np.random.default_rng(3)
+  h = 64
+  jordan = 0.97 * np.eye(h) + np.diag(np.ones(h - 1), 1)  # one Jordan block: ||J^n|| grows like n^63 first
+  rotation = np.kron(np.eye(h // 2), 0.99 * ROTATION)    # all eigenvalues 0.99 e^(+-0.6i)
+  skewed = rng.normal(size=(h, h))
+  skewed = skewed @ np.diag(np.geomspace(1e-4, 1e4, h)) @ np.linalg.inv(skewed) * 1e-4  # badly conditioned basis
+  return [("random", rng.normal(size=(h, h)) / np.sqrt(h)), ("jordan", jordan), ("rotation", rotation),
+          ("skewed", skewed), ("nilpotent", np.diag(np.ones(h - 1), 1)), ("zero", np.zeros((h, h))),
+          ("gru-like", np.tanh(rng.normal(size=(h, h))) * 0.2)]
+
+
+def test_spectral_radii_by_repeated_squaring_match_the_eigenvalues():
+  names, matrices = zip(*_matrices_with_known_radii())
+  matrices = np.stack(matrices)
+  with jax.enable_x64(True):
+    radii, reliable = map(np.asarray, dynamics.fixed_points.spectral_radii(jnp.asarray(matrices)))
+  expected = np.max(np.abs(np.linalg.eigvals(matrices)), axis=1)
+  for name, got, want, trusted in zip(names, radii, expected, reliable):
+    if name in ("jordan", "nilpotent"):  # dominant parts whose squares underflow: left to the host
+      assert not trusted, name
+    else:
+      assert trusted and got == pytest.approx(want, rel=1e-10, abs=1e-300), name
+
+
+def test_the_device_radius_classifies_as_the_host_eigenvalues(monkeypatch):
+  """Where an accelerator would take the radii from repeated squaring, the points, their stability and radii are
+  those of the host's eigenvalues (forced here on the CPU)."""
+  with jax.enable_x64(True):
+    step = functools.partial(_bistable, jnp.asarray(ROTATION, np.float64))
+  seeds = np.random.default_rng(1).uniform(-1.6, 1.6, size=(512, 2))
+  on_host = dynamics.find_fixed_points(step, seeds, 0.0, dtype=np.float64)
+  calls = []
+  radii = dynamics.fixed_points.spectral_radii
+  monkeypatch.setattr(dynamics.fixed_points.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dynamics.fixed_points, "spectral_radii", lambda m: calls.append(len(m)) or radii(m))
+  monkeypatch.setattr(dynamics.fixed_points, "_eigenvalues", lambda m: pytest.fail("host eigenvalues were computed"))
+  on_device = dynamics.find_fixed_points(step, seeds, 0.0, dtype=np.float64)
+  assert calls, "the device path was not taken"
+  np.testing.assert_array_equal(on_device.points, on_host.points)
+  np.testing.assert_array_equal(on_device.stable, on_host.stable)
+  np.testing.assert_allclose(on_device.max_abs_eigenvalue, on_host.max_abs_eigenvalue, rtol=1e-12)
