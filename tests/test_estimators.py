@@ -206,3 +206,58 @@ def test_validation_objective_reads_the_validation_loss():
     results[name] = jax.jit(estimator.estimate)(theta, state, jax.random.key(1))[1]["log_lr"]
   assert float(results["train"]) == float(results["same"])
   assert float(results["train"]) != float(results["shifted"])
+
+
+def test_adam_references_weigh_nothing_where_every_problem_is_the_same():
+  """With reference_learning_rates each pair is divided by its problem's best Adam meta-loss, normalized to mean 1:
+  on identical problems at the same step (episodes of one truncation) every weight is exactly 1 and the estimate
+  is unchanged, bit for bit."""
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 4, "truncation": WIDTH, "sigma": SIGMA}
+  grads = {}
+  for references in ([], [0.01, 0.3]):
+    estimator = estimators.get("nres").create(TASK, LogLearningRate(),
+                                              {**values, "reference_learning_rates": references}, WIDTH)
+    state = estimator.init(theta, jax.random.key(0))
+    for k in range(3):
+      state, grads[len(references)], _ = jax.jit(estimator.estimate)(theta, state, jax.random.key(k + 1))
+  assert float(grads[0]["log_lr"]) == float(grads[2]["log_lr"]) != 0.0
+
+
+def test_adam_references_follow_their_pairs_problems_and_weigh_the_ones_adam_solves():
+  # Problems of different curvature: the references restart with their pair (same problem, same step) at every
+  # episode boundary, and pairs whose problem Adam solves faster weigh more.
+  def curvatures(key):
+    return CURVATURES * jnp.exp(2.0 * jax.random.normal(key, ()))
+  task = Task("scaled", init=lambda key: START, horizon=HORIZON,
+              loss=lambda params, key, step: 0.5 * jnp.sum(curvatures(key) * params**2),
+              traits={"horizon_range": (WIDTH, 3 * WIDTH)})
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 8, "truncation": WIDTH, "sigma": SIGMA, "reference_learning_rates": [0.01, 0.1]}
+  estimator = estimators.get("nres").create(task, LogLearningRate(), values, None)
+  assert estimator.inner_steps_per_estimate == 4 * 8 * WIDTH
+  state = estimator.init(theta, jax.random.key(0))
+  step = jax.jit(estimator.estimate)
+  for k in range(7):  # episodes of 1-3 truncations: several restarts
+    state, grads, _ = step(theta, state, jax.random.key(k + 1))
+    pair_steps, reference_steps = state.episodes.inner.step[:, 0], state.references.inner.step
+    np.testing.assert_array_equal(reference_steps, np.repeat(np.asarray(pair_steps)[:, None], 2, axis=1))
+    np.testing.assert_array_equal(jax.random.key_data(state.references.inner.key[:, 0]),
+                                  jax.random.key_data(state.episodes.inner.key[:, 0]))
+  np.testing.assert_allclose(state.references.inner.opt_state.hyperparams["learning_rate"],
+                             np.tile([0.01, 0.1], (8, 1)))
+  assert np.isfinite(float(grads["log_lr"]))
+
+  weights = es_module().relative_weights(jnp.array([0.5, 0.05, 0.001, jnp.nan]))
+  np.testing.assert_allclose(weights, np.array([2.0, 20.0, 100.0, 100.0]) / 55.5, rtol=1e-6)
+
+
+def es_module():
+  from lopt.meta.estimators import es
+  return es
+
+
+@pytest.mark.parametrize("value", [[-0.1], [0.0], "0.1", [True], [1e-3] * 17])
+def test_bad_reference_learning_rates_are_refused(value):
+  with pytest.raises(estimators.EstimatorConfigError, match="reference_learning_rates"):
+    estimators.get("nres").validate({"reference_learning_rates": value})

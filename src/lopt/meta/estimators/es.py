@@ -17,6 +17,13 @@ perturbation a truncation uses and which weight it multiplies (a ``NoiseRule``):
         unbiased, variance constant in the number of truncations.
 
 Gradients need no backpropagation: the cost is two forward unrolls per pair.
+
+With ``reference_learning_rates`` (ours), every pair's problem is also optimized by Adam at each of those learning
+rates, from the same initialization on the same batches, restarted with the pair. A pair's term is divided by the
+best reference's meta-loss on the same truncation (floored at REFERENCE_FLOOR) and the divisors are normalized to
+mean 1 over the estimate's pairs: the meta-objective becomes the learned optimizer's loss relative to a tuned Adam's,
+problem by problem, as ``lopt benchmark`` scores it, instead of a normalized loss in which the problems that any
+optimizer drives low barely count. Each reference costs one more unroll per pair.
 """
 
 from __future__ import annotations
@@ -26,12 +33,18 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lopt.meta import sharding
-from lopt.meta.estimators.truncated import (NOISE_STREAM, Metrics, Unroller, first_episodes, l2_penalty_gradient,
-                                            masked_mean, restart_finished, restart_keys)
+from lopt.meta.estimators.truncated import (NOISE_STREAM, Episode, Metrics, Unroller, bounded_ratio, first_episodes,
+                                            l2_penalty_gradient, masked_mean, restart_finished, restart_keys,
+                                            truncation_meta_loss)
+from lopt.meta.unroll import advance, init_inner
 
 SIGNS = jnp.array([1.0, -1.0])
+# A reference meta-loss below this counts as this: a problem Adam solves outright weighs at most 1 / REFERENCE_FLOOR
+# times one it cannot improve, so that a few solved problems do not drown the estimate.
+REFERENCE_FLOOR = 0.01
 
 
 class AntitheticState(NamedTuple):
@@ -58,6 +71,27 @@ def where_pairs(flag, a, b):
 ES_RULE = NoiseRule("es", init=lambda eps: (), apply=lambda state, eps, starting: (state, eps, eps))
 
 
+class ReferencedState(NamedTuple):
+  """AntitheticState with reference_learning_rates: references, an Episode with leading axes (pairs, R) of Adam at
+  each reference learning rate on the pair's problem."""
+  episodes: Any
+  noise: Any
+  references: Any
+
+
+def reference_optimizer():
+  """Adam whose learning rate lives in its state (so R of them vmap as one), ignoring the learned optimizers'
+  extra arguments (value=, valid_loss=, num_steps=)."""
+  return optax.with_extra_args_support(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
+
+
+def relative_weights(best: jax.Array) -> jax.Array:
+  """(pairs,) best reference meta-losses -> (pairs,) weights 1 / max(best, REFERENCE_FLOOR), normalized to mean 1
+  (non-finite references count as the floor)."""
+  inverse = 1.0 / jnp.maximum(jnp.where(jnp.isfinite(best), best, REFERENCE_FLOOR), REFERENCE_FLOOR)
+  return inverse / jnp.mean(inverse)
+
+
 @dataclass(frozen=True)
 class Antithetic:
   """``lopt.api.GradientEstimator`` by antithetic perturbations of theta (see the module docstring)."""
@@ -68,6 +102,7 @@ class Antithetic:
   sigma: float = 0.01
   l2_penalty: float = 0.0
   perturb_mask: tuple | None = None  # per leaf of theta (flattening order): False leaves are never perturbed
+  reference_learning_rates: tuple = ()  # Adam references weighting each pair (see the module docstring)
 
   @property
   def num_pairs(self) -> int:
@@ -75,7 +110,7 @@ class Antithetic:
 
   @property
   def inner_steps_per_estimate(self) -> int:
-    return 2 * self.num_pairs * self.unroll.schedule.truncation
+    return (2 + len(self.reference_learning_rates)) * self.num_pairs * self.unroll.schedule.truncation
 
   def draw(self, theta, key):
     """(pairs, ...) eps ~ N(0, sigma^2 I) like theta."""
@@ -92,7 +127,40 @@ class Antithetic:
     pairs = first_episodes(u.task, u.optimizer, theta, jax.random.split(key, self.num_tasks), u.schedule,
                            copies=self.num_particles)
     episodes = jax.tree.map(lambda x: jnp.stack([x, x], axis=1), pairs)  # both members start alike
-    return AntitheticState(episodes, self.rule.init(self.draw(theta, jax.random.fold_in(key, NOISE_STREAM))))
+    noise = self.rule.init(self.draw(theta, jax.random.fold_in(key, NOISE_STREAM)))
+    if not self.reference_learning_rates:
+      return AntitheticState(episodes, noise)
+    return ReferencedState(episodes, noise, self.start_references(episodes))
+
+  def start_references(self, episodes):
+    """(pairs, R) Adam episodes at step 0 on each pair's problem, of its episode's length."""
+    learning_rates = jnp.asarray(self.reference_learning_rates, jnp.float32)
+    adam = reference_optimizer()
+
+    def one(key, length, learning_rate):
+      inner = init_inner(self.unroll.task, adam, key)
+      hyperparams = {**inner.opt_state.hyperparams, "learning_rate": learning_rate}
+      inner = inner._replace(opt_state=inner.opt_state._replace(hyperparams=hyperparams))
+      return Episode(inner, length, jnp.asarray(jnp.nan, jnp.float32), jnp.zeros((), bool))
+    per_pair = jax.vmap(one, in_axes=(None, None, 0))
+    return jax.vmap(per_pair, in_axes=(0, 0, None))(episodes.inner.key[:, 0], episodes.length[:, 0], learning_rates)
+
+  def advance_references(self, references, episodes):
+    """References restarted where their pair's episode starts, then advanced one truncation: ((pairs, R)
+    meta-losses, references)."""
+    starting = episodes.inner.step[:, 0] == 0
+    references = where_pairs(starting, self.start_references(episodes), references)
+    u = self.unroll
+    valid = u.objective == "valid"
+
+    def one(reference):
+      inner, measured = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation, valid=valid)
+      losses = measured[:, 1] if valid else measured
+      initial = jnp.where(reference.inner.step == 0, losses[0], reference.initial_loss)
+      ratios, diverged = bounded_ratio(losses, initial, u.loss_cap)
+      return truncation_meta_loss(ratios, u.meta_loss), reference._replace(inner=inner, initial_loss=initial,
+                                                                            diverged=diverged)
+    return jax.vmap(jax.vmap(one))(references)
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,
@@ -114,14 +182,20 @@ class Antithetic:
     """(pairs, 2, ...) meta-parameters theta + eps and theta - eps."""
     return jax.tree.map(lambda t, e: t + SIGNS.reshape((1, 2) + (1,) * t.ndim) * e[:, None], theta, used)
 
-  def estimate(self, theta, state: AntitheticState, key):
+  def estimate(self, theta, state: AntitheticState | ReferencedState, key):
     episodes, noise, used, weight = self.prepare(theta, state, key)
+    if self.reference_learning_rates:
+      reference_losses, references = self.advance_references(state.references, episodes)
+      pair_weights = relative_weights(jnp.min(reference_losses, axis=1))
+      weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
     per_pair = es_terms(meta_losses, weight, self.sigma)
     finite = jnp.isfinite(meta_losses[:, 0] - meta_losses[:, 1])
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
                       2 * self.num_pairs)
+    if self.reference_learning_rates:
+      return ReferencedState(episodes, noise, references), grads, metrics
     return AntitheticState(episodes, noise), grads, metrics
 
 
@@ -133,8 +207,9 @@ def es_terms(meta_losses: jax.Array, weight, sigma: float):
 
 def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: int | None) -> Antithetic:
   """The registry's constructors for es / pes / nres: validated fields -> Antithetic."""
-  return Antithetic(Unroller.from_values(task, optimizer, values, horizon), rule, values["meta_batch_size"], values["num_particles"], values["sigma"],
-                    values["l2_penalty"])
+  return Antithetic(Unroller.from_values(task, optimizer, values, horizon), rule, values["meta_batch_size"],
+                    values["num_particles"], values["sigma"], values["l2_penalty"],
+                    reference_learning_rates=tuple(values.get("reference_learning_rates", ())))
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:
