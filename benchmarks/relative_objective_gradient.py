@@ -18,12 +18,11 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lopt.meta import estimators
 from lopt.meta.config import MetaTrainConfig
-from lopt.meta.train import estimator_from, initial_theta, optimizer_from, task_from, trainable_mask
+from lopt.meta.train import initial_theta, optimizer_from, task_from, trainable_mask
 from lopt.pytree import flatten_by_path
 
 CONFIG = {
