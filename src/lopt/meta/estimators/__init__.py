@@ -177,6 +177,8 @@ register(EstimatorSpec(
     fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **BACKPROPAGATION_FIELDS},
     build="lopt.meta.estimators.tbptt:build",
 ))
+
+
 def _learning_rates(value) -> bool:
   return isinstance(value, list) and len(value) <= 16 and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) and is_positive_finite(v) for v in value)
@@ -188,6 +190,7 @@ REFERENCE_FIELDS = {
                                       "1 / the best one's meta-loss, so the meta-objective is relative to a tuned "
                                       "Adam (empty: off)", lambda v: [float(x) for x in v]),
 }
+
 # The antithetic family differs only in its noise rule (and es in its default: whole episodes).
 for _name, _description, _truncation_default in (
     ("es", "antithetic evolution strategies, a fresh perturbation per truncation (null truncation: full unrolls)",
