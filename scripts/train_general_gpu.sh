@@ -17,7 +17,8 @@
 # GPU (the CUDA device to run on, so that two runs share a two-GPU machine), CACHE_TARBALL (0: do not return the
 # compilation cache; a pair of runs returns it once, after both), REFERENCES (a JSON list of Adam learning rates, e.g.
 # [0.001,0.01,0.1]: each problem also runs Adam at those rates and the estimate weighs it by 1 / the best one's
-# meta-loss, an objective relative to a tuned Adam; unset: off).
+# meta-loss, an objective relative to a tuned Adam; unset: off), PARAM_SCALE_RANGE (a JSON [low,high] of the
+# augmented parameter scales, default [0.1,10]; [1,10] draws only problems that want larger steps).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
@@ -45,6 +46,7 @@ case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--
 for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); done
 [ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
 [ -n "${REFERENCES:-}" ] && args+=(--estimator-option "reference_learning_rates=$REFERENCES")
+[ -n "${PARAM_SCALE_RANGE:-}" ] && args+=(--task-option "param_scale_range=$PARAM_SCALE_RANGE")
 [ -n "${PARAM_SCALE_PROBABILITY:-}" ] && args+=(--task-option "param_scale_probability=$PARAM_SCALE_PROBABILITY")
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")

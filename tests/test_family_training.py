@@ -99,6 +99,24 @@ def test_the_share_of_augmented_parameter_scales_is_a_training_option():
   assert all(g.options == h.options for g, h in zip(family_groups(always, 0), family_groups(plain, 0)))
 
 
+def test_the_range_of_augmented_parameter_scales_is_a_training_option(tmp_path, capsys):
+  """param_scale_range=[low, high] draws the training groups' augmented scales from there; held-out groups are as
+  without it; a bad range is a one-line exit 2."""
+  from types import SimpleNamespace
+
+  from lopt.meta.train import family_configs
+  plain = SimpleNamespace(family="all", options={"num_groups": 6, "max_step_flops": 2e6})
+  large = SimpleNamespace(family="all", options={**plain.options, "param_scale_probability": 1,
+                                                 "param_scale_range": [2, 10]})
+  assert all(2 <= c["param_scale"] <= 10 for c in family_configs(large, 0))
+  assert family_configs(large, 0, held_out=True) == family_configs(plain, 0, held_out=True)
+  for bad in ("[10,2]", "[0,1]", "2", "[1,true]"):
+    assert main(["train", "--task-family", "all", "--task-option", f"param_scale_range={bad}",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "param_scale_range" in err and "Traceback" not in err
+
+
 def test_task_and_family_are_exclusive(tmp_path, capsys):
   assert main(["train", "linear_regression", "--task-family", "mlp", "--out", str(tmp_path / "x")]) == 2
   assert "not both" in capsys.readouterr().err

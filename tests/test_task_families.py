@@ -146,6 +146,22 @@ def test_the_share_of_problems_with_an_augmented_parameter_scale():
   assert family.problem_space["param_scale"].probability == 0.5  # the family itself is unchanged
 
 
+def test_the_range_of_augmented_parameter_scales():
+  """with_param_scale_range(low, high): augmented scales drawn from [low, high] (numpy and jax draws alike), every
+  other field as before."""
+  family = families.get("cnn")
+  large = family.with_param_scale_probability(1.0).with_param_scale_range(1.0, 10.0)
+  keys = jax.random.split(jax.random.key(5), 256)
+  init_scale, param_scale = jax.vmap(lambda k: problem_fields(k, large.problem_space))(keys)
+  param_scale = np.asarray(param_scale)
+  assert np.all((param_scale >= 1.0) & (param_scale <= 10.0)) and param_scale.max() > 5 and param_scale.min() < 2
+  np.testing.assert_array_equal(init_scale, jax.vmap(problem_fields)(keys)[0])
+  for seed in range(20):
+    plain, drawn = family.sample([seed, 3]), large.sample([seed, 3])
+    assert 1.0 <= drawn["param_scale"] <= 10.0 and {**drawn, "param_scale": plain["param_scale"]} == plain
+  assert family.problem_space["param_scale"].distribution.low == 0.1  # the family itself is unchanged
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_noise_changes_only_the_training_loss_of_problems_drawing_a_fraction(name):
   config, _, out = group_run(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -132,6 +133,7 @@ FAMILY_OPTIONS = {
     "batch_noise": False,    # training problems draw a batch fraction (gradient noise; families.BATCH_NOISE_SPACE)
     "param_scale_probability": None,  # the share of training problems with an augmented parameter scale (None: the
                                       # families' own, one half)
+    "param_scale_range": None,  # [low, high] of the augmented parameter scales (None: the families' own, 0.1..10)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -171,6 +173,8 @@ def _family(name: str, section, held_out: bool):
     family = family.with_batch_noise()
   if options["param_scale_probability"] is not None:
     family = family.with_param_scale_probability(options["param_scale_probability"])
+  if options["param_scale_range"] is not None:
+    family = family.with_param_scale_range(*options["param_scale_range"])
   return family
 
 
@@ -197,6 +201,12 @@ def family_options(section) -> dict:
   if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
     raise families.FamilyError(f"task family option 'param_scale_probability' must be a number in [0, 1], found "
                                f"{share!r}")
+  scales = options["param_scale_range"]
+  if scales is not None and not (isinstance(scales, list) and len(scales) == 2 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales)
+      and scales[0] <= scales[1]):
+    raise families.FamilyError(f"task family option 'param_scale_range' must be [low, high], two positive numbers "
+                               f"with low <= high, found {scales!r}")
   return options
 
 
