@@ -7,7 +7,7 @@ Printed per meta-parameter: the mean estimate and its standard error for both, a
 gradients. A negative gradient on ``step/b`` (the log step's bias) means "step larger".
 
   python benchmarks/relative_objective_gradient.py [--pairs 96] [--estimates 12] [--truncation 50]
-      [--task-option KEY=VALUE ...]  (family options as `lopt train` takes them, e.g. param_scale_range=[1,10])
+      [--family all] [--task-option KEY=VALUE ...]  (as `lopt train` takes them, e.g. param_scale_range=[1,10])
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
   parser.add_argument("--sigma", type=float, default=0.05)
   parser.add_argument("--references", default="0.001,0.01,0.1")
   parser.add_argument("--seed", type=int, default=11)
+  parser.add_argument("--family", default="all", help="task families, as `lopt train --task-family` takes them")
   parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
   for text in args.task_option:
     key, value = text.split("=", 1)
     options[key] = json.loads(value)
-  config = MetaTrainConfig.from_dict({**CONFIG, "task": {**CONFIG["task"], "options": options}, "estimator": {
+  task = {**CONFIG["task"], "family": args.family, "name": args.family, "options": options}
+  config = MetaTrainConfig.from_dict({**CONFIG, "task": task, "estimator": {
       "name": "nres", "meta_batch_size": args.pairs, "truncation": args.truncation, "sigma": args.sigma,
       "num_particles": 1}})
   references = [float(x) for x in args.references.split(",")]
