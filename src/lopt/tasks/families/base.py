@@ -263,8 +263,8 @@ class Family:
     return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
 
   def with_param_scale_range(self, low: float, high: float) -> Family:
-    """This family drawing augmented parameter scales from LogUniform(low, high) (by default 0.1..10): above 1 the
-    optimum lies farther from the initialization, in units of the gradient's scale, and wants larger steps."""
+    """This family drawing augmented parameter scales from LogUniform(low, high) (by default 0.1..10); above 1 the
+    optimum lies farther from the initialization in units of the gradient's scale."""
     scale = self.problem_space["param_scale"]
     scale = dataclasses.replace(scale, distribution=LogUniform(float(low), float(high)))
     return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
