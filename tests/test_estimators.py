@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from lopt.meta import estimators
+from lopt.meta.estimators import es
 from lopt.tasks.base import Task
 
 CURVATURES = jnp.array([1.0, 0.05])
@@ -248,13 +249,8 @@ def test_adam_references_follow_their_pairs_problems_and_weigh_the_ones_adam_sol
                              np.tile([0.01, 0.1], (8, 1)))
   assert np.isfinite(float(grads["log_lr"]))
 
-  weights = es_module().relative_weights(jnp.array([0.5, 0.05, 0.001, jnp.nan]))
+  weights = es.relative_weights(jnp.array([0.5, 0.05, 0.001, jnp.nan]))
   np.testing.assert_allclose(weights, np.array([2.0, 20.0, 100.0, 100.0]) / 55.5, rtol=1e-6)
-
-
-def es_module():
-  from lopt.meta.estimators import es
-  return es
 
 
 @pytest.mark.parametrize("value", [[-0.1], [0.0], "0.1", [True], [1e-3] * 17])

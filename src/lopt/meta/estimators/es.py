@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import optax
 
 from lopt.meta import sharding
-from lopt.meta.estimators.truncated import (NOISE_STREAM, Episode, Metrics, Unroller, bounded_ratio, first_episodes,
-                                            l2_penalty_gradient, masked_mean, restart_finished, restart_keys,
-                                            truncation_meta_loss)
+from lopt.meta.estimators.truncated import (NOISE_STREAM, Episode, Metrics, Unroller, first_episodes,
+                                            l2_penalty_gradient, masked_mean, restart_finished, restart_keys)
 from lopt.meta.unroll import advance, init_inner
 
 SIGNS = jnp.array([1.0, -1.0])
@@ -151,15 +150,11 @@ class Antithetic:
     starting = episodes.inner.step[:, 0] == 0
     references = where_pairs(starting, self.start_references(episodes), references)
     u = self.unroll
-    valid = u.objective == "valid"
 
     def one(reference):
-      inner, measured = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation, valid=valid)
-      losses = measured[:, 1] if valid else measured
-      initial = jnp.where(reference.inner.step == 0, losses[0], reference.initial_loss)
-      ratios, diverged = bounded_ratio(losses, initial, u.loss_cap)
-      return truncation_meta_loss(ratios, u.meta_loss), reference._replace(inner=inner, initial_loss=initial,
-                                                                            diverged=diverged)
+      inner, measured = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation,
+                                valid=u.objective == "valid")
+      return u.score(reference, inner, measured)  # scored as the learned optimizer's truncations are
     return jax.vmap(jax.vmap(one))(references)
 
   def prepare(self, theta, state: AntitheticState, key):

@@ -153,12 +153,16 @@ class Unroller:
   def __call__(self, theta, episode: Episode) -> tuple[jax.Array, Episode]:
     """(meta-loss of this truncation (), the episode after it); differentiable in theta. The optimizer gets the
     episode's length as its ``num_steps`` hint, and a validation loss every ``valid_every`` steps."""
-    valid = self.objective == "valid"
     inner, measured = advance(self.task, as_optax(self.optimizer, theta), episode.inner, self.schedule.truncation,
-                              remat=self.remat, first_order=self.first_order, valid=valid,
+                              remat=self.remat, first_order=self.first_order, valid=self.objective == "valid",
                               valid_every=self.valid_every, horizon=episode.length,
                               valid_withheld=self.valid_withheld)
-    losses = measured[:, 1] if valid else measured
+    return self.score(episode, inner, measured)
+
+  def score(self, episode: Episode, inner: InnerState, measured: jax.Array) -> tuple[jax.Array, Episode]:
+    """The meta-loss () of a truncation that took ``episode`` to ``inner``, from what ``advance`` measured, and the
+    episode after it (its initial loss set at step 0, its divergence flag)."""
+    losses = measured[:, 1] if self.objective == "valid" else measured
     initial = jax.lax.stop_gradient(jnp.where(episode.inner.step == 0, losses[0], episode.initial_loss))
     ratios, diverged = bounded_ratio(losses, initial, self.loss_cap)
     return truncation_meta_loss(ratios, self.meta_loss), Episode(inner, episode.length, initial, diverged)
