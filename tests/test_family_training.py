@@ -117,6 +117,22 @@ def test_the_range_of_augmented_parameter_scales_is_a_training_option(tmp_path, 
     assert "param_scale_range" in err and "Traceback" not in err
 
 
+def test_the_range_of_batch_sizes_is_a_training_option(tmp_path, capsys):
+  """batch_size_range=[low, high] draws the training groups' batch sizes from there; held-out groups are as without
+  it; a bad range is a one-line exit 2."""
+  from types import SimpleNamespace
+
+  from lopt.meta.train import family_configs
+  plain = SimpleNamespace(family="all", options={"num_groups": 6, "max_step_flops": 2e7})
+  large = SimpleNamespace(family="all", options={**plain.options, "batch_size_range": [300, 500]})
+  assert all(300 <= c["batch_size"] <= 500 for c in family_configs(large, 0))
+  assert family_configs(large, 0, held_out=True) == family_configs(plain, 0, held_out=True)
+  for bad in ("[500,300]", "[0,8]", "64", "[8,1.5]", "[8,true]"):
+    assert main(["train", "--task-family", "all", "--task-option", f"batch_size_range={bad}",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size_range" in err and "Traceback" not in err
+
 def test_task_and_family_are_exclusive(tmp_path, capsys):
   assert main(["train", "linear_regression", "--task-family", "mlp", "--out", str(tmp_path / "x")]) == 2
   assert "not both" in capsys.readouterr().err

@@ -162,6 +162,22 @@ def test_the_range_of_augmented_parameter_scales():
   assert family.problem_space["param_scale"].distribution.low == 0.1  # the family itself is unchanged
 
 
+def test_the_range_of_batch_sizes():
+  """with_batch_size_range(low, high): every family draws its batch size from [low, high], the family itself is
+  unchanged, and a configuration beyond the default range builds a task with finite gradients."""
+  for name in NAMES:
+    family = families.get(name)
+    large = family.with_batch_size_range(300, 500)
+    drawn = [large.sample([seed, 9])["batch_size"] for seed in range(30)]
+    assert all(300 <= b <= 500 for b in drawn) and max(drawn) > 420 and min(drawn) < 380
+    assert family.space["batch_size"].high <= 256
+  config = families.get("mlp").with_batch_size_range(300, 300).sample([1, 2])
+  assert config["batch_size"] == 300
+  task = families.task(config)
+  params = task.init(jax.random.key(0))
+  per_example = jax.grad(lambda p: task.loss(p, jax.random.key(1)))(params)
+  assert finite(jax.tree.leaves(per_example)[0])
+
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_noise_changes_only_the_training_loss_of_problems_drawing_a_fraction(name):
   config, _, out = group_run(name)

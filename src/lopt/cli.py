@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "max_step_flops=X, eval_horizon=N (held-out selection unrolls, default 200), "
                           "batch_noise=true (training problems draw a batch_fraction: gradient noise), "
                           "param_scale_probability=P (the share of training problems with an augmented parameter "
-                          "scale; default 0.5), param_scale_range=[LOW,HIGH] (their scales; default [0.1,10])")
+                          "scale; default 0.5), param_scale_range=[LOW,HIGH] (their scales; default [0.1,10]), "
+                          "batch_size_range=[LOW,HIGH] (the training shapes' batch sizes; default the families')")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",

@@ -134,6 +134,7 @@ FAMILY_OPTIONS = {
     "param_scale_probability": None,  # the share of training problems with an augmented parameter scale (None: the
                                       # families' own, one half)
     "param_scale_range": None,  # [low, high] of the augmented parameter scales (None: the families' own, 0.1..10)
+    "batch_size_range": None,   # [low, high] of the training shapes' batch sizes (None: the families' own)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -175,6 +176,8 @@ def _family(name: str, section, held_out: bool):
     family = family.with_param_scale_probability(options["param_scale_probability"])
   if options["param_scale_range"] is not None:
     family = family.with_param_scale_range(*options["param_scale_range"])
+  if options["batch_size_range"] is not None:
+    family = family.with_batch_size_range(*options["batch_size_range"])
   return family
 
 
@@ -207,6 +210,11 @@ def family_options(section) -> dict:
       and scales[0] <= scales[1]):
     raise families.FamilyError(f"task family option 'param_scale_range' must be [low, high], two positive numbers "
                                f"with low <= high, found {scales!r}")
+  sizes = options["batch_size_range"]
+  if sizes is not None and not (isinstance(sizes, list) and len(sizes) == 2 and all(
+      isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in sizes) and sizes[0] <= sizes[1]):
+    raise families.FamilyError(f"task family option 'batch_size_range' must be [low, high], two integers in "
+                               f"[1, 65536] with low <= high, found {sizes!r}")
   return options
 
 

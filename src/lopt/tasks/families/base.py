@@ -270,6 +270,13 @@ class Family:
     return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
 
 
+  def with_batch_size_range(self, low: int, high: int) -> Family:
+    """This family drawing its batch size from LogUniform(low, high) (by default 8..256, 4..128 sequences): a shape
+    field, so other shapes are drawn. Large batches are the low-noise problems (near full batch on the tables) that
+    the default range lacks."""
+    batch = dataclasses.replace(self.space["batch_size"], low=int(low), high=int(high))
+    return dataclasses.replace(self, space={**self.space, "batch_size": batch})
+
 def _default(dist):
   """A problem field's value when a configuration leaves it out: the natural parameter scale, the middle of a range
   (init_scale 1, horizon ~447; not 1.0 for every field, which made the horizon a single step)."""
