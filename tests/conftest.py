@@ -1,9 +1,14 @@
 """Shared test helpers."""
 
 import importlib.util
+import os
 from pathlib import Path
 
-import jax
+# Test files run in parallel workers (pyproject's addopts): on a GPU machine each worker must not take 75% of the
+# GPU's memory up front, as JAX does by default. Set before JAX starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
