@@ -19,7 +19,8 @@
 # [0.001,0.01,0.1]: each problem also runs Adam at those rates and the estimate weighs it by 1 / the best one's
 # meta-loss, an objective relative to a tuned Adam; unset: off), PARAM_SCALE_RANGE (a JSON [low,high] of the
 # augmented parameter scales, default [0.1,10]; [1,10] draws only problems that want larger steps), BATCH_SIZE_RANGE
-# (a JSON [low,high] of the training shapes' batch sizes, default the families' own; [64,512] draws low-noise ones).
+# (a JSON [low,high] of the training shapes' batch sizes, default the families' own; [64,512] draws low-noise ones),
+# INIT_SCALE_RANGE (a JSON [low,high] of the initialization scales, default [0.5,2]; below 1: starts near a saddle).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
@@ -48,6 +49,7 @@ for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); d
 [ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
 [ -n "${REFERENCES:-}" ] && args+=(--estimator-option "reference_learning_rates=$REFERENCES")
 [ -n "${PARAM_SCALE_RANGE:-}" ] && args+=(--task-option "param_scale_range=$PARAM_SCALE_RANGE")
+[ -n "${INIT_SCALE_RANGE:-}" ] && args+=(--task-option "init_scale_range=$INIT_SCALE_RANGE")
 [ -n "${BATCH_SIZE_RANGE:-}" ] && args+=(--task-option "batch_size_range=$BATCH_SIZE_RANGE")
 [ -n "${PARAM_SCALE_PROBABILITY:-}" ] && args+=(--task-option "param_scale_probability=$PARAM_SCALE_PROBABILITY")
 if [ -f "$run/config.json" ]; then

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "batch_noise=true (training problems draw a batch_fraction: gradient noise), "
                           "param_scale_probability=P (the share of training problems with an augmented parameter "
                           "scale; default 0.5), param_scale_range=[LOW,HIGH] (their scales; default [0.1,10]), "
-                          "batch_size_range=[LOW,HIGH] (the training shapes' batch sizes; default the families')")
+                          "batch_size_range=[LOW,HIGH] (the training shapes' batch sizes; default the families'), "
+                          "init_scale_range=[LOW,HIGH] (their initialization scales; default [0.5,2])")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",

@@ -135,6 +135,7 @@ FAMILY_OPTIONS = {
                                       # families' own, one half)
     "param_scale_range": None,  # [low, high] of the augmented parameter scales (None: the families' own, 0.1..10)
     "batch_size_range": None,   # [low, high] of the training shapes' batch sizes (None: the families' own)
+    "init_scale_range": None,   # [low, high] of the training problems' initialization scales (None: 0.5..2)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -178,6 +179,8 @@ def _family(name: str, section, held_out: bool):
     family = family.with_param_scale_range(*options["param_scale_range"])
   if options["batch_size_range"] is not None:
     family = family.with_batch_size_range(*options["batch_size_range"])
+  if options["init_scale_range"] is not None:
+    family = family.with_init_scale_range(*options["init_scale_range"])
   return family
 
 
@@ -204,12 +207,13 @@ def family_options(section) -> dict:
   if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
     raise families.FamilyError(f"task family option 'param_scale_probability' must be a number in [0, 1], found "
                                f"{share!r}")
-  scales = options["param_scale_range"]
-  if scales is not None and not (isinstance(scales, list) and len(scales) == 2 and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales)
-      and scales[0] <= scales[1]):
-    raise families.FamilyError(f"task family option 'param_scale_range' must be [low, high], two positive numbers "
-                               f"with low <= high, found {scales!r}")
+  for name in ("param_scale_range", "init_scale_range"):
+    scales = options[name]
+    if scales is not None and not (isinstance(scales, list) and len(scales) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales)
+        and scales[0] <= scales[1]):
+      raise families.FamilyError(f"task family option {name!r} must be [low, high], two positive numbers with "
+                                 f"low <= high, found {scales!r}")
   sizes = options["batch_size_range"]
   if sizes is not None and not (isinstance(sizes, list) and len(sizes) == 2 and all(
       isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in sizes) and sizes[0] <= sizes[1]):

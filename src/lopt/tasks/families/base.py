@@ -270,6 +270,12 @@ class Family:
     return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
 
 
+  def with_init_scale_range(self, low: float, high: float) -> Family:
+    """This family drawing the initialization's scale from LogUniform(low, high) (by default 0.5..2): below 1 the
+    networks start near the saddle at zero, where progress needs the step to grow."""
+    return dataclasses.replace(self, problem_space={**self.problem_space,
+                                                    "init_scale": LogUniform(float(low), float(high))})
+
   def with_batch_size_range(self, low: int, high: int) -> Family:
     """This family drawing its batch size from LogUniform(low, high) (by default 8..256, 4..128 sequences): a shape
     field, so other shapes are drawn. Large batches are the low-noise problems (near full batch on the tables) that
