@@ -269,7 +269,6 @@ class Family:
     scale = dataclasses.replace(scale, distribution=LogUniform(float(low), float(high)))
     return dataclasses.replace(self, problem_space={**self.problem_space, "param_scale": scale})
 
-
   def with_init_scale_range(self, low: float, high: float) -> Family:
     """This family drawing the initialization's scale from LogUniform(low, high) (by default 0.5..2): below 1 the
     networks start near the saddle at zero, where progress needs the step to grow."""
@@ -282,6 +281,7 @@ class Family:
     the default range lacks."""
     batch = dataclasses.replace(self.space["batch_size"], low=int(low), high=int(high))
     return dataclasses.replace(self, space={**self.space, "batch_size": batch})
+
 
 def _default(dist):
   """A problem field's value when a configuration leaves it out: the natural parameter scale, the middle of a range
