@@ -133,18 +133,18 @@ def test_the_range_of_batch_sizes_is_a_training_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "batch_size_range" in err and "Traceback" not in err
 
+
 def test_the_range_of_initialization_scales_is_a_training_option(tmp_path, capsys):
   """init_scale_range=[low, high] draws the training problems' initialization scales from there, per problem key as
   training draws them; held-out groups are as without it; a bad range is a one-line exit 2."""
   from types import SimpleNamespace
 
-  from lopt.meta.train import family_configs, family_groups
+  from lopt.meta.train import _family, family_configs, family_groups
   from lopt.tasks.families import problem_fields
   plain = SimpleNamespace(family="mlp,cnn", options={"num_groups": 2, "max_step_flops": 2e6})
   small = SimpleNamespace(family=plain.family, options={**plain.options, "init_scale_range": [0.05, 0.2]})
   assert all(0.05 <= c["init_scale"] <= 0.2 for c in family_configs(small, 0))
   assert family_configs(small, 0, held_out=True) == family_configs(plain, 0, held_out=True)
-  from lopt.meta.train import _family
   space = _family("mlp", small, held_out=False).problem_space
   keys = jax.random.split(jax.random.key(3), 128)
   drawn = jax.vmap(lambda k: problem_fields(k, space))(keys)[0]
@@ -161,6 +161,7 @@ def test_the_range_of_initialization_scales_is_a_training_option(tmp_path, capsy
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "init_scale_range" in err and "Traceback" not in err
+
 
 def test_task_and_family_are_exclusive(tmp_path, capsys):
   assert main(["train", "linear_regression", "--task-family", "mlp", "--out", str(tmp_path / "x")]) == 2

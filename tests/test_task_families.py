@@ -175,8 +175,9 @@ def test_the_range_of_batch_sizes():
   assert config["batch_size"] == 300
   task = families.task(config)
   params = task.init(jax.random.key(0))
-  per_example = jax.grad(lambda p: task.loss(p, jax.random.key(1)))(params)
-  assert finite(jax.tree.leaves(per_example)[0])
+  grads = jax.grad(lambda p: task.loss(p, jax.random.key(1)))(params)
+  assert finite(jax.tree.leaves(grads)[0])
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_noise_changes_only_the_training_loss_of_problems_drawing_a_fraction(name):
