@@ -96,6 +96,9 @@ class _Interrupt(Exception):
   pass
 
 
+# In the slow run: the default run covers resuming after an interruption through the CLI (test_reliability_interrupt,
+# test_reliability_kill) and mid-episode (test_truncated_training).
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_theta(tmp_path):
   reference = meta_train(TINY, tmp_path / "reference")
 
