@@ -26,3 +26,13 @@ def load_script(relative: str):
 @pytest.fixture
 def key():
   return jax.random.key(0)
+
+
+# Files whose module fixtures take minutes: collected first, so that the parallel workers start them at once and the
+# rest of the suite runs beside them, instead of one of them running alone at the end.
+HEAVY_FIRST = ("test_sharding.py", "test_reproduce.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
