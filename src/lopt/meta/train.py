@@ -207,18 +207,16 @@ def family_options(section) -> dict:
   if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
     raise families.FamilyError(f"task family option 'param_scale_probability' must be a number in [0, 1], found "
                                f"{share!r}")
-  for name in ("param_scale_range", "init_scale_range"):
-    scales = options[name]
-    if scales is not None and not (isinstance(scales, list) and len(scales) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales)
-        and scales[0] <= scales[1]):
-      raise families.FamilyError(f"task family option {name!r} must be [low, high], two positive numbers with "
-                                 f"low <= high, found {scales!r}")
-  sizes = options["batch_size_range"]
-  if sizes is not None and not (isinstance(sizes, list) and len(sizes) == 2 and all(
-      isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in sizes) and sizes[0] <= sizes[1]):
-    raise families.FamilyError(f"task family option 'batch_size_range' must be [low, high], two integers in "
-                               f"[1, 65536] with low <= high, found {sizes!r}")
+  positive = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+  batch_size = lambda v: isinstance(v, int) and 1 <= v <= 65536
+  for name, allowed, words in (("param_scale_range", positive, "two positive numbers"),
+                               ("init_scale_range", positive, "two positive numbers"),
+                               ("batch_size_range", batch_size, "two integers in [1, 65536]")):
+    bounds = options[name]
+    if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+        allowed(v) and not isinstance(v, bool) for v in bounds) and bounds[0] <= bounds[1]):
+      raise families.FamilyError(f"task family option {name!r} must be [low, high], {words} with low <= high, "
+                                 f"found {bounds!r}")
   return options
 
 
