@@ -6,6 +6,10 @@ keys: the same problems, perturbations and restarts, so that the two differ only
 Printed per meta-parameter: the mean estimate and its standard error for both, and the cosine between the two mean
 gradients. A negative gradient on ``step/b`` (the log step's bias) means "step larger".
 
+``--log-objective`` adds a third estimate from the same keys: each pair's term divided by its own mean meta-loss,
+(L+ - L-) / ((L+ + L-) / 2), the gradient of the mean *log* truncation loss. Every problem's relative progress then
+counts alike, as a win rate counts problems, whatever its loss level or its reference's.
+
   python benchmarks/relative_objective_gradient.py [--pairs 96] [--estimates 12] [--truncation 50]
       [--family all] [--task-option KEY=VALUE ...]  (as `lopt train` takes them, e.g. param_scale_range=[1,10])
 """
@@ -22,6 +26,7 @@ import jax
 import numpy as np
 
 from lopt.meta import estimators
+from lopt.meta.estimators import es
 from lopt.meta.config import MetaTrainConfig
 from lopt.meta.train import initial_theta, optimizer_from, task_from, trainable_mask
 from lopt.pytree import flatten_by_path
@@ -52,6 +57,15 @@ def estimates(config, references, count: int, seed: int) -> dict[str, np.ndarray
   return {p: np.stack([o[p] for o in out]) for p in sorted(trainable)}
 
 
+def log_es_terms(meta_losses, weight, sigma: float):
+  """``es.es_terms`` of the log meta-losses, to first order: each pair's difference over its mean (floored)."""
+  mean = jax.numpy.maximum(0.5 * (meta_losses[:, 0] + meta_losses[:, 1]), 1e-6)
+  return PLAIN_TERMS(meta_losses / mean[:, None], weight, sigma)
+
+
+PLAIN_TERMS = es.es_terms
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=96)
@@ -62,6 +76,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=11)
   parser.add_argument("--family", default="all", help="task families, as `lopt train --task-family` takes them")
   parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--log-objective", action="store_true", help="add the estimate of the mean log loss")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
   options = {**CONFIG["task"]["options"]}
@@ -76,29 +91,40 @@ def main(argv=None) -> int:
   start = time.time()
   plain = estimates(config, [], args.estimates, args.seed)
   relative = estimates(config, references, args.estimates, args.seed)
-  rows, flat = {}, {"plain": [], "relative": []}
-  print(f"{'meta-parameter':24s} {'plain: mean +- s.e.':>28s} {'relative: mean +- s.e.':>28s}")
+  results = {"plain": plain, "relative": relative}
+  if args.log_objective:
+    es.es_terms = log_es_terms
+    try:
+      results["log"] = estimates(config, [], args.estimates, args.seed)
+    finally:
+      es.es_terms = PLAIN_TERMS
+  rows, flat = {}, {name: [] for name in results}
+  print(f"{'meta-parameter':24s}" + "".join(f"{name + ': mean +- s.e.':>28s}" for name in results))
   for path in plain:
     row = {}
-    for name, values in (("plain", plain[path]), ("relative", relative[path])):
-      mean = values.mean(0)
-      error = values.std(0, ddof=1) / np.sqrt(len(values))
+    for name, values in results.items():
+      mean = values[path].mean(0)
+      error = values[path].std(0, ddof=1) / np.sqrt(len(values[path]))
       row[name] = {"mean": mean.ravel().tolist(), "standard_error": error.ravel().tolist()}
       flat[name].append(mean.ravel())
     rows[path] = row
-    for i, (a, ea, b, eb) in enumerate(zip(row["plain"]["mean"], row["plain"]["standard_error"],
-                                           row["relative"]["mean"], row["relative"]["standard_error"])):
-      label = path if len(row["plain"]["mean"]) == 1 else f"{path}[{i}]"
-      if len(row["plain"]["mean"]) <= 2:
-        print(f"{label:24s} {a:+13.4g} +- {ea:<10.3g} {b:+13.4g} +- {eb:<10.3g}")
-  a, b = np.concatenate(flat["plain"]), np.concatenate(flat["relative"])
-  cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-  print(f"cosine between the mean gradients over all {a.size} trainable meta-parameters: {cosine:.3f}")
+    if len(row["plain"]["mean"]) <= 2:
+      for i in range(len(row["plain"]["mean"])):
+        label = path if len(row["plain"]["mean"]) == 1 else f"{path}[{i}]"
+        print(f"{label:24s}" + "".join(f"{row[n]['mean'][i]:+13.4g} +- {row[n]['standard_error'][i]:<10.3g}"
+                                       for n in results))
+  means = {name: np.concatenate(parts) for name, parts in flat.items()}
+  cosines = {f"plain/{name}": float(means["plain"] @ m / (np.linalg.norm(means["plain"]) * np.linalg.norm(m)))
+             for name, m in means.items() if name != "plain"}
+  cosine = cosines["plain/relative"]
+  print(f"cosines between the mean gradients over all {means['plain'].size} trainable meta-parameters: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in cosines.items()))
   print(f"{time.time() - start:.0f} s")
   if args.out:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
-                          "jax": jax.__version__}, "settings": vars(args), "cosine": cosine, "gradients": rows}
+                          "jax": jax.__version__}, "settings": vars(args), "cosine": cosine, "cosines": cosines,
+              "gradients": rows}
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
   return 0
