@@ -90,7 +90,8 @@ def main(out: Path, slow: bool) -> None:
     results["indivisible"] = str(e)
   # Without --devices: the most devices the per-problem (or population) axes split over.
   results["default_devices"] = {str(size): sharding.layout(None, (size,)).size for size in (3, 4)}
-  results["selftrain"] = {str(d): population_theta(out / f"self-{d}", d) for d in (1, 2)}
+  if slow:  # (about a minute of compilation: with the slow tests)
+    results["selftrain"] = {str(d): population_theta(out / f"self-{d}", d) for d in (1, 2)}
   try:  # 3 members on 2 devices: an error before the run directory exists
     population_theta(out / "self-indivisible", 2, size=3)
     results["population_indivisible"] = None

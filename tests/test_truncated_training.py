@@ -29,8 +29,7 @@ def leaves(state):
   return out
 
 
-# pes (an accumulator per pair) and mixed (perturbed pairs and backpropagation) in the default run; the others share
-# their machinery and run with -m slow.
+# pes (an accumulator per pair) in the default run; the others share its machinery and run with -m slow.
 @pytest.mark.parametrize("estimator", ["pes", *(pytest.param(name, marks=pytest.mark.slow)
                                                 for name in ("mixed", "tbptt", "es", "nres"))])
 def test_resume_mid_episode_is_bit_identical(estimator, tmp_path):
