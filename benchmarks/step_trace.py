@@ -20,7 +20,7 @@ import optax
 
 import lopt
 from lopt.evaluation import suite
-from lopt.evaluation.benchmark import VALID_EVERY
+from lopt.evaluation.benchmark import training_scan
 
 
 def transformation(name: str) -> optax.GradientTransformationExtraArgs:
@@ -30,23 +30,17 @@ def transformation(name: str) -> optax.GradientTransformationExtraArgs:
   return optax.with_extra_args_support(lopt.load(name).as_optax())
 
 
-def trace(task, tx, key, horizon: int):
-  """(losses (T,), update RMS (T,)) of one run."""
-  params = task.init(key)
+def update_rms(updates) -> jax.Array:
+  """() the RMS of an update over all parameters."""
+  leaves = jax.tree.leaves(updates)
+  return jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2) for u in leaves) / sum(u.size for u in leaves))
 
-  def step(carry, t):
-    p, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(p, key, t)
-    valid = jnp.full((), jnp.nan, loss.dtype)
-    if task.valid_loss is not None:
-      valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(p, key, t).astype(loss.dtype),
-                           lambda: valid)
-    updates, state = tx.update(grads, state, p, value=loss, valid_loss=valid, num_steps=horizon)
-    leaves = jax.tree.leaves(updates)
-    rms = jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2) for u in leaves) / sum(u.size for u in leaves))
-    return (optax.apply_updates(p, updates), state), (loss, rms)
-  run = jax.jit(lambda: jax.lax.scan(step, (params, tx.init(params)), jnp.arange(horizon))[1])
-  return tuple(np.asarray(x) for x in run())
+
+def trace(task, tx, key, horizon: int):
+  """(losses (T,), update RMS (T,)) of one run, as ``lopt benchmark`` runs it."""
+  run = jax.jit(lambda: training_scan(task, tx, key, horizon, measure=update_rms))
+  _, losses, _, sizes = run()
+  return np.asarray(losses), np.asarray(sizes)
 
 
 def main(argv=None) -> int:

@@ -106,10 +106,11 @@ def seed_keys(seed: int, count: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(count))
 
 
-def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True):
+def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True, measure=None):
   """(final params, train (horizon,), valid (horizon,)) of one problem; valid is NaN except every VALID_EVERY steps.
   The optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step; always none without
-  ``feed_valid``) at every step."""
+  ``feed_valid``) at every step. With ``measure(updates) -> ()``, a fourth result: its value at every step
+  (horizon,)."""
   params = task.init(key)
 
   def step(carry, t):
@@ -122,10 +123,11 @@ def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True):
                            lambda: jnp.full((), jnp.nan, loss.dtype))
     fed = valid if feed_valid else jnp.full((), jnp.nan, loss.dtype)
     updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=fed, num_steps=horizon)
-    return (optax.apply_updates(params, updates), state), (loss, valid)
+    measured = () if measure is None else (measure(updates),)
+    return (optax.apply_updates(params, updates), state), (loss, valid, *measured)
 
-  (params, _), (losses, valids) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
-  return params, losses, valids
+  (params, _), outputs = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
+  return (params, *outputs)
 
 
 def unroll_with_validation(task, optimizer, key, horizon: int, feed_valid: bool = True):
