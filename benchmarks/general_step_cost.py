@@ -2,6 +2,7 @@
 
   python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
                                          [--compile MODE ...] [--frameworks jax torch] [--kernels]
+                                         [--group-limit N]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
@@ -13,7 +14,9 @@ a torch.compile mode such as ``reduce-overhead``, or a JSON dict of its keyword 
 line each; the compilation happens in the warm-up. --kernels adds what each step launches: for JAX, the compiled
 step's top-level fusions, copies and library calls (custom-call, dot) and the bytes their operands and results
 take (an upper bound on the memory traffic: every kernel reads its operands and writes its result once); for
-PyTorch on a GPU, the kernels one step launches (torch.profiler).
+PyTorch on a GPU, the kernels one step launches (torch.profiler). --group-limit overrides the JAX step's
+``GROUP_LIMIT`` (on accelerators, tensors of one shape with up to N coordinates are stacked and stepped as one batch),
+to compare batching choices on one machine.
 """
 
 from __future__ import annotations
@@ -145,7 +148,11 @@ def main() -> None:
                       help="torch.compile the PyTorch optimizer: none, default, a mode, or JSON (several: a line each)")
   parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
   parser.add_argument("--kernels", action="store_true", help="count the kernels (and JAX's HLO traffic) of a step")
+  parser.add_argument("--group-limit", type=int, help="the JAX step's GROUP_LIMIT (default: the optimizer's own)")
   args = parser.parse_args()
+  if args.group_limit is not None:
+    from lopt.architectures.hierarchical import optimizer
+    optimizer.GROUP_LIMIT = args.group_limit
   import jax
   import torch
   common = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "jax": jax.__version__,
@@ -163,6 +170,8 @@ def main() -> None:
         runs.append(("torch", extra, lambda mode=mode: torch_times(shapes, args.repeats, compile_mode(mode),
                                                                   args.kernels)))
     for framework, extra, measure in runs:
+      if framework == "jax" and args.group_limit is not None:
+        extra = {"group_limit": args.group_limit}
       times = measure()
       kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}
       print(json.dumps({"params": count, **common, "framework": framework, **extra,
