@@ -20,15 +20,20 @@
 # meta-loss, an objective relative to a tuned Adam; unset: off), PARAM_SCALE_RANGE (a JSON [low,high] of the
 # augmented parameter scales, default [0.1,10]; [1,10] draws only problems that want larger steps), BATCH_SIZE_RANGE
 # (a JSON [low,high] of the training shapes' batch sizes, default the families' own; [64,512] draws low-noise ones),
-# INIT_SCALE_RANGE (a JSON [low,high] of the initialization scales, default [0.5,2]; below 1: starts near a saddle).
+# INIT_SCALE_RANGE (a JSON [low,high] of the initialization scales, default [0.5,2]; below 1: starts near a saddle),
+# DISTANCE_SCALE_RANGE (a JSON [low,high]: a share of the training problems' solutions lie d times farther from their
+# start, d log-uniform there, with nothing at the start to tell; unset: off), DISTANCE_SCALE_PROBABILITY (that share,
+# 0.5).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
 # resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
 # the run reaches STEPS, so set STEPS to end within SECONDS when the optimizer should come back. The run directory
 # without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
 # Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again. The cache also comes back
-# as $OUT/jax_cache.tar.gz (about 11 MB): unpacked into gpu_runs/ here and named in the device call's `carry`, it
-# may spare a fresh machine of the same kind its 250-300 s of compilation (not yet tried).
+# as $OUT/jax_cache.tar.gz (11-14 MB): unpacked into gpu_runs/ here (`tar -xzf jax_cache.tar.gz -C gpu_runs`) and
+# named in the device call's `carry` (["gpu_runs/jax_cache"]), it spares a fresh machine of the same kind its
+# compilation when the run compiles the same programs (same SEED, NUM_GROUPS, PROBLEMS, MAX_STEP_FLOPS and
+# architecture): session 11's first outer step came after 42 s instead of 196 s.
 set -u
 seconds=${1:-480}
 arch=${2:-hierarchical}
@@ -50,6 +55,9 @@ for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); d
 [ -n "${REFERENCES:-}" ] && args+=(--estimator-option "reference_learning_rates=$REFERENCES")
 [ -n "${PARAM_SCALE_RANGE:-}" ] && args+=(--task-option "param_scale_range=$PARAM_SCALE_RANGE")
 [ -n "${INIT_SCALE_RANGE:-}" ] && args+=(--task-option "init_scale_range=$INIT_SCALE_RANGE")
+[ -n "${DISTANCE_SCALE_RANGE:-}" ] && args+=(--task-option "distance_scale_range=$DISTANCE_SCALE_RANGE")
+[ -n "${DISTANCE_SCALE_PROBABILITY:-}" ] && args+=(--task-option \
+  "distance_scale_probability=$DISTANCE_SCALE_PROBABILITY")
 [ -n "${BATCH_SIZE_RANGE:-}" ] && args+=(--task-option "batch_size_range=$BATCH_SIZE_RANGE")
 [ -n "${PARAM_SCALE_PROBABILITY:-}" ] && args+=(--task-option "param_scale_probability=$PARAM_SCALE_PROBABILITY")
 if [ -f "$run/config.json" ]; then

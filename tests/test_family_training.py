@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lopt
@@ -115,6 +116,42 @@ def test_the_range_of_augmented_parameter_scales_is_a_training_option(tmp_path, 
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "param_scale_range" in err and "Traceback" not in err
+
+
+def test_the_distance_scale_is_a_training_option(tmp_path, capsys):
+  """distance_scale_range=[low, high]: the training configurations are the plain ones plus a distance scale in
+  [low, high] or 1, the training groups' tasks draw it per problem, held-out configurations have none; a bad range
+  is a one-line exit 2."""
+  from types import SimpleNamespace
+
+  from lopt.meta.train import family_configs, family_groups
+  plain = SimpleNamespace(family="all", options={"num_groups": 6, "max_step_flops": 2e6})
+  far = SimpleNamespace(family="all", options={**plain.options, "distance_scale_range": [2, 20]})
+  for got, expected in zip(family_configs(far, 0), family_configs(plain, 0)):
+    assert got == {**expected, "distance_scale": got["distance_scale"]}
+    assert got["distance_scale"] == 1.0 or 2 <= got["distance_scale"] <= 20
+  assert family_configs(far, 0, held_out=True) == family_configs(plain, 0, held_out=True)
+  assert all("distance_scale" not in c for c in family_configs(far, 0, held_out=True))
+  from lopt.tasks import families
+  plain_group, far_group = family_groups(plain, 0)[0], family_groups(far, 0)[0]
+  space = families.get(family_configs(far, 0)[0]["family"]).with_distance_scale(2, 20).problem_space
+  scales = []
+  for i in range(6):  # each problem key draws its own d; the gradient at the start is the plain one over d
+    key = jax.random.key(i)
+    scales.append(float(families.distance_scale(key, space)))
+    params = far_group.init(key)
+    for a, b in zip(jax.tree.leaves(jax.grad(plain_group.loss)(params, key, 1)),
+                    jax.tree.leaves(jax.grad(far_group.loss)(params, key, 1))):
+      np.testing.assert_allclose(b, a / scales[-1], rtol=1e-4, atol=1e-9)
+  assert any(d > 1 for d in scales)
+  always = SimpleNamespace(family="all", options={**far.options, "distance_scale_probability": 1})
+  assert all(2 <= c["distance_scale"] <= 20 for c in family_configs(always, 0))
+  for option, bad in [("distance_scale_range", v) for v in ("[10,2]", "[0,1]", "3", "[1,false]")] + [
+      ("distance_scale_probability", v) for v in ("2", "-0.5", "true")]:
+    assert main(["train", "--task-family", "all", "--task-option", f"{option}={bad}",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
 
 
 def test_the_range_of_batch_sizes_is_a_training_option(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Task families: deterministic sampling, finite losses and gradients under jit and vmap, the parameter-scale
-augmentation, the opt-in batch-fraction (gradient-noise) augmentation, the exact 64-32-10 digits MLP, the offline
+augmentation, the opt-in batch-fraction (gradient-noise) and distance augmentations, the exact 64-32-10 digits MLP, the offline
 datasets, and `lopt tasks`."""
 
 import functools
@@ -160,6 +160,48 @@ def test_the_range_of_augmented_parameter_scales():
     plain, drawn = family.sample([seed, 3]), large.sample([seed, 3])
     assert 1.0 <= drawn["param_scale"] <= 10.0 and {**drawn, "param_scale": plain["param_scale"]} == plain
   assert family.problem_space["param_scale"].distribution.low == 0.1  # the family itself is unchanged
+
+
+def test_the_distance_scale_moves_the_solution_away_and_nothing_else():
+  """with_distance_scale(low, high): the configurations of the plain family plus a distance_scale (drawn last, in
+  [low, high] or 1); a task at distance d starts where the plain one does, with the same loss, and its gradient is
+  the plain one over d, so its solution lies d times farther away; group draws stay in range and leave the other
+  problem fields as they were; held-out draws of the plain family never have one."""
+  family = families.get("mlp")
+  far = family.with_distance_scale(2.0, 8.0)
+  assert "distance_scale" not in family.problem_space
+  values = []
+  for seed in range(20):
+    plain, drawn = family.sample([seed, 3]), far.sample([seed, 3])
+    assert drawn == {**plain, "distance_scale": drawn["distance_scale"]}
+    values.append(drawn["distance_scale"])
+  assert 1.0 in values and all(v == 1.0 or 2.0 <= v <= 8.0 for v in values) and max(values) > 2.0
+  config = {**family.sample([1, 4], max_step_flops=SMALL), "param_scale": 2.0}
+  plain, moved = families.task(config), families.task({**config, "distance_scale": 4.0})
+  key = jax.random.key(3)
+  start = plain.init(key)
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(moved.init(key))):
+    np.testing.assert_array_equal(a, b)
+  value, grads = jax.value_and_grad(plain.loss)(start, key, 2)
+  moved_value, moved_grads = jax.value_and_grad(moved.loss)(start, key, 2)
+  np.testing.assert_allclose(moved_value, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(moved_grads)):
+    np.testing.assert_allclose(b, a / 4.0, rtol=1e-4, atol=1e-9)
+  # a sign step (Adam's, to first order: blind to the gradient's scale) of lr on the plain task goes where one of
+  # 4 lr goes on the moved task: an optimizer of that kind needs a step d times larger there
+  step = lambda task, lr: jax.tree.map(lambda p, g: p - lr * jnp.sign(g), start,  # noqa: E731
+                                       jax.grad(task.loss)(start, key, 2))
+  np.testing.assert_allclose(moved.loss(step(moved, 0.04), key, 5), plain.loss(step(plain, 0.01), key, 5),
+                             rtol=1e-5)
+  assert abs(float(moved.loss(step(moved, 0.01), key, 5)) - float(plain.loss(step(plain, 0.01), key, 5))) > 1e-4
+  keys = jax.random.split(jax.random.key(6), 128)
+  drawn = np.asarray(jax.vmap(lambda k: families.distance_scale(k, far.problem_space))(keys))
+  assert np.all((drawn == 1.0) | ((drawn >= 2.0) & (drawn <= 8.0))) and 30 < np.sum(drawn > 1.0) < 98
+  for got, expected in zip(jax.vmap(lambda k: problem_fields(k, far.problem_space))(keys),
+                           jax.vmap(problem_fields)(keys)):
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(FamilyError, match="distance_scale"):
+    families.task({**config, "distance_scale": -1.0})
 
 
 def test_the_range_of_batch_sizes():

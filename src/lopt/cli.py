@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "param_scale_probability=P (the share of training problems with an augmented parameter "
                           "scale; default 0.5), param_scale_range=[LOW,HIGH] (their scales; default [0.1,10]), "
                           "batch_size_range=[LOW,HIGH] (the training shapes' batch sizes; default the families'), "
-                          "init_scale_range=[LOW,HIGH] (their initialization scales; default [0.5,2])")
+                          "init_scale_range=[LOW,HIGH] (their initialization scales; default [0.5,2]), "
+                          "distance_scale_range=[LOW,HIGH] (a share of the training problems' solutions lie d times "
+                          "farther from their start, d log-uniform in [LOW,HIGH]; default off), "
+                          "distance_scale_probability=P (that share; default 0.5)")
   train.add_argument("--out", required=True, type=_run_directory, help="run directory (config.json, metrics.jsonl, checkpoints/, "
                      "optimizer/)")
   train.add_argument("--preset", choices=list(PRESETS), default="demo",

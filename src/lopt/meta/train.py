@@ -136,6 +136,9 @@ FAMILY_OPTIONS = {
     "param_scale_range": None,  # [low, high] of the augmented parameter scales (None: the families' own, 0.1..10)
     "batch_size_range": None,   # [low, high] of the training shapes' batch sizes (None: the families' own)
     "init_scale_range": None,   # [low, high] of the training problems' initialization scales (None: 0.5..2)
+    "distance_scale_range": None,  # [low, high]: a share of the training problems' solutions lie d times farther
+                                   # from their start, d drawn from there (families.DISTANCE_SPACE; None: off)
+    "distance_scale_probability": 0.5,  # that share (with distance_scale_range)
 }
 FAMILY_EVAL_HORIZON = FAMILY_OPTIONS["eval_horizon"]
 HELD_OUT_STREAM = 1_000_003  # family configurations for held-out selection: never the training groups
@@ -181,6 +184,8 @@ def _family(name: str, section, held_out: bool):
     family = family.with_batch_size_range(*options["batch_size_range"])
   if options["init_scale_range"] is not None:
     family = family.with_init_scale_range(*options["init_scale_range"])
+  if options["distance_scale_range"] is not None:
+    family = family.with_distance_scale(*options["distance_scale_range"], options["distance_scale_probability"])
   return family
 
 
@@ -203,14 +208,15 @@ def family_options(section) -> dict:
   if not isinstance(options["batch_noise"], bool):
     raise families.FamilyError(f"task family option 'batch_noise' must be true or false, found "
                                f"{options['batch_noise']!r}")
-  share = options["param_scale_probability"]
-  if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
-    raise families.FamilyError(f"task family option 'param_scale_probability' must be a number in [0, 1], found "
-                               f"{share!r}")
+  for name in ("param_scale_probability", "distance_scale_probability"):
+    share = options[name]
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
+      raise families.FamilyError(f"task family option {name!r} must be a number in [0, 1], found {share!r}")
   positive = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0
   batch_size = lambda v: isinstance(v, int) and 1 <= v <= 65536
   for name, allowed, words in (("param_scale_range", positive, "two positive numbers"),
                                ("init_scale_range", positive, "two positive numbers"),
+                               ("distance_scale_range", positive, "two positive numbers"),
                                ("batch_size_range", batch_size, "two integers in [1, 65536]")):
     bounds = options[name]
     if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(

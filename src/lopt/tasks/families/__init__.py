@@ -14,8 +14,9 @@ import itertools
 
 from lopt.fields import Registry
 from lopt.tasks.families import autoencoder, cnn, logistic_regression, mlp, rnn_lm, transformer_lm
-from lopt.tasks.families.base import (BATCH_NOISE_SPACE, PROBLEM_SPACE, Choice, Family, FamilyError, IntRange,
-                                      LogUniform, Sometimes, augmented, batch_fraction, problem_fields, rng_from)
+from lopt.tasks.families.base import (BATCH_NOISE_SPACE, DISTANCE_SPACE, PROBLEM_SPACE, Choice, Family, FamilyError,
+                                      IntRange, LogUniform, Sometimes, augmented, batch_fraction, distance_scale,
+                                      problem_fields, rng_from)
 
 FAMILIES = Registry("task family", FamilyError)
 for _module in (mlp, cnn, rnn_lm, transformer_lm, autoencoder, logistic_regression):
@@ -95,6 +96,6 @@ def group_task(config: dict):
   return _family_of(config).group_task(config)
 
 
-__all__ = ["BATCH_NOISE_SPACE", "FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice", "IntRange",
-           "LogUniform", "Sometimes", "augmented", "batch_fraction", "get", "group_task", "min_step_flops",
-           "names_from", "problem_fields", "sample", "task"]
+__all__ = ["BATCH_NOISE_SPACE", "DISTANCE_SPACE", "FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice",
+           "IntRange", "LogUniform", "Sometimes", "augmented", "batch_fraction", "distance_scale", "get", "group_task",
+           "min_step_flops", "names_from", "problem_fields", "sample", "task"]

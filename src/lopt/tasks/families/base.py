@@ -176,6 +176,18 @@ BATCH_NOISE_SPACE = {
 }
 BATCH_FRACTION_TAG = 0xBA7C4  # fold_in data of a problem key's batch-fraction draw (problem_fields' is 0x5CA1E)
 
+# Distance augmentation, opt-in (``Family.with_distance_scale``; meta-training's ``distance_scale_range`` option): the
+# optimizer sees q and the task reads p = p0 + (q - q0) / d, q0 the initialization as the optimizer sees it and p0
+# as the task does, so the solution lies d times farther from the start in the optimizer's coordinates while the
+# start itself looks as usual. Unlike the parameter scale (q = s p, whose size the optimizer reads), nothing at the
+# start tells d: only the run's dynamics do, as on a problem whose solution lies far from a small initialization (a
+# regression started at zero). Ours.
+DISTANCE_SPACE = {
+    "distance_scale": Sometimes(LogUniform(1.0, 10.0), probability=0.5, otherwise=1.0),
+}
+DISTANCE_TAG = 0xD157A  # fold_in data of a problem key's distance-scale draw
+OPT_IN_SPACE = {**BATCH_NOISE_SPACE, **DISTANCE_SPACE}  # drawn last, in this order, and only when a family draws them
+
 
 # -- families --------------------------------------------------------------------------------------------------------
 
@@ -196,16 +208,16 @@ class Family:
 
   def sample(self, key, *, max_step_flops: float | None = None) -> dict:
     """A JSON configuration from ``key`` (an int, ints or a jax key); redrawn (up to 1000 times, from the same
-    stream) until its step costs at most ``max_step_flops``. The batch fraction, when drawn, comes last: the same
-    configuration as without it, plus that field."""
+    stream) until its step costs at most ``max_step_flops``. The opt-in fields (batch fraction, distance scale), when
+    drawn, come last: the same configuration as without them, plus those fields."""
     rng = rng_from(key)
-    noise = {name: dist for name, dist in self.problem_space.items() if name in BATCH_NOISE_SPACE}
+    opt_in = {name: self.problem_space[name] for name in OPT_IN_SPACE if name in self.problem_space}
     for _ in range(1000):
       shape = {name: dist.draw(rng) for name, dist in self.space.items()}
-      problem = {name: dist.draw(rng) for name, dist in self.problem_space.items() if name not in noise}
+      problem = {name: dist.draw(rng) for name, dist in self.problem_space.items() if name not in opt_in}
       flops = float(self.step_flops(shape))
       if max_step_flops is None or flops <= max_step_flops:
-        problem.update({name: dist.draw(rng) for name, dist in noise.items()})
+        problem.update({name: dist.draw(rng) for name, dist in opt_in.items()})
         return {"family": self.name, **shape, **problem, "step_flops": flops}
     raise FamilyError(f"family {self.name!r}: no configuration within max_step_flops={max_step_flops:g} in 1000 "
                       f"draws")
@@ -214,7 +226,7 @@ class Family:
     """The shape fields of ``config`` (FamilyError naming what is missing or unknown)."""
     if config.get("family", self.name) != self.name:
       raise FamilyError(f"a {config.get('family')!r} configuration given to family {self.name!r}")
-    allowed = set(self.space) | set(self.problem_space) | set(BATCH_NOISE_SPACE) | {"family", "step_flops"}
+    allowed = set(self.space) | set(self.problem_space) | set(OPT_IN_SPACE) | {"family", "step_flops"}
     unknown = sorted(set(config) - allowed)
     if unknown:
       raise FamilyError(f"family {self.name!r}: unknown field(s) {unknown}; its fields are {sorted(allowed)}")
@@ -231,10 +243,10 @@ class Family:
                           f"{show(config[name])}")
 
   def task(self, config: dict):
-    """The Task of exactly ``config`` (problem fields fixed to the configuration's values; a batch fraction only
-    when the configuration names one or this family draws it)."""
+    """The Task of exactly ``config`` (problem fields fixed to the configuration's values; a batch fraction or a
+    distance scale only when the configuration names one or this family draws it)."""
     shape = self.shape_config(config)
-    space = {**self.problem_space, **{name: dist for name, dist in BATCH_NOISE_SPACE.items() if name in config}}
+    space = {**self.problem_space, **{name: dist for name, dist in OPT_IN_SPACE.items() if name in config}}
     self._check(config, space)
     fixed = {name: config.get(name, _default(dist)) for name, dist in space.items()}
     return augmented(self.build(shape), fixed, None, self.problem_space, config)
@@ -251,6 +263,9 @@ class Family:
     ranges = {name: dist.describe() for name, dist in {**self.space, **self.problem_space}.items()}
     for name, dist in BATCH_NOISE_SPACE.items():
       ranges.setdefault(name, f"{_default(dist):g} (with --task-option batch_noise=true: {dist.describe()})")
+    for name, dist in DISTANCE_SPACE.items():
+      ranges.setdefault(name, f"{_default(dist):g} (with --task-option distance_scale_range=[LOW,HIGH]: "
+                              f"log-uniform LOW..HIGH with probability {dist.probability:g}, else 1)")
     return ranges
 
   def with_batch_noise(self) -> Family:
@@ -274,6 +289,14 @@ class Family:
     networks start near the saddle at zero, where progress needs the step to grow."""
     return dataclasses.replace(self, problem_space={**self.problem_space,
                                                     "init_scale": LogUniform(float(low), float(high))})
+
+  def with_distance_scale(self, low: float, high: float, probability: float = 0.5) -> Family:
+    """This family drawing a distance scale d per problem (``DISTANCE_SPACE``), from LogUniform(low, high) for a
+    share ``probability`` of them (else 1): the solution lies d times farther from the start than the task's own, in
+    the optimizer's coordinates."""
+    dist = dataclasses.replace(DISTANCE_SPACE["distance_scale"], distribution=LogUniform(float(low), float(high)),
+                               probability=float(probability))
+    return dataclasses.replace(self, problem_space={**self.problem_space, "distance_scale": dist})
 
   def with_batch_size_range(self, low: int, high: int) -> Family:
     """This family drawing its batch size from LogUniform(low, high) (by default 8..256, 4..128 sequences): a shape
@@ -321,12 +344,21 @@ def batch_fraction(key, space: dict):
   return space["batch_fraction"].draw_jax(jax.random.fold_in(key, BATCH_FRACTION_TAG))
 
 
+def distance_scale(key, space: dict):
+  """The distance scale of problem ``key`` as a group task draws it from ``space["distance_scale"]``: () float32,
+  inside jit and vmap (its own fold_in tag, as the batch fraction's)."""
+  import jax
+  return space["distance_scale"].draw_jax(jax.random.fold_in(key, DISTANCE_TAG))
+
+
 def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options: dict):
   """``base`` with initialization scale and parameter-scale augmentation: the optimizer sees parameters q = s * p
   with p = init_scale * base.init(key), and the loss base.loss(q / s). Values from ``fixed`` or drawn per problem key
   from ``drawn`` (a distribution per field). With a batch fraction (fixed below 1, or drawn) the training loss is
-  ``base.loss(q / s, key, step, batch_fraction=f)``; the validation loss stays the whole minibatch's. A horizon
-  range (``traits["horizon_range"]``) tells truncated estimators how long each problem's episode may be."""
+  ``base.loss(q / s, key, step, batch_fraction=f)``; the validation loss stays the whole minibatch's. With a distance
+  scale d (fixed other than 1, or drawn) every loss reads p0 + (q / s - p0) / d instead of q / s, p0 = init_scale *
+  base.init(key) (``DISTANCE_SPACE``). A horizon range (``traits["horizon_range"]``) tells truncated estimators how
+  long each problem's episode may be."""
   import jax
 
   from lopt.tasks.base import Task
@@ -343,14 +375,25 @@ def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options
       return None if value == 1.0 else value
     return batch_fraction(key, drawn) if "batch_fraction" in drawn else None
 
+  def distance(key):
+    """None: no distance scale (the parameters read as they were, not merely equal)."""
+    if fixed is not None:
+      value = float(fixed.get("distance_scale", 1.0))
+      return None if value == 1.0 else value
+    return distance_scale(key, drawn) if "distance_scale" in drawn else None
+
   def init(key):
     init_scale, param_scale = scales(key)
     return jax.tree.map(lambda p: p * (init_scale * param_scale), base.init(key))
 
   def unscaled(loss, noisy=False):
     def scaled_loss(params, key, step=0):
-      _, param_scale = scales(key)
+      init_scale, param_scale = scales(key)
       params = jax.tree.map(lambda q: q / param_scale, params)
+      d = distance(key)
+      if d is not None:  # the start p0 drawn again from the key: the loss has no other way to know it
+        start = base.init(key)
+        params = jax.tree.map(lambda p, p0: init_scale * p0 + (p - init_scale * p0) / d, params, start)
       f = fraction(key) if noisy else None
       return loss(params, key, step) if f is None else loss(params, key, step, batch_fraction=f)
     return scaled_loss
