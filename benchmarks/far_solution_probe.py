@@ -7,6 +7,8 @@ features, condition number 10 or 1000 of the features' covariance (a rotated log
 minibatches of 16, 512 examples, 500 steps. Every optimizer runs on the same problems and keys; Adam's learning
 rate is tuned over 7 values (1e-3..1) on the same key, an optimistic Adam. Printed: per problem the tuned rate and
 each learned optimizer's mean training loss over the run relative to tuned Adam's; then wins and the geometric mean.
+The learned optimizers get the loss and the horizon, as in `lopt benchmark` (no validation loss: these problems have
+none).
 
   python benchmarks/far_solution_probe.py [general runs/X/optimizer ...] [--out FILE]
 """
@@ -25,6 +27,8 @@ import numpy as np
 import optax
 
 import lopt
+from lopt.evaluation.benchmark import training_scan
+from lopt.tasks.base import Task
 
 HORIZON = 500
 EXAMPLES = 512
@@ -32,9 +36,9 @@ LEARNING_RATES = (1e-3, 3.2e-3, 1e-2, 3.2e-2, 0.1, 0.32, 1.0)
 PROBLEMS = list(itertools.product((16, 128), (10, 1000), (None, 16)))  # (features, condition, batch or full)
 
 
-def regression(seed: int, features: int, condition: float, batch: int | None):
-  """(loss(params, key, step), zero params) of a least-squares problem: x (512, features) with covariance of
-  condition number ``condition``, y = x w* + noise with w* of unit-scale outputs."""
+def regression(seed: int, features: int, condition: float, batch: int | None) -> Task:
+  """A least-squares problem started at zero: x (512, features) with covariance of condition number ``condition``,
+  y = x w* + noise with w* of unit-scale outputs."""
   rng = np.random.default_rng(seed)
   rotation, _ = np.linalg.qr(rng.normal(size=(features, features)))
   scales = np.exp(np.linspace(0, -0.5 * np.log(condition), features))
@@ -50,19 +54,13 @@ def regression(seed: int, features: int, condition: float, batch: int | None):
       index = jax.random.randint(jax.random.fold_in(key, step), (batch,), 0, EXAMPLES)
       xb, yb = x[index], y[index]
     return 0.5 * jnp.mean((xb @ params["w"] + params["b"] - yb) ** 2)
-  return loss, {"w": jnp.zeros(features), "b": jnp.zeros(())}
+  zeros = {"w": jnp.zeros(features), "b": jnp.zeros(())}
+  return Task("far_least_squares", lambda key: zeros, loss, HORIZON)
 
 
-def mean_loss(tx, loss, params, key) -> float:
-  """The mean training loss over HORIZON steps (the optimizer gets value= and num_steps=)."""
-  tx = optax.with_extra_args_support(tx)
-
-  def step(carry, t):
-    params, state = carry
-    value, grads = jax.value_and_grad(loss)(params, key, t)
-    updates, state = tx.update(grads, state, params, value=value, num_steps=HORIZON)
-    return (optax.apply_updates(params, updates), state), value
-  run = jax.jit(lambda: jnp.mean(jax.lax.scan(step, (params, tx.init(params)), jnp.arange(HORIZON))[1]))
+def mean_loss(tx, task: Task, key) -> float:
+  """The mean training loss over HORIZON steps, run as ``lopt benchmark`` runs a problem (``training_scan``)."""
+  run = jax.jit(lambda: jnp.mean(training_scan(task, optax.with_extra_args_support(tx), key, HORIZON)[1]))
   return float(run())
 
 
@@ -74,11 +72,11 @@ def main(argv=None) -> int:
   learned = {name: lopt.load(name).as_optax() for name in args.optimizers}
   rows = []
   for seed, (features, condition, batch) in enumerate(PROBLEMS):
-    loss, params = regression(seed, features, condition, batch)
+    task = regression(seed, features, condition, batch)
     key = jax.random.key(seed)
-    adam = [mean_loss(optax.adam(lr), loss, params, key) for lr in LEARNING_RATES]
+    adam = [mean_loss(optax.adam(lr), task, key) for lr in LEARNING_RATES]
     best = int(np.nanargmin(adam))
-    ratios = {name: mean_loss(tx, loss, params, key) / adam[best] for name, tx in learned.items()}
+    ratios = {name: mean_loss(tx, task, key) / adam[best] for name, tx in learned.items()}
     rows.append({"features": features, "condition": condition, "batch": batch,
                  "adam_learning_rate": LEARNING_RATES[best], "adam_mean_loss": adam[best], "ratios": ratios})
     shown = "  ".join(f"{name}: {r:.3f}" for name, r in ratios.items())

@@ -163,15 +163,14 @@ def main() -> None:
     count = sum(math.prod(s) for s in shapes)
     runs = []
     if "jax" in args.frameworks:
-      runs.append(("jax", {}, lambda: jax_times(shapes, args.repeats, args.kernels)))
+      extra = {} if args.group_limit is None else {"group_limit": args.group_limit}
+      runs.append(("jax", extra, lambda: jax_times(shapes, args.repeats, args.kernels)))
     if "torch" in args.frameworks:
       for mode in args.compile:
         extra = {"compile": mode} if mode not in (None, "none") else {}
         runs.append(("torch", extra, lambda mode=mode: torch_times(shapes, args.repeats, compile_mode(mode),
                                                                   args.kernels)))
     for framework, extra, measure in runs:
-      if framework == "jax" and args.group_limit is not None:
-        extra = {"group_limit": args.group_limit}
       times = measure()
       kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}
       print(json.dumps({"params": count, **common, "framework": framework, **extra,

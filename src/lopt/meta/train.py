@@ -154,10 +154,10 @@ def family_groups(section, seed: int, *, held_out: bool = False) -> tuple:
 
 def family_configs(section, seed: int, *, held_out: bool = False) -> list[dict]:
   """The configurations behind ``family_groups`` (JSON; their problem fields are one draw, shown for reference:
-  training draws them per problem). A pure function of the task section and the seed. ``batch_noise`` adds a
-  batch fraction to the training configurations and ``param_scale_probability`` changes how often their parameter
-  scale is augmented; neither changes the shapes drawn, and held-out ones have neither (selection compares
-  optimizers on the problems as they are)."""
+  training draws them per problem). A pure function of the task section and the seed. ``batch_noise`` and
+  ``distance_scale_range`` add a batch fraction and a distance scale to the training configurations, and
+  ``param_scale_probability`` changes how often their parameter scale is augmented; none changes the shapes drawn,
+  and held-out ones have none of them (selection compares optimizers on the problems as they are)."""
   from lopt.tasks import families
   names = families.names_from(section.family)
   options = family_options(section)

@@ -187,6 +187,7 @@ DISTANCE_SPACE = {
 }
 DISTANCE_TAG = 0xD157A  # fold_in data of a problem key's distance-scale draw
 OPT_IN_SPACE = {**BATCH_NOISE_SPACE, **DISTANCE_SPACE}  # drawn last, in this order, and only when a family draws them
+OPT_IN_TAGS = {"batch_fraction": BATCH_FRACTION_TAG, "distance_scale": DISTANCE_TAG}
 
 
 # -- families --------------------------------------------------------------------------------------------------------
@@ -337,18 +338,22 @@ def problem_fields(key, space: dict | None = None):
   return init_dist.from_uniforms(u[:init_dist.num_uniforms]), scale_dist.from_uniforms(u[init_dist.num_uniforms:])
 
 
-def batch_fraction(key, space: dict):
-  """The batch fraction of problem ``key`` as a group task draws it from ``space["batch_fraction"]``: () float32,
-  inside jit and vmap. Its own fold_in tag, so the other fields' draws do not depend on whether it is drawn."""
+def opt_in_field(name: str, key, space: dict):
+  """The opt-in field ``name`` (``OPT_IN_SPACE``) of problem ``key`` as a group task draws it from ``space[name]``:
+  () float32, inside jit and vmap. Each field has its own fold_in tag, so the other fields' draws do not depend on
+  whether it is drawn."""
   import jax
-  return space["batch_fraction"].draw_jax(jax.random.fold_in(key, BATCH_FRACTION_TAG))
+  return space[name].draw_jax(jax.random.fold_in(key, OPT_IN_TAGS[name]))
+
+
+def batch_fraction(key, space: dict):
+  """The batch fraction of problem ``key`` (``opt_in_field``)."""
+  return opt_in_field("batch_fraction", key, space)
 
 
 def distance_scale(key, space: dict):
-  """The distance scale of problem ``key`` as a group task draws it from ``space["distance_scale"]``: () float32,
-  inside jit and vmap (its own fold_in tag, as the batch fraction's)."""
-  import jax
-  return space["distance_scale"].draw_jax(jax.random.fold_in(key, DISTANCE_TAG))
+  """The distance scale of problem ``key`` (``opt_in_field``)."""
+  return opt_in_field("distance_scale", key, space)
 
 
 def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options: dict):
@@ -368,19 +373,12 @@ def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options
       return float(fixed["init_scale"]), float(fixed["param_scale"])
     return problem_fields(key, drawn)
 
-  def fraction(key):
-    """None: no batch fraction (the base loss unchanged, not merely equal)."""
+  def opt_in(name, key):
+    """An opt-in field's value, or None where it has none (the loss then as without it, not merely equal)."""
     if fixed is not None:
-      value = float(fixed.get("batch_fraction", 1.0))
+      value = float(fixed.get(name, 1.0))
       return None if value == 1.0 else value
-    return batch_fraction(key, drawn) if "batch_fraction" in drawn else None
-
-  def distance(key):
-    """None: no distance scale (the parameters read as they were, not merely equal)."""
-    if fixed is not None:
-      value = float(fixed.get("distance_scale", 1.0))
-      return None if value == 1.0 else value
-    return distance_scale(key, drawn) if "distance_scale" in drawn else None
+    return opt_in_field(name, key, drawn) if name in drawn else None
 
   def init(key):
     init_scale, param_scale = scales(key)
@@ -390,11 +388,11 @@ def augmented(base, fixed: dict | None, drawn: dict | None, space: dict, options
     def scaled_loss(params, key, step=0):
       init_scale, param_scale = scales(key)
       params = jax.tree.map(lambda q: q / param_scale, params)
-      d = distance(key)
+      d = opt_in("distance_scale", key)
       if d is not None:  # the start p0 drawn again from the key: the loss has no other way to know it
         start = base.init(key)
         params = jax.tree.map(lambda p, p0: init_scale * p0 + (p - init_scale * p0) / d, params, start)
-      f = fraction(key) if noisy else None
+      f = opt_in("batch_fraction", key) if noisy else None
       return loss(params, key, step) if f is None else loss(params, key, step, batch_fraction=f)
     return scaled_loss
 
