@@ -23,10 +23,12 @@
 # INIT_SCALE_RANGE (a JSON [low,high] of the initialization scales, default [0.5,2]; below 1: starts near a saddle),
 # DISTANCE_SCALE_RANGE (a JSON [low,high]: a share of the training problems' solutions lie d times farther from their
 # start, d log-uniform there, with nothing at the start to tell; unset: off), DISTANCE_SCALE_PROBABILITY (that share,
-# 0.5).
+# 0.5), ESTIMATOR (nres, the default; pes, es, or mixed: Metz 2019's per-coordinate mix of backpropagation through
+# each truncation and ES, whose gradient has every meta-parameter's dimension; mixed takes no REFERENCES),
+# ESTIMATOR_OPTIONS (space-separated KEY=VALUE fields of the estimator, e.g. remat=true).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
-# NRES on all six task families: the first call starts it (from INIT_FROM's meta-parameters when given), later calls
-# resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
+# NRES (or ESTIMATOR) on all six task families: the first call starts it (from INIT_FROM's meta-parameters when
+# given), later calls resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is exported only when
 # the run reaches STEPS, so set STEPS to end within SECONDS when the optimizer should come back. The run directory
 # without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
 # Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again. The cache also comes back
@@ -40,7 +42,7 @@ arch=${2:-hierarchical}
 init=${3:-}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_cache
 run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
-args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
+args=(--task-family all --estimator "${ESTIMATOR:-nres}" --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
       --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
       --meta-loss "${META_LOSS:-mean}"
@@ -51,6 +53,7 @@ args=(--task-family all --estimator nres --truncation 50 --meta-batch-size "${PR
 case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
 for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); done
+for option in ${ESTIMATOR_OPTIONS:-}; do args+=(--estimator-option "$option"); done
 [ "${BATCH_NOISE:-0}" = 1 ] && args+=(--task-option batch_noise=true)
 [ -n "${REFERENCES:-}" ] && args+=(--estimator-option "reference_learning_rates=$REFERENCES")
 [ -n "${PARAM_SCALE_RANGE:-}" ] && args+=(--task-option "param_scale_range=$PARAM_SCALE_RANGE")

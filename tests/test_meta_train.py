@@ -221,5 +221,7 @@ def test_a_run_directory_written_by_lopt_0_1_loads_and_resumes(tmp_path):
   unbroken = meta_train(config, tmp_path / "new", progress=False)
   assert resumed.step == 6
   for name in unbroken.theta:
-    np.testing.assert_array_equal(np.asarray(resumed.theta[name]), np.asarray(unbroken.theta[name]))
+    # Not bit for bit: the saved steps ran on another CPU, whose vector width rounds float32 differently (exact
+    # resume on one machine is tested elsewhere in this file).
+    np.testing.assert_allclose(np.asarray(resumed.theta[name]), np.asarray(unbroken.theta[name]), rtol=1e-5, atol=1e-8)
   assert read_json(old / "config.json", "run config")["outer"]["num_steps"] == 6  # upgraded to sections

