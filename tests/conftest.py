@@ -42,12 +42,9 @@ def key():
   return jax.random.key(0)
 
 
-# The slowest files, slowest first (2 CPU cores, 2026-12-01), collected before the rest: the two workers take files in
-# order, so the long ones start at once and the short ones even out the end, instead of a long one running alone
-# there (that cost about 90 s of a 660-s run).
-HEAVY_FIRST = ("test_sharding.py", "test_reproduce.py", "test_contracts.py", "test_hierarchical.py",
-               "test_meta_train.py", "test_benchmark.py", "test_family_training.py", "test_task_families.py",
-               "test_reliability_kill.py", "test_selftrain.py", "test_dynamics_flip_flop.py", "test_mlp.py")
+# Files whose module fixtures take minutes: collected first, so that the parallel workers start them at once and the
+# rest of the suite runs beside them, instead of one of them running alone at the end.
+HEAVY_FIRST = ("test_sharding.py", "test_reproduce.py")
 
 
 def pytest_collection_modifyitems(config, items):
