@@ -66,27 +66,37 @@ def log_es_terms(meta_losses, weight, sigma: float):
 PLAIN_TERMS = es.es_terms
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_diagnostic_arguments(parser: argparse.ArgumentParser) -> None:
+  """What the step-gradient diagnostics share: the estimates' size and the families' distribution."""
   parser.add_argument("--pairs", type=int, default=96)
   parser.add_argument("--estimates", type=int, default=12)
   parser.add_argument("--truncation", type=int, default=50)
   parser.add_argument("--sigma", type=float, default=0.05)
-  parser.add_argument("--references", default="0.001,0.01,0.1")
   parser.add_argument("--seed", type=int, default=11)
   parser.add_argument("--family", default="all", help="task families, as `lopt train --task-family` takes them")
   parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--log-objective", action="store_true", help="add the estimate of the mean log loss")
   parser.add_argument("--out", help="write the results as JSON here")
-  args = parser.parse_args(argv)
+
+
+def config_from(args) -> MetaTrainConfig:
+  """CONFIG with the parsed ``add_diagnostic_arguments``: NRES on the families at `general`'s heads."""
   options = {**CONFIG["task"]["options"]}
   for text in args.task_option:
     key, value = text.split("=", 1)
     options[key] = json.loads(value)
   task = {**CONFIG["task"], "family": args.family, "name": args.family, "options": options}
-  config = MetaTrainConfig.from_dict({**CONFIG, "task": task, "estimator": {
+  return MetaTrainConfig.from_dict({**CONFIG, "task": task, "estimator": {
       "name": "nres", "meta_batch_size": args.pairs, "truncation": args.truncation, "sigma": args.sigma,
       "num_particles": 1}})
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_diagnostic_arguments(parser)
+  parser.add_argument("--references", default="0.001,0.01,0.1")
+  parser.add_argument("--log-objective", action="store_true", help="add the estimate of the mean log loss")
+  args = parser.parse_args(argv)
+  config = config_from(args)
   references = [float(x) for x in args.references.split(",")]
   start = time.time()
   plain = estimates(config, [], args.estimates, args.seed)

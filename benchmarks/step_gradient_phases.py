@@ -8,8 +8,8 @@ pair's weight relative to its best Adam reference with --relative), is recorded 
 truncation's first inner step over its episode's length) and its family. The estimate is the mean of the terms, so
 each part's sum over the whole count is its share: the parts add up to the estimate.
 
-  python benchmarks/step_gradient_phases.py [--pairs 96] [--estimates 12] [--relative] [--task-option KEY=VALUE ...]
-      [--out results.json]
+  python benchmarks/step_gradient_phases.py [--pairs 96] [--estimates 12] [--relative] [--family all]
+      [--task-option KEY=VALUE ...] [--out results.json]
 
 Printed: the estimate (positive: descent shrinks the step) and its parts by phase of the episode (the first
 truncation alone, then ranges of the phase), by family, and by family within the first truncation, each with its
@@ -29,11 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt.meta import estimators
-from lopt.meta.config import MetaTrainConfig
 from lopt.meta.estimators import es
 from lopt.meta.train import family_configs, initial_theta, optimizer_from, task_from, trainable_mask
 from lopt.pytree import flatten_by_path
-from relative_objective_gradient import CONFIG
+from relative_objective_gradient import add_diagnostic_arguments, config_from
 
 PATH = "step/b"
 PHASES = [(0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0)]
@@ -107,22 +106,10 @@ def parts(data: dict) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--pairs", type=int, default=96)
-  parser.add_argument("--estimates", type=int, default=12)
-  parser.add_argument("--truncation", type=int, default=50)
-  parser.add_argument("--sigma", type=float, default=0.05)
+  add_diagnostic_arguments(parser)
   parser.add_argument("--relative", action="store_true", help="weigh pairs relative to Adam at 1e-3, 1e-2, 1e-1")
-  parser.add_argument("--seed", type=int, default=11)
-  parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
-  options = {**CONFIG["task"]["options"]}
-  for text in args.task_option:
-    key, value = text.split("=", 1)
-    options[key] = json.loads(value)
-  config = MetaTrainConfig.from_dict({**CONFIG, "task": {**CONFIG["task"], "options": options}, "estimator": {
-      "name": "nres", "meta_batch_size": args.pairs, "truncation": args.truncation, "sigma": args.sigma,
-      "num_particles": 1}})
+  config = config_from(args)
   started = time.time()
   data = collect(config, [0.001, 0.01, 0.1] if args.relative else [], args.estimates, args.seed)
   rows = parts(data)
