@@ -1,0 +1,168 @@
+"""An experimental step-size controller on top of `general`: the trust-region ratio of the training loss.
+
+After each step, the loss's actual change L(t+1) - L(t) is compared with the change the update predicted to first
+order, g(t) . u(t) (summed over every tensor). For a quadratic along u the ratio rho = actual / predicted is 1 for a
+tiny step, 1/2 at the best step and 0 at twice it, so a global log-multiplier of every update follows
+
+    s <- clip(s + eta clip(rho - target, -1, 1), -4.6, 4.6),   rho = EMA(actual) / EMA(predicted)  (EMAs: decay 0.9)
+
+starting at 0 (the plain `general`). Minibatch noise makes the predicted change too optimistic (u is built from the
+same batch's g), so rho falls and the step shrinks where gradients are noisy. The controller is not meta-trained.
+
+  python benchmarks/general_trust_ratio.py family [--count 24] [--seed 880000] [--max-horizon 600] [--out F]
+  python benchmarks/general_trust_ratio.py [--eta 0.05] [--target 0.25] benchmark general --quick --out DIR
+
+``family``: the fresh problems of the training families of ``general_family_problems.py`` (a development set: it
+leaves the benchmark untouched), `general` and three settings of (eta, target) side by side against tuned Adam;
+prints each one's ratio of mean training loss over the run and its final multiplier exp(s). The second form runs
+``lopt benchmark`` with `general` wrapped by the controller (one setting); the baselines are unchanged, so give it an
+``--out`` directory of its own (or delete ``cache/*general*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lopt
+import lopt.trained
+from general_family_problems import LEARNING_RATES, VALID_EVERY, adam_runner, mean_loss  # this folder
+from lopt.tasks import families
+
+SETTINGS = ((0.0, 0.5), (0.05, 0.5), (0.05, 0.25), (0.1, 0.5))  # (eta, target); eta 0 is the plain `general`
+LOG_LIMIT = 4.6  # the multiplier stays within [1/100, 100]
+
+
+class TrustState(NamedTuple):
+  inner: Any
+  log_scale: jax.Array   # () s
+  last_loss: jax.Array   # () L(t), NaN before the first finite loss
+  predicted: jax.Array   # () g(t) . u(t) of the last update
+  ema_actual: jax.Array  # ()
+  ema_predicted: jax.Array  # ()
+
+
+def controlled(inner: optax.GradientTransformationExtraArgs, eta=0.05, target=0.25,
+               decay: float = 0.9) -> optax.GradientTransformationExtraArgs:
+  """``inner`` (called with ``value=`` the training loss) with every update scaled by exp(s), s the controller's
+  state; eta and target may be traced arrays (one compilation for every setting)."""
+  def init(params):
+    zero = jnp.zeros((), jnp.float32)
+    return TrustState(inner.init(params), zero, jnp.full((), jnp.nan, jnp.float32), zero, zero, zero)
+
+  def update(grads, state, params=None, value=None, **extra):
+    loss = jnp.asarray(value, jnp.float32)
+    known = jnp.isfinite(loss) & jnp.isfinite(state.last_loss)
+    ema_actual = jnp.where(known, decay * state.ema_actual + (1 - decay) * (loss - state.last_loss),
+                           state.ema_actual)
+    ema_predicted = jnp.where(known, decay * state.ema_predicted + (1 - decay) * state.predicted,
+                              state.ema_predicted)
+    descent = ema_predicted < 0
+    rho = ema_actual / jnp.where(descent, ema_predicted, -1.0)
+    change = jnp.where(known & descent, eta * jnp.clip(rho - target, -1.0, 1.0), 0.0)
+    log_scale = jnp.clip(state.log_scale + change, -LOG_LIMIT, LOG_LIMIT)
+    updates, inner_state = inner.update(grads, state.inner, params, value=value, **extra)
+    factor = jnp.exp(log_scale)
+    updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+    predicted = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
+                    for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+    return updates, TrustState(inner_state, log_scale, jnp.where(jnp.isfinite(loss), loss, state.last_loss),
+                               jnp.where(jnp.isfinite(predicted), predicted, 0.0), ema_actual, ema_predicted)
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def controlled_runner(task, horizon: int, inner):
+  """jitted (key, eta, target) -> (training losses (horizon,), log multipliers (horizon,))."""
+  @jax.jit
+  def run(key, eta, target):
+    optimizer = controlled(inner, eta, target)
+    params = task.init(key)
+
+    def step(carry, t):
+      params, state = carry
+      loss, grads = jax.value_and_grad(task.loss)(params, key, t)
+      valid = jnp.full((), jnp.nan, loss.dtype)
+      if task.valid_loss is not None:
+        valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
+                             lambda: valid)
+      updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=valid, num_steps=horizon)
+      return (optax.apply_updates(params, updates), state), (loss, state.log_scale)
+    return jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))[1]
+  return run
+
+
+def family(argv) -> int:
+  parser = argparse.ArgumentParser(prog="general_trust_ratio.py family")
+  parser.add_argument("--count", type=int, default=24)
+  parser.add_argument("--seed", type=int, default=880000)
+  parser.add_argument("--max-horizon", type=int, default=600)
+  parser.add_argument("--out")
+  args = parser.parse_args(argv)
+  inner = lopt.load("general").as_optax()
+  keys = [jax.random.key(1000 + k) for k in range(2)]
+  names = [f"eta={eta:g},target={target:g}" for eta, target in SETTINGS]
+  rows, start = [], time.time()
+  for i in range(args.count):
+    config = families.sample(args.seed + i, max_step_flops=1e6)
+    task = families.task(config)
+    horizon = min(int(config["horizon"]), args.max_horizon)
+    adam = adam_runner(task, horizon)
+    adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
+    best = min(adam_losses, key=adam_losses.get)
+    run = controlled_runner(task, horizon, inner)
+    ratios, multipliers = {}, {}
+    for name, (eta, target) in zip(names, SETTINGS):
+      outputs = [run(k, jnp.float32(eta), jnp.float32(target)) for k in keys]
+      ratios[name] = float(np.mean([mean_loss(losses) for losses, _ in outputs]) / adam_losses[best])
+      multipliers[name] = float(np.mean([np.exp(float(scales[-1])) for _, scales in outputs]))
+    rows.append({"seed": args.seed + i, "family": config["family"], "horizon": horizon, "adam_learning_rate": best,
+                 "ratios": ratios, "final_multipliers": multipliers})
+    print(f"{config['family']:20s} T={horizon:4d} adam lr={best:.2g}  "
+          + "  ".join(f"{ratios[n]:.3g} (x{multipliers[n]:.2g})" for n in names) + f"  ({time.time() - start:.0f} s)",
+          flush=True)
+  summary = {}
+  for name in names:
+    r = np.array([row["ratios"][name] for row in rows])
+    summary[name] = {"win_rate": float(np.mean(r < 1)), "geometric_mean_ratio": float(np.exp(np.mean(np.log(r)))),
+                     "median_ratio": float(np.median(r)), "worst_ratio": float(np.max(r))}
+    print(f"{name}: wins {summary[name]['win_rate']:.0%} against tuned Adam (mean loss over the run), geometric "
+          f"mean ratio {summary[name]['geometric_mean_ratio']:.3f}, median {summary[name]['median_ratio']:.3f}, "
+          f"worst {summary[name]['worst_ratio']:.3g}")
+  if args.out:
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+                          "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+              "command": " ".join(["python benchmarks/general_trust_ratio.py family", *argv]),
+              "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return 0
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["family"]:
+    return family(argv[1:])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--eta", type=float, default=0.05)
+  parser.add_argument("--target", type=float, default=0.25)
+  args, rest = parser.parse_known_args(argv)
+  as_optax = lopt.trained.TrainedOptimizer.as_optax
+  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: controlled(as_optax(self, **kw), args.eta, args.target)
+  from lopt.cli import main as lopt_main
+  return lopt_main(rest)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
