@@ -82,11 +82,14 @@ def controlled(inner: optax.GradientTransformationExtraArgs, eta=0.05, target=0.
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def controlled_runner(task, horizon: int, inner):
-  """jitted (key, eta, target) -> (training losses (horizon,), log multipliers (horizon,))."""
+def controlled_runner(task, horizon: int, inner, wrap=None):
+  """jitted (key, *settings) -> (training losses (horizon,), log multipliers (horizon,)); ``wrap(inner, *settings)``
+  builds the controlled optimizer (default ``controlled``: settings eta, target), whose state has ``log_scale``."""
+  wrap = controlled if wrap is None else wrap
+
   @jax.jit
-  def run(key, eta, target):
-    optimizer = controlled(inner, eta, target)
+  def run(key, *settings):
+    optimizer = wrap(inner, *settings)
     params = task.init(key)
 
     def step(carry, t):
@@ -102,8 +105,10 @@ def controlled_runner(task, horizon: int, inner):
   return run
 
 
-def family(argv) -> int:
-  parser = argparse.ArgumentParser(prog="general_trust_ratio.py family")
+def family_comparison(argv, wrap, settings, names, prog: str) -> int:
+  """The ``family`` command: `general` wrapped by ``wrap(inner, *setting)`` for each of ``settings`` (labelled
+  ``names``) on fresh family problems, against tuned Adam; the wrapper's state must have ``log_scale``."""
+  parser = argparse.ArgumentParser(prog=prog)
   parser.add_argument("--count", type=int, default=24)
   parser.add_argument("--seed", type=int, default=880000)
   parser.add_argument("--max-horizon", type=int, default=600)
@@ -111,7 +116,6 @@ def family(argv) -> int:
   args = parser.parse_args(argv)
   inner = lopt.load("general").as_optax()
   keys = [jax.random.key(1000 + k) for k in range(2)]
-  names = [f"eta={eta:g},target={target:g}" for eta, target in SETTINGS]
   rows, start = [], time.time()
   for i in range(args.count):
     config = families.sample(args.seed + i, max_step_flops=1e6)
@@ -120,10 +124,10 @@ def family(argv) -> int:
     adam = adam_runner(task, horizon)
     adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
     best = min(adam_losses, key=adam_losses.get)
-    run = controlled_runner(task, horizon, inner)
+    run = controlled_runner(task, horizon, inner, wrap)
     ratios, multipliers = {}, {}
-    for name, (eta, target) in zip(names, SETTINGS):
-      outputs = [run(k, jnp.float32(eta), jnp.float32(target)) for k in keys]
+    for name, setting in zip(names, settings):
+      outputs = [run(k, *map(jnp.float32, setting)) for k in keys]
       ratios[name] = float(np.mean([mean_loss(losses) for losses, _ in outputs]) / adam_losses[best])
       multipliers[name] = float(np.mean([np.exp(float(scales[-1])) for _, scales in outputs]))
     rows.append({"seed": args.seed + i, "family": config["family"], "horizon": horizon, "adam_learning_rate": best,
@@ -143,7 +147,7 @@ def family(argv) -> int:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
                           "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-              "command": " ".join(["python benchmarks/general_trust_ratio.py family", *argv]),
+              "command": " ".join([f"python benchmarks/{prog}", *argv]),
               "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
@@ -153,7 +157,8 @@ def family(argv) -> int:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["family"]:
-    return family(argv[1:])
+    names = [f"eta={eta:g},target={target:g}" for eta, target in SETTINGS]
+    return family_comparison(argv[1:], controlled, SETTINGS, names, "general_trust_ratio.py family")
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--eta", type=float, default=0.05)
   parser.add_argument("--target", type=float, default=0.25)
