@@ -112,6 +112,28 @@ def mean_loss(losses) -> float:
   return float(np.mean(losses)) if np.all(np.isfinite(losses)) else float("inf")
 
 
+def report(rows: list, names: list, out: str | None, command: str, seconds: float) -> dict:
+  """Prints and returns each variant's win rate against tuned Adam and its geometric mean, median and worst ratio
+  over ``rows`` (each with ``ratios`` by name); with ``out``, writes them with the rows, the machine and
+  ``command`` as JSON."""
+  summary = {}
+  for name in names:
+    r = np.array([row["ratios"][name] for row in rows])
+    summary[name] = {"win_rate": float(np.mean(r < 1)), "geometric_mean_ratio": float(np.exp(np.mean(np.log(r)))),
+                     "median_ratio": float(np.median(r)), "worst_ratio": float(np.max(r))}
+    print(f"{name}: wins {summary[name]['win_rate']:.0%} against tuned Adam (mean loss over the run), geometric "
+          f"mean ratio {summary[name]['geometric_mean_ratio']:.3f}, median {summary[name]['median_ratio']:.3f}, "
+          f"worst {summary[name]['worst_ratio']:.3g}")
+  if out:
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+                          "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+              "command": command, "seconds": round(seconds, 1), "problems": rows, "summary": summary}
+    with open(out, "w") as f:
+      json.dump(result, f, indent=1)
+  return summary
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--count", type=int, default=24)
@@ -155,23 +177,8 @@ def main(argv=None) -> int:
     print(f"{config['family']:20s} T={horizon:4d} scale={config['param_scale']:.3g} adam lr={best:.2g}  "
           + "  ".join(f"{name} {r:.3g}" for name, r in ratios.items()) + f"  ({time.time() - start:.0f} s)",
           flush=True)
-  summary = {}
-  for name in variants:
-    r = np.array([row["ratios"][name] for row in rows])
-    summary[name] = {"win_rate": float(np.mean(r < 1)), "geometric_mean_ratio": float(np.exp(np.mean(np.log(r)))),
-                     "median_ratio": float(np.median(r)), "worst_ratio": float(np.max(r))}
-    print(f"{name}: wins {summary[name]['win_rate']:.0%} against tuned Adam (mean loss over the run), geometric "
-          f"mean ratio {summary[name]['geometric_mean_ratio']:.3f}, median {summary[name]['median_ratio']:.3f}, "
-          f"worst {summary[name]['worst_ratio']:.3g}")
-  if args.out:
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-                          "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-              "command": " ".join(["python benchmarks/general_family_problems.py",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-              "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  command = " ".join(["python benchmarks/general_family_problems.py", *(sys.argv[1:] if argv is None else argv)])
+  report(rows, list(variants), args.out, command, time.time() - start)
   return 0
 
 

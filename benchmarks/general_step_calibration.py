@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import lopt.trained
-from general_trust_ratio import family_comparison  # this folder
+from general_trust_ratio import benchmark_wrapped, family_comparison  # this folder
 
 PROBE_STEPS = 20
 SETTINGS = ((1.0, -1.52), (1.19, -1.52), (1.83, -1.86))  # (stretch k, center c in log10); k 1 is the plain `general`
@@ -75,11 +74,7 @@ def main(argv=None) -> int:
   parser.add_argument("--stretch", type=float, default=1.19)
   parser.add_argument("--center", type=float, default=-1.52)
   args, rest = parser.parse_known_args(argv)
-  as_optax = lopt.trained.TrainedOptimizer.as_optax
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: calibrated(as_optax(self, **kw), args.stretch,
-                                                                          args.center)
-  from lopt.cli import main as lopt_main
-  return lopt_main(rest)
+  return benchmark_wrapped(lambda inner: calibrated(inner, args.stretch, args.center), rest)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,6 @@ prints each one's ratio of mean training loss over the run and its final multipl
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from typing import Any, NamedTuple
@@ -37,7 +33,7 @@ import optax
 
 import lopt
 import lopt.trained
-from general_family_problems import LEARNING_RATES, VALID_EVERY, adam_runner, mean_loss  # this folder
+from general_family_problems import LEARNING_RATES, VALID_EVERY, adam_runner, mean_loss, report  # this folder
 from lopt.tasks import families
 
 SETTINGS = ((0.0, 0.5), (0.05, 0.5), (0.05, 0.25), (0.1, 0.5))  # (eta, target); eta 0 is the plain `general`
@@ -135,22 +131,7 @@ def family_comparison(argv, wrap, settings, names, prog: str) -> int:
     print(f"{config['family']:20s} T={horizon:4d} adam lr={best:.2g}  "
           + "  ".join(f"{ratios[n]:.3g} (x{multipliers[n]:.2g})" for n in names) + f"  ({time.time() - start:.0f} s)",
           flush=True)
-  summary = {}
-  for name in names:
-    r = np.array([row["ratios"][name] for row in rows])
-    summary[name] = {"win_rate": float(np.mean(r < 1)), "geometric_mean_ratio": float(np.exp(np.mean(np.log(r)))),
-                     "median_ratio": float(np.median(r)), "worst_ratio": float(np.max(r))}
-    print(f"{name}: wins {summary[name]['win_rate']:.0%} against tuned Adam (mean loss over the run), geometric "
-          f"mean ratio {summary[name]['geometric_mean_ratio']:.3f}, median {summary[name]['median_ratio']:.3f}, "
-          f"worst {summary[name]['worst_ratio']:.3g}")
-  if args.out:
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-                          "backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-              "command": " ".join([f"python benchmarks/{prog}", *argv]),
-              "seconds": round(time.time() - start, 1), "problems": rows, "summary": summary}
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  report(rows, names, args.out, " ".join([f"python benchmarks/{prog}", *argv]), time.time() - start)
   return 0
 
 
@@ -163,10 +144,16 @@ def main(argv=None) -> int:
   parser.add_argument("--eta", type=float, default=0.05)
   parser.add_argument("--target", type=float, default=0.25)
   args, rest = parser.parse_known_args(argv)
+  return benchmark_wrapped(lambda inner: controlled(inner, args.eta, args.target), rest)
+
+
+def benchmark_wrapped(wrap, argv) -> int:
+  """``lopt benchmark``'s command line ``argv``, run in this process with every trained optimizer's ``as_optax()``
+  wrapped by ``wrap(transformation)``."""
   as_optax = lopt.trained.TrainedOptimizer.as_optax
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: controlled(as_optax(self, **kw), args.eta, args.target)
+  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: wrap(as_optax(self, **kw))
   from lopt.cli import main as lopt_main
-  return lopt_main(rest)
+  return lopt_main(argv)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ import numpy as np
 import optax
 
 import lopt
+from general_family_problems import VALID_EVERY, adam_runner  # this folder
 from lopt.tasks import families
 
 LEARNING_RATES = tuple(float(x) for x in 10.0 ** np.arange(-4.0, 0.01, 0.5))
-VALID_EVERY = 10
 FEATURES = ("log_loss_drop_5", "log_loss_drop_10", "log_loss_drop_K", "loss_noise", "gradient_cosine",
             "log_gradient_ratio", "log_param_rms", "log_update_ratio", "log_gradient_rms", "log_update_rms")
 RIDGE = 1.0
@@ -44,17 +44,7 @@ RIDGE = 1.0
 
 def adam_mean_losses(task, horizon: int, keys) -> np.ndarray:
   """(len(LEARNING_RATES),) Adam's mean training loss over the run, averaged over ``keys`` (inf: diverged)."""
-  @jax.jit
-  def run(learning_rate, key):
-    params = task.init(key)
-    adam = optax.adam(1.0)
-
-    def step(carry, t):
-      params, state = carry
-      loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-      updates, state = adam.update(grads, state, params)
-      return (optax.apply_updates(params, jax.tree.map(lambda u: learning_rate * u, updates)), state), loss
-    return jax.lax.scan(step, (params, adam.init(params)), jnp.arange(horizon))[1]
+  run = adam_runner(task, horizon)
   rates = jnp.asarray(LEARNING_RATES, jnp.float32)
   losses = np.stack([np.asarray(jax.vmap(run, (0, None))(rates, key), np.float64) for key in keys])  # (keys, R, T)
   finite = np.all(np.isfinite(losses), axis=-1)
@@ -82,9 +72,8 @@ def adam_log_update_rms(task, steps: int, key, learning_rate: float) -> float:
   return float(np.mean(np.log(np.asarray(run(key), np.float64) / np.sqrt(numel) + 1e-30)))
 
 
-def probe(task, horizon: int, steps: int, key) -> dict:
-  """Statistics of the first ``steps`` steps of `general` on ``task``."""
-  optimizer = lopt.load("general").as_optax()
+def probe(optimizer, task, horizon: int, steps: int, key) -> dict:
+  """Statistics of the first ``steps`` steps of ``optimizer`` (`general`'s optax transformation) on ``task``."""
 
   @jax.jit
   def run(key):
@@ -197,6 +186,7 @@ def main(argv=None) -> int:
       rows = [row for row in map(json.loads, f) if "seed" in row]
   done = {row["seed"] for row in rows}
   keys = [jax.random.key(2000 + k) for k in range(2)]
+  general = lopt.load("general").as_optax()
   start = time.time()
   for i in range(args.count):
     seed = args.seed + i
@@ -210,7 +200,7 @@ def main(argv=None) -> int:
     row = {"seed": seed, "family": config["family"], "horizon": horizon, "batch_size": config.get("batch_size"),
            "param_scale": config.get("param_scale"), "adam_learning_rate": best,
            "adam_mean_losses": [float(m) for m in means],
-           "features": probe(task, horizon, args.steps, keys[0]),
+           "features": probe(general, task, horizon, args.steps, keys[0]),
            "adam_log_update_rms": adam_log_update_rms(task, args.steps, keys[0], best)}
     rows.append(row)
     if args.out:
