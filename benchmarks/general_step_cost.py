@@ -2,7 +2,7 @@
 
   python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
                                          [--compile MODE ...] [--frameworks jax torch] [--kernels]
-                                         [--group-limit N]
+                                         [--group-limit N] [--triton auto|on|off ...]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
@@ -16,7 +16,8 @@ step's top-level fusions, copies and library calls (custom-call, dot) and the by
 take (an upper bound on the memory traffic: every kernel reads its operands and writes its result once); for
 PyTorch on a GPU, the kernels one step launches (torch.profiler). --group-limit overrides the JAX step's
 ``GROUP_LIMIT`` (on accelerators, tensors of one shape with up to N coordinates are stacked and stepped as one batch),
-to compare batching choices on one machine.
+to compare batching choices on one machine. --triton on/off forces the PyTorch optimizer's hand-written Triton
+kernels on or off (``kernels=``; auto, the default, uses them on a GPU when no --compile is given).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def jax_times(shapes, repeats: int, kernels: bool = False) -> dict:
   return out
 
 
-def torch_times(shapes, repeats: int, compile=False, kernels: bool = False) -> dict:
+def torch_times(shapes, repeats: int, compile=False, kernels: bool = False, triton=None) -> dict:
   import torch
   from lopt.torch import LearnedOptimizer
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +119,7 @@ def torch_times(shapes, repeats: int, compile=False, kernels: bool = False) -> d
       opt = torch.optim.Adam(params, lr=1e-3, fused=fused, foreach=None if fused else True)
       run = opt.step
     else:
-      opt = LearnedOptimizer(params, "general", compile=compile)
+      opt = LearnedOptimizer(params, "general", compile=compile, kernels=triton)
       run = lambda: opt.step(loss=1.0)  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out[name] = median_ms(run, repeats, sync)
@@ -149,6 +150,9 @@ def main() -> None:
   parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
   parser.add_argument("--kernels", action="store_true", help="count the kernels (and JAX's HLO traffic) of a step")
   parser.add_argument("--group-limit", type=int, help="the JAX step's GROUP_LIMIT (default: the optimizer's own)")
+  parser.add_argument("--triton", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                      help="the PyTorch optimizer's hand-written kernels (LearnedOptimizer's kernels=None/True/False; "
+                           "several: a line each)")
   args = parser.parse_args()
   if args.group_limit is not None:
     from lopt.architectures.hierarchical import optimizer
@@ -167,9 +171,11 @@ def main() -> None:
       runs.append(("jax", extra, lambda: jax_times(shapes, args.repeats, args.kernels)))
     if "torch" in args.frameworks:
       for mode in args.compile:
-        extra = {"compile": mode} if mode not in (None, "none") else {}
-        runs.append(("torch", extra, lambda mode=mode: torch_times(shapes, args.repeats, compile_mode(mode),
-                                                                  args.kernels)))
+        for triton in args.triton:
+          extra = ({"compile": mode} if mode not in (None, "none") else {}) | (
+              {"triton": triton} if triton != "auto" else {})
+          runs.append(("torch", extra, lambda mode=mode, triton=triton: torch_times(
+              shapes, args.repeats, compile_mode(mode), args.kernels, {"auto": None, "on": True, "off": False}[triton])))
     for framework, extra, measure in runs:
       times = measure()
       kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}

@@ -89,6 +89,8 @@ G2_EPSILON = 1e-30  # the second moment's g^2 + eps (mlp architecture)
 RECURRENT = ("h", "c", "log_step", "gradient_rms", "update_ratio", "feedback")  # state kept in at least float32
 UNROLL_LIMIT = 512  # compiled: the MLP unrolled into coordinate-wise expressions up to this many products
 MLP_CHUNK = 1 << 24  # eager: the MLP over at most this many coordinates at once (more when one tensor is larger)
+KERNEL_UNITS = 8  # the kernels' MLP width (``triton_passes``: fewer units padded with zero weights)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: its kernels on CPU tensors (tests)
 
 
 class Theta(NamedTuple):
@@ -148,6 +150,7 @@ class Constants(NamedTuple):
   fused: str    # "" (eager: the MLP as matrix products); for torch.compile, "unrolled" (each unit of the MLP a
   #               coordinate-wise expression: one fused loop) or "matmul" (wide MLPs: the first layer as a broadcast
   #               sum, the others matrix products)
+  kernels: bool = False  # eager: the two per-coordinate passes of eligible groups as Triton kernels (``triton_passes``)
 
 
 class Group(NamedTuple):
@@ -339,16 +342,27 @@ def _batch(tensors: list, shape: tuple) -> torch.Tensor:
   return torch.stack(tensors if tensors[0].shape == shape else [x.reshape(shape) for x in tensors])
 
 
+def _kernel_bucket(params: list, grads: list) -> bool:
+  """Whether a bucket's passes can run as ``triton_passes`` kernels: Triton importable, float32 tensors on a CUDA
+  device (or Triton's interpreter), every parameter and gradient contiguous (the kernels index them flat)."""
+  p = params[0]
+  return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and all(x.is_contiguous() for x in params)
+          and all(x.is_contiguous() for x in grads) and _missing_triton() is None)
+
+
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
                   params: list, grads: list, momenta: list, seconds: list, averages: list, h: torch.Tensor,
-                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor) -> None:
+                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor,
+                  tables: torch.Tensor | None = None) -> None:
   """p <- p + lr u for every p of one bucket (same device and dtype), the states updated in place.
 
   params, grads: the bucket's tensors in the layout's group order; momenta, seconds, averages, h, cell_state,
   feedback, scalars, steps: the bucket's state buffers (``Buffers``: per group, or (n, ...) in group order).
   theta / rtheta: the meta-parameters in p's dtype / the recurrent dtype; features: this step's global features in
   the recurrent dtype; lr: a number, or a 0-d tensor on the device (compiled: no recompilation when it changes).
-  Never reads a value on the host.
+  tables: None, or (2, n) int64 on the device, the addresses of the gradients and the parameters (group order): the
+  per-coordinate passes then run as ``triton_passes`` kernels that read them there (float32, contiguous; lr a 0-d
+  tensor), and ``params`` and ``grads`` are not read. Never reads a value on the host.
 
   Per group of same-shaped tensors, two passes over the coordinates -- the clipped gradient, the second moment, the
   momenta and the statistics; after the LSTM ran once for the bucket, the MLP and the update -- each a handful of
@@ -367,8 +381,12 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   upper = threshold.to(dtype)
   lower = torch.neg(upper)
   moment_correction, adam_correction = (1 - torch.pow(rtheta.correction_bases, t)).unbind(0)  # 1 - rho^t, 1 - b_1^t
-  raw_norms = torch.stack(torch._foreach_norm(grads, dtype=rec))  # |g| before clipping
-  param_norms = torch.stack(torch._foreach_norm(params, dtype=rec))
+  if tables is None:
+    raw_norms = torch.stack(torch._foreach_norm(grads, dtype=rec))  # |g| before clipping
+    param_norms = torch.stack(torch._foreach_norm(params, dtype=rec))
+  else:  # from the statistics kernels, per group
+    from lopt.architectures.hierarchical import triton_passes
+    raw_norms, param_norms = [], []
 
   # Pass 1, per group: the clipped gradient, the second moment (factored: from its row and column sums of squares),
   # rs = rsqrt(v / (1 - rho^t) + eps), the momenta, and the statistics of the feature columns (root sums of squares)
@@ -378,6 +396,29 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
     lo, hi, shape, count = group.start, group.stop, group.shape, group.stop - group.start
     per_tensor = lambda x: x[lo:hi].reshape((count,) + (1,) * len(shape))  # noqa: E731 -- (count,) broadcast
     flat = lambda x: x.reshape(count, -1)  # noqa: E731
+    if tables is not None:  # the pass as kernels reading the tensors where they lie
+      upper_group, g_table, p_table = upper[lo:hi], tables[0, lo:hi], tables[1, lo:hi]
+      if group.axes is None:
+        (v,) = second
+        scale = torch.reciprocal(moment_correction[lo:hi])     # rs = rsqrt(v / (1 - rho^t) + eps)
+      else:
+        a, b = group.axes[0] + 1, group.axes[1] + 1
+        rows, cols = second
+        row_sums, col_sums = triton_passes.factored_sums(g_table, upper_group, count, shape, group.axes)
+        rows.mul_(rho).add_(row_sums.view(rows.shape), alpha=(1 - rho) / shape[b - 1]).add_((1 - rho) * G2_EPSILON)
+        cols.mul_(rho).add_(col_sums.view(cols.shape), alpha=(1 - rho) / shape[a - 1]).add_((1 - rho) * G2_EPSILON)
+        scale, v = rows / (rows.mean(a, keepdim=True) * per_tensor(moment_correction)), cols
+      sums = triton_passes.statistics(g_table, p_table, upper_group, average, m, v, scale, theta.one_minus_decays,
+                                      group.axes, rho, G2_EPSILON, RSQRT_EPSILON)
+      roots = sums.sqrt()  # norms from sums of squares; the alignments' dot products stay as they are
+      statistics.append(torch.cat([roots[:, :3 * k], sums[:, 3 * k:4 * k]], dim=1).reshape(count, 4, k))
+      gradient_norms.append(roots[:, 4 * k])
+      drift_norms.append(roots[:, 4 * k + 1])
+      clipped_norms.append(roots[:, 4 * k + 2])
+      raw_norms.append(roots[:, 4 * k + 3])
+      param_norms.append(roots[:, 4 * k + 4])
+      kept.append((v, scale))
+      continue
     g = torch.clamp(_batch(grads[lo:hi], shape), per_tensor(lower), per_tensor(upper))
     p = _batch(params[lo:hi], shape)
     if group.axes is None:
@@ -425,14 +466,18 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
 
   # The LSTM's inputs, the LSTM and its readouts: once for the bucket (recurrent dtype).
   # (5, n): |g| clipped, |g| raw, |p|, |p - a|, |g rs|;  (n, 4, K): |m_k|, |m_k rs|, |old m_k rs|, g rs . old m_k
+  if tables is not None:
+    raw_norms, param_norms = torch.cat(raw_norms), torch.cat(param_norms)
   norms = torch.stack([torch.cat(clipped_norms), raw_norms, param_norms, torch.cat(drift_norms),
                        torch.cat(gradient_norms)])
   statistics = torch.cat(statistics)
   size, size_h = layout.size, h.shape[1]
   squares = norms.square()
   moment_squares = statistics[:, :3].square()
-  means = torch.cat([squares[[0, 2, 3]].t(), moment_squares[:, 0], squares[4, :, None], moment_squares[:, 1]],
-                    dim=1) / size[:, None]                         # mean squares of the columns f
+  # mean squares of the columns f (rows of squares by slices: an index list would be a host-to-device copy, which a
+  # CUDA graph cannot capture)
+  means = torch.cat([torch.cat([squares[:1], squares[2:4]]).t(), moment_squares[:, 0], squares[4, :, None],
+                     moment_squares[:, 1]], dim=1) / size[:, None]
   new_rms = decay * old_rms + (1 - decay) * torch.sqrt(means[:, 0] + LOG_FLOOR)
   alignment = statistics[:, 3] / torch.sqrt(squares[0, :, None] * moment_squares[:, 2] + LOG_FLOOR)
   raw_rms = torch.sqrt(squares[1] / size + LOG_FLOOR)
@@ -476,7 +521,17 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   # the coordinates, the update, the slow average. x: [direction_scale d, log(step_scale) + log step + schedule +
   # magnitude_scale mag, feedback...] per coordinate.
   update_norms, new_feedbacks = [], []
-  for group, m, average, (g, p, rs) in zip(layout.groups, momenta, averages, kept):
+  for group, m, average, kept_group in zip(layout.groups, momenta, averages, kept):
+    if tables is not None:
+      lo, hi = group.start, group.stop
+      v, scale = kept_group
+      sums = triton_passes.update(tables[0, lo:hi], tables[1, lo:hi], upper[lo:hi], average, m, v, scale,
+                                  first_w[lo:hi].contiguous(), first_b[lo:hi], theta.last_w, last_b[lo:hi],
+                                  adam_factor[lo:hi], lr, group.axes, RSQRT_EPSILON, 1 - c.average_decay)
+      update_norms.append(sums[:, 0].sqrt())
+      new_feedbacks.append(sums[:, 1:] / group.size)
+      continue
+    g, p, rs = kept_group
     chunks = ((0, group.stop - group.start),) if c.fused == "unrolled" else group.chunks
     for first, last in chunks:
       lo, hi, count, numel = group.start + first, group.start + last, last - first, group.size
@@ -560,6 +615,8 @@ class HierarchicalRule:
     self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
     self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
+    self._graphs: dict = {}                    # kernels: per bucket key (buffers, layout, graph, address table)
+    self.graphs = True                         # kernels on CUDA: the update replayed as a CUDA graph (``_graph_step``)
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
     self._compile_options: dict = {}           # torch.compile's keyword arguments
@@ -611,6 +668,7 @@ class HierarchicalRule:
     self._global_cache.clear()
     self._buffers.clear()
     self._static.clear()
+    self._graphs.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -626,6 +684,7 @@ class HierarchicalRule:
     self._compile_failed = False
     self._compiled.clear()
     self._static.clear()
+    self._graphs.clear()
 
   def _compiled_update(self, key: tuple):
     """The compiled ``update_bucket`` for the bucket layout ``key`` (device, dtype, shapes), or None (eager) with a
@@ -645,6 +704,23 @@ class HierarchicalRule:
       compiled = self._compiled[key] = torch.compile(_copy_function(update_bucket, len(self._compiled)),
                                                      **{"fullgraph": True, "dynamic": False, **self._compile_options})
     return compiled
+
+  def enable_kernels(self, enabled: bool = True, warn: bool = False) -> None:
+    """Runs the per-coordinate passes of eligible buckets (float32 tensors on a CUDA device, ``_kernel_bucket``)
+    as the Triton kernels of ``triton_passes`` in the eager update (a compiled update keeps its own). Where Triton
+    cannot be imported they stay off, with a warning when ``warn``."""
+    if enabled and (self.values["num_layers"] != 1 or self.values["hidden_size"] > KERNEL_UNITS):
+      if warn:
+        warnings.warn(f"HierarchicalRule: the kernels take an MLP of one hidden layer of at most {KERNEL_UNITS} "
+                      f"units, this one has {self.values['num_layers']} of {self.values['hidden_size']}; running "
+                      f"PyTorch operations", stacklevel=3)
+      enabled = False
+    if enabled and warn:
+      missing = _missing_triton()
+      if missing:
+        warnings.warn(f"HierarchicalRule: kernels requested but {missing}; running PyTorch operations", stacklevel=3)
+    self._constants[""] = self._constants[""]._replace(kernels=enabled)
+    self._graphs.clear()
 
   # -- the update --------------------------------------------------------------------------------------------------
 
@@ -682,12 +758,25 @@ class HierarchicalRule:
     params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
     buffers = self._bind(key, layout, params, states)
     compiled = self._compiled_update((device, dtype, layout.shapes))
-    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
-    features = self._global_features(device, rec, persistent=static)
     constants = self._constants["" if compiled is None else self._fused]
     grads = [p.grad for p in params]
+    kernels = compiled is None and constants.kernels and _kernel_bucket(params, grads)
+    graphed = kernels and self.graphs and device.type == "cuda"
+    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
+    features = self._global_features(device, rec, persistent=static or graphed)
     arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
                  buffers.scalars, buffers.steps)
+    if kernels:
+      # the addresses of the gradients and parameters, for kernels that read them where they lie
+      addresses = torch.tensor([[g.data_ptr() for g in grads], [p.data_ptr() for p in params]], dtype=torch.int64)
+      rate = self._lr(lr, key, device, dtype)
+      if graphed:
+        self._graph_step(key, constants, theta, rec_theta, layout, features, rate, params, grads, arguments, buffers,
+                         addresses)
+      else:
+        update_bucket(constants, theta, rec_theta, layout, features, rate, params, grads, *arguments,
+                      tables=addresses.to(device, non_blocking=True))
+      return
     if compiled is not None:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
       # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs: (1,) views of them
@@ -710,6 +799,36 @@ class HierarchicalRule:
     update_bucket(constants, theta, rec_theta, layout, features, lr, params, grads, *arguments)
 
   # -- helpers -----------------------------------------------------------------------------------------------------
+
+  def _graph_step(self, key, constants: Constants, theta: Theta, rtheta: Theta, layout: Layout,
+                  features: torch.Tensor, rate: torch.Tensor, params: list, grads: list, arguments: tuple,
+                  buffers: Buffers, addresses: torch.Tensor) -> None:
+    """The kernel update of one bucket as a CUDA graph: the first step of a binding (these buffers and layout) runs
+    eagerly -- on a side stream, as capture needs, compiling the kernels -- the second captures the graph, and every
+    step replays it. The kernels read the gradients and parameters through a table of their addresses, refreshed
+    before each replay (a backward pass makes new gradient tensors), the learning rate from a device tensor and the
+    global features from a persistent buffer, so that nothing needs a new graph. A replay costs the host one call
+    where the eager update costs it about a hundred operations."""
+    device = params[0].device
+    entry = self._graphs.get(key)
+    if entry is None or entry[0] is not buffers or entry[1] is not layout:
+      stream = torch.cuda.Stream(device)
+      stream.wait_stream(torch.cuda.current_stream(device))
+      with torch.cuda.stream(stream):
+        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments,
+                      tables=addresses.to(device, non_blocking=True))
+      torch.cuda.current_stream(device).wait_stream(stream)
+      self._graphs[key] = (buffers, layout, None, None)
+      return
+    graph, tables = entry[2], entry[3]
+    if graph is None:
+      tables = torch.empty(addresses.shape, dtype=torch.int64, device=device)
+      graph = torch.cuda.CUDAGraph()
+      with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments, tables=tables)
+      self._graphs[key] = (buffers, layout, graph, tables)
+    tables.copy_(addresses, non_blocking=True)
+    graph.replay()
 
   def _mlp_products(self) -> int:
     """Multiplications per coordinate in the MLP's layers (the context folded into the first layer's bias)."""
@@ -844,6 +963,20 @@ def _copy_function(function, index: int):
   code = code.replace(co_name=f"{code.co_name}_{index}", **(
       {"co_qualname": f"{code.co_qualname}_{index}"} if hasattr(code, "co_qualname") else {}))
   return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+
+
+_TRITON: list = []  # [None] once ``triton_passes`` imported, [reason] once it failed (tried once per process)
+
+
+def _missing_triton() -> str | None:
+  """Why ``triton_passes`` cannot run here, or None (imported on first use)."""
+  if not _TRITON:
+    try:
+      from lopt.architectures.hierarchical import triton_passes  # noqa: F401
+      _TRITON.append(None)
+    except Exception as error:  # ImportError, or Triton failing to initialize
+      _TRITON.append(f"Triton cannot be imported ({type(error).__name__}: {str(error)[:120]})")
+  return _TRITON[0]
 
 
 def _missing_compiler(device: torch.device) -> str | None:

@@ -1,0 +1,318 @@
+"""Hand-written Triton kernels for the per-coordinate passes of the hierarchical update (``torch.py``).
+
+``update_bucket`` runs each group of same-shaped tensors as a (count, *shape) batch; eagerly each pass is a dozen
+PyTorch calls, each a kernel that re-reads its inputs, plus copies that stack the group's gradients and parameters.
+Here the passes read every gradient and parameter where it lies, through a table of their addresses ((count,) int64
+on the device, so that a CUDA graph captured once reads new gradient tensors at every replay), and each is one kernel:
+
+  factored_sums  (tensors of >= 2 axes) the clipped gradient's squares summed over each row and each column
+  statistics     clips g, updates the momenta (and, unfactored, the second moment v); returns per tensor the sums
+                 the LSTM reads: |m_k|^2, |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2,
+                 |g|^2 clipped and raw, |p|^2
+  update         the per-coordinate MLP (one hidden layer of at most 8 units); p <- p + lr u and the slow average in
+                 place; returns per tensor |u|^2 and the sums of tanh of the feedback outputs
+
+Clipping is g <- clip(g, +-upper) per tensor (upper = inf: none). rs = rsqrt(scale * v + eps) is recomputed, never
+stored: factored, ``scale`` is the row accumulator over its mean along the first factored axis and the bias
+correction, one value per row, and v the column accumulator; unfactored, ``scale`` is 1 / (1 - rho^t) per tensor and
+v the second moment. A coordinate's row and column follow from its flat index with the tensor seen as
+(n0, na, n1, nb, n2), na and nb the factored axes: rows are the tensor without axis nb, columns without axis na.
+
+Per-tensor sums are written as partial sums per block of coordinates and added up by one torch call (no atomics: a
+step is deterministic). The arithmetic follows ``update_bucket``'s eager form (lerp, the order of the second
+moment's terms); sums differ from torch's by their order only, a float32 rounding.
+
+Importing this module imports Triton. With TRITON_INTERPRET=1 set before Triton is imported, the kernels run on CPU
+tensors (numpy), which the tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK, WARPS = 512, 4        # coordinates and warps per program (statistics, update): the best of 256..2048 and 2..8
+#                              on the H200 at 100M parameters
+ROWS, COLUMNS = 16, 128      # factored_sums: a program's rows, and the columns it reads at once
+MAX_DECAYS = 4               # momenta the kernels hold (the architecture's limit)
+
+
+@triton.jit
+def _gradient(g_table, upper_ptr, tensor, offsets, mask):
+  """(raw g, clipped g) at ``offsets`` of tensor ``tensor``, read through the address table."""
+  g_ptr = tl.load(g_table + tensor).to(tl.pointer_type(tl.float32))
+  raw = tl.load(g_ptr + offsets, mask=mask, other=0.0)
+  upper = tl.load(upper_ptr + tensor)
+  return raw, tl.minimum(tl.maximum(raw, -upper), upper)
+
+
+@triton.jit
+def _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, columns_ptr, rsqrt_epsilon,
+        FACTORED: tl.constexpr):
+  """rsqrt(scale * v + eps) at the flat ``offsets`` of tensor ``tensor``. Factored, the tensor is (n0, na, n1, nb,
+  n2): scale from the row accumulator's (``scale_ptr`` (count, rows_size): the tensor without nb) and v from the
+  column accumulator (``columns_ptr`` (count, cols_size): without na). Unfactored: scale per tensor (``scale_ptr``
+  (count,)) and v the values given. (Programs over rows of the factored view instead, free of these divisions,
+  measured slower on the H200: more partial sums and part-empty blocks.)"""
+  if FACTORED:
+    i2 = offsets % n2
+    rest = offsets // n2
+    ib = rest % nb
+    rest = rest // nb
+    i1 = rest % n1
+    rest = rest // n1
+    ia = rest % na
+    i0 = rest // na
+    scale = tl.load(scale_ptr + tensor * rows_size + ((i0 * na + ia) * n1 + i1) * n2 + i2, mask=mask, other=1.0)
+    v = tl.load(columns_ptr + tensor * cols_size + ((i0 * n1 + i1) * nb + ib) * n2 + i2, mask=mask, other=1.0)
+  else:
+    scale = tl.load(scale_ptr + tensor)
+  return tl.where(mask, tl.rsqrt(rsqrt_epsilon + scale * v), 0.0)
+
+
+@triton.jit
+def _momentum(m_ptr, base, offsets, mask, k: tl.constexpr, K: tl.constexpr):
+  """Momentum k at the coordinates (zeros for k >= K); the momenta are interleaved: (..., K)."""
+  if k < K:
+    return tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
+  else:
+    return offsets.to(tl.float32) * 0.0
+
+
+@triton.jit
+def _factored_sums_kernel(g_table, upper_ptr, row_sums_ptr, col_partial_ptr, n1, n2, na, nb, rows_size, cols_size,
+                          ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+  tensor = tl.program_id(0)
+  outer = tl.program_id(1)        # (i0, i1, i2) flattened
+  block = tl.program_id(2)        # a block of ROWS indices along axis na
+  i2 = outer % n2
+  i1 = (outer // n2) % n1
+  i0 = outer // (n2 * n1)
+  ia = block * ROWS + tl.arange(0, ROWS)
+  row_mask = ia < na
+  g_ptr = tl.load(g_table + tensor).to(tl.pointer_type(tl.float32))
+  upper = tl.load(upper_ptr + tensor)
+  row_total = tl.zeros([ROWS], dtype=tl.float32)
+  partial = col_partial_ptr + (tensor * tl.num_programs(2) + block) * cols_size
+  for start in range(0, nb, COLUMNS):
+    ib = start + tl.arange(0, COLUMNS)
+    mask = row_mask[:, None] & (ib < nb)[None, :]
+    offsets = (((i0 * na + ia[:, None]) * n1 + i1) * nb + ib[None, :]) * n2 + i2
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0)
+    g = tl.minimum(tl.maximum(g, -upper), upper)
+    square = g * g
+    row_total += tl.sum(square, axis=1)
+    tl.store(partial + ((i0 * n1 + i1) * nb + ib) * n2 + i2, tl.sum(square, axis=0), mask=ib < nb)
+  tl.store(row_sums_ptr + tensor * rows_size + ((i0 * na + ia) * n1 + i1) * n2 + i2, row_total, mask=row_mask)
+
+
+@triton.jit
+def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, one_minus_decays_ptr,
+                       partial_ptr, size, na, n1, nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon,
+                       K: tl.constexpr, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+  tensor = tl.program_id(0)
+  block = tl.program_id(1)
+  offsets = block * BLOCK + tl.arange(0, BLOCK)
+  mask = offsets < size
+  base = tensor * size
+  raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
+  p = tl.load(tl.load(p_table + tensor).to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
+  a = tl.load(a_ptr + base + offsets, mask=mask, other=0.0)
+  if FACTORED:
+    v = g  # (unused: rs reads the column accumulator)
+  else:  # v <- rho v + (1 - rho) g^2 + (1 - rho) eps, in the eager update's order
+    v = tl.load(v_ptr + base + offsets, mask=mask, other=0.0)
+    v = v * rho
+    v = v + (1.0 - rho) * (g * g)
+    v = v + (1.0 - rho) * g2_epsilon
+    tl.store(v_ptr + base + offsets, v, mask=mask)
+  rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
+           FACTORED)
+  grs = g * rs
+  out = partial_ptr + (tensor * tl.num_programs(1) + block) * (4 * K + 5)
+  for k in tl.static_range(K):
+    m = tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
+    old = m * rs
+    tl.store(out + 2 * K + k, tl.sum(old * old, axis=0))
+    tl.store(out + 3 * K + k, tl.sum(grs * m, axis=0))
+    m = m + tl.load(one_minus_decays_ptr + k) * (g - m)     # lerp(m, g, 1 - b_k), a weight below 1/2
+    tl.store(m_ptr + (base + offsets) * K + k, m, mask=mask)
+    new = m * rs
+    tl.store(out + k, tl.sum(m * m, axis=0))
+    tl.store(out + K + k, tl.sum(new * new, axis=0))
+  drift = p - a
+  tl.store(out + 4 * K, tl.sum(grs * grs, axis=0))
+  tl.store(out + 4 * K + 1, tl.sum(drift * drift, axis=0))
+  tl.store(out + 4 * K + 2, tl.sum(g * g, axis=0))
+  tl.store(out + 4 * K + 3, tl.sum(raw * raw, axis=0))
+  tl.store(out + 4 * K + 4, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def _tanh(x):
+  t = tl.exp(-2.0 * tl.abs(x))
+  y = (1.0 - t) / (1.0 + t)
+  return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _unit(u: tl.constexpr, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K: tl.constexpr, UNITS: tl.constexpr):
+  """Hidden unit u (0 for u >= UNITS): relu of the first layer over the columns [g, p, p - a, m_1..m_K, g rs,
+  m_1 rs..m_K rs]; w1 the tensor's (columns, UNITS) rows, b1 its (UNITS,) bias."""
+  if u < UNITS:
+    x = tl.load(b1 + u) + g * tl.load(w1 + u) + p * tl.load(w1 + UNITS + u) + drift * tl.load(w1 + 2 * UNITS + u)
+    x += grs * tl.load(w1 + (3 + K) * UNITS + u)
+    x += m0 * tl.load(w1 + 3 * UNITS + u) + (m0 * rs) * tl.load(w1 + (4 + K) * UNITS + u)
+    if K > 1:
+      x += m1 * tl.load(w1 + 4 * UNITS + u) + (m1 * rs) * tl.load(w1 + (5 + K) * UNITS + u)
+    if K > 2:
+      x += m2 * tl.load(w1 + 5 * UNITS + u) + (m2 * rs) * tl.load(w1 + (6 + K) * UNITS + u)
+    if K > 3:
+      x += m3 * tl.load(w1 + 6 * UNITS + u) + (m3 * rs) * tl.load(w1 + (7 + K) * UNITS + u)
+    return tl.maximum(x, 0.0)
+  else:
+    return tl.zeros_like(g)
+
+
+@triton.jit
+def _output(o: tl.constexpr, h0, h1, h2, h3, h4, h5, h6, h7, w2, b2, UNITS: tl.constexpr, OUTPUTS: tl.constexpr):
+  """Output o of the last layer (w2 (UNITS, OUTPUTS), b2 the tensor's (OUTPUTS,) bias) from the hidden units."""
+  y = tl.load(b2 + o) + h0 * tl.load(w2 + o)
+  if UNITS > 1:
+    y += h1 * tl.load(w2 + OUTPUTS + o)
+  if UNITS > 2:
+    y += h2 * tl.load(w2 + 2 * OUTPUTS + o)
+  if UNITS > 3:
+    y += h3 * tl.load(w2 + 3 * OUTPUTS + o)
+  if UNITS > 4:
+    y += h4 * tl.load(w2 + 4 * OUTPUTS + o)
+  if UNITS > 5:
+    y += h5 * tl.load(w2 + 5 * OUTPUTS + o)
+  if UNITS > 6:
+    y += h6 * tl.load(w2 + 6 * OUTPUTS + o)
+  if UNITS > 7:
+    y += h7 * tl.load(w2 + 7 * OUTPUTS + o)
+  return y
+
+
+@triton.jit
+def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, first_w_ptr, first_b_ptr,
+                   last_w_ptr, last_b_ptr, adam_factor_ptr, lr, partial_ptr, size, na, n1, nb, n2, rows_size,
+                   cols_size, rsqrt_epsilon, average_weight, K: tl.constexpr, UNITS: tl.constexpr,
+                   OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+  tensor = tl.program_id(0)
+  block = tl.program_id(1)
+  offsets = block * BLOCK + tl.arange(0, BLOCK)
+  mask = offsets < size
+  base = tensor * size
+  _, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
+  p_ptr = tl.load(p_table + tensor).to(tl.pointer_type(tl.float32))
+  p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+  a = tl.load(a_ptr + base + offsets, mask=mask, other=0.0)
+  if FACTORED:
+    v = g
+  else:
+    v = tl.load(v_ptr + base + offsets, mask=mask, other=1.0)
+  rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
+           FACTORED)
+  m0 = _momentum(m_ptr, base, offsets, mask, 0, K)
+  m1 = _momentum(m_ptr, base, offsets, mask, 1, K)
+  m2 = _momentum(m_ptr, base, offsets, mask, 2, K)
+  m3 = _momentum(m_ptr, base, offsets, mask, 3, K)
+  # The hidden layer as eight (BLOCK,) vectors (fewer units: zeros), so that a coordinate's whole MLP stays in its
+  # thread's registers; the first layer's rows are already divided by the columns' RMS.
+  drift = p - a
+  grs = g * rs
+  w1 = first_w_ptr + tensor * (4 + 2 * K) * UNITS
+  b1 = first_b_ptr + tensor * UNITS
+  h0 = _unit(0, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h1 = _unit(1, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h2 = _unit(2, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h3 = _unit(3, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h4 = _unit(4, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h5 = _unit(5, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h6 = _unit(6, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  h7 = _unit(7, g, p, drift, grs, rs, m0, m1, m2, m3, w1, b1, K, UNITS)
+  b2 = last_b_ptr + tensor * OUTPUTS
+  direction = _output(0, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
+  magnitude = _output(1, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
+  update = tl.exp(magnitude) * (direction + (m0 * rs) * tl.load(adam_factor_ptr + tensor))
+  update = tl.where(mask, update, 0.0)
+  out = partial_ptr + (tensor * tl.num_programs(1) + block) * (OUTPUTS - 1)
+  tl.store(out, tl.sum(update * update, axis=0))
+  for o in tl.static_range(2, OUTPUTS):
+    y = _output(o, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
+    tl.store(out + o - 1, tl.sum(tl.where(mask, _tanh(y), 0.0), axis=0))
+  # The average reads p before the update (lerp, a weight below 1/2); lr is a 0-d device tensor, so that a new
+  # value needs no new kernel or graph.
+  tl.store(a_ptr + base + offsets, a + average_weight * drift, mask=mask)
+  tl.store(p_ptr + offsets, p + update * tl.load(lr), mask=mask)
+
+
+def shape_layout(shape: tuple, axes) -> tuple:
+  """(na, n1, nb, n2, rows_size, cols_size) of one tensor of ``shape`` factored over ``axes`` (None: ones and the
+  size twice)."""
+  size = 1
+  for n in shape:
+    size *= n
+  if axes is None:
+    return 1, 1, 1, 1, size, size
+  a, b = axes
+  n1 = n2 = 1
+  for n in shape[a + 1:b]:
+    n1 *= n
+  for n in shape[b + 1:]:
+    n2 *= n
+  return shape[a], n1, shape[b], n2, size // shape[b], size // shape[a]
+
+
+def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape: tuple, axes) -> tuple:
+  """The clipped gradients' squares summed over every row and every column: ((count, rows), (count, cols))
+  float32 (rows: the tensor without axis ``axes[1]``, cols: without ``axes[0]``, flattened). g_table (count,) int64
+  addresses of contiguous float32 tensors of ``shape``, upper (count,) their clipping thresholds."""
+  na, n1, nb, n2, rows_size, cols_size = shape_layout(shape, axes)
+  n0 = rows_size // (na * n1 * n2)
+  blocks = triton.cdiv(na, ROWS)
+  row_sums = torch.empty((count, rows_size), dtype=torch.float32, device=upper.device)
+  col_partial = torch.empty((count, blocks, cols_size), dtype=torch.float32, device=upper.device)
+  _factored_sums_kernel[(count, n0 * n1 * n2, blocks)](
+      g_table, upper, row_sums, col_partial, n1, n2, na, nb, rows_size, cols_size, ROWS=ROWS, COLUMNS=COLUMNS)
+  return row_sums, col_partial.sum(1)
+
+
+def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
+               v: torch.Tensor, scale: torch.Tensor, one_minus_decays: torch.Tensor, axes, rho: float,
+               g2_epsilon: float, rsqrt_epsilon: float) -> torch.Tensor:
+  """The statistics pass over one group of ``count`` tensors: a (count, *shape) the averages, m (count, *shape, K)
+  the momenta (updated in place); factored, v (count, *cols) the column accumulators and scale (count, *rows);
+  unfactored, v (count, *shape) the second moments (updated in place) and scale (count,). Returns (count, 4K + 5)
+  sums: |m_k|^2, |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
+  count, k, size = a.shape[0], m.shape[-1], a[0].numel()
+  na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
+  blocks = triton.cdiv(size, BLOCK)
+  partial = torch.empty((count, blocks, 4 * k + 5), dtype=torch.float32, device=a.device)
+  _statistics_kernel[(count, blocks)](
+      g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, size, na, n1, nb, n2, rows_size,
+      cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None, BLOCK=BLOCK, num_warps=WARPS)
+  return partial.sum(1)
+
+
+def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
+           v: torch.Tensor, scale: torch.Tensor, first_w: torch.Tensor, first_b: torch.Tensor, last_w: torch.Tensor,
+           last_b: torch.Tensor, adam_factor: torch.Tensor, lr: torch.Tensor, axes, rsqrt_epsilon: float,
+           average_weight: float) -> torch.Tensor:
+  """The update pass over one group (arguments as ``statistics``'s), p and a changed in place: first_w (count,
+  4 + 2K, units), first_b (count, units), last_w (units, outputs), last_b (count, outputs), adam_factor (count,),
+  contiguous float32, units at most 8; lr a 0-d float32 device tensor. Returns (count, outputs - 1): |u|^2 and the
+  sums of tanh of the feedback outputs."""
+  count, k, size = a.shape[0], m.shape[-1], a[0].numel()
+  na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
+  units, outputs = last_w.shape
+  blocks = triton.cdiv(size, BLOCK)
+  partial = torch.empty((count, blocks, outputs - 1), dtype=torch.float32, device=a.device)
+  _update_kernel[(count, blocks)](
+      g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial, size,
+      na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k, UNITS=units, OUTPUTS=outputs,
+      FACTORED=axes is not None, BLOCK=BLOCK, num_warps=WARPS)
+  return partial.sum(1)

@@ -1,0 +1,131 @@
+"""The hierarchical rule's Triton kernels (``lopt/architectures/hierarchical/triton_passes.py``) against its PyTorch
+operations: the same steps to float32 rounding, through a learning-rate change and a state-dict reload. On the CPU
+the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1; skipped where Triton is not
+installed, as in CI); on a GPU (``-m gpu``) compiled, replayed as CUDA graphs."""
+
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from lopt.torch import LearnedOptimizer
+
+STEPS = 16
+# As tests/test_general_pins.py: the displacement from the initial parameters, relative per tensor (float32
+# rounding of reordered sums, through the LSTM and the clipping).
+DISPLACEMENT_TOLERANCE = 2e-5
+# Every kind of tensor the kernels index: matrices (several of one shape: one group), a conv kernel factored over
+# its axes 1 and 3, a tensor with axes after its factored ones, vectors longer than a block, a 0-d scalar.
+SHAPES = [(37, 23), (37, 23), (3, 5, 3, 3), (2, 7, 5, 3), (23,), (23,), (700,), ()]
+
+
+def model(device: str) -> list:
+  generator = torch.Generator().manual_seed(0)
+  return [torch.nn.Parameter((0.3 * torch.randn(s, generator=generator)).to(device)) for s in SHAPES]
+
+
+def run(device: str, kernels: bool) -> tuple[list, LearnedOptimizer]:
+  """STEPS steps of general: growing gradients with a spike (the clipping), a validation loss every third step,
+  lr halved at step 8, and the optimizer rebuilt from its state dict at step 11."""
+  params = model(device)
+  make = lambda: LearnedOptimizer(params, "general", num_steps=30, kernels=kernels)  # noqa: E731
+  optimizer = make()
+  generator = torch.Generator().manual_seed(1)
+  for t in range(STEPS):
+    if t == 8:
+      optimizer.param_groups[0]["lr"] = 0.5
+    if t == 11:
+      saved = io.BytesIO()
+      torch.save(optimizer.state_dict(), saved)
+      saved.seek(0)
+      optimizer = make()
+      optimizer.load_state_dict(torch.load(saved))
+    for p in params:
+      p.grad = ((1 + 0.2 * t) * (30.0 if t == 4 else 1.0) * torch.randn(p.shape, generator=generator)).to(device)
+    optimizer.step(loss=2.0 * np.exp(-0.05 * t), valid_loss=2.2 if t % 3 == 0 else None)
+  return [p.detach().cpu() for p in params], optimizer
+
+
+def worst_error(device: str) -> float:
+  """The largest relative displacement error between the kernels' run and the PyTorch operations' run."""
+  eager, _ = run(device, kernels=False)
+  fast, optimizer = run(device, kernels=True)
+  assert optimizer.rule._constants[""].kernels
+  start = [p.detach().cpu() for p in model(device)]
+  return max(float((a - b).norm() / (a - s).norm()) for a, b, s in zip(eager, fast, start))
+
+
+def test_kernels_match_pytorch_operations_in_the_interpreter():
+  pytest.importorskip("triton")
+  result = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  error = float(result.stdout.split()[-1])
+  assert 0 < error < DISPLACEMENT_TOLERANCE, result.stdout  # (0 exactly: the kernels did not run)
+
+
+@pytest.mark.gpu
+def test_kernels_match_pytorch_operations_on_the_gpu():
+  if not torch.cuda.is_available():
+    pytest.skip("no CUDA device")
+  assert worst_error("cuda") < DISPLACEMENT_TOLERANCE
+  _, optimizer = run("cuda", kernels=True)
+  graphs = list(optimizer.rule._graphs.values())
+  assert graphs and graphs[0][2] is not None   # replayed as a CUDA graph
+
+
+@pytest.mark.gpu
+def test_kernels_fall_back_where_they_cannot_run():
+  """A non-contiguous gradient or a bfloat16 bucket takes the PyTorch operations, with the same numbers."""
+  if not torch.cuda.is_available():
+    pytest.skip("no CUDA device")
+  for dtype, transpose in ((torch.float32, True), (torch.bfloat16, False)):
+    results = []
+    for kernels in (False, True):
+      p = torch.nn.Parameter(torch.ones(8, 6, device="cuda", dtype=dtype))
+      optimizer = LearnedOptimizer([p], "general", kernels=kernels)
+      for t in range(3):
+        g = torch.linspace(-1, 1, 48, device="cuda", dtype=dtype).reshape(6, 8) * (t + 1)
+        p.grad = g.t() if transpose else g.reshape(8, 6)
+        optimizer.step(loss=1.0)
+      results.append(p.detach().float().cpu())
+      assert not optimizer.rule._graphs
+    assert torch.equal(results[0], results[1])
+
+
+def test_kernels_option_is_checked_and_changes_nothing_on_the_cpu():
+  with pytest.raises(ValueError, match="kernels must be None"):
+    LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], "general", kernels="yes")
+  results = []
+  for kernels in (None, True, False):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # (kernels=True where Triton is missing warns: tested below)
+      optimizer = LearnedOptimizer([p], "general", kernels=kernels)
+    for t in range(3):
+      p.grad = torch.cos(torch.arange(12.0) + t).reshape(3, 4)
+      optimizer.step(loss=1.0)
+    results.append(p.detach().clone())
+  assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_kernels_warn_where_they_cannot_be_used():
+  from lopt.architectures.hierarchical.torch import _missing_triton
+  optimizer = LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], "general", kernels=False)
+  rule = optimizer.rule
+  if _missing_triton():
+    with pytest.warns(UserWarning, match="Triton cannot be imported"):
+      rule.enable_kernels(True, warn=True)
+  rule.values["hidden_size"] = 16  # wider than the kernels' MLP
+  with pytest.warns(UserWarning, match="at most 8"):
+    rule.enable_kernels(True, warn=True)
+  assert not rule._constants[""].kernels
+
+
+if __name__ == "__main__":  # the interpreter check, run by the test above in a process with TRITON_INTERPRET=1
+  print(worst_error("cpu"))
