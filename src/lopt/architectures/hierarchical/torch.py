@@ -51,6 +51,11 @@ synchronization, and constants are cached per (device, dtype) and per bucket lay
 first layer's rows, the context and the constant factors fold into the biases and the last layer: u = exp(y_1)
 (y_0 - adam), y the MLP's output.
 
+``kernels`` (``HierarchicalRule.enable_kernels``, on by default through ``LearnedOptimizer``): on a CUDA device, a
+bucket of contiguous float32 tensors runs the per-coordinate passes as the Triton kernels of ``triton_passes``,
+which read gradients and parameters through a table of their addresses (no stacking copies), and the whole update
+is replayed as a CUDA graph (``_graph_step``); the LSTM between the passes stays the operations below.
+
 ``compile`` (``HierarchicalRule.enable_compile``; ``LearnedOptimizer(..., compile=True)``) runs ``update_bucket``
 through ``torch.compile``, one graph per bucket layout, with the per-coordinate MLP unrolled into coordinate-wise
 expressions so that each group's coordinate update is one loop (the MLP computed once per coordinate, its
