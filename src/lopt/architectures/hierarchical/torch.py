@@ -155,7 +155,7 @@ class Constants(NamedTuple):
   fused: str    # "" (eager: the MLP as matrix products); for torch.compile, "unrolled" (each unit of the MLP a
   #               coordinate-wise expression: one fused loop) or "matmul" (wide MLPs: the first layer as a broadcast
   #               sum, the others matrix products)
-  kernels: bool = False  # eager: the two per-coordinate passes of eligible groups as Triton kernels (``triton_passes``)
+  kernels: bool = False  # eager: the per-coordinate passes of eligible buckets as Triton kernels (``triton_passes``)
 
 
 class Group(NamedTuple):
