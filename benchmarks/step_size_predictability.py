@@ -254,7 +254,8 @@ def figure(rows: list, summary: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for label, values, slope, color in (
       ("tuned Adam", [row["adam_log_update_rms"] for row in rows], summary["adam_step_slope"], "tab:gray"),
-      ("general", [row["features"]["log_update_rms"] for row in rows], summary["general_step_slope"], "tab:blue")):
+      (summary.get("optimizer", "general"), [row["features"]["log_update_rms"] for row in rows],
+       summary["general_step_slope"], "tab:blue")):
     y = np.asarray(values) / np.log(10)
     ax.scatter(x + jitter, y, s=14, alpha=0.7, color=color, label=f"{label} (slope {slope:.2f})")
     fit = np.polyfit(x, y, 1)

@@ -391,3 +391,5 @@ def test_step_calibration_needs_references():
   with pytest.raises(estimators.EstimatorConfigError, match="unknown"):  # mixed has no references
     estimators.get("mixed").validate({"step_calibration": 1.0})
   estimators.get("es").validate({"step_calibration": 0.0})  # off: fine without references
+  with pytest.raises(ValueError, match="needs reference_learning_rates"):  # built directly, not through a spec
+    es.Antithetic(None, es.ES_RULE, 1, step_calibration=1.0)

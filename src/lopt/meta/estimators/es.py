@@ -116,7 +116,7 @@ def bounded_log_rms(log_rms: jax.Array) -> jax.Array:
 
 def best_reference_log_rms(reference_losses: jax.Array, reference_log_rms: jax.Array) -> jax.Array:
   """(pairs, R) reference meta-losses and (pairs, R, T) their log update RMS -> (pairs, T) the log RMS of each
-  pair's best reference (lowest meta-loss; on a tie the first, the smaller learning rate as they are listed)."""
+  pair's best reference (lowest meta-loss; on a tie the first listed)."""
   best = jnp.argmin(reference_losses, axis=1)
   return jnp.take_along_axis(reference_log_rms, best[:, None, None], axis=1)[:, 0]
 
