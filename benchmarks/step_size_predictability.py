@@ -13,6 +13,12 @@ that rate over the same first steps); and which statistics the regression leans 
 
   python benchmarks/step_size_predictability.py [--count 64] [--seed 990000] [--max-horizon 400] [--steps 20]
                                                 [--out results.jsonl] [--figure steps.png]
+                                                [--optimizer general|RUN/optimizer] [--adam-from results.jsonl]
+
+``--optimizer`` probes another learned optimizer than `general` (a name or a directory ``lopt.load`` reads; the
+summary's ``general_step_slope`` is then its slope). ``--adam-from`` reuses the tuned-Adam columns of another
+results file of this script (same --steps and --max-horizon) for the seeds it holds, instead of tuning Adam again:
+two optimizers are then compared on exactly the same problems and the same Adam numbers.
 
 ``--out`` appends one JSON line per problem as it finishes (an interrupted run continues from the lines written;
 run again with everything done, it only summarizes) and ends with the summary line. ``--figure``: `general`'s step
@@ -179,14 +185,20 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--out")
   parser.add_argument("--figure", help="write a scatter plot of the steps against tuned Adam's learning rate (PNG)")
+  parser.add_argument("--optimizer", default="general", help="the learned optimizer probed (name or directory)")
+  parser.add_argument("--adam-from", help="reuse the tuned-Adam columns of this results file for its seeds")
   args = parser.parse_args(argv)
   rows = []
   if args.out and os.path.exists(args.out):
     with open(args.out) as f:
       rows = [row for row in map(json.loads, f) if "seed" in row]
   done = {row["seed"] for row in rows}
+  adam_rows = {}
+  if args.adam_from:
+    with open(args.adam_from) as f:
+      adam_rows = {row["seed"]: row for row in map(json.loads, f) if "seed" in row}
   keys = [jax.random.key(2000 + k) for k in range(2)]
-  general = lopt.load("general").as_optax()
+  general = lopt.load(args.optimizer).as_optax()
   start = time.time()
   for i in range(args.count):
     seed = args.seed + i
@@ -195,13 +207,20 @@ def main(argv=None) -> int:
     config = families.sample(seed, max_step_flops=1e6)
     task = families.task(config)
     horizon = min(int(config["horizon"]), args.max_horizon)
-    means = adam_mean_losses(task, horizon, keys)
-    best = LEARNING_RATES[int(np.argmin(means))]
+    if seed in adam_rows:
+      assert adam_rows[seed]["horizon"] == horizon, "--adam-from was run with another --max-horizon"
+      adam = {name: adam_rows[seed][name] for name in ("adam_learning_rate", "adam_mean_losses", "adam_log_update_rms")}
+    else:
+      means = adam_mean_losses(task, horizon, keys)
+      best = LEARNING_RATES[int(np.argmin(means))]
+      adam = {"adam_learning_rate": best, "adam_mean_losses": [float(m) for m in means],
+              "adam_log_update_rms": adam_log_update_rms(task, args.steps, keys[0], best)}
     row = {"seed": seed, "family": config["family"], "horizon": horizon, "batch_size": config.get("batch_size"),
-           "param_scale": config.get("param_scale"), "adam_learning_rate": best,
-           "adam_mean_losses": [float(m) for m in means],
+           "param_scale": config.get("param_scale"), "adam_learning_rate": adam["adam_learning_rate"],
+           "adam_mean_losses": adam["adam_mean_losses"],
            "features": probe(general, task, horizon, args.steps, keys[0]),
-           "adam_log_update_rms": adam_log_update_rms(task, args.steps, keys[0], best)}
+           "adam_log_update_rms": adam["adam_log_update_rms"]}
+    best = row["adam_learning_rate"]
     rows.append(row)
     if args.out:
       with open(args.out, "a") as f:
@@ -212,7 +231,7 @@ def main(argv=None) -> int:
   summary = summarize(rows)
   summary.update(machine={"platform": platform.platform(), "python": platform.python_version(),
                           "jax": jax.__version__, "backend": jax.default_backend()},
-                 steps=args.steps, seconds_this_invocation=round(time.time() - start, 1))
+                 steps=args.steps, seconds_this_invocation=round(time.time() - start, 1), optimizer=args.optimizer)
   print(json.dumps(summary, indent=1))
   if args.out:  # the rows, then this summary (replacing an earlier one)
     with open(args.out + ".tmp", "w") as f:
@@ -235,7 +254,8 @@ def figure(rows: list, summary: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for label, values, slope, color in (
       ("tuned Adam", [row["adam_log_update_rms"] for row in rows], summary["adam_step_slope"], "tab:gray"),
-      ("general", [row["features"]["log_update_rms"] for row in rows], summary["general_step_slope"], "tab:blue")):
+      (summary.get("optimizer", "general"), [row["features"]["log_update_rms"] for row in rows],
+       summary["general_step_slope"], "tab:blue")):
     y = np.asarray(values) / np.log(10)
     ax.scatter(x + jitter, y, s=14, alpha=0.7, color=color, label=f"{label} (slope {slope:.2f})")
     fit = np.polyfit(x, y, 1)

@@ -257,3 +257,139 @@ def test_adam_references_follow_their_pairs_problems_and_weigh_the_ones_adam_sol
 def test_bad_reference_learning_rates_are_refused(value):
   with pytest.raises(estimators.EstimatorConfigError, match="reference_learning_rates"):
     estimators.get("nres").validate({"reference_learning_rates": value})
+
+
+# -- the step-calibration term (step_calibration, with reference_learning_rates) -----------------------------------
+
+def scaled_task(horizon_range=(HORIZON, HORIZON)):
+  """Quadratics whose curvature and start (distance to the minimum) depend on the problem key, so that Adam's best
+  learning rate and the pairs' relative weights differ: (task, curvatures(key) (2,), start(key) (2,))."""
+  def curvatures(key):
+    return CURVATURES * jnp.exp(0.5 * jax.random.normal(jax.random.fold_in(key, 0), ()))
+
+  def start(key):
+    return START * jnp.exp(1.5 * jax.random.normal(jax.random.fold_in(key, 1), ()))
+  return Task("scaled", init=start, horizon=HORIZON,
+              loss=lambda params, key, step: 0.5 * jnp.sum(curvatures(key) * params**2),
+              traits={"horizon_range": horizon_range}), curvatures, start
+
+
+def test_measuring_the_update_changes_nothing_else():
+  """advance(measure_update=True) returns the same state and losses bit for bit, and each step's log update RMS:
+  for gradient descent on the quadratic, log sqrt(mean((lr * c * x_t)^2))."""
+  from lopt.meta.unroll import advance, init_inner
+  from lopt.optax_adapter import as_optax
+  tx = as_optax(LogLearningRate(), LogLearningRate().init(None))
+  start = init_inner(TASK, tx, jax.random.key(0))
+  plain_state, plain = advance(TASK, tx, start, WIDTH)
+  state, (losses, log_rms) = advance(TASK, tx, start, WIDTH, measure_update=True)
+  np.testing.assert_array_equal(losses, plain)
+  jax.tree.map(np.testing.assert_array_equal, state.params, plain_state.params)
+  lr, c = np.exp(LOG_LR), np.asarray(CURVATURES, np.float64)
+  x = np.asarray(START, np.float64) * (1 - lr * c) ** np.arange(WIDTH)[:, None]  # (T, 2) params before each step
+  np.testing.assert_allclose(log_rms, 0.5 * np.log(np.mean((lr * c * x) ** 2, axis=1)), rtol=1e-5)
+
+
+def test_step_calibration_zero_is_the_plain_referenced_estimate():
+  task, _, _ = scaled_task((WIDTH, 3 * WIDTH))
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 4, "truncation": WIDTH, "sigma": SIGMA, "reference_learning_rates": [0.01, 0.1]}
+  out = []
+  for extra in ({}, {"step_calibration": 0.0}):
+    estimator = estimators.get("nres").create(task, LogLearningRate(), {**values, **extra}, None)
+    state = estimator.init(theta, jax.random.key(0))
+    for k in range(4):
+      state, grads, metrics = jax.jit(estimator.estimate)(theta, state, jax.random.key(k + 1))
+    out.append((grads, metrics.meta_loss))
+    assert metrics.extra is None
+  assert float(out[0][0]["log_lr"]) == float(out[1][0]["log_lr"]) != 0.0
+  assert float(out[0][1]) == float(out[1][1])
+
+
+def adam_steps(lr: float, c: np.ndarray, x0: np.ndarray, steps: int):
+  """float64 Adam (b1 0.9, b2 0.999, eps 1e-8) from x0 on 0.5 * sum(c x^2): (losses (T,), log update RMS (T,))."""
+  x, m, v = x0, 0.0, 0.0
+  losses, log_rms = [], []
+  for t in range(1, steps + 1):
+    g = c * x
+    losses.append(0.5 * np.sum(c * x**2))
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+    update = -lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    log_rms.append(0.5 * np.log(np.mean(update**2)))
+    x = x + update
+  return np.array(losses), np.array(log_rms)
+
+
+def descent_steps(log_lr: float, c: np.ndarray, x0: np.ndarray, steps: int):
+  """float64 gradient descent at exp(log_lr), the same outputs as ``adam_steps``."""
+  lr = np.exp(log_lr)
+  x = x0 * (1 - lr * c) ** np.arange(steps)[:, None]
+  return 0.5 * np.sum(c * x**2, axis=1), 0.5 * np.log(np.mean((lr * c * x) ** 2, axis=1))
+
+
+def test_step_calibration_term_matches_a_direct_computation():
+  """One estimate from step 0 on problems of different curvature, computed again in float64 from the closed forms:
+  per trajectory O = (relative weight) * L + lambda * mean_t (r_t - r*_t)^2, r the log RMS of the update, r* that of
+  the pair's best Adam reference; the estimate is the mean over pairs of (O+ - O-) / (2 sigma^2) * eps."""
+  task, curvatures, start = scaled_task()  # curvatures below 4 here: descent at 0.5 +- eps does not diverge
+  theta = LogLearningRate().init(None)
+  rates, lam, pairs = [0.01, 0.1, 0.5], 0.7, 8
+  values = {"meta_batch_size": pairs, "truncation": WIDTH, "sigma": SIGMA, "reference_learning_rates": rates,
+            "step_calibration": lam}
+  estimator = estimators.get("nres").create(task, LogLearningRate(), values, None)
+  state = estimator.init(theta, jax.random.key(3))
+  key = jax.random.key(4)
+  _, grads, metrics = jax.jit(estimator.estimate)(theta, state, key)
+  _, _, used, _ = estimator.prepare(theta, state, key)  # the perturbations this estimate used
+
+  eps = np.asarray(used["log_lr"], np.float64)
+  terms, losses, gaps, best, best_losses = np.zeros((pairs, 2)), np.zeros((pairs, 2)), [], [], np.zeros(pairs)
+  for p in range(pairs):
+    problem = state.episodes.inner.key[p, 0]
+    c, x0 = (np.asarray(f(problem), np.float64) for f in (curvatures, start))
+    references = [adam_steps(lr, c, x0, WIDTH) for lr in rates]
+    scores = [np.mean(r_losses / r_losses[0]) for r_losses, _ in references]
+    best.append(int(np.argmin(scores)))
+    best_losses[p] = min(scores)
+    target = references[best[-1]][1]
+    for s, sign in enumerate((1.0, -1.0)):
+      l_losses, l_log_rms = descent_steps(LOG_LR + sign * eps[p], c, x0, WIDTH)
+      losses[p, s] = np.mean(l_losses / l_losses[0])
+      gaps.append(l_log_rms - target)
+      terms[p, s] = np.mean((l_log_rms - target) ** 2)
+  weights = 1 / np.maximum(best_losses, es.REFERENCE_FLOOR)
+  objectives = (weights / weights.mean())[:, None] * losses + lam * terms
+  expected = np.mean((objectives[:, 0] - objectives[:, 1]) / (2 * SIGMA**2) * eps)
+
+  assert np.all(losses < 10.0) and metrics.diverged_problems == 0  # no loss cap: the closed forms apply
+  assert len(set(best)) > 1 and np.ptp(weights / weights.mean()) > 0.2  # the best reference and weights vary
+  assert terms.mean() > 0.1  # the term is not negligible here, so the comparison tests it
+  np.testing.assert_allclose(float(grads["log_lr"]), expected, rtol=1e-3)
+  np.testing.assert_allclose(float(metrics.extra["step_calibration"]), terms.mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics.extra["step_log_gap"]), np.mean(gaps), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics.meta_loss), losses.mean(), rtol=1e-5)
+
+
+def test_step_calibration_gaps_are_bounded():
+  """An all-zero update (log RMS -inf) or a diverged one (NaN, inf) gives a large finite gap, never a NaN."""
+  learned = jnp.array([[[-jnp.inf, jnp.nan], [jnp.inf, 0.0]]])  # (1 pair, 2, T=2)
+  gaps = es.step_gaps(learned, jnp.array([[0.0, -jnp.inf]]))
+  low, high = es.LOG_RMS_BOUNDS
+  np.testing.assert_allclose(gaps, [[[low, high - low], [high, -low]]], rtol=1e-6)
+  assert np.all(np.isfinite(es.step_calibration_terms(gaps)))
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True, [1.0]])
+def test_bad_step_calibration_is_refused(value):
+  with pytest.raises(estimators.EstimatorConfigError, match="step_calibration"):
+    estimators.get("nres").validate({"step_calibration": value, "reference_learning_rates": [0.01]})
+
+
+def test_step_calibration_needs_references():
+  with pytest.raises(estimators.EstimatorConfigError, match="needs reference_learning_rates"):
+    estimators.get("pes").validate({"step_calibration": 1.0})
+  with pytest.raises(estimators.EstimatorConfigError, match="unknown"):  # mixed has no references
+    estimators.get("mixed").validate({"step_calibration": 1.0})
+  estimators.get("es").validate({"step_calibration": 0.0})  # off: fine without references
+  with pytest.raises(ValueError, match="needs reference_learning_rates"):  # built directly, not through a spec
+    es.Antithetic(None, es.ES_RULE, 1, step_calibration=1.0)

@@ -56,6 +56,10 @@ def test_family_training_end_to_end(tmp_path, capsys, family, estimator):
     (["--estimator", "pes", "--task-option", "batch_noise=1"], "'batch_noise' must be true or false, found 1"),
     (["--estimator", "pes", "--task-option", "param_scale_probability=2"],
      "'param_scale_probability' must be a number in [0, 1], found 2"),
+    (["--estimator", "nres", "--truncation", "5", "--estimator-option", "step_calibration=1.0"],
+     "step_calibration 1.0 needs reference_learning_rates"),
+    (["--estimator", "nres", "--truncation", "5", "--estimator-option", "reference_learning_rates=[0.01]",
+      "--estimator-option", "step_calibration=-1"], "'step_calibration' must be a non-negative finite number"),
 ])
 def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message):
   args = ["train", "--task-family", "mlp", *SMALL, *extra, "--out", str(tmp_path / "bad")]
@@ -63,6 +67,17 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message)
   err = capsys.readouterr().err.strip()
   assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_step_calibration_trains_and_is_logged(tmp_path, capsys):
+  """--estimator-option step_calibration with references: the run trains, the config keeps it, and every log line
+  has the term's mean (before lambda) and the mean signed log-step gap."""
+  assert train(tmp_path, "mlp", "nres", "--truncation", "5", "--estimator-option",
+               "reference_learning_rates=[0.001,0.1]", "--estimator-option", "step_calibration=0.5") == 0
+  run = tmp_path / "mlp-nres"
+  assert json.loads((run / "config.json").read_text())["estimator"]["step_calibration"] == 0.5
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert all(r["step_calibration"] > 0 and np.isfinite(r["step_log_gap"]) for r in records if "meta_loss" in r)
 
 
 def test_batch_noise_trains_and_is_recorded(tmp_path, capsys):

@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ class StepMetrics(NamedTuple):
   diverged_problems: jax.Array  # problems whose loss left [0, cap * loss_0] or became non-finite
   dropped_problems: jax.Array  # problems whose meta-gradient was non-finite and was left out
   skipped: jax.Array           # 1 if no finite meta-gradient was left and theta was not changed
+  extra: Any = None            # the estimator's optional terms ({name: ()}, e.g. step_calibration), logged as such
 
 
 def build_outer_step(estimator, outer_optimizer: optax.GradientTransformation, *legacy, **legacy_options) -> Callable:
@@ -83,7 +84,7 @@ def apply_meta_gradient(outer_optimizer, theta, outer_state, grads, metrics):
   new_theta = optax.apply_updates(theta, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(usable, a, b), new, old)  # noqa: E731
   step_metrics = StepMetrics(metrics.meta_loss, optax.tree_utils.tree_norm(safe_grads), metrics.diverged_problems,
-                             metrics.dropped_problems, (~usable).astype(jnp.int32))
+                             metrics.dropped_problems, (~usable).astype(jnp.int32), getattr(metrics, "extra", None))
   return keep(new_theta, theta), keep(new_state, outer_state), step_metrics
 
 
@@ -425,6 +426,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, device
             "step": state.step, "meta_loss": float(metrics.meta_loss), "gradient_norm": float(metrics.gradient_norm),
             "diverged_problems": int(metrics.diverged_problems), "dropped_problems": int(metrics.dropped_problems),
             "skipped": int(metrics.skipped), "total_skipped_steps": state.skipped_steps,
+            **{name: float(value) for name, value in (metrics.extra or {}).items()},
             **({"learning_rate": float(schedule(state.step))} if config.outer.outer_optimizer == learned_outer.ADAM else
                {"outer_scale": config.outer.outer_scale}),
             "seconds": round(time.perf_counter() - started, 3), "best_held_out_loss": state.best_score,

@@ -42,7 +42,7 @@ def _bound_loss(task: Task, state: InnerState):
 
 def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerState, num_steps: int, *,
             remat: bool = False, first_order: bool = False, valid: bool = False, valid_every: int = 0,
-            horizon=None, valid_withheld: float = 0.0) -> tuple[InnerState, jax.Array]:
+            horizon=None, valid_withheld: float = 0.0, measure_update: bool = False) -> tuple[InnerState, Any]:
   """Runs ``optimizer`` for ``num_steps`` steps from ``state``; returns (new state, (num_steps,) training losses).
 
   losses[t] is the loss at the parameters *before* update t, so an unroll's losses[0] is the loss at initialization
@@ -61,6 +61,9 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
   real branch, not computed every step. A fraction ``valid_withheld`` of the problems (drawn from the problem's key,
   so a problem is withheld for its whole episode) never gets one: the optimizer must also work without it.
   ``horizon`` (int or traced) is passed as the ``num_steps=`` hint.
+  With ``measure_update`` the second result is (losses as above, (num_steps,) ``log_update_rms`` of each step's
+  update): the step size the optimizer took, for meta-objectives on it (the estimators' ``step_calibration``).
+  Without it nothing is measured and the computation is the same as before the option existed.
   """
   problem_loss = _bound_loss(task, state)  # the problem's data were drawn once, outside the scan
 
@@ -87,13 +90,27 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
     else:
       loss_in, hints_in = loss, step_hints
     updates, opt_state = optimizer.update(grads, opt_state, params, value=loss_in, **hints_in)
-    return (optax.apply_updates(params, updates), opt_state), measured
+    out = (measured, log_update_rms(updates)) if measure_update else measured
+    return (optax.apply_updates(params, updates), opt_state), out
 
   if remat:
     step = jax.checkpoint(step)
   (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state),
                                              (state.step + jnp.arange(num_steps), jnp.arange(num_steps)))
   return state._replace(params=params, opt_state=opt_state, step=state.step + num_steps), losses
+
+
+def log_update_rms(updates) -> jax.Array:
+  """() log of the RMS of ``updates`` over every coordinate of every leaf, 0.5 * log(mean of u^2), in float32;
+  -inf for an all-zero update (callers bound it).
+
+  One RMS over all coordinates rather than a mean of per-tensor log RMS: it is the step size that
+  benchmarks/step_size_predictability.py measures (the calibration's success measure), each tensor counts by its
+  size (a bias or a gain does not weigh as much as a weight matrix), and a tensor whose update is exactly zero (a
+  zero-initialized one with no gradient yet) does not make it -inf while the others move."""
+  leaves = jax.tree.leaves(updates)
+  total = sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in leaves)
+  return 0.5 * jnp.log(total / sum(u.size for u in leaves))
 
 
 def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int, *,

@@ -31,8 +31,10 @@ class EstimatorSpec:
 
   def validate(self, values, source: str = "estimator options", *, complete: bool = False,
                error: type[Exception] = EstimatorConfigError) -> dict:
-    return validate_fields(self.fields, values, f"{source}: estimator {self.name!r}", complete=complete,
-                           error=error, ignore=("name",))
+    where = f"{source}: estimator {self.name!r}"
+    values = validate_fields(self.fields, values, where, complete=complete, error=error, ignore=("name",))
+    check_fields(values, where, error)
+    return values
 
   def parse_option(self, text: str, source: str = "--estimator-option"):
     return parse_option(text, self.fields, f"estimator {self.name!r}", EstimatorConfigError, source)
@@ -69,6 +71,14 @@ def restrict(estimator, mask):
 def split_evenly(total: int, parts: int) -> list[int]:
   """``total`` problems over ``parts`` groups, the first ones one larger when it does not divide."""
   return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def check_fields(values: dict, where: str, error: type[Exception] = EstimatorConfigError) -> None:
+  """``error`` for fields that are valid alone but not together (whatever the tasks)."""
+  if values.get("step_calibration", 0.0) > 0 and not values.get("reference_learning_rates"):
+    raise error(f"{where}: step_calibration {values['step_calibration']} needs reference_learning_rates (the step "
+                f"it calibrates to is the best reference Adam's); add e.g. --estimator-option "
+                f"reference_learning_rates=[0.001,0.01,0.1], or set step_calibration=0")
 
 
 def check_combination(name: str, values: dict, tasks: list, horizon: int | None) -> None:
@@ -179,6 +189,10 @@ register(EstimatorSpec(
 ))
 
 
+def _non_negative_finite(value) -> bool:
+  return is_positive_finite(value) or (value == 0 and not isinstance(value, bool) and isinstance(value, (int, float)))
+
+
 def _learning_rates(value) -> bool:
   return isinstance(value, list) and len(value) <= 16 and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) and is_positive_finite(v) for v in value)
@@ -189,6 +203,11 @@ REFERENCE_FIELDS = {
                                       "Adam learning rates run beside every pair's problem; each pair is weighted by "
                                       "1 / the best one's meta-loss, so the meta-objective is relative to a tuned "
                                       "Adam (empty: off)", lambda v: [float(x) for x in v]),
+    "step_calibration": Field(0.0, _non_negative_finite, "a non-negative finite number",
+                              "lambda of a meta-objective term lambda * mean over the truncation of (log RMS of the "
+                              "learned update - that of the best reference Adam)^2, pulling the step toward the "
+                              "step of the problem's best learning rate; needs reference_learning_rates (0: off)",
+                              float),
 }
 
 # The antithetic family differs only in its noise rule (and es in its default: whole episodes).

@@ -24,10 +24,23 @@ best reference's meta-loss on the same truncation (floored at REFERENCE_FLOOR) a
 mean 1 over the estimate's pairs: the meta-objective becomes the learned optimizer's loss relative to a tuned Adam's,
 problem by problem, as ``lopt benchmark`` scores it, instead of a normalized loss in which the problems that any
 optimizer drives low barely count. Each reference costs one more unroll per pair.
+
+With ``step_calibration`` = lambda > 0 as well (ours), the references also say how large a step the problem wants:
+each trajectory's objective gets the term
+
+  lambda * mean over the truncation's steps of (r_t - r*_t)^2
+
+r_t the log RMS of the learned optimizer's update at step t (``unroll.log_update_rms``), r*_t that of the pair's
+best reference (the lowest meta-loss on this truncation) at the same step, both bounded to LOG_RMS_BOUNDS. The
+relative weight divides the loss only: the term is already scale-free (log units), and dividing it by the best
+reference's loss would let the problems Adam solves outright dominate the regression. A pair's estimate is then
+(O+ - O-) / (2 sigma^2) * w with O = (relative weight) * L + term. The term is a smooth function of theta (no
+loss noise, no chaos over 20-50 steps), so it gives ES a dense signal on the step size that the loss alone does not.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -44,6 +57,10 @@ SIGNS = jnp.array([1.0, -1.0])
 # A reference meta-loss below this counts as this: a problem Adam solves outright weighs at most 1 / REFERENCE_FLOOR
 # times one it cannot improve, so that a few solved problems do not drown the estimate.
 REFERENCE_FLOOR = 0.01
+# The log update RMS the calibration compares is bounded to [log 1e-8, log 1e2]: an all-zero update (-inf) or a
+# diverged one (inf, NaN: the upper bound) counts as a large but finite gap, never a non-finite objective. Adam's
+# steps lie far inside (about its learning rate); the bounds only catch the degenerate cases.
+LOG_RMS_BOUNDS = (math.log(1e-8), math.log(1e2))
 
 
 class AntitheticState(NamedTuple):
@@ -91,6 +108,30 @@ def relative_weights(best: jax.Array) -> jax.Array:
   return inverse / jnp.mean(inverse)
 
 
+def bounded_log_rms(log_rms: jax.Array) -> jax.Array:
+  """Log RMS values (any shape) bounded to LOG_RMS_BOUNDS, NaN (a diverged update) as the upper bound."""
+  low, high = LOG_RMS_BOUNDS
+  return jnp.clip(jnp.where(jnp.isnan(log_rms), high, log_rms), low, high)
+
+
+def best_reference_log_rms(reference_losses: jax.Array, reference_log_rms: jax.Array) -> jax.Array:
+  """(pairs, R) reference meta-losses and (pairs, R, T) their log update RMS -> (pairs, T) the log RMS of each
+  pair's best reference (lowest meta-loss; on a tie the first listed)."""
+  best = jnp.argmin(reference_losses, axis=1)
+  return jnp.take_along_axis(reference_log_rms, best[:, None, None], axis=1)[:, 0]
+
+
+def step_gaps(learned_log_rms: jax.Array, target_log_rms: jax.Array) -> jax.Array:
+  """(pairs, 2, T) learned log update RMS and (pairs, T) the best reference's -> (pairs, 2, T) learned - reference,
+  both bounded (positive: the learned optimizer steps larger)."""
+  return bounded_log_rms(learned_log_rms) - bounded_log_rms(target_log_rms)[:, None]
+
+
+def step_calibration_terms(gaps: jax.Array) -> jax.Array:
+  """(pairs, 2, T) gaps -> (pairs, 2) their mean square over the truncation (before the factor lambda)."""
+  return jnp.mean(jnp.square(gaps), axis=-1)
+
+
 @dataclass(frozen=True)
 class Antithetic:
   """``lopt.api.GradientEstimator`` by antithetic perturbations of theta (see the module docstring)."""
@@ -102,6 +143,12 @@ class Antithetic:
   l2_penalty: float = 0.0
   perturb_mask: tuple | None = None  # per leaf of theta (flattening order): False leaves are never perturbed
   reference_learning_rates: tuple = ()  # Adam references weighting each pair (see the module docstring)
+  step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
+
+  def __post_init__(self):
+    if self.step_calibration and not self.reference_learning_rates:
+      raise ValueError("step_calibration needs reference_learning_rates: the step it calibrates to is the best "
+                       "reference's")
 
   @property
   def num_pairs(self) -> int:
@@ -144,17 +191,22 @@ class Antithetic:
     per_pair = jax.vmap(one, in_axes=(None, None, 0))
     return jax.vmap(per_pair, in_axes=(0, 0, None))(episodes.inner.key[:, 0], episodes.length[:, 0], learning_rates)
 
-  def advance_references(self, references, episodes):
+  def advance_references(self, references, episodes, *, measure_update: bool = False):
     """References restarted where their pair's episode starts, then advanced one truncation: ((pairs, R)
-    meta-losses, references)."""
+    meta-losses, references); with ``measure_update`` ((pairs, R) meta-losses, (pairs, R, T) log RMS of each
+    step's update, references)."""
     starting = episodes.inner.step[:, 0] == 0
     references = where_pairs(starting, self.start_references(episodes), references)
     u = self.unroll
 
     def one(reference):
-      inner, measured = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation,
-                                valid=u.objective == "valid")
-      return u.score(reference, inner, measured)  # scored as the learned optimizer's truncations are
+      inner, out = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation,
+                           valid=u.objective == "valid", measure_update=measure_update)
+      if not measure_update:
+        return u.score(reference, inner, out)  # scored as the learned optimizer's truncations are
+      measured, log_rms = out
+      meta_loss, reference = u.score(reference, inner, measured)
+      return meta_loss, log_rms, reference
     return jax.vmap(jax.vmap(one))(references)
 
   def prepare(self, theta, state: AntitheticState, key):
@@ -178,6 +230,8 @@ class Antithetic:
     return jax.tree.map(lambda t, e: t + SIGNS.reshape((1, 2) + (1,) * t.ndim) * e[:, None], theta, used)
 
   def estimate(self, theta, state: AntitheticState | ReferencedState, key):
+    if self.step_calibration > 0:
+      return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
     if self.reference_learning_rates:
       reference_losses, references = self.advance_references(state.references, episodes)
@@ -193,6 +247,27 @@ class Antithetic:
       return ReferencedState(episodes, noise, references), grads, metrics
     return AntitheticState(episodes, noise), grads, metrics
 
+  def calibrated_estimate(self, theta, state: ReferencedState, key):
+    """``estimate`` with the step-calibration term (module docstring): each trajectory's objective is its relative
+    meta-loss plus lambda times its mean squared log-step gap to the pair's best reference. Metrics.extra holds
+    the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in nats:
+    positive, the learned optimizer steps larger than the best reference)."""
+    episodes, noise, used, weight = self.prepare(theta, state, key)
+    reference_losses, reference_log_rms, references = self.advance_references(state.references, episodes,
+                                                                              measure_update=True)
+    pair_weights = relative_weights(jnp.min(reference_losses, axis=1))
+    meta_losses, episodes, learned_log_rms = jax.vmap(jax.vmap(self.unroll.measured))(
+        self.perturbed(theta, used), episodes)
+    gaps = step_gaps(learned_log_rms, best_reference_log_rms(reference_losses, reference_log_rms))
+    terms = step_calibration_terms(gaps)
+    objective = pair_weights[:, None] * meta_losses + self.step_calibration * terms
+    per_pair = es_terms(objective, weight, self.sigma)
+    finite = jnp.isfinite(objective[:, 0] - objective[:, 1])
+    grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
+    metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
+                      2 * self.num_pairs, {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)})
+    return ReferencedState(episodes, noise, references), grads, metrics
+
 
 def es_terms(meta_losses: jax.Array, weight, sigma: float):
   """(pairs, 2) meta-losses and (pairs, ...) weights -> (pairs, ...) (L+ - L-) / (2 sigma^2) * w."""
@@ -204,7 +279,8 @@ def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: in
   """The registry's constructors for es / pes / nres: validated fields -> Antithetic."""
   return Antithetic(Unroller.from_values(task, optimizer, values, horizon), rule, values["meta_batch_size"],
                     values["num_particles"], values["sigma"], values["l2_penalty"],
-                    reference_learning_rates=tuple(values.get("reference_learning_rates", ())))
+                    reference_learning_rates=tuple(values.get("reference_learning_rates", ())),
+                    step_calibration=values.get("step_calibration", 0.0))
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:

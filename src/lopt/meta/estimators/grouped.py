@@ -29,6 +29,10 @@ class Grouped:
     total = sum(weights)
     grads = jax.tree.map(lambda *gs: sum(w * g for w, g in zip(weights, gs)) / total, *[g for _, g, _ in results])
     metrics = [m for _, _, m in results]
-    combined = Metrics(sum(w * m.meta_loss for w, m in zip(weights, metrics)) / total,
-                       sum(m.diverged_problems for m in metrics), sum(m.dropped_problems for m in metrics), total)
+    mean = lambda values: sum(w * v for w, v in zip(weights, values)) / total  # noqa: E731
+    extra = getattr(metrics[0], "extra", None)  # the groups share the estimator's settings: all have it or none
+    extra = None if extra is None else {
+        name: mean([m.extra[name] for m in metrics]) for name in metrics[0].extra}
+    combined = Metrics(mean([m.meta_loss for m in metrics]), sum(m.diverged_problems for m in metrics),
+                       sum(m.dropped_problems for m in metrics), total, extra)
     return tuple(s for s, _, _ in results), grads, combined

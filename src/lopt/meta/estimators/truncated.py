@@ -153,11 +153,22 @@ class Unroller:
   def __call__(self, theta, episode: Episode) -> tuple[jax.Array, Episode]:
     """(meta-loss of this truncation (), the episode after it); differentiable in theta. The optimizer gets the
     episode's length as its ``num_steps`` hint, and a validation loss every ``valid_every`` steps."""
-    inner, measured = advance(self.task, as_optax(self.optimizer, theta), episode.inner, self.schedule.truncation,
-                              remat=self.remat, first_order=self.first_order, valid=self.objective == "valid",
-                              valid_every=self.valid_every, horizon=episode.length,
-                              valid_withheld=self.valid_withheld)
+    inner, measured = self.advance_inner(theta, episode)
     return self.score(episode, inner, measured)
+
+  def measured(self, theta, episode: Episode) -> tuple[jax.Array, Episode, jax.Array]:
+    """``__call__`` that also returns the (T,) log RMS of each step's update (``unroll.log_update_rms``): (meta-loss
+    (), the episode after it, log RMS (T,))."""
+    inner, (measured, log_rms) = self.advance_inner(theta, episode, measure_update=True)
+    meta_loss, episode = self.score(episode, inner, measured)
+    return meta_loss, episode, log_rms
+
+  def advance_inner(self, theta, episode: Episode, *, measure_update: bool = False):
+    """``unroll.advance`` of ``episode`` by one truncation under theta, with this unroller's settings."""
+    return advance(self.task, as_optax(self.optimizer, theta), episode.inner, self.schedule.truncation,
+                   remat=self.remat, first_order=self.first_order, valid=self.objective == "valid",
+                   valid_every=self.valid_every, horizon=episode.length, valid_withheld=self.valid_withheld,
+                   measure_update=measure_update)
 
   def score(self, episode: Episode, inner: InnerState, measured: jax.Array) -> tuple[jax.Array, Episode]:
     """The meta-loss () of a truncation that took ``episode`` to ``inner``, from what ``advance`` measured, and the
@@ -188,3 +199,4 @@ class Metrics(NamedTuple):
   diverged_problems: jax.Array  # trajectories that diverged in this truncation (restarted next time)
   dropped_problems: jax.Array   # trajectories left out of the gradient (non-finite)
   num_problems: int             # trajectories per estimate (static)
+  extra: Any = None             # {name: () mean over the trajectories} of optional terms (logged as they are), or None
