@@ -60,6 +60,26 @@ def relative_factor(params, reference) -> jax.Array:
   return jnp.where(on, jnp.clip(rms / jnp.where(on, reference, 1.0), 1e-2, 1e2), 1.0)
 
 
+def fed_valid_loss(task, params, key, t, dtype) -> jax.Array:
+  """The validation loss a practitioner feeds at step t: the task's every VALID_EVERY steps, NaN ("none") between
+  and for tasks without one; () in ``dtype``. A real branch, so the other steps do not compute it."""
+  none = jnp.full((), jnp.nan, dtype)
+  if task.valid_loss is None:
+    return none
+  return jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(dtype), lambda: none)
+
+
+def family_problem(seed: int, max_horizon: int, keys: list) -> tuple:
+  """A fresh family problem and tuned Adam on it: (config, task, horizon, {learning rate: mean training loss over
+  ``keys``}, the best learning rate)."""
+  config = families.sample(seed, max_step_flops=1e6)
+  task = families.task(config)
+  horizon = min(int(config["horizon"]), max_horizon)
+  adam = adam_runner(task, horizon)
+  adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
+  return config, task, horizon, adam_losses, min(adam_losses, key=adam_losses.get)
+
+
 def general_runner(task, horizon: int, optimizer):
   """jitted (theta, key, reference, cap) -> training losses (horizon,); reference 0 and cap 0: the plain update."""
   @jax.jit
@@ -70,10 +90,7 @@ def general_runner(task, horizon: int, optimizer):
     def step(carry, t):
       params, state = carry
       loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-      valid = jnp.full((), jnp.nan, loss.dtype)
-      if task.valid_loss is not None:
-        valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
-                             lambda: valid)
+      valid = fed_valid_loss(task, params, key, t, loss.dtype)
       updates, state = optimizer.update(theta, state, grads, params, loss=loss, valid_loss=valid, num_steps=horizon)
       updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
       updates = jax.tree.map(lambda u, p: capped(u, p, cap), updates, params)
@@ -161,12 +178,7 @@ def main(argv=None) -> int:
   keys = [jax.random.key(1000 + k) for k in range(KEYS)]
   rows, start = [], time.time()
   for i in range(args.count):
-    config = families.sample(args.seed + i, max_step_flops=1e6)
-    task = families.task(config)
-    horizon = min(int(config["horizon"]), args.max_horizon)
-    adam = adam_runner(task, horizon)
-    adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
-    best = min(adam_losses, key=adam_losses.get)
+    config, task, horizon, adam_losses, best = family_problem(args.seed + i, args.max_horizon, keys)
     runners = {}  # one compilation per distinct optimizer configuration
     for optimizer, *_ in variants.values():
       runners.setdefault(optimizer, general_runner(task, horizon, optimizer))

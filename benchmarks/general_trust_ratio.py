@@ -33,8 +33,7 @@ import optax
 
 import lopt
 import lopt.trained
-from general_family_problems import LEARNING_RATES, VALID_EVERY, adam_runner, mean_loss, report  # this folder
-from lopt.tasks import families
+from general_family_problems import family_problem, fed_valid_loss, mean_loss, report  # this folder
 
 SETTINGS = ((0.0, 0.5), (0.05, 0.5), (0.05, 0.25), (0.1, 0.5))  # (eta, target); eta 0 is the plain `general`
 LOG_LIMIT = 4.6  # the multiplier stays within [1/100, 100]
@@ -91,10 +90,7 @@ def controlled_runner(task, horizon: int, inner, wrap=None):
     def step(carry, t):
       params, state = carry
       loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-      valid = jnp.full((), jnp.nan, loss.dtype)
-      if task.valid_loss is not None:
-        valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
-                             lambda: valid)
+      valid = fed_valid_loss(task, params, key, t, loss.dtype)
       updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=valid, num_steps=horizon)
       return (optax.apply_updates(params, updates), state), (loss, state.log_scale)
     return jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))[1]
@@ -114,12 +110,7 @@ def family_comparison(argv, wrap, settings, names, prog: str) -> int:
   keys = [jax.random.key(1000 + k) for k in range(2)]
   rows, start = [], time.time()
   for i in range(args.count):
-    config = families.sample(args.seed + i, max_step_flops=1e6)
-    task = families.task(config)
-    horizon = min(int(config["horizon"]), args.max_horizon)
-    adam = adam_runner(task, horizon)
-    adam_losses = {lr: np.mean([mean_loss(adam(jnp.float32(lr), k)) for k in keys]) for lr in LEARNING_RATES}
-    best = min(adam_losses, key=adam_losses.get)
+    config, task, horizon, adam_losses, best = family_problem(args.seed + i, args.max_horizon, keys)
     run = controlled_runner(task, horizon, inner, wrap)
     ratios, multipliers = {}, {}
     for name, setting in zip(names, settings):

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 import lopt
-from general_family_problems import VALID_EVERY, adam_runner  # this folder
+from general_family_problems import adam_runner, fed_valid_loss  # this folder
 from lopt.tasks import families
 
 LEARNING_RATES = tuple(float(x) for x in 10.0 ** np.arange(-4.0, 0.01, 0.5))
@@ -88,10 +88,7 @@ def probe(optimizer, task, horizon: int, steps: int, key) -> dict:
     def step(carry, t):
       params, state, last = carry
       loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-      valid = jnp.full((), jnp.nan, loss.dtype)
-      if task.valid_loss is not None:
-        valid = jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(loss.dtype),
-                             lambda: valid)
+      valid = fed_valid_loss(task, params, key, t, loss.dtype)
       updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=valid, num_steps=horizon)
       flat = jnp.concatenate([g.ravel().astype(jnp.float32) for g in jax.tree.leaves(grads)])
       norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x)))  # noqa: E731
