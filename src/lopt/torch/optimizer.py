@@ -24,7 +24,17 @@ and optionally
                                         keeps its global state in (``self.state["lopt_global"]``, saved in state
                                         dicts as is)
 
-(the gru and mlp rules need none of the three: they ignore losses and horizon, as their JAX optimizers do).
+  skips_on_device(params) -> bool       whether ``step`` of this bucket takes ``ok=``, the step's verdict on its
+                                        gradients as a 0-d bool tensor on the device, changing nothing where it is
+                                        false: then the optimizer never waits for the device (below)
+
+(the gru and mlp rules need none of these: they ignore losses and horizon, as their JAX optimizers do).
+
+A step whose gradients are not all finite is skipped whole. Usually the optimizer reads that verdict on the host (one
+synchronization per step). Where every bucket is on one device and its rule ``skips_on_device``, and the losses are
+not tensors (which would have to be read anyway), the verdict stays on the device: the rule skips the step there, and
+the optimizer reads it when the next step begins (long done by then) -- undoing that step's ``begin_step`` on the
+global state and counting it -- or when ``skipped_steps`` or ``state_dict`` is read.
 """
 
 from __future__ import annotations
@@ -94,6 +104,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if kernels is not None and not isinstance(kernels, bool):
       raise ValueError(f"LearnedOptimizer: kernels must be None (automatic), True or False, got {kernels!r}")
     self.num_steps = num_steps
+    self._pending = None  # a step whose verdict is still on the device: (pinned flag, event, global state before)
+    self._host_verdict = None  # (a pinned host flag, a CUDA event): where the verdict is read, reused
+    self._device_verdict = None  # the buffer a rule sets the verdict in (``check``), reused
     self.skipped_steps = 0
     if isinstance(optimizer, (str, os.PathLike)):
       architecture, tensors, config, _ = read_trained_optimizer(optimizer)
@@ -155,6 +168,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
     self._num_steps = None if value is None else int(value)
 
   @property
+  def skipped_steps(self) -> int:
+    """The steps skipped because a gradient was not finite (waits for the last step's verdict when it is still on
+    the device)."""
+    self._settle()
+    return self._skipped_steps
+
+  @skipped_steps.setter
+  def skipped_steps(self, value: int) -> None:
+    self._settle()
+    self._skipped_steps = int(value)
+
+  @property
   def spec(self) -> ArchitectureConfig:
     """The architecture and its fields (``spec.hidden_size`` for a GRU); lopt 0.1's name for ``architecture``."""
     return self.architecture
@@ -188,18 +213,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
           raise RuntimeError(f"LearnedOptimizer: parameters must be floating point, found {p.dtype}")
         buckets.setdefault((p.device, p.dtype), []).append(p)
       groups.append(buckets)
-    by_device: dict = {}
-    for buckets in groups:
-      for (device, _), params in buckets.items():
-        # max |g| per tensor, in one multi-tensor reduction per bucket (NaN propagates; an empty tensor is finite)
-        grads = [p.grad for p in params if p.grad.numel()]
-        by_device.setdefault(device, []).extend(torch._foreach_norm(grads, ord=math.inf) if grads else ())
-    if not by_device:  # no gradient at all: nothing to update, nothing to count
+    if not any(groups):  # no gradient at all: nothing to update, nothing to count
       return result
     losses = [loss, valid_loss] if begin_step is not None else []
-    if not _read_on_host(by_device, losses):
-      self.skipped_steps += 1
+    self._settle()
+    verdict, check = self._verdict_on_device(groups, losses)
+    if verdict is None and not _read_on_host(_max_norms(groups), losses):
+      self._skipped_steps += 1
       return result
+    before = None if verdict is None else _copy(self.state[GLOBAL_STATE])
     init_state = getattr(self.rule, "init_state", None)
     buckets = []  # (group index, group, device, dtype, parameters, their states): each state looked up once
     for group_index, (group, by_key) in enumerate(zip(self.param_groups, groups)):
@@ -214,27 +236,80 @@ class LearnedOptimizer(torch.optim.Optimizer):
       begin_step(self.state[GLOBAL_STATE], loss=losses[0], valid_loss=losses[1], num_steps=self.num_steps)
     for group_index, group, device, dtype, params, states in buckets:
       decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
-      if decay:
-        torch._foreach_mul_(params, 1 - group["lr"] * decay)
-      self.rule.step((group_index, device, dtype), params, states, group["lr"])
+      if decay:  # (a skipped step: times 1)
+        factor = 1 - group["lr"] * decay
+        torch._foreach_mul_(params, factor if verdict is None else torch.where(verdict, factor, 1.0))
+      if verdict is None:
+        self.rule.step((group_index, device, dtype), params, states, group["lr"])
+      else:
+        self.rule.step((group_index, device, dtype), params, states, group["lr"], ok=verdict, check=check)
+    if verdict is not None:
+      self._defer(verdict, before)
     return result
+
+  def _verdict_on_device(self, groups: list, losses: list) -> tuple[torch.Tensor | None, bool]:
+    """(the step's verdict on its gradients as a 0-d bool tensor on their device, check) where the rule can skip
+    a step there (module docstring), else (None, False). check: one bucket, no weight decay -- the rule sets the
+    verdict itself, in a buffer kept from step to step (for the kernels: inside the update's CUDA graph)."""
+    skips = getattr(self.rule, "skips_on_device", None)
+    buckets = [(group, params) for group, by_key in zip(self.param_groups, groups) for params in by_key.values()]
+    if (skips is None or len({params[0].device for _, params in buckets}) != 1
+        or any(isinstance(x, torch.Tensor) for x in losses) or not all(skips(params) for _, params in buckets)):
+      return None, False
+    device = buckets[0][1][0].device
+    if len(buckets) == 1 and not buckets[0][0].get("weight_decay", 0.0):  # (weight decay comes before the check)
+      if self._device_verdict is None or self._device_verdict.device != device:
+        self._device_verdict = torch.ones((), dtype=torch.bool, device=device)
+      return self._device_verdict, True
+    (values,) = _max_norms(groups).values()
+    if not values:  # every gradient empty
+      return torch.ones((), dtype=torch.bool, device=device), False
+    return torch.stack(values).isfinite().all(), False
+
+  def _defer(self, verdict: torch.Tensor, before: dict) -> None:
+    """Leaves this step's verdict on the device: copied to pinned host memory behind an event, read by ``_settle``;
+    ``before``: the global state before this step, restored if it is skipped."""
+    if self._host_verdict is None:
+      pinned = verdict.device.type == "cuda"
+      self._host_verdict = (torch.empty((), dtype=torch.bool, pin_memory=pinned),
+                            torch.cuda.Event() if pinned else None)
+    flag, event = self._host_verdict
+    flag.copy_(verdict, non_blocking=event is not None)
+    if event is not None:
+      event.record()
+    self._pending = (flag, event, before)
+
+  def _settle(self) -> None:
+    """Reads the verdict of a step left on the device (waiting for it, if the device has not got there): when the
+    step was skipped, its changes to the global state are undone and it is counted."""
+    pending, self._pending = self._pending, None
+    if pending is None:
+      return
+    flag, event, before = pending
+    if event is not None:
+      event.synchronize()
+    if not bool(flag):
+      self.state[GLOBAL_STATE] = before
+      self._skipped_steps += 1
 
   # -- state dicts ------------------------------------------------------------------------------------------------
 
   def state_dict(self):
     """torch's state dict, plus ``"lopt"``: the architecture and weights checksum, checked on load."""
+    self._settle()
     state = super().state_dict()
     if GLOBAL_STATE in state["state"]:  # torch keeps a non-parameter entry as is: a copy, not the live dict
       state["state"][GLOBAL_STATE] = _copy(state["state"][GLOBAL_STATE])
     state["lopt"] = {"optimizer": self.architecture.config(),
                      "weights_sha256": self.checkpoint_config.get("weights_sha256"),
-                     "skipped_steps": self.skipped_steps, "num_steps": self.num_steps}
+                     "skipped_steps": self._skipped_steps, "num_steps": self.num_steps}
     return state
 
   def load_state_dict(self, state_dict) -> None:
     """Loads a state dict from ``state_dict()`` (``skipped_steps``, ``num_steps`` and the rule's global state
     included; torch's rules restore the groups' ``lr`` and ``weight_decay``); raises ValueError when it was written by
     another learned optimizer or its state tensors do not have the shapes this optimizer's parameters need."""
+    self._settle()
     state_dict = dict(state_dict)
     saved = state_dict.pop("lopt", None)
     mine = self.architecture.config()
@@ -297,6 +372,17 @@ def _scalar(name: str, value, convert: bool):
     raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
                     f"{type(value).__name__}") from None
   return float(torch.tensor(number, dtype=torch.float32)) if convert else value  # (torch's rounding: inf, no warning)
+
+
+def _max_norms(groups: list) -> dict:
+  """{device: [max |g| of each non-empty gradient, 0-d tensors]} of the buckets in ``groups``: one multi-tensor
+  reduction per bucket (NaN propagates)."""
+  by_device: dict = {}
+  for buckets in groups:
+    for (device, _), params in buckets.items():
+      grads = [p.grad for p in params if p.grad.numel()]
+      by_device.setdefault(device, []).extend(torch._foreach_norm(grads, ord=math.inf) if grads else ())
+  return by_device
 
 
 def _read_on_host(norms: dict, losses: list) -> bool:

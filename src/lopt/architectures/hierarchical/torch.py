@@ -70,6 +70,7 @@ import math
 import operator
 import os
 import shutil
+import struct
 import types
 import warnings
 from itertools import chain
@@ -238,8 +239,15 @@ def shape_features(shape: tuple[int, ...]) -> np.ndarray:
 
 # -- global features (float32 on the CPU, as the JAX side's) ---------------------------------------------------------
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _f32(value: float) -> float:
-  return float(np.float32(value))
+  """``value`` rounded to float32 (C's conversion, as numpy's; through ``struct``: a quarter of numpy's time)."""
+  try:
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+  except OverflowError:  # beyond float32's range: numpy's infinity
+    return float(np.float32(value))
 
 
 # float32 constants, as the JAX side's.
@@ -358,7 +366,7 @@ def _kernel_bucket(params: list, grads: list) -> bool:
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
                   params: list, grads: list, momenta: list, seconds: list, averages: list, h: torch.Tensor,
                   cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor,
-                  tables: torch.Tensor | None = None) -> None:
+                  tables: torch.Tensor | None = None, ok: torch.Tensor | None = None, check: bool = False) -> None:
   """p <- p + lr u for every p of one bucket (same device and dtype), the states updated in place.
 
   params, grads: the bucket's tensors in the layout's group order; momenta, seconds, averages, h, cell_state,
@@ -367,7 +375,10 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   the recurrent dtype; lr: a number, or a 0-d tensor on the device (compiled: no recompilation when it changes).
   tables: None, or (2, n) int64 on the device, the addresses of the gradients and the parameters (group order): the
   per-coordinate passes then run as ``triton_passes`` kernels that read them there (float32, contiguous; lr a 0-d
-  tensor), and ``params`` and ``grads`` are not read. Never reads a value on the host.
+  tensor), and ``params`` and ``grads`` are not read. ok (with tables only): None, or a 0-d bool device tensor, the
+  step's verdict on its gradients: when false nothing is changed -- a step skipped without the host reading the
+  verdict; check: ``ok`` is first set here, from the gradients (``triton_passes.check_finite``). Never reads a
+  value on the host.
 
   Per group of same-shaped tensors, two passes over the coordinates -- the clipped gradient, the second moment, the
   momenta and the statistics; after the LSTM ran once for the bucket, the MLP and the update -- each a handful of
@@ -392,6 +403,10 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   else:  # from the statistics kernels, per group
     from lopt.architectures.hierarchical import triton_passes
     raw_norms, param_norms = [], []
+    if check:  # the verdict, before anything is written
+      ok.fill_(True)
+      for group in layout.groups:
+        triton_passes.check_finite(tables[0, group.start:group.stop], group.stop - group.start, group.size, ok)
 
   # Pass 1, per group: the clipped gradient, the second moment (factored: from its row and column sums of squares),
   # rs = rsqrt(v / (1 - rho^t) + eps), the momenta, and the statistics of the feature columns (root sums of squares)
@@ -410,11 +425,14 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
         a, b = group.axes[0] + 1, group.axes[1] + 1
         rows, cols = second
         row_sums, col_sums = triton_passes.factored_sums(g_table, upper_group, count, shape, group.axes)
-        rows.mul_(rho).add_(row_sums.view(rows.shape), alpha=(1 - rho) / shape[b - 1]).add_((1 - rho) * G2_EPSILON)
-        cols.mul_(rho).add_(col_sums.view(cols.shape), alpha=(1 - rho) / shape[a - 1]).add_((1 - rho) * G2_EPSILON)
+        for accumulator, sums, length in ((rows, row_sums, shape[b - 1]), (cols, col_sums, shape[a - 1])):
+          new = accumulator.mul_(rho) if ok is None else accumulator.mul(rho)  # (skippable: into a new tensor)
+          new.add_(sums.view(accumulator.shape), alpha=(1 - rho) / length).add_((1 - rho) * G2_EPSILON)
+          if ok is not None:
+            accumulator.copy_(torch.where(ok, new, accumulator))
         scale, v = rows / (rows.mean(a, keepdim=True) * per_tensor(moment_correction)), cols
       sums = triton_passes.statistics(g_table, p_table, upper_group, average, m, v, scale, theta.one_minus_decays,
-                                      group.axes, rho, G2_EPSILON, RSQRT_EPSILON)
+                                      group.axes, rho, G2_EPSILON, RSQRT_EPSILON, ok)
       roots = sums.sqrt()  # norms from sums of squares; the alignments' dot products stay as they are
       statistics.append(torch.cat([roots[:, :3 * k], sums[:, 3 * k:4 * k]], dim=1).reshape(count, 4, k))
       gradient_norms.append(roots[:, 4 * k])
@@ -532,7 +550,7 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
       v, scale = kept_group
       sums = triton_passes.update(tables[0, lo:hi], tables[1, lo:hi], upper[lo:hi], average, m, v, scale,
                                   first_w[lo:hi].contiguous(), first_b[lo:hi], theta.last_w, last_b[lo:hi],
-                                  adam_factor[lo:hi], lr, group.axes, RSQRT_EPSILON, 1 - c.average_decay)
+                                  adam_factor[lo:hi], lr, group.axes, RSQRT_EPSILON, 1 - c.average_decay, ok)
       update_norms.append(sums[:, 0].sqrt())
       new_feedbacks.append(sums[:, 1:] / group.size)
       continue
@@ -592,11 +610,11 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   # The recurrent state, written back for the whole bucket.
   update_rms = torch.sqrt(torch.cat(update_norms).square_() / size + LOG_FLOOR)
   ratio = torch.log(update_rms / (update_rms + sizes_rms[:, 0] + LOG_FLOOR) + LOG_FLOOR)
-  scalars.copy_(torch.stack([new_rms, ratio, log_step]))
-  h.copy_(hidden)
-  cell_state.copy_(cell)
-  feedback.copy_(torch.cat(new_feedbacks))
-  steps.add_(1)
+  new_state = ((scalars, torch.stack([new_rms, ratio, log_step])), (h, hidden), (cell_state, cell),
+               (feedback, torch.cat(new_feedbacks)))
+  for old, new in new_state:
+    old.copy_(new if ok is None else torch.where(ok, new, old))
+  steps.add_(1 if ok is None else ok.to(steps.dtype))
 
 
 class HierarchicalRule:
@@ -620,6 +638,8 @@ class HierarchicalRule:
     self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
     self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
+    self._verdicts: dict = {}                  # under CUDA graphs: the step's gradient verdict, a buffer per device
+    self._verdicts_set: set = set()            # ... the devices whose buffer holds this step's
     self._graphs: dict = {}                    # kernels: per bucket key (buffers, layout, graph, address table)
     self.graphs = True                         # kernels on CUDA: the update replayed as a CUDA graph (``_graph_step``)
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
@@ -738,14 +758,28 @@ class HierarchicalRule:
       state.update(init_global_state())
     accumulate(state, "train", loss)
     accumulate(state, "valid", valid_loss)
-    state["step"] = state["step"] + 1
-    self._global = torch.cat([loss_features(state), time_features(state["step"], num_steps)]).cpu()
+    step = state["step"]
+    if step.dtype is torch.int32 and step.is_cpu:  # (in place, through numpy: a tenth of a tensor operation's time)
+      step.numpy()[...] += 1
+    else:  # a state dict loaded onto another device or in another dtype
+      state["step"] = step.to(device="cpu", dtype=torch.int32) + 1
+    self._global = torch.cat([loss_features(state), time_features(state["step"], num_steps)])
     self._global_cache.clear()
+    self._verdicts_set.clear()
+
+  def skips_on_device(self, params: list) -> bool:
+    """Whether ``step`` takes the step's verdict on its gradients as a device flag (``ok``) for this bucket: the
+    kernels' update (float32 contiguous tensors on a CUDA device, no ``compile``)."""
+    return ((self._compile_mode is None or self._compile_failed) and self._constants[""].kernels
+            and _kernel_bucket(params, [p.grad for p in params]))
 
   @torch.no_grad()
-  def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float) -> None:
+  def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float,
+           ok: torch.Tensor | None = None, check: bool = False) -> None:
     """p <- p + lr * update for every p of one bucket (each has p.grad), updating ``states[i]`` (created here if
-    ``init_state`` was not called).
+    ``init_state`` was not called). ``ok``: None, or -- for a bucket ``skips_on_device`` accepts -- a 0-d bool tensor
+    on its device, false when the step is to change nothing (a non-finite gradient), read there, not on the host;
+    ``check``: ``ok`` is a buffer (the same from step to step) this step sets from the bucket's gradients first.
 
     The bucket's state lives in buffers shared by its tensors (``Buffers``; each state entry a view of one), so that
     the update (``update_bucket``) runs per group of same-shaped tensors rather than per tensor."""
@@ -766,6 +800,8 @@ class HierarchicalRule:
     constants = self._constants["" if compiled is None else self._fused]
     grads = [p.grad for p in params]
     kernels = compiled is None and constants.kernels and _kernel_bucket(params, grads)
+    if ok is not None and not kernels:
+      raise RuntimeError("HierarchicalRule.step: a device verdict (ok) needs the kernels' update (skips_on_device)")
     graphed = kernels and self.graphs and device.type == "cuda"
     static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
     features = self._global_features(device, rec, persistent=static or graphed)
@@ -776,11 +812,12 @@ class HierarchicalRule:
       addresses = torch.tensor([[g.data_ptr() for g in grads], [p.data_ptr() for p in params]], dtype=torch.int64)
       rate = self._lr(lr, key, device, dtype)
       if graphed:
+        verdict = None if ok is None else ok if check else self._verdict(ok)
         self._graph_step(key, constants, theta, rec_theta, layout, features, rate, params, grads, arguments, buffers,
-                         addresses)
+                         addresses, verdict, check)
       else:
         update_bucket(constants, theta, rec_theta, layout, features, rate, params, grads, *arguments,
-                      tables=addresses.to(device, non_blocking=True))
+                      tables=addresses.to(device, non_blocking=True), ok=ok, check=check)
       return
     if compiled is not None:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
@@ -807,31 +844,33 @@ class HierarchicalRule:
 
   def _graph_step(self, key, constants: Constants, theta: Theta, rtheta: Theta, layout: Layout,
                   features: torch.Tensor, rate: torch.Tensor, params: list, grads: list, arguments: tuple,
-                  buffers: Buffers, addresses: torch.Tensor) -> None:
+                  buffers: Buffers, addresses: torch.Tensor, ok: torch.Tensor | None, check: bool) -> None:
     """The kernel update of one bucket as a CUDA graph: the first step of a binding (these buffers and layout) runs
     eagerly -- on a side stream, as capture needs, compiling the kernels -- the second captures the graph, and every
     step replays it. The kernels read the gradients and parameters through a table of their addresses, refreshed
     before each replay (a backward pass makes new gradient tensors), the learning rate from a device tensor and the
-    global features from a persistent buffer, so that nothing needs a new graph. A replay costs the host one call
-    where the eager update costs it about a hundred operations."""
+    global features and the verdict ``ok`` (None: none, a graph of its own; ``check``: set by the graph) from
+    persistent buffers, so that nothing needs a new graph. A replay costs the host one call where the eager update costs it about a hundred operations."""
     device = params[0].device
+    key = (key, ok is not None, check)
     entry = self._graphs.get(key)
-    if entry is None or entry[0] is not buffers or entry[1] is not layout:
+    if entry is None or entry[0] is not buffers or entry[1] is not layout or entry[4] is not ok:
       stream = torch.cuda.Stream(device)
       stream.wait_stream(torch.cuda.current_stream(device))
       with torch.cuda.stream(stream):
         update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments,
-                      tables=addresses.to(device, non_blocking=True))
+                      tables=addresses.to(device, non_blocking=True), ok=ok, check=check)
       torch.cuda.current_stream(device).wait_stream(stream)
-      self._graphs[key] = (buffers, layout, None, None)
+      self._graphs[key] = (buffers, layout, None, None, ok)
       return
     graph, tables = entry[2], entry[3]
     if graph is None:
       tables = torch.empty(addresses.shape, dtype=torch.int64, device=device)
       graph = torch.cuda.CUDAGraph()
       with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments, tables=tables)
-      self._graphs[key] = (buffers, layout, graph, tables)
+        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments, tables=tables,
+                      ok=ok, check=check)
+      self._graphs[key] = (buffers, layout, graph, tables, ok)
     tables.copy_(addresses, non_blocking=True)
     graph.replay()
 
@@ -923,6 +962,17 @@ class HierarchicalRule:
         value = value.to(device=device, dtype=dtype)
       self._global_cache[key] = value
     return value
+
+  def _verdict(self, ok: torch.Tensor) -> torch.Tensor:
+    """``ok`` copied into its device's persistent buffer (a static input of the graphs), once per step."""
+    device = ok.device
+    buffer = self._verdicts.get(device)
+    if buffer is None:
+      buffer = self._verdicts[device] = torch.ones((), dtype=torch.bool, device=device)
+    if device not in self._verdicts_set:
+      buffer.copy_(ok)
+      self._verdicts_set.add(device)
+    return buffer
 
   def _lr(self, lr: float, key, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """lr as a 0-d device tensor per bucket ``key`` (compiled: a new value is no new graph), refilled when it

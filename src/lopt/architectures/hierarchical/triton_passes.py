@@ -5,6 +5,7 @@ PyTorch calls, each a kernel that re-reads its inputs, plus copies that stack th
 Here the passes read every gradient and parameter where it lies, through a table of their addresses ((count,) int64
 on the device, so that a CUDA graph captured once reads new gradient tensors at every replay), and each is one kernel:
 
+  check_finite   whether every gradient is finite, into a flag on the device (a step to skip, decided there)
   factored_sums  (tensors of >= 2 axes) the clipped gradient's squares summed over each row and each column
   statistics     clips g, updates the momenta (and, unfactored, the second moment v); returns per tensor the sums
                  the LSTM reads: |m_k|^2, |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2,
@@ -17,6 +18,9 @@ stored: factored, ``scale`` is the row accumulator over its mean along the first
 correction, one value per row, and v the column accumulator; unfactored, ``scale`` is 1 / (1 - rho^t) per tensor and
 v the second moment. A coordinate's row and column follow from its flat index with the tensor seen as
 (n0, na, n1, nb, n2), na and nb the factored axes: rows are the tensor without axis nb, columns without axis na.
+
+A step whose gradients are not all finite can be skipped on the device: given a flag (a 0-d bool tensor), the
+passes write nothing when it is false, so that the host need not wait to read it (``update_bucket``'s ``ok``).
 
 Per-tensor sums are written as partial sums per block of coordinates and added up by one torch call (no atomics: a
 step is deterministic). The arithmetic follows ``update_bucket``'s eager form (lerp, the order of the second
@@ -72,12 +76,33 @@ def _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_pt
 
 
 @triton.jit
+def _gate(ok_ptr, offsets, size, GATED: tl.constexpr):
+  """The mask of the coordinates a pass may write: those below ``size``, or none when GATED and the step's flag at
+  ``ok_ptr`` (a 0-d bool: every gradient finite) is false -- a skipped step decided on the device."""
+  if GATED:
+    return offsets < size * tl.load(ok_ptr).to(tl.int32)
+  else:
+    return offsets < size
+
+
+@triton.jit
 def _momentum(m_ptr, base, offsets, mask, k: tl.constexpr, K: tl.constexpr):
   """Momentum k at the coordinates (zeros for k >= K); the momenta are interleaved: (..., K)."""
   if k < K:
     return tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
   else:
     return offsets.to(tl.float32) * 0.0
+
+
+@triton.jit
+def _finite_kernel(g_table, ok_ptr, size, BLOCK: tl.constexpr):
+  tensor = tl.program_id(0)
+  offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+  g_ptr = tl.load(g_table + tensor).to(tl.pointer_type(tl.float32))
+  g = tl.load(g_ptr + offsets, mask=offsets < size, other=0.0)
+  bad = tl.sum(((tl.abs(g) == float("inf")) | (g != g)).to(tl.int32), axis=0)   # (|NaN| == inf is false)
+  lanes = tl.arange(0, BLOCK)  # one lane writes false where the block has a bad value (many may: the same value)
+  tl.store(ok_ptr + lanes * 0, tl.zeros([BLOCK], tl.int1), mask=lanes < tl.minimum(bad, 1))
 
 
 @triton.jit
@@ -109,12 +134,14 @@ def _factored_sums_kernel(g_table, upper_ptr, row_sums_ptr, col_partial_ptr, n1,
 
 @triton.jit
 def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, one_minus_decays_ptr,
-                       partial_ptr, size, na, n1, nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon,
-                       K: tl.constexpr, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+                       partial_ptr, ok_ptr, size, na, n1, nb, n2, rows_size, cols_size, rho, g2_epsilon,
+                       rsqrt_epsilon, K: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr,
+                       BLOCK: tl.constexpr):
   tensor = tl.program_id(0)
   block = tl.program_id(1)
   offsets = block * BLOCK + tl.arange(0, BLOCK)
   mask = offsets < size
+  written = _gate(ok_ptr, offsets, size, GATED)
   base = tensor * size
   raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
   p = tl.load(tl.load(p_table + tensor).to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
@@ -126,27 +153,28 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
     v = v * rho
     v = v + (1.0 - rho) * (g * g)
     v = v + (1.0 - rho) * g2_epsilon
-    tl.store(v_ptr + base + offsets, v, mask=mask)
+    tl.store(v_ptr + base + offsets, v, mask=written)
   rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
            FACTORED)
   grs = g * rs
-  out = partial_ptr + (tensor * tl.num_programs(1) + block) * (4 * K + 5)
+  blocks = tl.num_programs(1)
+  out = partial_ptr + tensor * (4 * K + 5) * blocks + block   # sum j of this block at out + j * blocks
   for k in tl.static_range(K):
     m = tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
     old = m * rs
-    tl.store(out + 2 * K + k, tl.sum(old * old, axis=0))
-    tl.store(out + 3 * K + k, tl.sum(grs * m, axis=0))
+    tl.store(out + (2 * K + k) * blocks, tl.sum(old * old, axis=0))
+    tl.store(out + (3 * K + k) * blocks, tl.sum(grs * m, axis=0))
     m = m + tl.load(one_minus_decays_ptr + k) * (g - m)     # lerp(m, g, 1 - b_k), a weight below 1/2
-    tl.store(m_ptr + (base + offsets) * K + k, m, mask=mask)
+    tl.store(m_ptr + (base + offsets) * K + k, m, mask=written)
     new = m * rs
-    tl.store(out + k, tl.sum(m * m, axis=0))
-    tl.store(out + K + k, tl.sum(new * new, axis=0))
+    tl.store(out + k * blocks, tl.sum(m * m, axis=0))
+    tl.store(out + (K + k) * blocks, tl.sum(new * new, axis=0))
   drift = p - a
-  tl.store(out + 4 * K, tl.sum(grs * grs, axis=0))
-  tl.store(out + 4 * K + 1, tl.sum(drift * drift, axis=0))
-  tl.store(out + 4 * K + 2, tl.sum(g * g, axis=0))
-  tl.store(out + 4 * K + 3, tl.sum(raw * raw, axis=0))
-  tl.store(out + 4 * K + 4, tl.sum(p * p, axis=0))
+  tl.store(out + (4 * K) * blocks, tl.sum(grs * grs, axis=0))
+  tl.store(out + (4 * K + 1) * blocks, tl.sum(drift * drift, axis=0))
+  tl.store(out + (4 * K + 2) * blocks, tl.sum(g * g, axis=0))
+  tl.store(out + (4 * K + 3) * blocks, tl.sum(raw * raw, axis=0))
+  tl.store(out + (4 * K + 4) * blocks, tl.sum(p * p, axis=0))
 
 
 @triton.jit
@@ -198,13 +226,14 @@ def _output(o: tl.constexpr, h0, h1, h2, h3, h4, h5, h6, h7, w2, b2, UNITS: tl.c
 
 @triton.jit
 def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, first_w_ptr, first_b_ptr,
-                   last_w_ptr, last_b_ptr, adam_factor_ptr, lr, partial_ptr, size, na, n1, nb, n2, rows_size,
-                   cols_size, rsqrt_epsilon, average_weight, K: tl.constexpr, UNITS: tl.constexpr,
-                   OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+                   last_w_ptr, last_b_ptr, adam_factor_ptr, lr, partial_ptr, ok_ptr, size, na, n1, nb, n2,
+                   rows_size, cols_size, rsqrt_epsilon, average_weight, K: tl.constexpr, UNITS: tl.constexpr,
+                   OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
   tensor = tl.program_id(0)
   block = tl.program_id(1)
   offsets = block * BLOCK + tl.arange(0, BLOCK)
   mask = offsets < size
+  written = _gate(ok_ptr, offsets, size, GATED)
   base = tensor * size
   _, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
   p_ptr = tl.load(p_table + tensor).to(tl.pointer_type(tl.float32))
@@ -239,15 +268,16 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
   magnitude = _output(1, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
   update = tl.exp(magnitude) * (direction + (m0 * rs) * tl.load(adam_factor_ptr + tensor))
   update = tl.where(mask, update, 0.0)
-  out = partial_ptr + (tensor * tl.num_programs(1) + block) * (OUTPUTS - 1)
+  blocks = tl.num_programs(1)
+  out = partial_ptr + tensor * (OUTPUTS - 1) * blocks + block
   tl.store(out, tl.sum(update * update, axis=0))
   for o in tl.static_range(2, OUTPUTS):
     y = _output(o, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
-    tl.store(out + o - 1, tl.sum(tl.where(mask, _tanh(y), 0.0), axis=0))
+    tl.store(out + (o - 1) * blocks, tl.sum(tl.where(mask, _tanh(y), 0.0), axis=0))
   # The average reads p before the update (lerp, a weight below 1/2); lr is a 0-d device tensor, so that a new
   # value needs no new kernel or graph.
-  tl.store(a_ptr + base + offsets, a + average_weight * drift, mask=mask)
-  tl.store(p_ptr + offsets, p + update * tl.load(lr), mask=mask)
+  tl.store(a_ptr + base + offsets, a + average_weight * drift, mask=written)
+  tl.store(p_ptr + offsets, p + update * tl.load(lr), mask=written)
 
 
 def shape_layout(shape: tuple, axes) -> tuple:
@@ -267,6 +297,13 @@ def shape_layout(shape: tuple, axes) -> tuple:
   return shape[a], n1, shape[b], n2, size // shape[b], size // shape[a]
 
 
+def check_finite(g_table: torch.Tensor, count: int, size: int, ok: torch.Tensor) -> None:
+  """Sets ``ok`` (a 0-d bool device tensor) to false where any of the ``count`` gradients (contiguous float32,
+  ``size`` coordinates each, addresses in g_table) holds a NaN or an infinity; leaves it as it is otherwise."""
+  if size:
+    _finite_kernel[(count, triton.cdiv(size, BLOCK))](g_table, ok, size, BLOCK=BLOCK, num_warps=WARPS)
+
+
 def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape: tuple, axes) -> tuple:
   """The clipped gradients' squares summed over every row and every column: ((count, rows), (count, cols))
   float32 (rows: the tensor without axis ``axes[1]``, cols: without ``axes[0]``, flattened). g_table (count,) int64
@@ -283,36 +320,38 @@ def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape:
 
 def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
                v: torch.Tensor, scale: torch.Tensor, one_minus_decays: torch.Tensor, axes, rho: float,
-               g2_epsilon: float, rsqrt_epsilon: float) -> torch.Tensor:
+               g2_epsilon: float, rsqrt_epsilon: float, ok: torch.Tensor | None = None) -> torch.Tensor:
   """The statistics pass over one group of ``count`` tensors: a (count, *shape) the averages, m (count, *shape, K)
   the momenta (updated in place); factored, v (count, *cols) the column accumulators and scale (count, *rows);
-  unfactored, v (count, *shape) the second moments (updated in place) and scale (count,). Returns (count, 4K + 5)
-  sums: |m_k|^2, |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
+  unfactored, v (count, *shape) the second moments (updated in place) and scale (count,); ok None, or a 0-d bool
+  device tensor: when false nothing is written. Returns (count, 4K + 5) sums: |m_k|^2, |m_k rs|^2, |old m_k rs|^2,
+  (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
   blocks = triton.cdiv(size, BLOCK)
-  partial = torch.empty((count, blocks, 4 * k + 5), dtype=torch.float32, device=a.device)
+  partial = torch.empty((count, 4 * k + 5, blocks), dtype=torch.float32, device=a.device)
   _statistics_kernel[(count, blocks)](
-      g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, size, na, n1, nb, n2, rows_size,
-      cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None, BLOCK=BLOCK, num_warps=WARPS)
-  return partial.sum(1)
+      g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, upper if ok is None else ok, size, na, n1,
+      nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None,
+      GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
+  return partial.sum(2)  # (along the last axis: a reduction over contiguous partials)
 
 
 def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
            v: torch.Tensor, scale: torch.Tensor, first_w: torch.Tensor, first_b: torch.Tensor, last_w: torch.Tensor,
            last_b: torch.Tensor, adam_factor: torch.Tensor, lr: torch.Tensor, axes, rsqrt_epsilon: float,
-           average_weight: float) -> torch.Tensor:
+           average_weight: float, ok: torch.Tensor | None = None) -> torch.Tensor:
   """The update pass over one group (arguments as ``statistics``'s), p and a changed in place: first_w (count,
   4 + 2K, units), first_b (count, units), last_w (units, outputs), last_b (count, outputs), adam_factor (count,),
-  contiguous float32, units at most 8; lr a 0-d float32 device tensor. Returns (count, outputs - 1): |u|^2 and the
-  sums of tanh of the feedback outputs."""
+  contiguous float32, units at most 8; lr a 0-d float32 device tensor; ok as ``statistics``'s. Returns (count,
+  outputs - 1): |u|^2 and the sums of tanh of the feedback outputs."""
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
   units, outputs = last_w.shape
   blocks = triton.cdiv(size, BLOCK)
-  partial = torch.empty((count, blocks, outputs - 1), dtype=torch.float32, device=a.device)
+  partial = torch.empty((count, outputs - 1, blocks), dtype=torch.float32, device=a.device)
   _update_kernel[(count, blocks)](
-      g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial, size,
-      na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k, UNITS=units, OUTPUTS=outputs,
-      FACTORED=axes is not None, BLOCK=BLOCK, num_warps=WARPS)
-  return partial.sum(1)
+      g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial,
+      lr if ok is None else ok, size, na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k,
+      UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None, GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
+  return partial.sum(2)
