@@ -18,12 +18,14 @@ and optionally
   state_dtypes(p) -> {name: dtype}      entries not kept in p's dtype: torch's ``load_state_dict`` casts every
                                         floating state tensor to p's dtype, these are re-read from the state dict
   begin_step(state, *, loss, valid_loss, num_steps)
-                                        once per optimizer step that updates anything (not for a skipped step),
-                                        before the buckets: the losses (None, or Python floats holding float32
-                                        values), the horizon hint, and ``state``, the optimizer-wide dict the rule
-                                        keeps its global state in (``self.state["lopt_global"]``, saved in state
-                                        dicts as is)
-
+                                        once per optimizer step that updates anything (not for a step skipped
+                                        on the host; one skipped on the device has its changes undone), before the
+                                        buckets: the losses (None, or Python floats holding float32 values), the
+                                        horizon hint, and ``state``, the optimizer-wide dict the rule keeps its
+                                        global state in (``self.state["lopt_global"]``, saved in state dicts as is)
+  start(key, params, states, lr, **kw)  called for every bucket before ``begin_step`` (after weight decay), then
+                                        ``step`` as usual: launches what needs no losses, so that the device works
+                                        while the host computes the global state
   skips_on_device(params) -> bool       whether ``step`` of this bucket takes ``ok=``, the step's verdict on its
                                         gradients as a 0-d bool tensor on the device, changing nothing where it is
                                         false: then the optimizer never waits for the device (below)
@@ -43,6 +45,7 @@ import copy
 import math
 import numbers
 import os
+import struct
 import warnings
 
 import torch
@@ -221,7 +224,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if verdict is None and not _read_on_host(_max_norms(groups), losses):
       self._skipped_steps += 1
       return result
-    before = None if verdict is None else _copy(self.state[GLOBAL_STATE])
+    before = None if verdict is None else _snapshot(self.state[GLOBAL_STATE])
     init_state = getattr(self.rule, "init_state", None)
     buckets = []  # (group index, group, device, dtype, parameters, their states): each state looked up once
     for group_index, (group, by_key) in enumerate(zip(self.param_groups, groups)):
@@ -232,17 +235,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not state:
               state.update(init_state(p))
         buckets.append((group_index, group, device, dtype, params, states))
-    if begin_step is not None:
-      begin_step(self.state[GLOBAL_STATE], loss=losses[0], valid_loss=losses[1], num_steps=self.num_steps)
     for group_index, group, device, dtype, params, states in buckets:
       decay = group.get("weight_decay", 0.0)  # absent from groups of state dicts saved by lopt 0.2
       if decay:  # (a skipped step: times 1)
         factor = 1 - group["lr"] * decay
         torch._foreach_mul_(params, factor if verdict is None else torch.where(verdict, factor, 1.0))
-      if verdict is None:
-        self.rule.step((group_index, device, dtype), params, states, group["lr"])
-      else:
-        self.rule.step((group_index, device, dtype), params, states, group["lr"], ok=verdict, check=check)
+    start = getattr(self.rule, "start", None)
+    verdict_arguments = {} if verdict is None else {"ok": verdict, "check": check}
+    if start is not None:  # what the device can do before the losses are folded in, launched first
+      for group_index, group, device, dtype, params, states in buckets:
+        start((group_index, device, dtype), params, states, group["lr"], **verdict_arguments)
+    if begin_step is not None:
+      begin_step(self.state[GLOBAL_STATE], loss=losses[0], valid_loss=losses[1], num_steps=self.num_steps)
+    for group_index, group, device, dtype, params, states in buckets:
+      self.rule.step((group_index, device, dtype), params, states, group["lr"], **verdict_arguments)
     if verdict is not None:
       self._defer(verdict, before)
     return result
@@ -371,7 +377,19 @@ def _scalar(name: str, value, convert: bool):
   except (TypeError, ValueError):
     raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
                     f"{type(value).__name__}") from None
-  return float(torch.tensor(number, dtype=torch.float32)) if convert else value  # (torch's rounding: inf, no warning)
+  return _float32(number) if convert else value
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _float32(number: float) -> float:
+  """``number`` rounded to float32 as torch rounds it (beyond the range: an infinity, without a warning), through
+  ``struct`` (a tenth of a tensor's time)."""
+  try:
+    return _FLOAT32.unpack(_FLOAT32.pack(number))[0]
+  except OverflowError:
+    return math.copysign(math.inf, number)
 
 
 def _max_norms(groups: list) -> dict:
@@ -411,6 +429,13 @@ def _read_on_host(norms: dict, losses: list) -> bool:
 def _copy(state):
   return {name: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
           for name, value in state.items()}
+
+
+def _snapshot(state: dict) -> dict:
+  """A copy of the global state to restore if the step is skipped: CPU tensors through numpy (half a clone's
+  time), others as ``_copy`` does."""
+  return {name: torch.from_numpy(value.numpy().copy()) if isinstance(value, torch.Tensor) and value.is_cpu
+          and not value.requires_grad else _copy({name: value})[name] for name, value in state.items()}
 
 
 def _to_numpy(value):

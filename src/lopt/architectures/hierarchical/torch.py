@@ -54,7 +54,8 @@ first layer's rows, the context and the constant factors fold into the biases an
 ``kernels`` (``HierarchicalRule.enable_kernels``, on by default through ``LearnedOptimizer``): on a CUDA device, a
 bucket of contiguous float32 tensors runs the per-coordinate passes as the Triton kernels of ``triton_passes``,
 which read gradients and parameters through a table of their addresses (no stacking copies), and the whole update
-is replayed as a CUDA graph (``_graph_step``); the LSTM between the passes stays the operations below.
+is replayed as two CUDA graphs (``HierarchicalRule._replay``), the first half launched by ``start`` before the losses
+are folded in; between the passes one kernel runs the LSTM and the rest of the per-tensor controller.
 
 ``compile`` (``HierarchicalRule.enable_compile``; ``LearnedOptimizer(..., compile=True)``) runs ``update_bucket``
 through ``torch.compile``, one graph per bucket layout, with the per-coordinate MLP unrolled into coordinate-wise
@@ -122,6 +123,8 @@ class Theta(NamedTuple):
   last_w: torch.Tensor          # the MLP's last layer times out_scale (its columns)
   last_b: torch.Tensor          # its bias times out_scale plus out_shift
   step_direct: torch.Tensor | None = None  # (LSTM inputs,) with ``direct_step``, else None
+  power_bases: torch.Tensor | None = None    # (3, 1) [rho, b_1, clip_decay] and the offsets of their exponents
+  power_offsets: torch.Tensor | None = None  # (3, 1) [1, 1, 0] from the counts: rho^t, b_1^t, decay^(t-1) (kernels)
 
 
 def prepare_theta(tensors: dict, values: dict, decays: tuple, dtype: torch.dtype, device: torch.device) -> Theta:
@@ -144,7 +147,10 @@ def prepare_theta(tensors: dict, values: dict, decays: tuple, dtype: torch.dtype
       torch.as_tensor([[values["rms_decay"]], [decays[0]]], dtype=dtype, device=device),
       torch.as_tensor(RSQRT_EPSILON, dtype=dtype, device=device), scale, magnitude * math.log(values["step_scale"]),
       magnitude, mlp[-1][0] * scale, mlp[-1][1] * scale + magnitude * math.log(values["step_scale"]),
-      convert(tensors["step/direct"]) if "step/direct" in tensors else None)
+      convert(tensors["step/direct"]) if "step/direct" in tensors else None,
+      torch.stack([torch.as_tensor(values["rms_decay"], dtype=dtype), torch.as_tensor(decays[0], dtype=dtype),
+                   decay.to(dtype)]).reshape(3, 1).to(device),
+      torch.tensor([[1.0], [1.0], [0.0]], dtype=dtype, device=device))
 
 
 class Constants(NamedTuple):
@@ -359,8 +365,11 @@ def _kernel_bucket(params: list, grads: list) -> bool:
   """Whether a bucket's passes can run as ``triton_passes`` kernels: Triton importable, float32 tensors on a CUDA
   device (or Triton's interpreter), every parameter and gradient contiguous (the kernels index them flat)."""
   p = params[0]
-  return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and all(x.is_contiguous() for x in params)
-          and all(x.is_contiguous() for x in grads) and _missing_triton() is None)
+  return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and all(map(_CONTIGUOUS, params))
+          and all(map(_CONTIGUOUS, grads)) and _missing_triton() is None)
+
+
+_CONTIGUOUS, _ADDRESS = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
 
 
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
@@ -383,6 +392,9 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   Per group of same-shaped tensors, two passes over the coordinates -- the clipped gradient, the second moment, the
   momenta and the statistics; after the LSTM ran once for the bucket, the MLP and the update -- each a handful of
   calls on (count, ...) batches with per-tensor values broadcast along the first axis."""
+  if tables is not None:
+    return kernel_update(c, theta, rtheta, layout, features, lr, momenta, seconds, averages, h, cell_state, feedback,
+                         scalars, steps, tables, ok, check)
   n, k = len(params), len(c.decays)
   dtype, rec = params[0].dtype, h.dtype
   rho = c.rms_decay
@@ -397,16 +409,8 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   upper = threshold.to(dtype)
   lower = torch.neg(upper)
   moment_correction, adam_correction = (1 - torch.pow(rtheta.correction_bases, t)).unbind(0)  # 1 - rho^t, 1 - b_1^t
-  if tables is None:
-    raw_norms = torch.stack(torch._foreach_norm(grads, dtype=rec))  # |g| before clipping
-    param_norms = torch.stack(torch._foreach_norm(params, dtype=rec))
-  else:  # from the statistics kernels, per group
-    from lopt.architectures.hierarchical import triton_passes
-    raw_norms, param_norms = [], []
-    if check:  # the verdict, before anything is written
-      ok.fill_(True)
-      for group in layout.groups:
-        triton_passes.check_finite(tables[0, group.start:group.stop], group.stop - group.start, group.size, ok)
+  raw_norms = torch.stack(torch._foreach_norm(grads, dtype=rec))  # |g| before clipping
+  param_norms = torch.stack(torch._foreach_norm(params, dtype=rec))
 
   # Pass 1, per group: the clipped gradient, the second moment (factored: from its row and column sums of squares),
   # rs = rsqrt(v / (1 - rho^t) + eps), the momenta, and the statistics of the feature columns (root sums of squares)
@@ -416,32 +420,6 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
     lo, hi, shape, count = group.start, group.stop, group.shape, group.stop - group.start
     per_tensor = lambda x: x[lo:hi].reshape((count,) + (1,) * len(shape))  # noqa: E731 -- (count,) broadcast
     flat = lambda x: x.reshape(count, -1)  # noqa: E731
-    if tables is not None:  # the pass as kernels reading the tensors where they lie
-      upper_group, g_table, p_table = upper[lo:hi], tables[0, lo:hi], tables[1, lo:hi]
-      if group.axes is None:
-        (v,) = second
-        scale = torch.reciprocal(moment_correction[lo:hi])     # rs = rsqrt(v / (1 - rho^t) + eps)
-      else:
-        a, b = group.axes[0] + 1, group.axes[1] + 1
-        rows, cols = second
-        row_sums, col_sums = triton_passes.factored_sums(g_table, upper_group, count, shape, group.axes)
-        for accumulator, sums, length in ((rows, row_sums, shape[b - 1]), (cols, col_sums, shape[a - 1])):
-          new = accumulator.mul_(rho) if ok is None else accumulator.mul(rho)  # (skippable: into a new tensor)
-          new.add_(sums.view(accumulator.shape), alpha=(1 - rho) / length).add_((1 - rho) * G2_EPSILON)
-          if ok is not None:
-            accumulator.copy_(torch.where(ok, new, accumulator))
-        scale, v = rows / (rows.mean(a, keepdim=True) * per_tensor(moment_correction)), cols
-      sums = triton_passes.statistics(g_table, p_table, upper_group, average, m, v, scale, theta.one_minus_decays,
-                                      group.axes, rho, G2_EPSILON, RSQRT_EPSILON, ok)
-      roots = sums.sqrt()  # norms from sums of squares; the alignments' dot products stay as they are
-      statistics.append(torch.cat([roots[:, :3 * k], sums[:, 3 * k:4 * k]], dim=1).reshape(count, 4, k))
-      gradient_norms.append(roots[:, 4 * k])
-      drift_norms.append(roots[:, 4 * k + 1])
-      clipped_norms.append(roots[:, 4 * k + 2])
-      raw_norms.append(roots[:, 4 * k + 3])
-      param_norms.append(roots[:, 4 * k + 4])
-      kept.append((v, scale))
-      continue
     g = torch.clamp(_batch(grads[lo:hi], shape), per_tensor(lower), per_tensor(upper))
     p = _batch(params[lo:hi], shape)
     if group.axes is None:
@@ -489,8 +467,6 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
 
   # The LSTM's inputs, the LSTM and its readouts: once for the bucket (recurrent dtype).
   # (5, n): |g| clipped, |g| raw, |p|, |p - a|, |g rs|;  (n, 4, K): |m_k|, |m_k rs|, |old m_k rs|, g rs . old m_k
-  if tables is not None:
-    raw_norms, param_norms = torch.cat(raw_norms), torch.cat(param_norms)
   norms = torch.stack([torch.cat(clipped_norms), raw_norms, param_norms, torch.cat(drift_norms),
                        torch.cat(gradient_norms)])
   statistics = torch.cat(statistics)
@@ -545,15 +521,6 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   # magnitude_scale mag, feedback...] per coordinate.
   update_norms, new_feedbacks = [], []
   for group, m, average, kept_group in zip(layout.groups, momenta, averages, kept):
-    if tables is not None:
-      lo, hi = group.start, group.stop
-      v, scale = kept_group
-      sums = triton_passes.update(tables[0, lo:hi], tables[1, lo:hi], upper[lo:hi], average, m, v, scale,
-                                  first_w[lo:hi].contiguous(), first_b[lo:hi], theta.last_w, last_b[lo:hi],
-                                  adam_factor[lo:hi], lr, group.axes, RSQRT_EPSILON, 1 - c.average_decay, ok)
-      update_norms.append(sums[:, 0].sqrt())
-      new_feedbacks.append(sums[:, 1:] / group.size)
-      continue
     g, p, rs = kept_group
     chunks = ((0, group.stop - group.start),) if c.fused == "unrolled" else group.chunks
     for first, last in chunks:
@@ -617,6 +584,126 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   steps.add_(1 if ok is None else ok.to(steps.dtype))
 
 
+class FirstPass(NamedTuple):
+  """What the kernels' first pass leaves for the second (``kernel_first_pass``): powers (3, n) [rho^t, b_1^t,
+  decay^(t-1)], upper (n,) the clipping thresholds, sums (n, 4K + 5) the statistics, and per group (v, scale) from
+  which the second pass recomputes rs."""
+  powers: torch.Tensor
+  upper: torch.Tensor
+  sums: torch.Tensor
+  kept: list
+
+
+def kernel_update(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor,
+                  lr: torch.Tensor, momenta: list, seconds: list, averages: list, h: torch.Tensor,
+                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor,
+                  tables: torch.Tensor, ok: torch.Tensor | None = None, check: bool = False) -> None:
+  """``update_bucket`` as the Triton kernels of ``triton_passes`` (its arguments; float32, one hidden layer of at
+  most KERNEL_UNITS units): the gradients and parameters read through ``tables``, about a dozen kernels per bucket
+  plus a few per shape group, where the PyTorch operations take about a hundred and fifty. Two halves: the first
+  reads neither the global features nor the learning rate, so that it can start before ``begin_step``."""
+  first = kernel_first_pass(c, theta, rtheta, layout, momenta, seconds, averages, scalars, steps, tables, ok, check)
+  kernel_second_pass(c, theta, rtheta, layout, features, lr, momenta, averages, h, cell_state, feedback, scalars,
+                     steps, tables, ok, first)
+
+
+def kernel_first_pass(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, momenta: list, seconds: list,
+                      averages: list, scalars: torch.Tensor, steps: torch.Tensor, tables: torch.Tensor,
+                      ok: torch.Tensor | None = None, check: bool = False) -> FirstPass:
+  """The verdict on the gradients (``check``); rho^t, b_1^t and decay^(t-1) (torch's pow, as the eager update); the
+  clipping thresholds and bias corrections (``prepare``); per group the factored second moment's row and column sums
+  and the statistics pass, whose per-tensor sums go to rows of one (n, 4K + 5) array."""
+  from lopt.architectures.hierarchical import triton_passes
+  n, k, rho = layout.size.shape[0], len(c.decays), c.rms_decay
+  if check:  # the verdict, before anything is written
+    ok.fill_(True)
+    for group in layout.groups:
+      triton_passes.check_finite(tables[0, group.start:group.stop], group.stop - group.start, group.size, ok)
+  powers = torch.pow(rtheta.power_bases, steps.to(rtheta.power_bases.dtype) + rtheta.power_offsets)    # (3, n)
+  upper, moment_correction = triton_passes.prepare(scalars, steps, powers, rtheta.clip_multiplier)
+  # Per group: the second moment (factored: its rows and columns updated from the clipped g^2 sums), the momenta,
+  # the statistics. rs = rsqrt(scale v + eps) is recomputed by the second pass from (v, scale).
+  sums = torch.empty((n, 4 * k + 5), dtype=torch.float32, device=steps.device)
+  kept = []
+  for group, m, second, average in zip(layout.groups, momenta, seconds, averages):
+    lo, hi, shape, count = group.start, group.stop, group.shape, group.stop - group.start
+    if group.axes is None:
+      (v,) = second
+      scale = torch.reciprocal(moment_correction[lo:hi])     # rs = rsqrt(v / (1 - rho^t) + eps)
+    else:
+      a, b = group.axes[0] + 1, group.axes[1] + 1
+      rows, cols = second
+      row_sums, col_sums = triton_passes.factored_sums(tables[0, lo:hi], upper[lo:hi], count, shape, group.axes)
+      for accumulator, total, length in ((rows, row_sums, shape[b - 1]), (cols, col_sums, shape[a - 1])):
+        new = accumulator.mul_(rho) if ok is None else accumulator.mul(rho)  # (skippable: into a new tensor)
+        new.add_(total.view(accumulator.shape), alpha=(1 - rho) / length).add_((1 - rho) * G2_EPSILON)
+        if ok is not None:
+          accumulator.copy_(torch.where(ok, new, accumulator))
+      correction = moment_correction[lo:hi].reshape((count,) + (1,) * len(shape))
+      scale, v = rows / (rows.mean(a, keepdim=True) * correction), cols
+    triton_passes.statistics(tables[0, lo:hi], tables[1, lo:hi], upper[lo:hi], average, m, v, scale,
+                             theta.one_minus_decays, group.axes, rho, G2_EPSILON, RSQRT_EPSILON, ok, out=sums[lo:hi])
+    kept.append((v, scale))
+  return FirstPass(powers, upper, sums, kept)
+
+
+def kernel_second_pass(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor,
+                       lr: torch.Tensor, momenta: list, averages: list, h: torch.Tensor, cell_state: torch.Tensor,
+                       feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor, tables: torch.Tensor,
+                       ok: torch.Tensor | None, first: FirstPass) -> None:
+  """The controller once for the bucket -- the LSTM, the log step, the MLP's per-tensor constants; h, c, the
+  gradient RMS and the log step written there -- then per group the update pass (the MLP, p <- p + lr u, the slow
+  average), then the update ratio, the feedback and the counts (``finish``)."""
+  from lopt.architectures.hierarchical import triton_passes
+  n = layout.size.shape[0]
+  first_w, first_b, last_b, adam_factor, p_rms = triton_passes.controller(
+      first.sums, first.powers, scalars, steps, h, cell_state, feedback, layout.size, layout.shape_features,
+      features, rtheta, theta.mlp[0], theta.last_b, theta.magnitude, ok)
+  update_sums = torch.empty((n, feedback.shape[1] + 1), dtype=torch.float32, device=h.device)
+  for group, m, average, (v, scale) in zip(layout.groups, momenta, averages, first.kept):
+    lo, hi = group.start, group.stop
+    triton_passes.update(tables[0, lo:hi], tables[1, lo:hi], first.upper[lo:hi], average, m, v, scale,
+                         first_w[lo:hi], first_b[lo:hi], theta.last_w, last_b[lo:hi], adam_factor[lo:hi], lr,
+                         group.axes, RSQRT_EPSILON, 1 - c.average_decay, ok, out=update_sums[lo:hi])
+  triton_passes.finish(update_sums, p_rms, layout.size, scalars, feedback, steps, ok)
+
+
+class _Bucket(NamedTuple):
+  """One bucket's bookkeeping for one step (``HierarchicalRule._bucket``): the tensors in group order, the state
+  buffers and the update's arguments from them; for the kernels' update the verdict, the address tables on the device
+  and the binding's CUDA graphs (None: eager)."""
+  key: tuple
+  device: torch.device
+  dtype: torch.dtype
+  rec: torch.dtype
+  theta: Theta
+  rtheta: Theta
+  layout: Layout
+  params: list
+  grads: list
+  buffers: Buffers
+  arguments: tuple      # momenta, seconds, averages, h, c, feedback, scalars, steps
+  compiled: object      # the compiled update, or None
+  kernels: bool
+  ok: torch.Tensor | None = None
+  check: bool = False
+  tables: torch.Tensor | None = None
+  graphs: _Graphs | None = None
+
+
+class _Graphs:
+  """A binding's two CUDA graphs (the halves of the kernels' update) and their static inputs: the buffers and layout
+  bound, the verdict buffer, the device table of addresses, the first half's outputs; ``eager``: whether each half
+  ran eagerly once (the binding's first step)."""
+
+  def __init__(self, buffers: Buffers, layout: Layout, ok: torch.Tensor | None):
+    self.buffers, self.layout, self.ok = buffers, layout, ok
+    self.tables: torch.Tensor | None = None
+    self.first: FirstPass | None = None
+    self.graphs: list = [None, None]
+    self.eager = [False, False]
+
+
 class HierarchicalRule:
   """The hierarchical update for ``lopt.torch``: ``begin_step`` once per optimizer step (the losses, the horizon and
   the global state), then ``step`` per bucket of parameters (same group, device and dtype), changing parameters and
@@ -637,11 +724,14 @@ class HierarchicalRule:
     self._global: torch.Tensor | None = None   # this step's global features (float32, CPU)
     self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
     self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
+    self._staging = WeakIdKeyDictionary()      # per device buffer uploaded to: a pinned host buffer and an event
     self._lr_cache: dict = {}                  # the learning rate as a device tensor per bucket: compiled
     self._verdicts: dict = {}                  # under CUDA graphs: the step's gradient verdict, a buffer per device
-    self._verdicts_set: set = set()            # ... the devices whose buffer holds this step's
-    self._graphs: dict = {}                    # kernels: per bucket key (buffers, layout, graph, address table)
-    self.graphs = True                         # kernels on CUDA: the update replayed as a CUDA graph (``_graph_step``)
+    self._verdict_sources: dict = {}           # ... and the verdict last copied into it (kept: its identity is unique)
+    self._graphs: dict = {}                    # kernels: per (bucket key, verdict, check), ``_Graphs``
+    self._started: dict = {}                   # per bucket key, the ``_Bucket`` whose first pass ``start`` launched
+    self._first: dict = {}                     # per bucket key, the eager first pass's outputs (``FirstPass``)
+    self.graphs = True                         # kernels on CUDA: the update replayed as CUDA graphs (``_replay``)
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
     self._compile_options: dict = {}           # torch.compile's keyword arguments
@@ -694,6 +784,8 @@ class HierarchicalRule:
     self._buffers.clear()
     self._static.clear()
     self._graphs.clear()
+    self._started.clear()
+    self._first.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -710,6 +802,8 @@ class HierarchicalRule:
     self._compiled.clear()
     self._static.clear()
     self._graphs.clear()
+    self._started.clear()
+    self._first.clear()
 
   def _compiled_update(self, key: tuple):
     """The compiled ``update_bucket`` for the bucket layout ``key`` (device, dtype, shapes), or None (eager) with a
@@ -746,6 +840,8 @@ class HierarchicalRule:
         warnings.warn(f"HierarchicalRule: kernels requested but {missing}; running PyTorch operations", stacklevel=3)
     self._constants[""] = self._constants[""]._replace(kernels=enabled)
     self._graphs.clear()
+    self._started.clear()
+    self._first.clear()
 
   # -- the update --------------------------------------------------------------------------------------------------
 
@@ -765,13 +861,24 @@ class HierarchicalRule:
       state["step"] = step.to(device="cpu", dtype=torch.int32) + 1
     self._global = torch.cat([loss_features(state), time_features(state["step"], num_steps)])
     self._global_cache.clear()
-    self._verdicts_set.clear()
 
   def skips_on_device(self, params: list) -> bool:
     """Whether ``step`` takes the step's verdict on its gradients as a device flag (``ok``) for this bucket: the
     kernels' update (float32 contiguous tensors on a CUDA device, no ``compile``)."""
     return ((self._compile_mode is None or self._compile_failed) and self._constants[""].kernels
             and _kernel_bucket(params, [p.grad for p in params]))
+
+  @torch.no_grad()
+  def start(self, key, params: list[torch.Tensor], states: list[dict], lr: float,
+            ok: torch.Tensor | None = None, check: bool = False) -> None:
+    """Optional, before ``begin_step`` (arguments as ``step``'s, which must follow for the same bucket in this
+    optimizer step): launches the part of the bucket's update that reads neither the losses nor the learning rate
+    -- for the kernels' update, the first pass -- so that the device works on it while the host folds the losses
+    into the global state. Does nothing for other buckets."""
+    bucket = self._bucket(key, params, states, ok, check)
+    if bucket.kernels:
+      self._first_pass(bucket)
+      self._started[key] = bucket
 
   @torch.no_grad()
   def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float,
@@ -787,38 +894,21 @@ class HierarchicalRule:
       raise RuntimeError("HierarchicalRule.step: call begin_step first (once per optimizer step)")
     if not params:
       return
-    for p, state in zip(params, states):
-      if not state:
-        state.update(self.init_state(p))
-    device, dtype = params[0].device, params[0].dtype
-    rec = recurrent_dtype(dtype)
-    theta, rec_theta = self._theta(device, dtype), self._theta(device, rec)
-    layout = self._layout(params, device, rec)
-    params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
-    buffers = self._bind(key, layout, params, states)
-    compiled = self._compiled_update((device, dtype, layout.shapes))
-    constants = self._constants["" if compiled is None else self._fused]
-    grads = [p.grad for p in params]
-    kernels = compiled is None and constants.kernels and _kernel_bucket(params, grads)
-    if ok is not None and not kernels:
-      raise RuntimeError("HierarchicalRule.step: a device verdict (ok) needs the kernels' update (skips_on_device)")
-    graphed = kernels and self.graphs and device.type == "cuda"
-    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
-    features = self._global_features(device, rec, persistent=static or graphed)
-    arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
-                 buffers.scalars, buffers.steps)
-    if kernels:
-      # the addresses of the gradients and parameters, for kernels that read them where they lie
-      addresses = torch.tensor([[g.data_ptr() for g in grads], [p.data_ptr() for p in params]], dtype=torch.int64)
-      rate = self._lr(lr, key, device, dtype)
-      if graphed:
-        verdict = None if ok is None else ok if check else self._verdict(ok)
-        self._graph_step(key, constants, theta, rec_theta, layout, features, rate, params, grads, arguments, buffers,
-                         addresses, verdict, check)
-      else:
-        update_bucket(constants, theta, rec_theta, layout, features, rate, params, grads, *arguments,
-                      tables=addresses.to(device, non_blocking=True), ok=ok, check=check)
+    bucket = self._started.pop(key, None)
+    if bucket is None:
+      bucket = self._bucket(key, params, states, ok, check)
+      if bucket.kernels:
+        self._first_pass(bucket)
+    if bucket.kernels:
+      self._second_pass(bucket, lr)
       return
+    device, dtype, rec, layout, buffers = bucket.device, bucket.dtype, bucket.rec, bucket.layout, bucket.buffers
+    theta, rec_theta, params, grads = bucket.theta, bucket.rtheta, bucket.params, bucket.grads
+    compiled = bucket.compiled
+    constants = self._constants["" if compiled is None else self._fused]
+    static = compiled is not None and self._cudagraphs  # CUDA graphs: static inputs are not copied at each replay
+    features = self._global_features(device, rec, persistent=static)
+    arguments = bucket.arguments
     if compiled is not None:
       from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
       # torch.compile (2.13, Inductor on the CPU) loses in-place updates of 0-d float64 inputs: (1,) views of them
@@ -842,37 +932,100 @@ class HierarchicalRule:
 
   # -- helpers -----------------------------------------------------------------------------------------------------
 
-  def _graph_step(self, key, constants: Constants, theta: Theta, rtheta: Theta, layout: Layout,
-                  features: torch.Tensor, rate: torch.Tensor, params: list, grads: list, arguments: tuple,
-                  buffers: Buffers, addresses: torch.Tensor, ok: torch.Tensor | None, check: bool) -> None:
-    """The kernel update of one bucket as a CUDA graph: the first step of a binding (these buffers and layout) runs
-    eagerly -- on a side stream, as capture needs, compiling the kernels -- the second captures the graph, and every
-    step replays it. The kernels read the gradients and parameters through a table of their addresses, refreshed
-    before each replay (a backward pass makes new gradient tensors), the learning rate from a device tensor and the
-    global features and the verdict ``ok`` (None: none, a graph of its own; ``check``: set by the graph) from
-    persistent buffers, so that nothing needs a new graph. A replay costs the host one call where the eager update costs it about a hundred operations."""
-    device = params[0].device
-    key = (key, ok is not None, check)
-    entry = self._graphs.get(key)
-    if entry is None or entry[0] is not buffers or entry[1] is not layout or entry[4] is not ok:
+  def _bucket(self, key, params: list, states: list, ok: torch.Tensor | None, check: bool) -> _Bucket:
+    """A bucket's bookkeeping for this step: states created where missing, the meta-parameters and layout, the
+    tensors in group order, the state buffers bound, which update runs; for the kernels' update, the addresses of
+    the gradients and parameters (read where they lie) and its CUDA graphs' entry."""
+    for p, state in zip(params, states):
+      if not state:
+        state.update(self.init_state(p))
+    device, dtype = params[0].device, params[0].dtype
+    rec = recurrent_dtype(dtype)
+    layout = self._layout(params, device, rec)
+    params, states = list(map(params.__getitem__, layout.order)), list(map(states.__getitem__, layout.order))
+    buffers = self._bind(key, layout, params, states)
+    compiled = self._compiled_update((device, dtype, layout.shapes))
+    grads = [p.grad for p in params]
+    kernels = compiled is None and self._constants[""].kernels and _kernel_bucket(params, grads)
+    if ok is not None and not kernels:
+      raise RuntimeError("HierarchicalRule.step: a device verdict (ok) needs the kernels' update (skips_on_device)")
+    arguments = (buffers.momenta, buffers.seconds, buffers.averages, buffers.h, buffers.c, buffers.feedback,
+                 buffers.scalars, buffers.steps)
+    bucket = _Bucket(key, device, dtype, rec, self._theta(device, dtype), self._theta(device, rec), layout, params,
+                     grads, buffers, arguments, compiled, kernels)
+    if not kernels:
+      return bucket
+    addresses = [list(map(_ADDRESS, grads)), list(map(_ADDRESS, params))]
+    if not (self.graphs and device.type == "cuda"):
+      return bucket._replace(ok=ok, check=check, tables=torch.tensor(addresses, dtype=torch.int64).to(device))
+    verdict = None if ok is None else ok if check else self._verdict(ok)
+    graphs = self._graphs.get((key, ok is not None, check))
+    if graphs is None or graphs.buffers is not buffers or graphs.layout is not layout or graphs.ok is not verdict:
+      graphs = self._graphs[(key, ok is not None, check)] = _Graphs(buffers, layout, verdict)  # a new binding
+      tables = torch.tensor(addresses, dtype=torch.int64).to(device)  # (its first step runs eagerly)
+    else:
+      if graphs.tables is None:
+        graphs.tables = torch.empty((2, len(grads)), dtype=torch.int64, device=device)
+      tables = self._upload(addresses, graphs.tables)
+    return bucket._replace(ok=verdict, check=check, tables=tables, graphs=graphs)
+
+  def _first_pass(self, bucket: _Bucket) -> None:
+    """The first half of the kernels' update (``kernel_first_pass``): eagerly, or as a CUDA graph (``_replay``)."""
+    b = bucket
+    run = lambda: kernel_first_pass(  # noqa: E731
+        self._constants[""], b.theta, b.rtheta, b.layout, *b.arguments[:3], *b.arguments[6:], b.tables, b.ok,
+        b.check)
+    if b.graphs is None:
+      self._first[b.key] = run()
+    else:
+      first = self._replay(b.graphs, 0, run)
+      if first is not None:
+        self._first[b.key] = first
+
+  def _second_pass(self, bucket: _Bucket, lr: float) -> None:
+    """The second half (``kernel_second_pass``), after ``begin_step``: eagerly, or as a CUDA graph."""
+    b = bucket
+    features = self._global_features(b.device, b.rec, persistent=b.graphs is not None)
+    rate = self._lr(lr, b.key, b.device, b.dtype)
+    first = self._first.pop(b.key) if b.graphs is None or b.graphs.graphs[0] is None else b.graphs.first
+    run = lambda: kernel_second_pass(  # noqa: E731
+        self._constants[""], b.theta, b.rtheta, b.layout, features, rate, b.arguments[0], b.arguments[2],
+        *b.arguments[3:], b.tables, b.ok, first)
+    if b.graphs is None:
+      run()
+    else:
+      self._replay(b.graphs, 1, run)
+      if b.graphs.graphs[1] is not None:
+        self._first.pop(b.key, None)
+
+  def _replay(self, graphs: _Graphs, half: int, run):
+    """Runs one half of the kernels' update of a binding (these buffers, layout and verdict) as a CUDA graph. The
+    binding's first step runs eagerly -- on a side stream, as capture needs, compiling the kernels -- its second
+    captures the half and every later one replays it. The kernels read the gradients and parameters through the
+    binding's table of their addresses (refreshed before each replay: a backward pass makes new gradient tensors),
+    the learning rate from a device tensor and the global features and the verdict from persistent buffers, so
+    that nothing needs a new graph; the first half's outputs stay the graph's, read by the second. A replay costs
+    the host one call where the eager update costs it about a hundred operations. Returns ``run()``'s result where
+    it ran (eagerly or captured), None where it was replayed."""
+    device = graphs.layout.size.device
+    if not graphs.eager[half]:
       stream = torch.cuda.Stream(device)
       stream.wait_stream(torch.cuda.current_stream(device))
       with torch.cuda.stream(stream):
-        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments,
-                      tables=addresses.to(device, non_blocking=True), ok=ok, check=check)
+        result = run()
       torch.cuda.current_stream(device).wait_stream(stream)
-      self._graphs[key] = (buffers, layout, None, None, ok)
-      return
-    graph, tables = entry[2], entry[3]
-    if graph is None:
-      tables = torch.empty(addresses.shape, dtype=torch.int64, device=device)
+      graphs.eager[half] = True
+      return result
+    result = None
+    if graphs.graphs[half] is None:
       graph = torch.cuda.CUDAGraph()
       with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        update_bucket(constants, theta, rtheta, layout, features, rate, params, grads, *arguments, tables=tables,
-                      ok=ok, check=check)
-      self._graphs[key] = (buffers, layout, graph, tables, ok)
-    tables.copy_(addresses, non_blocking=True)
-    graph.replay()
+        result = run()
+      graphs.graphs[half] = graph
+      if half == 0:
+        graphs.first = result
+    graphs.graphs[half].replay()
+    return result
 
   def _mlp_products(self) -> int:
     """Multiplications per coordinate in the MLP's layers (the context folded into the first layer's bias)."""
@@ -954,8 +1107,7 @@ class HierarchicalRule:
         buffer = self._features.get(key[:2])
         if buffer is None or buffer.shape != value.shape:
           buffer = self._features[key[:2]] = torch.empty(value.shape, dtype=dtype, device=device)
-        source = value.to(dtype)  # converted on the host, then one copy from pinned memory: it does not wait
-        value = buffer.copy_(source.pin_memory() if device.type == "cuda" else source, non_blocking=True)
+        value = self._upload(value, buffer)
       else:
         if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
           value = value.pin_memory().to(device=device, non_blocking=True)
@@ -964,15 +1116,36 @@ class HierarchicalRule:
     return value
 
   def _verdict(self, ok: torch.Tensor) -> torch.Tensor:
-    """``ok`` copied into its device's persistent buffer (a static input of the graphs), once per step."""
+    """``ok`` copied into its device's persistent buffer (a static input of the graphs), once per verdict (the
+    buckets of a step share one)."""
     device = ok.device
     buffer = self._verdicts.get(device)
     if buffer is None:
       buffer = self._verdicts[device] = torch.ones((), dtype=torch.bool, device=device)
-    if device not in self._verdicts_set:
+    if self._verdict_sources.get(device) is not ok:
       buffer.copy_(ok)
-      self._verdicts_set.add(device)
+      self._verdict_sources[device] = ok
     return buffer
+
+  def _upload(self, value, target: torch.Tensor) -> torch.Tensor:
+    """``target`` (a device buffer) <- ``value`` (a CPU tensor, or nested lists of numbers) of target's shape, on
+    a CUDA device through a pinned buffer kept per target, so that the copy does not wait for the device; the pinned
+    buffer is refilled once its previous copy is done (an event; long done by then, as a rule)."""
+    if target.device.type != "cuda":
+      return target.copy_(torch.as_tensor(value, dtype=target.dtype))
+    staging = self._staging.get(target)
+    if staging is None:
+      staging = self._staging[target] = (torch.empty(target.shape, dtype=target.dtype, pin_memory=True),
+                                         torch.cuda.Event())
+    pinned, copied = staging
+    copied.synchronize()
+    if isinstance(value, torch.Tensor):
+      pinned.copy_(value)
+    else:  # (through numpy: a fraction of a tensor's construction)
+      pinned.numpy()[...] = value
+    target.copy_(pinned, non_blocking=True)
+    copied.record(torch.cuda.current_stream(target.device))
+    return target
 
   def _lr(self, lr: float, key, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """lr as a 0-d device tensor per bucket ``key`` (compiled: a new value is no new graph), refilled when it

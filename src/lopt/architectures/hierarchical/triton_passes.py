@@ -280,6 +280,168 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
   tl.store(p_ptr + offsets, p + update * tl.load(lr), mask=written)
 
 
+@triton.jit
+def _prepare_kernel(scalars_ptr, steps_ptr, powers_ptr, clip_multiplier_ptr, out_ptr, n):
+  """Per tensor i: the clipping threshold (inf without a history) and 1 - rho^t, into out (2, n)."""
+  i = tl.program_id(0)
+  t = tl.load(steps_ptr + i).to(tl.float32) + 1.0
+  old_rms = tl.load(scalars_ptr + i)
+  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), 1e-12)
+  has_history = (t > 1.0) & (old_rms > 0.0)
+  tl.store(out_ptr + i, tl.where(has_history, tl.load(clip_multiplier_ptr) * history, float("inf")))
+  tl.store(out_ptr + n + i, 1.0 - tl.load(powers_ptr + i))
+
+
+@triton.jit
+def _sigmoid(x):
+  return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _lstm_gate(q: tl.constexpr, x, h, d, l_rows, units, lstm_w_ptr, lstm_b_ptr, x_mask, h_mask, unit_mask,
+               D: tl.constexpr, L: tl.constexpr):
+  """Gate q's (L,) pre-activation: bias + x W[:D] + h W[D:], W (D + L, 4L) row-major."""
+  columns = q * L + units
+  wx = tl.load(lstm_w_ptr + d[:, None] * (4 * L) + columns[None, :], mask=x_mask, other=0.0)
+  wh = tl.load(lstm_w_ptr + (D + l_rows)[:, None] * (4 * L) + columns[None, :], mask=h_mask, other=0.0)
+  return (tl.load(lstm_b_ptr + columns, mask=unit_mask, other=0.0) + tl.sum(x[:, None] * wx, axis=0)
+          + tl.sum(h[:, None] * wh, axis=0))
+
+
+@triton.jit
+def _keep(ok_ptr, GATED: tl.constexpr):
+  """1 where this step's changes are to be written, 0 where it is skipped (the flag at ok_ptr false)."""
+  if GATED:
+    return tl.load(ok_ptr).to(tl.int32)
+  else:
+    return 1
+
+
+@triton.jit
+def _controller_kernel(
+    sums_ptr, powers_ptr, scalars_ptr, steps_ptr, h_ptr, c_ptr, feedback_ptr, size_ptr, shape_ptr, features_ptr,
+    lstm_w_ptr, lstm_b_ptr, step_w_ptr, step_b_ptr, step_alignment_ptr, step_schedule_ptr, step_direct_ptr,
+    context_w_ptr, context_b_ptr, clip_decay_ptr, w0_ptr, b0_ptr, last_b_ptr, magnitude_ptr,
+    first_w_out, first_b_out, last_b_out, adam_factor_out, p_rms_out, ok_ptr, n,
+    K: tl.constexpr, F: tl.constexpr, G: tl.constexpr, T: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
+    UNITS: tl.constexpr, OUTPUTS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_COL: tl.constexpr):
+  i = tl.program_id(0)
+  S: tl.constexpr = 4 * K + 5          # the statistics pass's sums per tensor
+  COLUMNS: tl.constexpr = 4 + 2 * K    # the MLP's feature columns
+  D: tl.constexpr = 11 + K + F + G     # the LSTM's inputs before its hidden state
+  row = sums_ptr + i * S
+  size = tl.load(size_ptr + i)
+  clipped2, raw2, p2 = tl.load(row + 4 * K + 2), tl.load(row + 4 * K + 3), tl.load(row + 4 * K + 4)
+  drift2, m1rs2 = tl.load(row + 4 * K + 1), tl.load(row + K)
+  # this tensor's count and history (``prepare``'s), its bias correction
+  t = tl.load(steps_ptr + i).to(tl.float32) + 1.0
+  old_rms, old_ratio, old_log_step = tl.load(scalars_ptr + i), tl.load(scalars_ptr + n + i), tl.load(
+      scalars_ptr + 2 * n + i)
+  decay = tl.load(clip_decay_ptr)
+  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), 1e-12)
+  has_history = (t > 1.0) & (old_rms > 0.0)
+  adam_correction = 1.0 - tl.load(powers_ptr + n + i)
+  new_rms = decay * old_rms + (1.0 - decay) * tl.sqrt(clipped2 / size + 1e-30)
+  raw_rms = tl.sqrt(raw2 / size + 1e-30)
+  spike = tl.minimum(tl.maximum(tl.log(raw_rms + 1e-30) - tl.log(history + 1e-30), -5.0), 5.0) / 5.0
+  spike = tl.where(has_history, spike, 0.0)
+  p_rms = tl.sqrt(p2 / size + 1e-30)
+  adam_rms = tl.sqrt(m1rs2 / size / (adam_correction * adam_correction) + 1e-30)
+  drift_rms = tl.sqrt(drift2 / size + 1e-30)
+  # The LSTM's inputs x (D,): [0.1 log RMS of g, p, adam, p - a; 0.1 ratio; spike; alignments (K); log step / 8;
+  # shape (4); feedback (F); global features (G)]
+  d = tl.arange(0, BLOCK_D)
+  x = tl.where(d == 0, 0.1 * tl.log(raw_rms + 1e-30), 0.0)
+  x = tl.where(d == 1, 0.1 * tl.log(p_rms + 1e-30), x)
+  x = tl.where(d == 2, 0.1 * tl.log(adam_rms + 1e-30), x)
+  x = tl.where(d == 3, 0.1 * tl.log(drift_rms + 1e-30), x)
+  x = tl.where(d == 4, old_ratio * 0.1, x)
+  x = tl.where(d == 5, spike, x)
+  in_alignment = (d >= 6) & (d < 6 + K)
+  dot = tl.load(row + 3 * K + d - 6, mask=in_alignment, other=0.0)
+  old2 = tl.load(row + 2 * K + d - 6, mask=in_alignment, other=0.0)
+  alignment = dot / tl.sqrt(clipped2 * old2 + 1e-30)
+  x = tl.where(in_alignment, alignment, x)
+  x = tl.where(d == 6 + K, old_log_step / 8.0, x)
+  x += tl.load(shape_ptr + i * 4 + d - 7 - K, mask=(d >= 7 + K) & (d < 11 + K), other=0.0)
+  x += tl.load(feedback_ptr + i * F + d - 11 - K, mask=(d >= 11 + K) & (d < 11 + K + F), other=0.0)
+  x += tl.load(features_ptr + d - 11 - K - F, mask=(d >= 11 + K + F) & (d < D), other=0.0)
+  # The LSTM (gates i, f, g, o of L units each), over [x, h]
+  l_rows = tl.arange(0, BLOCK_L)
+  units = tl.arange(0, BLOCK_L)
+  unit_mask = units < L
+  h = tl.load(h_ptr + i * L + l_rows, mask=l_rows < L, other=0.0)
+  x_mask = (d < D)[:, None] & unit_mask[None, :]
+  h_mask = (l_rows < L)[:, None] & unit_mask[None, :]
+  input_gate = _lstm_gate(0, x, h, d, l_rows, units, lstm_w_ptr, lstm_b_ptr, x_mask, h_mask, unit_mask, D, L)
+  forget_gate = _lstm_gate(1, x, h, d, l_rows, units, lstm_w_ptr, lstm_b_ptr, x_mask, h_mask, unit_mask, D, L)
+  cell_gate = _lstm_gate(2, x, h, d, l_rows, units, lstm_w_ptr, lstm_b_ptr, x_mask, h_mask, unit_mask, D, L)
+  output_gate = _lstm_gate(3, x, h, d, l_rows, units, lstm_w_ptr, lstm_b_ptr, x_mask, h_mask, unit_mask, D, L)
+  cell = _sigmoid(forget_gate) * tl.load(c_ptr + i * L + units, mask=unit_mask, other=0.0) + _sigmoid(
+      input_gate) * _tanh(cell_gate)
+  hidden = tl.where(unit_mask, _sigmoid(output_gate) * _tanh(cell), 0.0)
+  # The log step and the context
+  log_step = old_log_step + tl.load(step_b_ptr) + tl.sum(hidden * tl.load(step_w_ptr + units, mask=unit_mask,
+                                                                                  other=0.0), axis=0)
+  log_step += tl.sum(tl.where(in_alignment, alignment * tl.load(step_alignment_ptr + d - 6, mask=in_alignment,
+                                                                  other=0.0), 0.0), axis=0)
+  if DIRECT:
+    log_step += tl.sum(x * tl.load(step_direct_ptr + d, mask=d < D, other=0.0), axis=0)
+  log_step = tl.minimum(tl.maximum(log_step, -8.0), 8.0)
+  schedule = tl.sum(tl.load(features_ptr + G - T + d, mask=d < T, other=0.0)
+                    * tl.load(step_schedule_ptr + d, mask=d < T, other=0.0), axis=0)
+  cs = tl.arange(0, BLOCK_C)
+  context_w = tl.load(context_w_ptr + units[:, None] * C + cs[None, :], mask=unit_mask[:, None] & (cs < C)[None, :],
+                      other=0.0)
+  context = _tanh(tl.load(context_b_ptr + cs, mask=cs < C, other=0.0) + tl.sum(hidden[:, None] * context_w, axis=0))
+  context = tl.where(cs < C, context, 0.0)
+  # The per-tensor MLP constants: the first layer's rows over the columns' RMS, its bias with the context folded in,
+  # the last layer's bias with the log step and schedule folded into the magnitude's
+  col = tl.arange(0, BLOCK_COL)
+  u = tl.arange(0, BLOCK_U)
+  source = tl.where(col == 0, 4 * K + 2, tl.where(col == 1, 4 * K + 4, tl.where(col == 2, 4 * K + 1, tl.where(
+      col < 3 + K, col - 3, tl.where(col == 3 + K, 4 * K, col - 4)))))
+  means = tl.load(row + source, mask=col < COLUMNS, other=0.0) / size
+  w_mask = (col < COLUMNS)[:, None] & (u < UNITS)[None, :]
+  w0 = tl.load(w0_ptr + col[:, None] * UNITS + u[None, :], mask=w_mask, other=0.0)
+  tl.store(first_w_out + i * COLUMNS * UNITS + col[:, None] * UNITS + u[None, :],
+           w0 / tl.sqrt(means + 1e-12)[:, None], mask=w_mask)
+  wc = tl.load(w0_ptr + (COLUMNS + cs)[:, None] * UNITS + u[None, :], mask=(cs < C)[:, None] & (u < UNITS)[None, :],
+               other=0.0)
+  tl.store(first_b_out + i * UNITS + u, tl.load(b0_ptr + u, mask=u < UNITS, other=0.0)
+           + tl.sum(context[:, None] * wc, axis=0), mask=u < UNITS)
+  o = tl.arange(0, BLOCK_O)
+  shift = (log_step + schedule) * tl.load(magnitude_ptr + o, mask=o < OUTPUTS, other=0.0)
+  tl.store(last_b_out + i * OUTPUTS + o, tl.load(last_b_ptr + o, mask=o < OUTPUTS, other=0.0) + shift,
+           mask=o < OUTPUTS)
+  tl.store(adam_factor_out + i, -1.0 / adam_correction)
+  tl.store(p_rms_out + i, p_rms)
+  # The new recurrent state (the update ratio and the feedback: ``finish``, after the update)
+  keep = _keep(ok_ptr, GATED)
+  tl.store(h_ptr + i * L + units, hidden, mask=units < L * keep)
+  tl.store(c_ptr + i * L + units, cell, mask=units < L * keep)
+  lane = tl.arange(0, 2)
+  tl.store(scalars_ptr + lane * 2 * n + i, tl.where(lane == 0, new_rms, log_step), mask=lane < 2 * keep)
+
+
+@triton.jit
+def _finish_kernel(update_sums_ptr, p_rms_ptr, size_ptr, scalars_ptr, feedback_ptr, steps_ptr, ok_ptr, n,
+                   F: tl.constexpr, GATED: tl.constexpr, BLOCK_F: tl.constexpr):
+  i = tl.program_id(0)
+  size = tl.load(size_ptr + i)
+  update_rms = tl.sqrt(tl.load(update_sums_ptr + i * (F + 1)) / size + 1e-30)
+  ratio = tl.log(update_rms / (update_rms + tl.load(p_rms_ptr + i) + 1e-30) + 1e-30)
+  keep = _keep(ok_ptr, GATED)
+  f = tl.arange(0, BLOCK_F)
+  tl.store(feedback_ptr + i * F + f, tl.load(update_sums_ptr + i * (F + 1) + 1 + f, mask=f < F, other=0.0) / size,
+           mask=f < F * keep)
+  lane = tl.arange(0, 2)  # (scalars stored through two lanes, the first masked by keep)
+  tl.store(scalars_ptr + n + i + lane * 0, ratio + lane * 0.0, mask=lane < keep)
+  tl.store(steps_ptr + i + lane * 0, tl.load(steps_ptr + i) + 1 + lane * 0, mask=lane < keep)
+
+
 def shape_layout(shape: tuple, axes) -> tuple:
   """(na, n1, nb, n2, rows_size, cols_size) of one tensor of ``shape`` factored over ``axes`` (None: ones and the
   size twice)."""
@@ -320,12 +482,13 @@ def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape:
 
 def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
                v: torch.Tensor, scale: torch.Tensor, one_minus_decays: torch.Tensor, axes, rho: float,
-               g2_epsilon: float, rsqrt_epsilon: float, ok: torch.Tensor | None = None) -> torch.Tensor:
+               g2_epsilon: float, rsqrt_epsilon: float, ok: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
   """The statistics pass over one group of ``count`` tensors: a (count, *shape) the averages, m (count, *shape, K)
   the momenta (updated in place); factored, v (count, *cols) the column accumulators and scale (count, *rows);
   unfactored, v (count, *shape) the second moments (updated in place) and scale (count,); ok None, or a 0-d bool
-  device tensor: when false nothing is written. Returns (count, 4K + 5) sums: |m_k|^2, |m_k rs|^2, |old m_k rs|^2,
-  (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
+  device tensor: when false nothing is written. Returns (count, 4K + 5) sums (into ``out`` when given): |m_k|^2,
+  |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
   blocks = triton.cdiv(size, BLOCK)
@@ -334,17 +497,17 @@ def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor
       g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, upper if ok is None else ok, size, na, n1,
       nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None,
       GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
-  return partial.sum(2)  # (along the last axis: a reduction over contiguous partials)
+  return torch.sum(partial, 2, out=out)  # (along the last axis: a reduction over contiguous partials)
 
 
 def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a: torch.Tensor, m: torch.Tensor,
            v: torch.Tensor, scale: torch.Tensor, first_w: torch.Tensor, first_b: torch.Tensor, last_w: torch.Tensor,
            last_b: torch.Tensor, adam_factor: torch.Tensor, lr: torch.Tensor, axes, rsqrt_epsilon: float,
-           average_weight: float, ok: torch.Tensor | None = None) -> torch.Tensor:
+           average_weight: float, ok: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
   """The update pass over one group (arguments as ``statistics``'s), p and a changed in place: first_w (count,
   4 + 2K, units), first_b (count, units), last_w (units, outputs), last_b (count, outputs), adam_factor (count,),
-  contiguous float32, units at most 8; lr a 0-d float32 device tensor; ok as ``statistics``'s. Returns (count,
-  outputs - 1): |u|^2 and the sums of tanh of the feedback outputs."""
+  contiguous float32, units at most 8; lr a 0-d float32 device tensor; ok and out as ``statistics``'s. Returns
+  (count, outputs - 1): |u|^2 and the sums of tanh of the feedback outputs."""
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
   units, outputs = last_w.shape
@@ -354,4 +517,58 @@ def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a:
       g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial,
       lr if ok is None else ok, size, na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k,
       UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None, GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
-  return partial.sum(2)
+  return torch.sum(partial, 2, out=out)
+
+
+def prepare(scalars: torch.Tensor, steps: torch.Tensor, powers: torch.Tensor,
+            clip_multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """Per tensor, before the passes: (the clipping thresholds (n,), 1 - rho^t (n,)). scalars (3, n) the recurrent
+  scalars [gradient_rms, update_ratio, log_step], steps (n,) int32 the counts before this step, powers (3, n)
+  [rho^t, b_1^t, decay^(t-1)] for the new counts t, clip_multiplier 0-d."""
+  n = steps.shape[0]
+  out = torch.empty((2, n), dtype=torch.float32, device=steps.device)
+  _prepare_kernel[(n,)](scalars, steps, powers, clip_multiplier, out, n, num_warps=1)
+  return out[0], out[1]
+
+
+def controller(sums: torch.Tensor, powers: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor, h: torch.Tensor,
+               cell: torch.Tensor, feedback: torch.Tensor, size: torch.Tensor, shape_features: torch.Tensor,
+               features: torch.Tensor, theta, first_layer: tuple, last_b: torch.Tensor, magnitude: torch.Tensor,
+               ok: torch.Tensor | None) -> tuple:
+  """The per-tensor controller between the two passes, one program per tensor: from the statistics pass's sums
+  (n, 4K + 5) and the recurrent state -- scalars (3, n), steps (n,), h and cell (n, L), feedback (n, F) -- the
+  LSTM's inputs, the LSTM, the log step and the context; h, cell, the gradient RMS and the log step are written
+  in place (not where ``ok`` is false). size (n,) and shape_features (n, 4) the layout's, features (G,) the global
+  ones, theta the meta-parameters (``Theta``), first_layer (w, b) the MLP's first layer, last_b and magnitude
+  (outputs,). Returns the update pass's per-tensor constants: first_w (n, 4 + 2K, units), first_b (n, units),
+  last_b (n, outputs), adam_factor (n,), and the parameters' RMS (n,) for ``finish``."""
+  n, k, size_l = steps.shape[0], (sums.shape[1] - 5) // 4, h.shape[1]
+  w0, b0 = first_layer
+  units, outputs, columns = w0.shape[1], last_b.shape[0], 4 + 2 * k
+  device = h.device
+  first_w = torch.empty((n, columns, units), dtype=torch.float32, device=device)
+  first_b = torch.empty((n, units), dtype=torch.float32, device=device)
+  new_last_b = torch.empty((n, outputs), dtype=torch.float32, device=device)
+  rest = torch.empty((2, n), dtype=torch.float32, device=device)
+  direct = theta.step_direct is not None
+  f, g, t, c = feedback.shape[1], features.shape[0], theta.step_schedule.shape[0], theta.context_b.shape[0]
+  _controller_kernel[(n,)](
+      sums, powers, scalars, steps, h, cell, feedback, size, shape_features, features, theta.lstm_w, theta.lstm_b,
+      theta.step_w, theta.step_b, theta.step_alignment, theta.step_schedule,
+      theta.step_direct if direct else theta.step_w, theta.context_w, theta.context_b, theta.clip_decay, w0, b0,
+      last_b, magnitude, first_w, first_b, new_last_b, rest[0], rest[1], sums if ok is None else ok, n,
+      K=k, F=f, G=g, T=t, L=size_l, C=c, UNITS=units, OUTPUTS=outputs, DIRECT=direct, GATED=ok is not None,
+      BLOCK_D=triton.next_power_of_2(11 + k + f + g), BLOCK_L=triton.next_power_of_2(size_l),
+      BLOCK_C=triton.next_power_of_2(c), BLOCK_U=triton.next_power_of_2(units),
+      BLOCK_O=triton.next_power_of_2(outputs), BLOCK_COL=triton.next_power_of_2(columns), num_warps=4)
+  return first_w, first_b, new_last_b, rest[0], rest[1]
+
+
+def finish(update_sums: torch.Tensor, p_rms: torch.Tensor, size: torch.Tensor, scalars: torch.Tensor,
+           feedback: torch.Tensor, steps: torch.Tensor, ok: torch.Tensor | None) -> None:
+  """After the update pass, per tensor: the update ratio log(RMS u / (RMS u + RMS p)) into scalars[1], the feedback
+  means into feedback (n, F), the count + 1 (none where ``ok`` is false); update_sums (n, F + 1) the update pass's
+  sums, p_rms (n,) ``controller``'s."""
+  n, f = steps.shape[0], feedback.shape[1]
+  _finish_kernel[(n,)](update_sums, p_rms, size, scalars, feedback, steps, update_sums if ok is None else ok, n,
+                       F=f, GATED=ok is not None, BLOCK_F=max(triton.next_power_of_2(f), 2), num_warps=1)
