@@ -874,11 +874,10 @@ class HierarchicalRule:
     """Optional, before ``begin_step`` (arguments as ``step``'s, which must follow for the same bucket in this
     optimizer step): launches the part of the bucket's update that reads neither the losses nor the learning rate
     -- for the kernels' update, the first pass -- so that the device works on it while the host folds the losses
-    into the global state. Does nothing for other buckets."""
-    bucket = self._bucket(key, params, states, ok, check)
+    into the global state. Other buckets only have their bookkeeping done here."""
+    bucket = self._started[key] = self._bucket(key, params, states, ok, check)  # (``step`` reuses it)
     if bucket.kernels:
       self._first_pass(bucket)
-      self._started[key] = bucket
 
   @torch.no_grad()
   def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float,
