@@ -2,7 +2,7 @@
 
   python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
                                          [--compile MODE ...] [--frameworks jax torch] [--kernels]
-                                         [--group-limit N] [--triton auto|on|off ...]
+                                         [--group-limit N] [--triton auto|on|off ...] [--tensor-loss]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
@@ -17,7 +17,8 @@ take (an upper bound on the memory traffic: every kernel reads its operands and 
 PyTorch on a GPU, the kernels one step launches (torch.profiler). --group-limit overrides the JAX step's
 ``GROUP_LIMIT`` (on accelerators, tensors of one shape with up to N coordinates are stacked and stepped as one batch),
 to compare batching choices on one machine. --triton on/off forces the PyTorch optimizer's hand-written Triton
-kernels on or off (``kernels=``; auto, the default, uses them on a GPU when no --compile is given).
+kernels on or off (``kernels=``; auto, the default, uses them on a GPU when no --compile is given). --tensor-loss
+passes PyTorch's loss as a 0-d tensor on the device (as a training loop does) rather than a number.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def jax_times(shapes, repeats: int, kernels: bool = False) -> dict:
   return out
 
 
-def torch_times(shapes, repeats: int, compile=False, kernels: bool = False, triton=None) -> dict:
+def torch_times(shapes, repeats: int, compile=False, kernels: bool = False, triton=None,
+                tensor_loss: bool = False) -> dict:
   import torch
   from lopt.torch import LearnedOptimizer
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,7 +122,8 @@ def torch_times(shapes, repeats: int, compile=False, kernels: bool = False, trit
       run = opt.step
     else:
       opt = LearnedOptimizer(params, "general", compile=compile, kernels=triton)
-      run = lambda: opt.step(loss=1.0)  # noqa: E731
+      loss = torch.tensor(1.0, device=device) if tensor_loss else 1.0
+      run = lambda: opt.step(loss=loss)  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out[name] = median_ms(run, repeats, sync)
     if kernels and device == "cuda":
@@ -153,6 +156,7 @@ def main() -> None:
   parser.add_argument("--triton", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                       help="the PyTorch optimizer's hand-written kernels (LearnedOptimizer's kernels=None/True/False; "
                            "several: a line each)")
+  parser.add_argument("--tensor-loss", action="store_true", help="PyTorch: the loss as a device tensor")
   args = parser.parse_args()
   if args.group_limit is not None:
     from lopt.architectures.hierarchical import optimizer
@@ -173,9 +177,10 @@ def main() -> None:
       for mode in args.compile:
         for triton in args.triton:
           extra = ({"compile": mode} if mode not in (None, "none") else {}) | (
-              {"triton": triton} if triton != "auto" else {})
+              {"triton": triton} if triton != "auto" else {}) | ({"tensor_loss": True} if args.tensor_loss else {})
           runs.append(("torch", extra, lambda mode=mode, triton=triton: torch_times(
-              shapes, args.repeats, compile_mode(mode), args.kernels, {"auto": None, "on": True, "off": False}[triton])))
+              shapes, args.repeats, compile_mode(mode), args.kernels, {"auto": None, "on": True, "off": False}[triton],
+              args.tensor_loss)))
     for framework, extra, measure in runs:
       times = measure()
       kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}

@@ -30,11 +30,13 @@ def model(device: str) -> list:
   return [torch.nn.Parameter((0.3 * torch.randn(s, generator=generator)).to(device)) for s in SHAPES]
 
 
-def run(device: str, kernels: bool, decay: bool = False, name="general") -> tuple[list, LearnedOptimizer]:
+def run(device: str, kernels: bool, decay: bool = False, name="general",
+        tensors: bool = False) -> tuple[list, LearnedOptimizer]:
   """STEPS steps of general: growing gradients with a spike (the clipping), a NaN gradient at step 6 (skipped: on
   the device, with the kernels), a validation loss every third step, lr halved at step 8, and the optimizer rebuilt
   from its state dict at step 11. ``decay``: the vectors in a group of their own, with weight decay (two buckets:
-  the verdict is computed before the update rather than inside it); ``name`` the learned optimizer (a name or a path)."""
+  the verdict is computed before the update rather than inside it); ``name`` the learned optimizer (a name or a path);
+  ``tensors``: the losses given as tensors on the device."""
   params = model(device)
   groups = [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.1}] if decay else params
   make = lambda: LearnedOptimizer(groups, name, num_steps=30, kernels=kernels)  # noqa: E731
@@ -53,15 +55,19 @@ def run(device: str, kernels: bool, decay: bool = False, name="general") -> tupl
       p.grad = ((1 + 0.2 * t) * (30.0 if t == 4 else 1.0) * torch.randn(p.shape, generator=generator)).to(device)
     if t == 6:  # a step to skip (on the device where the kernels run)
       params[2].grad.view(-1)[5] = math.nan
-    optimizer.step(loss=2.0 * np.exp(-0.05 * t), valid_loss=2.2 if t % 3 == 0 else None)
+    loss, valid_loss = 2.0 * np.exp(-0.05 * t), 2.2 if t % 3 == 0 else None
+    if tensors:
+      loss = torch.tensor(loss, device=device)
+      valid_loss = None if valid_loss is None else torch.tensor(valid_loss, device=device)
+    optimizer.step(loss=loss, valid_loss=valid_loss)
   assert optimizer.skipped_steps == 1
   return [p.detach().cpu() for p in params], optimizer
 
 
-def worst_error(device: str, decay: bool = False, name="general") -> float:
+def worst_error(device: str, decay: bool = False, name="general", tensors: bool = False) -> float:
   """The largest relative displacement error between the kernels' run and the PyTorch operations' run."""
-  eager, reference = run(device, kernels=False, decay=decay, name=name)
-  fast, optimizer = run(device, kernels=True, decay=decay, name=name)
+  eager, reference = run(device, kernels=False, decay=decay, name=name, tensors=tensors)
+  fast, optimizer = run(device, kernels=True, decay=decay, name=name, tensors=tensors)
   assert optimizer.rule._constants[""].kernels
   # the skipped step left the global state alone, also where it was skipped on the device
   for name, value in reference.state["lopt_global"].items():
@@ -85,6 +91,7 @@ def test_kernels_match_pytorch_operations_on_the_gpu():
     pytest.skip("no CUDA device")
   assert worst_error("cuda") < DISPLACEMENT_TOLERANCE
   assert worst_error("cuda", decay=True) < DISPLACEMENT_TOLERANCE
+  assert worst_error("cuda", tensors=True) < DISPLACEMENT_TOLERANCE
   _, optimizer = run("cuda", kernels=True)
   graphs = list(optimizer.rule._graphs.values())
   assert graphs and None not in graphs[0].graphs   # replayed as CUDA graphs
@@ -156,4 +163,5 @@ def other_optimizer(directory) -> str:
 if __name__ == "__main__":  # the interpreter check, run by the test above in a process with TRITON_INTERPRET=1
   import tempfile
   with tempfile.TemporaryDirectory() as directory:
-    print(worst_error("cpu"), worst_error("cpu", decay=True), worst_error("cpu", name=other_optimizer(directory)))
+    print(worst_error("cpu"), worst_error("cpu", decay=True),
+          worst_error("cpu", name=other_optimizer(directory), tensors=True))

@@ -33,10 +33,11 @@ and optionally
 (the gru and mlp rules need none of these: they ignore losses and horizon, as their JAX optimizers do).
 
 A step whose gradients are not all finite is skipped whole. Usually the optimizer reads that verdict on the host (one
-synchronization per step). Where every bucket is on one device and its rule ``skips_on_device``, and the losses are
-not tensors (which would have to be read anyway), the verdict stays on the device: the rule skips the step there, and
-the optimizer reads it when the next step begins (long done by then) -- undoing that step's ``begin_step`` on the
-global state and counting it -- or when ``skipped_steps`` or ``state_dict`` is read.
+synchronization per step). Where every bucket is on one device and its rule ``skips_on_device`` (and the losses are
+numbers or tensors on that device), the verdict stays on the device: the rule skips the step there, and the
+optimizer reads it when the next step begins (long done by then) -- undoing that step's ``begin_step`` on the global
+state and counting it -- or when ``skipped_steps`` or ``state_dict`` is read. Losses given as tensors are then read
+after ``start`` launched the device's first work, so that reading them waits for the backward pass, not the update.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     self._pending = None  # a step whose verdict is still on the device: (pinned flag, event, global state before)
     self._host_verdict = None  # (a pinned host flag, a CUDA event): where the verdict is read, reused
     self._device_verdict = None  # the buffer a rule sets the verdict in (``check``), reused
+    self._host_losses = None  # (a pinned (2,) float32 buffer, a CUDA event): where tensor losses are read, reused
     self.skipped_steps = 0
     if isinstance(optimizer, (str, os.PathLike)):
       architecture, tensors, config, _ = read_trained_optimizer(optimizer)
@@ -224,7 +226,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if verdict is None and not _read_on_host(_max_norms(groups), losses):
       self._skipped_steps += 1
       return result
-    before = None if verdict is None else _snapshot(self.state[GLOBAL_STATE])
+    sent = None if verdict is None else self._send_losses(losses)
     init_state = getattr(self.rule, "init_state", None)
     buckets = []  # (group index, group, device, dtype, parameters, their states): each state looked up once
     for group_index, (group, by_key) in enumerate(zip(self.param_groups, groups)):
@@ -245,6 +247,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if start is not None:  # what the device can do before the losses are folded in, launched first
       for group_index, group, device, dtype, params, states in buckets:
         start((group_index, device, dtype), params, states, group["lr"], **verdict_arguments)
+    if sent is not None:
+      _receive_losses(losses, sent)
+    before = None if verdict is None else _snapshot(self.state[GLOBAL_STATE])
     if begin_step is not None:
       begin_step(self.state[GLOBAL_STATE], loss=losses[0], valid_loss=losses[1], num_steps=self.num_steps)
     for group_index, group, device, dtype, params, states in buckets:
@@ -259,8 +264,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     verdict itself, in a buffer kept from step to step (for the kernels: inside the update's CUDA graph)."""
     skips = getattr(self.rule, "skips_on_device", None)
     buckets = [(group, params) for group, by_key in zip(self.param_groups, groups) for params in by_key.values()]
-    if (skips is None or len({params[0].device for _, params in buckets}) != 1
-        or any(isinstance(x, torch.Tensor) for x in losses) or not all(skips(params) for _, params in buckets)):
+    devices = {params[0].device for _, params in buckets}
+    if (skips is None or len(devices) != 1 or any(isinstance(x, torch.Tensor) and x.device not in devices
+                                                  for x in losses) or not all(skips(params) for _, params in buckets)):
       return None, False
     device = buckets[0][1][0].device
     if len(buckets) == 1 and not buckets[0][0].get("weight_decay", 0.0):  # (weight decay comes before the check)
@@ -271,6 +277,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if not values:  # every gradient empty
       return torch.ones((), dtype=torch.bool, device=device), False
     return torch.stack(values).isfinite().all(), False
+
+  def _send_losses(self, losses: list) -> tuple | None:
+    """The losses given as (float32 0-d) device tensors, copied to pinned host memory behind an event -- queued
+    before the update's first half, so that reading them (``_receive_losses``, after it was launched) waits for the
+    backward pass but not for the update -- as (indices, pinned values, event); None without such losses."""
+    indices = [i for i, x in enumerate(losses) if isinstance(x, torch.Tensor)]
+    if not indices:
+      return None
+    values = torch.stack([losses[i] for i in indices])
+    if values.device.type != "cuda":
+      return indices, values, None
+    if self._host_losses is None:
+      self._host_losses = (torch.empty(2, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+    pinned, event = self._host_losses
+    pinned[:len(indices)].copy_(values, non_blocking=True)
+    event.record()
+    return indices, pinned, event
 
   def _defer(self, verdict: torch.Tensor, before: dict) -> None:
     """Leaves this step's verdict on the device: copied to pinned host memory behind an event, read by ``_settle``;
@@ -390,6 +413,15 @@ def _float32(number: float) -> float:
     return _FLOAT32.unpack(_FLOAT32.pack(number))[0]
   except OverflowError:
     return math.copysign(math.inf, number)
+
+
+def _receive_losses(losses: list, sent: tuple) -> None:
+  """``losses``' tensors replaced by their float32 values as Python floats, from ``_send_losses``'s copy."""
+  indices, values, event = sent
+  if event is not None:
+    event.synchronize()
+  for i, value in zip(indices, values.tolist()):
+    losses[i] = value
 
 
 def _max_norms(groups: list) -> dict:
