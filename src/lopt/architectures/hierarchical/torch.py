@@ -577,11 +577,11 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   # The recurrent state, written back for the whole bucket.
   update_rms = torch.sqrt(torch.cat(update_norms).square_() / size + LOG_FLOOR)
   ratio = torch.log(update_rms / (update_rms + sizes_rms[:, 0] + LOG_FLOOR) + LOG_FLOOR)
-  new_state = ((scalars, torch.stack([new_rms, ratio, log_step])), (h, hidden), (cell_state, cell),
-               (feedback, torch.cat(new_feedbacks)))
-  for old, new in new_state:
-    old.copy_(new if ok is None else torch.where(ok, new, old))
-  steps.add_(1 if ok is None else ok.to(steps.dtype))
+  scalars.copy_(torch.stack([new_rms, ratio, log_step]))
+  h.copy_(hidden)
+  cell_state.copy_(cell)
+  feedback.copy_(torch.cat(new_feedbacks))
+  steps.add_(1)
 
 
 class FirstPass(NamedTuple):
@@ -689,6 +689,7 @@ class _Bucket(NamedTuple):
   check: bool = False
   tables: torch.Tensor | None = None
   graphs: _Graphs | None = None
+  first: FirstPass | None = None   # the first half's outputs, once it ran
 
 
 class _Graphs:
@@ -729,8 +730,7 @@ class HierarchicalRule:
     self._verdicts: dict = {}                  # under CUDA graphs: the step's gradient verdict, a buffer per device
     self._verdict_sources: dict = {}           # ... and the verdict last copied into it (kept: its identity is unique)
     self._graphs: dict = {}                    # kernels: per (bucket key, verdict, check), ``_Graphs``
-    self._started: dict = {}                   # per bucket key, the ``_Bucket`` whose first pass ``start`` launched
-    self._first: dict = {}                     # per bucket key, the eager first pass's outputs (``FirstPass``)
+    self._started: dict = {}                   # per bucket key, the ``_Bucket`` ``start`` prepared (and launched)
     self.graphs = True                         # kernels on CUDA: the update replayed as CUDA graphs (``_replay``)
     self._buffers: dict = {}                   # the state buffers (``Buffers``) per bucket key
     self._compile_mode: str | None = None      # None: eager
@@ -785,7 +785,6 @@ class HierarchicalRule:
     self._static.clear()
     self._graphs.clear()
     self._started.clear()
-    self._first.clear()
 
   # -- compilation -------------------------------------------------------------------------------------------------
 
@@ -803,7 +802,6 @@ class HierarchicalRule:
     self._static.clear()
     self._graphs.clear()
     self._started.clear()
-    self._first.clear()
 
   def _compiled_update(self, key: tuple):
     """The compiled ``update_bucket`` for the bucket layout ``key`` (device, dtype, shapes), or None (eager) with a
@@ -841,7 +839,6 @@ class HierarchicalRule:
     self._constants[""] = self._constants[""]._replace(kernels=enabled)
     self._graphs.clear()
     self._started.clear()
-    self._first.clear()
 
   # -- the update --------------------------------------------------------------------------------------------------
 
@@ -875,9 +872,8 @@ class HierarchicalRule:
     optimizer step): launches the part of the bucket's update that reads neither the losses nor the learning rate
     -- for the kernels' update, the first pass -- so that the device works on it while the host folds the losses
     into the global state. Other buckets only have their bookkeeping done here."""
-    bucket = self._started[key] = self._bucket(key, params, states, ok, check)  # (``step`` reuses it)
-    if bucket.kernels:
-      self._first_pass(bucket)
+    bucket = self._bucket(key, params, states, ok, check)
+    self._started[key] = self._first_pass(bucket) if bucket.kernels else bucket  # (``step`` reuses it)
 
   @torch.no_grad()
   def step(self, key, params: list[torch.Tensor], states: list[dict], lr: float,
@@ -897,7 +893,7 @@ class HierarchicalRule:
     if bucket is None:
       bucket = self._bucket(key, params, states, ok, check)
       if bucket.kernels:
-        self._first_pass(bucket)
+        bucket = self._first_pass(bucket)
     if bucket.kernels:
       self._second_pass(bucket, lr)
       return
@@ -968,34 +964,28 @@ class HierarchicalRule:
       tables = self._upload(addresses, graphs.tables)
     return bucket._replace(ok=verdict, check=check, tables=tables, graphs=graphs)
 
-  def _first_pass(self, bucket: _Bucket) -> None:
-    """The first half of the kernels' update (``kernel_first_pass``): eagerly, or as a CUDA graph (``_replay``)."""
+  def _first_pass(self, bucket: _Bucket) -> _Bucket:
+    """The first half of the kernels' update (``kernel_first_pass``), eagerly or as a CUDA graph (``_replay``):
+    ``bucket`` with its outputs."""
     b = bucket
     run = lambda: kernel_first_pass(  # noqa: E731
         self._constants[""], b.theta, b.rtheta, b.layout, *b.arguments[:3], *b.arguments[6:], b.tables, b.ok,
         b.check)
-    if b.graphs is None:
-      self._first[b.key] = run()
-    else:
-      first = self._replay(b.graphs, 0, run)
-      if first is not None:
-        self._first[b.key] = first
+    first = run() if b.graphs is None else self._replay(b.graphs, 0, run)
+    return b._replace(first=b.graphs.first if first is None else first)
 
   def _second_pass(self, bucket: _Bucket, lr: float) -> None:
     """The second half (``kernel_second_pass``), after ``begin_step``: eagerly, or as a CUDA graph."""
     b = bucket
     features = self._global_features(b.device, b.rec, persistent=b.graphs is not None)
     rate = self._lr(lr, b.key, b.device, b.dtype)
-    first = self._first.pop(b.key) if b.graphs is None or b.graphs.graphs[0] is None else b.graphs.first
     run = lambda: kernel_second_pass(  # noqa: E731
         self._constants[""], b.theta, b.rtheta, b.layout, features, rate, b.arguments[0], b.arguments[2],
-        *b.arguments[3:], b.tables, b.ok, first)
+        *b.arguments[3:], b.tables, b.ok, b.first)
     if b.graphs is None:
       run()
     else:
       self._replay(b.graphs, 1, run)
-      if b.graphs.graphs[1] is not None:
-        self._first.pop(b.key, None)
 
   def _replay(self, graphs: _Graphs, half: int, run):
     """Runs one half of the kernels' update of a binding (these buffers, layout and verdict) as a CUDA graph. The

@@ -86,6 +86,22 @@ def _gate(ok_ptr, offsets, size, GATED: tl.constexpr):
 
 
 @triton.jit
+def _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr, size, GATED: tl.constexpr, BLOCK: tl.constexpr):
+  """A program's share of a per-coordinate pass (grid (tensors, blocks)): (tensor, offsets, mask, the mask of the
+  coordinates it may write, the tensor's offset in the group's state buffers, raw g, clipped g, p's address, p, the
+  slow average a) at its BLOCK coordinates."""
+  tensor = tl.program_id(0)
+  offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+  mask = offsets < size
+  base = tensor * size
+  raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
+  p_ptr = tl.load(p_table + tensor).to(tl.pointer_type(tl.float32))
+  p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+  a = tl.load(a_ptr + base + offsets, mask=mask, other=0.0)
+  return tensor, offsets, mask, _gate(ok_ptr, offsets, size, GATED), base, raw, g, p_ptr, p, a
+
+
+@triton.jit
 def _momentum(m_ptr, base, offsets, mask, k: tl.constexpr, K: tl.constexpr):
   """Momentum k at the coordinates (zeros for k >= K); the momenta are interleaved: (..., K)."""
   if k < K:
@@ -137,15 +153,8 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
                        partial_ptr, ok_ptr, size, na, n1, nb, n2, rows_size, cols_size, rho, g2_epsilon,
                        rsqrt_epsilon, K: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr,
                        BLOCK: tl.constexpr):
-  tensor = tl.program_id(0)
-  block = tl.program_id(1)
-  offsets = block * BLOCK + tl.arange(0, BLOCK)
-  mask = offsets < size
-  written = _gate(ok_ptr, offsets, size, GATED)
-  base = tensor * size
-  raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
-  p = tl.load(tl.load(p_table + tensor).to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
-  a = tl.load(a_ptr + base + offsets, mask=mask, other=0.0)
+  tensor, offsets, mask, written, base, raw, g, _, p, a = _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr,
+                                                                      size, GATED, BLOCK)
   if FACTORED:
     v = g  # (unused: rs reads the column accumulator)
   else:  # v <- rho v + (1 - rho) g^2 + (1 - rho) eps, in the eager update's order
@@ -158,7 +167,7 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
            FACTORED)
   grs = g * rs
   blocks = tl.num_programs(1)
-  out = partial_ptr + tensor * (4 * K + 5) * blocks + block   # sum j of this block at out + j * blocks
+  out = partial_ptr + tensor * (4 * K + 5) * blocks + tl.program_id(1)   # sum j of this block at out + j * blocks
   for k in tl.static_range(K):
     m = tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
     old = m * rs
@@ -229,16 +238,8 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
                    last_w_ptr, last_b_ptr, adam_factor_ptr, lr, partial_ptr, ok_ptr, size, na, n1, nb, n2,
                    rows_size, cols_size, rsqrt_epsilon, average_weight, K: tl.constexpr, UNITS: tl.constexpr,
                    OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-  tensor = tl.program_id(0)
-  block = tl.program_id(1)
-  offsets = block * BLOCK + tl.arange(0, BLOCK)
-  mask = offsets < size
-  written = _gate(ok_ptr, offsets, size, GATED)
-  base = tensor * size
-  _, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
-  p_ptr = tl.load(p_table + tensor).to(tl.pointer_type(tl.float32))
-  p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
-  a = tl.load(a_ptr + base + offsets, mask=mask, other=0.0)
+  tensor, offsets, mask, written, base, _, g, p_ptr, p, a = _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr,
+                                                                        size, GATED, BLOCK)
   if FACTORED:
     v = g
   else:
@@ -269,7 +270,7 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
   update = tl.exp(magnitude) * (direction + (m0 * rs) * tl.load(adam_factor_ptr + tensor))
   update = tl.where(mask, update, 0.0)
   blocks = tl.num_programs(1)
-  out = partial_ptr + tensor * (OUTPUTS - 1) * blocks + block
+  out = partial_ptr + tensor * (OUTPUTS - 1) * blocks + tl.program_id(1)
   tl.store(out, tl.sum(update * update, axis=0))
   for o in tl.static_range(2, OUTPUTS):
     y = _output(o, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
