@@ -708,7 +708,8 @@ class _Graphs:
 class HierarchicalRule:
   """The hierarchical update for ``lopt.torch``: ``begin_step`` once per optimizer step (the losses, the horizon and
   the global state), then ``step`` per bucket of parameters (same group, device and dtype), changing parameters and
-  their states in place.
+  their states in place; optionally ``start`` per bucket before ``begin_step``, to launch the update's first half
+  early (the kernels'), and a verdict on the gradients given on the device (``ok``, ``skips_on_device``).
 
   Args:
     values: the architecture's fields, validated and normalized (``SPEC.validate``'s result).

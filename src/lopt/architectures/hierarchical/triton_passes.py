@@ -1,4 +1,5 @@
-"""Hand-written Triton kernels for the per-coordinate passes of the hierarchical update (``torch.py``).
+"""Hand-written Triton kernels for the hierarchical update (``torch.py``): its per-coordinate passes and the
+per-tensor controller between them.
 
 ``update_bucket`` runs each group of same-shaped tensors as a (count, *shape) batch; eagerly each pass is a dozen
 PyTorch calls, each a kernel that re-reads its inputs, plus copies that stack the group's gradients and parameters.
@@ -12,6 +13,13 @@ on the device, so that a CUDA graph captured once reads new gradient tensors at 
                  |g|^2 clipped and raw, |p|^2
   update         the per-coordinate MLP (one hidden layer of at most 8 units); p <- p + lr u and the slow average in
                  place; returns per tensor |u|^2 and the sums of tanh of the feedback outputs
+
+and, one program per tensor (``kernel_first_pass`` and ``kernel_second_pass`` in ``torch.py`` put them in order):
+
+  prepare        before the passes: the clipping thresholds and 1 - rho^t
+  controller     between them: the LSTM's inputs from the statistics, the LSTM, the log step, the context and the
+                 MLP's per-tensor first layer and biases (the eager update's ~110 small operations)
+  finish         after them: the update ratio, the feedback means, the counts
 
 Clipping is g <- clip(g, +-upper) per tensor (upper = inf: none). rs = rsqrt(scale * v + eps) is recomputed, never
 stored: factored, ``scale`` is the row accumulator over its mean along the first factored axis and the bias
