@@ -1,7 +1,8 @@
 """The hierarchical rule's Triton kernels (``lopt/architectures/hierarchical/triton_passes.py``) against its PyTorch
 operations: the same steps to float32 rounding, through a learning-rate change and a state-dict reload. On the CPU
 the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1; skipped where Triton is not
-installed, as in CI); on a GPU (``-m gpu``) compiled, replayed as CUDA graphs."""
+installed, as in CI); on a GPU (``-m gpu``) compiled, replayed as CUDA graphs. The optimizer's side of a step
+skipped on the device runs everywhere, with a stand-in rule (``DeviceSkippingRule``)."""
 
 import io
 import math
@@ -114,6 +115,71 @@ def test_kernels_fall_back_where_they_cannot_run():
       results.append(p.detach().float().cpu())
       assert not optimizer.rule._graphs
     assert torch.equal(results[0], results[1])
+
+
+class DeviceSkippingRule:
+  """general's PyTorch rule claiming ``skips_on_device`` on the CPU (for CI, which has no Triton): given a verdict
+  ``ok``, it steps and then undoes the step where ``ok`` is false -- what the kernels do by masking their writes --
+  and with ``check`` it sets ``ok`` from the gradients itself. Everything else is the real rule's."""
+
+  def __init__(self, rule):
+    self.rule = rule
+
+  def __getattr__(self, name):
+    return getattr(self.rule, name)
+
+  def skips_on_device(self, params):
+    return True
+
+  def start(self, key, params, states, lr, ok=None, check=False):
+    self.rule.start(key, params, states, lr)
+
+  def step(self, key, params, states, lr, ok=None, check=False):
+    if check:
+      ok.fill_(all(bool(p.grad.isfinite().all()) for p in params))
+    saved = [p.detach().clone() for p in params], [{k: v.clone() for k, v in s.items()} for s in states]
+    self.rule.step(key, params, states, lr)
+    if ok is not None and not bool(ok):
+      for p, value in zip(params, saved[0]):
+        p.data.copy_(value)
+      for state, values in zip(states, saved[1]):
+        for name, value in values.items():
+          state[name].copy_(value)
+
+
+def test_a_step_skipped_on_the_device_is_undone_and_counted():
+  """The optimizer's side of the device verdict, on the CPU: with a rule that skips on the device, a NaN gradient at
+  step 5 of 12 is counted (``skipped_steps`` and ``state_dict`` settle it), its ``begin_step`` is undone and the
+  parameters end as with the verdict read on the host -- for one bucket (the rule checks), two groups with weight
+  decay (the optimizer's verdict) and losses given as tensors."""
+  for decay, tensors in ((False, False), (True, False), (False, True)):
+    results = []
+    for on_device in (False, True):
+      params = model("cpu")
+      groups = [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.1}] if decay else params
+      optimizer = LearnedOptimizer(groups, "general", num_steps=20, kernels=False)
+      if on_device:
+        optimizer.rule = DeviceSkippingRule(optimizer.rule)
+      generator = torch.Generator().manual_seed(1)
+      for t in range(12):
+        for p in params:
+          p.grad = (1 + 0.1 * t) * torch.randn(p.shape, generator=generator)
+        if t == 5:
+          params[1].grad.view(-1)[3] = math.inf
+        loss = 2.0 * np.exp(-0.1 * t)
+        optimizer.step(loss=torch.tensor(loss) if tensors else loss, valid_loss=1.5 if t % 4 == 0 else None)
+        if t == 5:
+          if on_device:
+            assert optimizer._pending is not None   # left on the device: nothing read yet
+          state = optimizer.state_dict()
+          assert state["lopt"]["skipped_steps"] == 1 and int(state["state"]["lopt_global"]["step"]) == 5
+      assert optimizer.skipped_steps == 1
+      results.append(([p.detach().clone() for p in params], optimizer.state["lopt_global"]))
+    (host, host_global), (device, device_global) = results
+    for a, b in zip(host, device):
+      torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for name, value in host_global.items():
+      torch.testing.assert_close(device_global[name], value)
 
 
 def test_kernels_option_is_checked_and_changes_nothing_on_the_cpu():
