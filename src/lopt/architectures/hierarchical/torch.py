@@ -374,27 +374,19 @@ _CONTIGUOUS, _ADDRESS = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
 
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,
                   params: list, grads: list, momenta: list, seconds: list, averages: list, h: torch.Tensor,
-                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor,
-                  tables: torch.Tensor | None = None, ok: torch.Tensor | None = None, check: bool = False) -> None:
+                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor) -> None:
   """p <- p + lr u for every p of one bucket (same device and dtype), the states updated in place.
 
   params, grads: the bucket's tensors in the layout's group order; momenta, seconds, averages, h, cell_state,
   feedback, scalars, steps: the bucket's state buffers (``Buffers``: per group, or (n, ...) in group order).
   theta / rtheta: the meta-parameters in p's dtype / the recurrent dtype; features: this step's global features in
   the recurrent dtype; lr: a number, or a 0-d tensor on the device (compiled: no recompilation when it changes).
-  tables: None, or (2, n) int64 on the device, the addresses of the gradients and the parameters (group order): the
-  per-coordinate passes then run as ``triton_passes`` kernels that read them there (float32, contiguous; lr a 0-d
-  tensor), and ``params`` and ``grads`` are not read. ok (with tables only): None, or a 0-d bool device tensor, the
-  step's verdict on its gradients: when false nothing is changed -- a step skipped without the host reading the
-  verdict; check: ``ok`` is first set here, from the gradients (``triton_passes.check_finite``). Never reads a
-  value on the host.
+  Never reads a value on the host. (The kernels' form of the same update: ``kernel_first_pass`` and
+  ``kernel_second_pass``.)
 
   Per group of same-shaped tensors, two passes over the coordinates -- the clipped gradient, the second moment, the
   momenta and the statistics; after the LSTM ran once for the bucket, the MLP and the update -- each a handful of
   calls on (count, ...) batches with per-tensor values broadcast along the first axis."""
-  if tables is not None:
-    return kernel_update(c, theta, rtheta, layout, features, lr, momenta, seconds, averages, h, cell_state, feedback,
-                         scalars, steps, tables, ok, check)
   n, k = len(params), len(c.decays)
   dtype, rec = params[0].dtype, h.dtype
   rho = c.rms_decay
@@ -594,23 +586,17 @@ class FirstPass(NamedTuple):
   kept: list
 
 
-def kernel_update(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor,
-                  lr: torch.Tensor, momenta: list, seconds: list, averages: list, h: torch.Tensor,
-                  cell_state: torch.Tensor, feedback: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor,
-                  tables: torch.Tensor, ok: torch.Tensor | None = None, check: bool = False) -> None:
-  """``update_bucket`` as the Triton kernels of ``triton_passes`` (its arguments; float32, one hidden layer of at
-  most KERNEL_UNITS units): the gradients and parameters read through ``tables``, about a dozen kernels per bucket
-  plus a few per shape group, where the PyTorch operations take about a hundred and fifty. Two halves: the first
-  reads neither the global features nor the learning rate, so that it can start before ``begin_step``."""
-  first = kernel_first_pass(c, theta, rtheta, layout, momenta, seconds, averages, scalars, steps, tables, ok, check)
-  kernel_second_pass(c, theta, rtheta, layout, features, lr, momenta, averages, h, cell_state, feedback, scalars,
-                     steps, tables, ok, first)
-
-
 def kernel_first_pass(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, momenta: list, seconds: list,
                       averages: list, scalars: torch.Tensor, steps: torch.Tensor, tables: torch.Tensor,
                       ok: torch.Tensor | None = None, check: bool = False) -> FirstPass:
-  """The verdict on the gradients (``check``); rho^t, b_1^t and decay^(t-1) (torch's pow, as the eager update); the
+  """The first half of ``update_bucket`` as the Triton kernels of ``triton_passes`` (float32, contiguous; one hidden
+  layer of at most KERNEL_UNITS units). tables: (2, n) int64 on the device, the addresses of the gradients and the
+  parameters (group order), read where they lie; ok: None, or a 0-d bool device tensor, the step's verdict on its
+  gradients -- when false nothing is changed (a step skipped without the host reading it); check: ``ok`` is first
+  set here, from the gradients. Reads neither the global features nor the learning rate, so that it can run before
+  ``begin_step``.
+
+  The verdict on the gradients (``check``); rho^t, b_1^t and decay^(t-1) (torch's pow, as the eager update); the
   clipping thresholds and bias corrections (``prepare``); per group the factored second moment's row and column sums
   and the statistics pass, whose per-tensor sums go to rows of one (n, 4K + 5) array."""
   from lopt.architectures.hierarchical import triton_passes

@@ -28,7 +28,7 @@ v the second moment. A coordinate's row and column follow from its flat index wi
 (n0, na, n1, nb, n2), na and nb the factored axes: rows are the tensor without axis nb, columns without axis na.
 
 A step whose gradients are not all finite can be skipped on the device: given a flag (a 0-d bool tensor), the
-passes write nothing when it is false, so that the host need not wait to read it (``update_bucket``'s ``ok``).
+passes write nothing when it is false, so that the host need not wait to read it (``kernel_first_pass``'s ``ok``).
 
 Per-tensor sums are written as partial sums per block of coordinates and added up by one torch call (no atomics: a
 step is deterministic). The arithmetic follows ``update_bucket``'s eager form (lerp, the order of the second
