@@ -99,6 +99,29 @@ def test_kernels_match_pytorch_operations_on_the_gpu():
 
 
 @pytest.mark.gpu
+def test_kernels_take_tensors_beyond_a_grid_axis_limit():
+  """Tensors with more blocks than CUDA allows on a grid's second and third axes (65535): a vector of 40M
+  coordinates (78k blocks of 512) and a matrix of 1.1M rows (69k blocks of 16 rows in the row and column sums) step
+  as the PyTorch operations do."""
+  if not torch.cuda.is_available():
+    pytest.skip("no CUDA device")
+  shapes, results = [(40_000_000,), (1_100_000, 3)], []
+  for kernels in (False, True):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    optimizer = LearnedOptimizer(params, "general", kernels=kernels)
+    for t in range(4):
+      for p in params:
+        p.grad = torch.randn(p.shape, device="cuda", generator=generator)
+      optimizer.step(loss=1.0 / (t + 1))
+    assert bool(optimizer.rule._graphs) == kernels
+    results.append([p.detach() for p in params])
+  for eager, fast, s in zip(*results, start):
+    assert float((eager - fast).norm() / (eager - s).norm()) < DISPLACEMENT_TOLERANCE
+
+
+@pytest.mark.gpu
 def test_kernels_fall_back_where_they_cannot_run():
   """A non-contiguous gradient or a bfloat16 bucket takes the PyTorch operations, with the same numbers."""
   if not torch.cuda.is_available():

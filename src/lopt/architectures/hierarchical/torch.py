@@ -97,6 +97,7 @@ RECURRENT = ("h", "c", "log_step", "gradient_rms", "update_ratio", "feedback")  
 UNROLL_LIMIT = 512  # compiled: the MLP unrolled into coordinate-wise expressions up to this many products
 MLP_CHUNK = 1 << 24  # eager: the MLP over at most this many coordinates at once (more when one tensor is larger)
 KERNEL_UNITS = 8  # the kernels' MLP width (``triton_passes``: fewer units padded with zero weights)
+KERNEL_TENSORS = 65535  # the kernels' tensors per bucket at most (their grids' second axis, CUDA's limit there)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: its kernels on CPU tensors (tests)
 
 
@@ -363,9 +364,11 @@ def _batch(tensors: list, shape: tuple) -> torch.Tensor:
 
 def _kernel_bucket(params: list, grads: list) -> bool:
   """Whether a bucket's passes can run as ``triton_passes`` kernels: Triton importable, float32 tensors on a CUDA
-  device (or Triton's interpreter), every parameter and gradient contiguous (the kernels index them flat)."""
+  device (or Triton's interpreter), every parameter and gradient contiguous (the kernels index them flat), at most
+  KERNEL_TENSORS of them."""
   p = params[0]
-  return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and all(map(_CONTIGUOUS, params))
+  return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and len(params) <= KERNEL_TENSORS
+          and all(map(_CONTIGUOUS, params))
           and all(map(_CONTIGUOUS, grads)) and _missing_triton() is None)
 
 

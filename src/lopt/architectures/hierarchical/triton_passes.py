@@ -44,8 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK, WARPS = 512, 4        # coordinates and warps per program (statistics, update): the best of 256..2048 and 2..8
-#                              on the H200 at 100M parameters
+# Coordinates and warps per program of each per-coordinate pass, the best of 128..4096 and 1..8 on the H200 at 10M
+# and 100M parameters: one warp where a block's sums are many (no reduction across warps). The grids are (blocks,
+# tensors): a tensor may have up to 2^31 - 1 blocks, a group up to 65535 tensors (CUDA's limit on a grid's second
+# axis; torch.py's KERNEL_TENSORS).
+FINITE, STATISTICS, UPDATE = (1024, 4), (256, 1), (128, 1)
 ROWS, COLUMNS = 16, 128      # factored_sums: a program's rows, and the columns it reads at once
 MAX_DECAYS = 4               # momenta the kernels hold (the architecture's limit)
 
@@ -95,11 +98,11 @@ def _gate(ok_ptr, offsets, size, GATED: tl.constexpr):
 
 @triton.jit
 def _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr, size, GATED: tl.constexpr, BLOCK: tl.constexpr):
-  """A program's share of a per-coordinate pass (grid (tensors, blocks)): (tensor, offsets, mask, the mask of the
+  """A program's share of a per-coordinate pass (grid (blocks, tensors)): (tensor, offsets, mask, the mask of the
   coordinates it may write, the tensor's offset in the group's state buffers, raw g, clipped g, p's address, p, the
   slow average a) at its BLOCK coordinates."""
-  tensor = tl.program_id(0)
-  offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+  tensor = tl.program_id(1)
+  offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
   mask = offsets < size
   base = tensor * size
   raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
@@ -120,8 +123,8 @@ def _momentum(m_ptr, base, offsets, mask, k: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _finite_kernel(g_table, ok_ptr, size, BLOCK: tl.constexpr):
-  tensor = tl.program_id(0)
-  offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+  tensor = tl.program_id(1)
+  offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
   g_ptr = tl.load(g_table + tensor).to(tl.pointer_type(tl.float32))
   g = tl.load(g_ptr + offsets, mask=offsets < size, other=0.0)
   bad = tl.sum(((tl.abs(g) == float("inf")) | (g != g)).to(tl.int32), axis=0)   # (|NaN| == inf is false)
@@ -131,10 +134,10 @@ def _finite_kernel(g_table, ok_ptr, size, BLOCK: tl.constexpr):
 
 @triton.jit
 def _factored_sums_kernel(g_table, upper_ptr, row_sums_ptr, col_partial_ptr, n1, n2, na, nb, rows_size, cols_size,
-                          ROWS: tl.constexpr, COLUMNS: tl.constexpr):
-  tensor = tl.program_id(0)
-  outer = tl.program_id(1)        # (i0, i1, i2) flattened
-  block = tl.program_id(2)        # a block of ROWS indices along axis na
+                          blocks, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+  tensor = tl.program_id(1)
+  outer = tl.program_id(0) // blocks   # (i0, i1, i2) flattened
+  block = tl.program_id(0) % blocks    # a block of ROWS indices along axis na
   i2 = outer % n2
   i1 = (outer // n2) % n1
   i0 = outer // (n2 * n1)
@@ -143,7 +146,7 @@ def _factored_sums_kernel(g_table, upper_ptr, row_sums_ptr, col_partial_ptr, n1,
   g_ptr = tl.load(g_table + tensor).to(tl.pointer_type(tl.float32))
   upper = tl.load(upper_ptr + tensor)
   row_total = tl.zeros([ROWS], dtype=tl.float32)
-  partial = col_partial_ptr + (tensor * tl.num_programs(2) + block) * cols_size
+  partial = col_partial_ptr + (tensor * blocks + block) * cols_size
   for start in range(0, nb, COLUMNS):
     ib = start + tl.arange(0, COLUMNS)
     mask = row_mask[:, None] & (ib < nb)[None, :]
@@ -174,8 +177,8 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
   rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
            FACTORED)
   grs = g * rs
-  blocks = tl.num_programs(1)
-  out = partial_ptr + tensor * (4 * K + 5) * blocks + tl.program_id(1)   # sum j of this block at out + j * blocks
+  blocks = tl.num_programs(0)
+  out = partial_ptr + tensor * (4 * K + 5) * blocks + tl.program_id(0)   # sum j of this block at out + j * blocks
   for k in tl.static_range(K):
     m = tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
     old = m * rs
@@ -277,8 +280,8 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
   magnitude = _output(1, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
   update = tl.exp(magnitude) * (direction + (m0 * rs) * tl.load(adam_factor_ptr + tensor))
   update = tl.where(mask, update, 0.0)
-  blocks = tl.num_programs(1)
-  out = partial_ptr + tensor * (OUTPUTS - 1) * blocks + tl.program_id(1)
+  blocks = tl.num_programs(0)
+  out = partial_ptr + tensor * (OUTPUTS - 1) * blocks + tl.program_id(0)
   tl.store(out, tl.sum(update * update, axis=0))
   for o in tl.static_range(2, OUTPUTS):
     y = _output(o, h0, h1, h2, h3, h4, h5, h6, h7, last_w_ptr, b2, UNITS, OUTPUTS)
@@ -472,7 +475,8 @@ def check_finite(g_table: torch.Tensor, count: int, size: int, ok: torch.Tensor)
   """Sets ``ok`` (a 0-d bool device tensor) to false where any of the ``count`` gradients (contiguous float32,
   ``size`` coordinates each, addresses in g_table) holds a NaN or an infinity; leaves it as it is otherwise."""
   if size:
-    _finite_kernel[(count, triton.cdiv(size, BLOCK))](g_table, ok, size, BLOCK=BLOCK, num_warps=WARPS)
+    block, warps = FINITE
+    _finite_kernel[(triton.cdiv(size, block), count)](g_table, ok, size, BLOCK=block, num_warps=warps)
 
 
 def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape: tuple, axes) -> tuple:
@@ -484,8 +488,9 @@ def factored_sums(g_table: torch.Tensor, upper: torch.Tensor, count: int, shape:
   blocks = triton.cdiv(na, ROWS)
   row_sums = torch.empty((count, rows_size), dtype=torch.float32, device=upper.device)
   col_partial = torch.empty((count, blocks, cols_size), dtype=torch.float32, device=upper.device)
-  _factored_sums_kernel[(count, n0 * n1 * n2, blocks)](
-      g_table, upper, row_sums, col_partial, n1, n2, na, nb, rows_size, cols_size, ROWS=ROWS, COLUMNS=COLUMNS)
+  _factored_sums_kernel[(blocks * n0 * n1 * n2, count)](
+      g_table, upper, row_sums, col_partial, n1, n2, na, nb, rows_size, cols_size, blocks, ROWS=ROWS,
+      COLUMNS=COLUMNS)
   return row_sums, col_partial.sum(1)
 
 
@@ -500,12 +505,13 @@ def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor
   |m_k rs|^2, |old m_k rs|^2, (g rs) . old m_k, |g rs|^2, |p - a|^2, |g|^2, |raw g|^2, |p|^2."""
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
-  blocks = triton.cdiv(size, BLOCK)
+  block, warps = STATISTICS
+  blocks = triton.cdiv(size, block)
   partial = torch.empty((count, 4 * k + 5, blocks), dtype=torch.float32, device=a.device)
-  _statistics_kernel[(count, blocks)](
+  _statistics_kernel[(blocks, count)](
       g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, upper if ok is None else ok, size, na, n1,
       nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None,
-      GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
+      GATED=ok is not None, BLOCK=block, num_warps=warps)
   return torch.sum(partial, 2, out=out)  # (along the last axis: a reduction over contiguous partials)
 
 
@@ -520,12 +526,13 @@ def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a:
   count, k, size = a.shape[0], m.shape[-1], a[0].numel()
   na, n1, nb, n2, rows_size, cols_size = shape_layout(tuple(a.shape[1:]), axes)
   units, outputs = last_w.shape
-  blocks = triton.cdiv(size, BLOCK)
+  block, warps = UPDATE
+  blocks = triton.cdiv(size, block)
   partial = torch.empty((count, outputs - 1, blocks), dtype=torch.float32, device=a.device)
-  _update_kernel[(count, blocks)](
+  _update_kernel[(blocks, count)](
       g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial,
       lr if ok is None else ok, size, na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k,
-      UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None, GATED=ok is not None, BLOCK=BLOCK, num_warps=WARPS)
+      UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None, GATED=ok is not None, BLOCK=block, num_warps=warps)
   return torch.sum(partial, 2, out=out)
 
 
