@@ -21,9 +21,10 @@ STEPS = 16
 # As tests/test_general_pins.py: the displacement from the initial parameters, relative per tensor (float32
 # rounding of reordered sums, through the LSTM and the clipping).
 DISPLACEMENT_TOLERANCE = 2e-5
-# Every kind of tensor the kernels index: matrices (several of one shape: one group), a conv kernel factored over
-# its axes 1 and 3, a tensor with axes after its factored ones, vectors longer than a block, a 0-d scalar.
-SHAPES = [(37, 23), (37, 23), (3, 5, 3, 3), (2, 7, 5, 3), (23,), (23,), (700,), ()]
+# Every kind of tensor the kernels index: matrices (several of one shape: one group; and one with rows longer than a
+# block: a block spans at most two of them), a conv kernel factored over its axes 1 and 3, a tensor with axes after
+# its factored ones, vectors longer than a block, a 0-d scalar.
+SHAPES = [(37, 23), (37, 23), (3, 300), (3, 5, 3, 3), (2, 7, 5, 3), (23,), (23,), (700,), ()]
 
 
 def model(device: str) -> list:
@@ -39,7 +40,7 @@ def run(device: str, kernels: bool, decay: bool = False, name="general",
   the verdict is computed before the update rather than inside it); ``name`` the learned optimizer (a name or a path);
   ``tensors``: the losses given as tensors on the device."""
   params = model(device)
-  groups = [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.1}] if decay else params
+  groups = [{"params": params[:5]}, {"params": params[5:], "weight_decay": 0.1}] if decay else params
   make = lambda: LearnedOptimizer(groups, name, num_steps=30, kernels=kernels)  # noqa: E731
   optimizer = make()
   generator = torch.Generator().manual_seed(1)
@@ -179,7 +180,7 @@ def test_a_step_skipped_on_the_device_is_undone_and_counted():
     results = []
     for on_device in (False, True):
       params = model("cpu")
-      groups = [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.1}] if decay else params
+      groups = [{"params": params[:5]}, {"params": params[5:], "weight_decay": 0.1}] if decay else params
       optimizer = LearnedOptimizer(groups, "general", num_steps=20, kernels=False)
       if on_device:
         optimizer.rule = DeviceSkippingRule(optimizer.rule)

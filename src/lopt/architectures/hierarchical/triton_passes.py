@@ -64,13 +64,24 @@ def _gradient(g_table, upper_ptr, tensor, offsets, mask):
 
 @triton.jit
 def _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, columns_ptr, rsqrt_epsilon,
-        FACTORED: tl.constexpr):
-  """rsqrt(scale * v + eps) at the flat ``offsets`` of tensor ``tensor``. Factored, the tensor is (n0, na, n1, nb,
-  n2): scale from the row accumulator's (``scale_ptr`` (count, rows_size): the tensor without nb) and v from the
-  column accumulator (``columns_ptr`` (count, cols_size): without na). Unfactored: scale per tensor (``scale_ptr``
-  (count,)) and v the values given. (Programs over rows of the factored view instead, free of these divisions,
-  measured slower on the H200: more partial sums and part-empty blocks.)"""
-  if FACTORED:
+        FACTORED: tl.constexpr, MATRIX: tl.constexpr, BLOCK: tl.constexpr):
+  """rsqrt(scale * v + eps) at the flat ``offsets`` of tensor ``tensor``, a program's BLOCK consecutive ones.
+  Factored, the tensor is (n0, na, n1, nb, n2): scale from the row accumulator's (``scale_ptr`` (count, rows_size):
+  the tensor without nb) and v from the column accumulator (``columns_ptr`` (count, cols_size): without na).
+  Unfactored: scale per tensor (``scale_ptr`` (count,)) and v the values given. MATRIX: the tensor is an (na, nb)
+  matrix with nb >= BLOCK, so that a block spans at most two rows: one division per program rather than four per
+  coordinate (the update pass is bound by its instructions). (Programs over rows of the factored view instead, free
+  of the divisions, measured slower on the H200: more partial sums and part-empty blocks.)"""
+  if MATRIX:
+    start = tl.program_id(0) * BLOCK               # the block's first offset (``_coordinates``)
+    row = start // nb
+    column = start - row * nb + tl.arange(0, BLOCK)
+    wrapped = column >= nb
+    ia = row + wrapped.to(tl.int32)
+    ib = tl.where(wrapped, column - nb, column)
+    scale = tl.load(scale_ptr + tensor * rows_size + ia, mask=mask, other=1.0)
+    v = tl.load(columns_ptr + tensor * cols_size + ib, mask=mask, other=1.0)
+  elif FACTORED:
     i2 = offsets % n2
     rest = offsets // n2
     ib = rest % nb
@@ -162,8 +173,8 @@ def _factored_sums_kernel(g_table, upper_ptr, row_sums_ptr, col_partial_ptr, n1,
 @triton.jit
 def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, one_minus_decays_ptr,
                        partial_ptr, ok_ptr, size, na, n1, nb, n2, rows_size, cols_size, rho, g2_epsilon,
-                       rsqrt_epsilon, K: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       rsqrt_epsilon, K: tl.constexpr, FACTORED: tl.constexpr, MATRIX: tl.constexpr,
+                       GATED: tl.constexpr, BLOCK: tl.constexpr):
   tensor, offsets, mask, written, base, raw, g, _, p, a = _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr,
                                                                       size, GATED, BLOCK)
   if FACTORED:
@@ -175,7 +186,7 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
     v = v + (1.0 - rho) * g2_epsilon
     tl.store(v_ptr + base + offsets, v, mask=written)
   rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
-           FACTORED)
+           FACTORED, MATRIX, BLOCK)
   grs = g * rs
   blocks = tl.num_programs(0)
   out = partial_ptr + tensor * (4 * K + 5) * blocks + tl.program_id(0)   # sum j of this block at out + j * blocks
@@ -248,7 +259,8 @@ def _output(o: tl.constexpr, h0, h1, h2, h3, h4, h5, h6, h7, w2, b2, UNITS: tl.c
 def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, first_w_ptr, first_b_ptr,
                    last_w_ptr, last_b_ptr, adam_factor_ptr, lr, partial_ptr, ok_ptr, size, na, n1, nb, n2,
                    rows_size, cols_size, rsqrt_epsilon, average_weight, K: tl.constexpr, UNITS: tl.constexpr,
-                   OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+                   OUTPUTS: tl.constexpr, FACTORED: tl.constexpr, MATRIX: tl.constexpr, GATED: tl.constexpr,
+                   BLOCK: tl.constexpr):
   tensor, offsets, mask, written, base, _, g, p_ptr, p, a = _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr,
                                                                         size, GATED, BLOCK)
   if FACTORED:
@@ -256,7 +268,7 @@ def _update_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_ptr, 
   else:
     v = tl.load(v_ptr + base + offsets, mask=mask, other=1.0)
   rs = _rs(v, tensor, offsets, mask, na, n1, nb, n2, rows_size, cols_size, scale_ptr, v_ptr, rsqrt_epsilon,
-           FACTORED)
+           FACTORED, MATRIX, BLOCK)
   m0 = _momentum(m_ptr, base, offsets, mask, 0, K)
   m1 = _momentum(m_ptr, base, offsets, mask, 1, K)
   m2 = _momentum(m_ptr, base, offsets, mask, 2, K)
@@ -471,6 +483,11 @@ def shape_layout(shape: tuple, axes) -> tuple:
   return shape[a], n1, shape[b], n2, size // shape[b], size // shape[a]
 
 
+def _matrix(axes, na: int, n1: int, nb: int, n2: int, rows_size: int, block: int) -> bool:
+  """Whether a factored tensor is an (na, nb) matrix with rows of at least ``block`` (``_rs``'s MATRIX)."""
+  return axes is not None and n1 == n2 == 1 and rows_size == na and nb >= block
+
+
 def check_finite(g_table: torch.Tensor, count: int, size: int, ok: torch.Tensor) -> None:
   """Sets ``ok`` (a 0-d bool device tensor) to false where any of the ``count`` gradients (contiguous float32,
   ``size`` coordinates each, addresses in g_table) holds a NaN or an infinity; leaves it as it is otherwise."""
@@ -511,7 +528,7 @@ def statistics(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor
   _statistics_kernel[(blocks, count)](
       g_table, p_table, upper, a, m, v, scale, one_minus_decays, partial, upper if ok is None else ok, size, na, n1,
       nb, n2, rows_size, cols_size, rho, g2_epsilon, rsqrt_epsilon, K=k, FACTORED=axes is not None,
-      GATED=ok is not None, BLOCK=block, num_warps=warps)
+      MATRIX=_matrix(axes, na, n1, nb, n2, rows_size, block), GATED=ok is not None, BLOCK=block, num_warps=warps)
   return torch.sum(partial, 2, out=out)  # (along the last axis: a reduction over contiguous partials)
 
 
@@ -532,7 +549,8 @@ def update(g_table: torch.Tensor, p_table: torch.Tensor, upper: torch.Tensor, a:
   _update_kernel[(blocks, count)](
       g_table, p_table, upper, a, m, v, scale, first_w, first_b, last_w, last_b, adam_factor, lr, partial,
       lr if ok is None else ok, size, na, n1, nb, n2, rows_size, cols_size, rsqrt_epsilon, average_weight, K=k,
-      UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None, GATED=ok is not None, BLOCK=block, num_warps=warps)
+      UNITS=units, OUTPUTS=outputs, FACTORED=axes is not None,
+      MATRIX=_matrix(axes, na, n1, nb, n2, rows_size, block), GATED=ok is not None, BLOCK=block, num_warps=warps)
   return torch.sum(partial, 2, out=out)
 
 
