@@ -94,7 +94,7 @@ def jax_time_features(step, num_steps):
 def torch_time_features(step, num_steps):
   t = step.to(torch.float64)
   return torch.cat([torch.tanh(t / torch.tensor(TIME_SCALES, dtype=torch.float64)),
-                    (t / num_steps) ** torch.tensor(FRACTION_POWERS, dtype=torch.float64)])
+                    (t / num_steps) ** torch.tensor(FRACTION_POWERS, dtype=torch.float64)]).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_torch_matches_jax_given_float64_global_features(saved, jax_run_float64_
   the batched LSTM, the learned schedule, the MLP, learning rate and weight decay -- in float64 to rounding, when
   both sides compute the global features in float64 (see test_torch_matches_jax)."""
   expected, _ = jax_run_float64_features
-  monkeypatch.setattr(htorch, "loss_features", lambda state: torch.tensor(FIXED_LOSS_FEATURES))
+  monkeypatch.setattr(htorch, "loss_features", lambda state: FIXED_LOSS_FEATURES.tolist())
   monkeypatch.setattr(htorch, "time_features", torch_time_features)
   params = torch_params()
   train_torch(LearnedOptimizer(params.values(), saved, lr=0.5, weight_decay=0.1, num_steps=HORIZON), params,
@@ -180,9 +180,9 @@ def test_global_features_match_jax(num_steps):
         np.testing.assert_allclose(state[f"{name}_{part}"].numpy(), getattr(acc, part), rtol=1e-6, atol=1e-6)
     step = np.int32(t)
     expected = np.concatenate([hjax.loss_features(train, valid), hjax.time_features(jnp.asarray(step), num_steps)])
-    found = torch.cat([htorch.loss_features(state), htorch.time_features(torch.tensor(step), num_steps)])
-    assert found.dtype == torch.float32
-    np.testing.assert_allclose(found.numpy(), expected, rtol=1e-6, atol=1e-6)
+    found = np.asarray(htorch.loss_features(state) + htorch.time_features(torch.tensor(step), num_steps))
+    assert np.array_equal(found.astype(np.float32), found)   # float32 values
+    np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6)
 
 
 # -- the JAX optimizer ---------------------------------------------------------------------------------------------
@@ -586,7 +586,7 @@ def test_torch_matches_jax_with_the_direct_step_head(saved_direct, monkeypatch):
     patch.setattr(hjax, "loss_features", lambda train, valid: jnp.asarray(FIXED_LOSS_FEATURES))
     patch.setattr(hjax, "time_features", jax_time_features)
     expected, _ = train_jax(saved_direct)
-  monkeypatch.setattr(htorch, "loss_features", lambda state: torch.tensor(FIXED_LOSS_FEATURES))
+  monkeypatch.setattr(htorch, "loss_features", lambda state: FIXED_LOSS_FEATURES.tolist())
   monkeypatch.setattr(htorch, "time_features", torch_time_features)
   params = torch_params()
   train_torch(LearnedOptimizer(params.values(), saved_direct, lr=0.5, weight_decay=0.1, num_steps=HORIZON), params,

@@ -48,6 +48,7 @@ import numbers
 import os
 import struct
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -318,7 +319,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     if event is not None:
       event.synchronize()
     if not bool(flag):
-      self.state[GLOBAL_STATE] = before
+      self.state[GLOBAL_STATE] = _restore(before)
       self._skipped_steps += 1
 
   # -- state dicts ------------------------------------------------------------------------------------------------
@@ -463,11 +464,23 @@ def _copy(state):
           for name, value in state.items()}
 
 
+class _Values(NamedTuple):
+  """A CPU tensor's values in a snapshot (``tolist``: a fifth of a clone's time), made a tensor again if restored."""
+  dtype: torch.dtype
+  values: object
+
+
 def _snapshot(state: dict) -> dict:
-  """A copy of the global state to restore if the step is skipped: CPU tensors through numpy (half a clone's
-  time), others as ``_copy`` does."""
-  return {name: torch.from_numpy(value.numpy().copy()) if isinstance(value, torch.Tensor) and value.is_cpu
+  """What ``_restore`` needs to give back the global state as it is now, if the step is skipped: CPU tensors as
+  their values, others copied as ``_copy`` does."""
+  return {name: _Values(value.dtype, value.tolist()) if isinstance(value, torch.Tensor) and value.is_cpu
           and not value.requires_grad else _copy({name: value})[name] for name, value in state.items()}
+
+
+def _restore(snapshot: dict) -> dict:
+  """The global state ``_snapshot`` saw."""
+  return {name: torch.tensor(value.values, dtype=value.dtype) if isinstance(value, _Values) else value
+          for name, value in snapshot.items()}
 
 
 def _to_numpy(value):

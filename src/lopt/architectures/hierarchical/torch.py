@@ -66,6 +66,7 @@ fails, it warns once and stays eager.
 
 from __future__ import annotations
 
+import array
 import importlib.util
 import math
 import operator
@@ -257,6 +258,11 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
+def _f32s(values: list) -> list:
+  """``values`` rounded to float32, all at once (C's conversion; beyond float32's range: infinities)."""
+  return array.array("f", values).tolist()
+
+
 # float32 constants, as the JAX side's.
 _DECAYS = tuple(_f32(d) for d in LOSS_DECAYS)
 _ONE_MINUS_DECAYS = tuple(float(np.float32(1) - np.float32(d)) for d in LOSS_DECAYS)
@@ -318,28 +324,27 @@ def accumulate(state: dict, name: str, loss) -> None:
   last[...] = x
 
 
-def loss_features(state: dict) -> torch.Tensor:
-  """(NUM_LOSS_FEATURES,) float32 (``optimizer.loss_features``)."""
+def loss_features(state: dict) -> list:
+  """NUM_LOSS_FEATURES floats, float32 values (``optimizer.loss_features``)."""
   (train_seen, train_first, _, train_ema), (valid_seen, valid_first, valid_last, _) = accumulators = [
       [_read(state, f"{name}_{part}") for part in ("seen", "first", "last", "ema")] for name in ("train", "valid")]
   features = []
   for seen, first, last, ema in accumulators:
     features += [seen, seen * math.tanh(_f32(last - first) / 4)] + [seen * math.tanh(4 * _f32(last - e)) for e in ema]
   gap = valid_seen * train_seen * math.tanh(_f32(valid_last - train_ema[-1]) - _f32(valid_first - train_first))
-  return torch.tensor(features + [gap], dtype=torch.float32)
+  return _f32s(features + [gap])
 
 
-def time_features(step, num_steps) -> torch.Tensor:
-  """(len(TIME_SCALES) + len(FRACTION_POWERS),) float32 for the new global count ``step`` (a tensor or a number;
-  ``optimizer.time_features``)."""
+def time_features(step, num_steps) -> list:
+  """len(TIME_SCALES) + len(FRACTION_POWERS) floats, float32 values, for the new global count ``step`` (a tensor or
+  a number; ``optimizer.time_features``)."""
   t = _f32(int(step))
   fraction = 0.0
   if num_steps is not None:
     horizon = _f32(num_steps)
     if horizon > 0:
       fraction = min(max(_f32(t / max(horizon, 1.0)), 0.0), 1.0)
-  return torch.tensor([math.tanh(_f32(t / tau)) for tau in TIME_SCALES] + [fraction ** q for q in FRACTION_POWERS],
-                      dtype=torch.float32)  # rounded to float32 here
+  return _f32s([math.tanh(_f32(t / tau)) for tau in TIME_SCALES] + [fraction ** q for q in FRACTION_POWERS])
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -683,12 +688,13 @@ class _Bucket(NamedTuple):
 
 class _Graphs:
   """A binding's two CUDA graphs (the halves of the kernels' update) and their static inputs: the buffers and layout
-  bound, the verdict buffer, the device table of addresses, the first half's outputs; ``eager``: whether each half
-  ran eagerly once (the binding's first step)."""
+  bound, the verdict buffer, the device table of addresses (and what it holds), the first half's outputs; ``eager``:
+  whether each half ran eagerly once (the binding's first step)."""
 
   def __init__(self, buffers: Buffers, layout: Layout, ok: torch.Tensor | None):
     self.buffers, self.layout, self.ok = buffers, layout, ok
     self.tables: torch.Tensor | None = None
+    self.addresses: list | None = None    # the addresses last uploaded into ``tables``
     self.first: FirstPass | None = None
     self.graphs: list = [None, None]
     self.eager = [False, False]
@@ -712,7 +718,7 @@ class HierarchicalRule:
     self._tensors = {name: torch.as_tensor(value).detach().clone() for name, value in tensors.items()}
     self._theta_cache: dict = {}
     self._layout_cache: dict = {}
-    self._global: torch.Tensor | None = None   # this step's global features (float32, CPU)
+    self._global: list | None = None           # this step's global features (floats, float32 values)
     self._global_cache: dict = {}              # ... converted per (device, dtype, persistent)
     self._features: dict = {}                  # ... under CUDA graphs: one buffer per (device, dtype), kept
     self._staging = WeakIdKeyDictionary()      # per device buffer uploaded to: a pinned host buffer and an event
@@ -846,7 +852,7 @@ class HierarchicalRule:
       step.numpy()[...] += 1
     else:  # a state dict loaded onto another device or in another dtype
       state["step"] = step.to(device="cpu", dtype=torch.int32) + 1
-    self._global = torch.cat([loss_features(state), time_features(state["step"], num_steps)])
+    self._global = loss_features(state) + time_features(state["step"], num_steps)
     self._global_cache.clear()
 
   def skips_on_device(self, params: list) -> bool:
@@ -948,10 +954,13 @@ class HierarchicalRule:
     if graphs is None or graphs.buffers is not buffers or graphs.layout is not layout or graphs.ok is not verdict:
       graphs = self._graphs[(key, ok is not None, check)] = _Graphs(buffers, layout, verdict)  # a new binding
       tables = torch.tensor(addresses, dtype=torch.int64).to(device)  # (its first step runs eagerly)
+    elif addresses == graphs.addresses:  # (the usual case: the caching allocator hands out the same blocks)
+      tables = graphs.tables
     else:
       if graphs.tables is None:
         graphs.tables = torch.empty((2, len(grads)), dtype=torch.int64, device=device)
       tables = self._upload(addresses, graphs.tables)
+      graphs.addresses = addresses
     return bucket._replace(ok=verdict, check=check, tables=tables, graphs=graphs)
 
   def _first_pass(self, bucket: _Bucket) -> _Bucket:
@@ -1081,16 +1090,16 @@ class HierarchicalRule:
     key = (device, dtype, persistent)
     value = self._global_cache.get(key)
     if value is None:
-      value = self._global
+      shape = (len(self._global),)
       if persistent:
         buffer = self._features.get(key[:2])
-        if buffer is None or buffer.shape != value.shape:
-          buffer = self._features[key[:2]] = torch.empty(value.shape, dtype=dtype, device=device)
-        value = self._upload(value, buffer)
+        if buffer is None or buffer.shape != shape:
+          buffer = self._features[key[:2]] = torch.empty(shape, dtype=dtype, device=device)
+        value = self._upload(self._global, buffer)
+      elif device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
+        value = torch.tensor(self._global, dtype=dtype, pin_memory=True).to(device=device, non_blocking=True)
       else:
-        if device.type == "cuda":  # through pinned memory: a copy that does not wait for the device
-          value = value.pin_memory().to(device=device, non_blocking=True)
-        value = value.to(device=device, dtype=dtype)
+        value = torch.tensor(self._global, dtype=dtype)
       self._global_cache[key] = value
     return value
 
