@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import math
 import subprocess
 import sys
 
@@ -347,3 +348,16 @@ def test_deepcopy_and_invalid_lr(checkpoint):
   optimizer = LearnedOptimizer(params, path)
   apply(optimizer, params, gradient_sequence(params, 2))
   assert copy.deepcopy(optimizer.state_dict())["lopt"]["optimizer"]["hidden_size"] == HIDDEN
+
+
+def test_float32_rounding_on_the_host_is_numpy_s():
+  """``lopt.float32`` (the losses and global features rounded on the host) rounds as numpy's cast does: across the
+  float32 range, subnormals, beyond it (infinities of either sign), NaN."""
+  from lopt.float32 import to_float32, to_float32s
+  rng = np.random.default_rng(0)
+  values = list(rng.normal(size=300) * 10.0 ** rng.integers(-48, 42, size=300)) + [
+      3.4028235e38, 3.5e38, -3.5e38, math.inf, -math.inf, 1e-46, -0.0, 0.1, math.nan]
+  with np.errstate(over="ignore"):
+    expected = np.asarray(values).astype(np.float32).astype(np.float64)
+  for found in (np.asarray([to_float32(v) for v in values]), np.asarray(to_float32s(values))):
+    np.testing.assert_array_equal(found, expected)

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.architectures.hierarchical.optimizer import LOG_STEP_LIMIT, lstm_cell
+from lopt.architectures.hierarchical.optimizer import lstm_cell
+from lopt.architectures.hierarchical.spec import LOG_STEP_LIMIT
 from lopt.dynamics._precision import as_input, as_state, bind, precision
 from lopt.dynamics.fixed_points import find_fixed_points
 from lopt.dynamics.linearize import eig_sorted, linearize, time_constants

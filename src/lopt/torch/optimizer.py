@@ -46,13 +46,13 @@ import copy
 import math
 import numbers
 import os
-import struct
 import warnings
 from typing import NamedTuple
 
 import torch
 
 from lopt.architectures.spec import ArchitectureConfig, resolve
+from lopt.float32 import to_float32
 from lopt.io.checkpoint import CheckpointError, check_theta
 from lopt.torch.checkpoint import read_trained_optimizer
 
@@ -401,19 +401,7 @@ def _scalar(name: str, value, convert: bool):
   except (TypeError, ValueError):
     raise TypeError(f"LearnedOptimizer.step: {name} must be a number or a one-element tensor, got "
                     f"{type(value).__name__}") from None
-  return _float32(number) if convert else value
-
-
-_FLOAT32 = struct.Struct("f")
-
-
-def _float32(number: float) -> float:
-  """``number`` rounded to float32 as torch rounds it (beyond the range: an infinity, without a warning), through
-  ``struct`` (a tenth of a tensor's time)."""
-  try:
-    return _FLOAT32.unpack(_FLOAT32.pack(number))[0]
-  except OverflowError:
-    return math.copysign(math.inf, number)
+  return to_float32(number) if convert else value
 
 
 def _receive_losses(losses: list, sent: tuple) -> None:

@@ -45,18 +45,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, SPEC, TIME_SCALES
+from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POWERS, LOG_FLOOR, LOG_SCALE,
+                                                  LOG_STEP_LIMIT, LOSS_DECAYS, NORM_EPSILON, RSQRT_EPSILON, SPEC,
+                                                  TIME_SCALES)
 from lopt.architectures.mlp.optimizer import (Factored, init_second_moment, update_momentum,
                                               update_second_moment)
 from lopt.architectures.mlp.spec import factored_axes
 
 Theta = dict[str, Any]
 
-RSQRT_EPSILON = 1e-12   # as the mlp architecture: v + eps under the rsqrt
-NORM_EPSILON = 1e-12    # a column's mean square + eps: an all-zero column stays zero
-LOG_FLOOR = 1e-30       # log(x + LOG_FLOOR) for RMS values that may be zero
-LOG_STEP_LIMIT = 8.0    # the per-tensor log step stays within +-8: step sizes from 3e-4 to 3e3 times step_scale
-LOG_SCALE = 0.1         # log-magnitude features enter the LSTM as LOG_SCALE * log(x): O(1) for x in [1e-9, 1e4]
 ALIGNMENT_GAIN_INIT = 0.5  # hypergradient gain on cos(g, m_1 rs) at initialization (then meta-learned)
 GROUP_LIMIT = 1 << 21    # on accelerators, tensors of one shape with up to this many coordinates step as one batch
 UNITS_LIMIT = 512        # on accelerators, per-coordinate MLPs with up to this many products are written unit by
@@ -462,7 +459,7 @@ class HierarchicalOptimizer:
     dtype = g.dtype
     t = step.astype(dtype)
     decay = jax.nn.sigmoid(theta["clip"]["decay_logit"]).astype(dtype)
-    history = tensor.gradient_rms.astype(dtype) / jnp.maximum(1 - decay ** (t - 1), 1e-12)
+    history = tensor.gradient_rms.astype(dtype) / jnp.maximum(1 - decay ** (t - 1), CORRECTION_FLOOR)
     has_history = (step > 1) & (tensor.gradient_rms > 0)
     threshold = jnp.where(has_history, jnp.exp(theta["clip"]["log_multiplier"].astype(dtype)) * history, jnp.inf)
     second_moment, _ = update_second_moment(jax.tree.map(lambda v: v.astype(dtype), second_moment),

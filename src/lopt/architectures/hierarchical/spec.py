@@ -23,6 +23,14 @@ NUM_LOSS_FEATURES = 2 * (2 + len(LOSS_DECAYS)) + 1  # per loss: drop since its f
 #                                                  the deviation from each EMA; plus the change of the valid-train gap
 SHAPE_FEATURES = 4                 # is-scalar, is-vector, log size, rank
 
+# Numbers of the update, read by optimizer.py (JAX), torch.py (PyTorch) and triton_passes.py (its kernels).
+RSQRT_EPSILON = 1e-12   # as the mlp architecture: v + eps under the rsqrt
+NORM_EPSILON = 1e-12    # a column's mean square + eps: an all-zero column stays zero
+LOG_FLOOR = 1e-30       # log(x + LOG_FLOOR) for RMS values that may be zero
+LOG_STEP_LIMIT = 8.0    # the per-tensor log step stays within +-8: step sizes from 3e-4 to 3e3 times step_scale
+LOG_SCALE = 0.1         # log-magnitude features enter the LSTM as LOG_SCALE * log(x): O(1) for x in [1e-9, 1e4]
+CORRECTION_FLOOR = 1e-12  # the gradient-RMS history's bias correction 1 - decay^(t-1), at least this (none at t = 1)
+
 
 def num_time_features() -> int:
   return len(TIME_SCALES) + len(FRACTION_POWERS)

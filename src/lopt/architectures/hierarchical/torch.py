@@ -66,13 +66,11 @@ fails, it warns once and stays eager.
 
 from __future__ import annotations
 
-import array
 import importlib.util
 import math
 import operator
 import os
 import shutil
-import struct
 import types
 import warnings
 from itertools import chain
@@ -83,15 +81,12 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lopt.architectures.hierarchical.spec import FRACTION_POWERS, LOSS_DECAYS, TIME_SCALES
+from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POWERS, LOG_FLOOR, LOG_SCALE,
+                                                  LOG_STEP_LIMIT, LOSS_DECAYS, NORM_EPSILON, RSQRT_EPSILON,
+                                                  TIME_SCALES)
 from lopt.architectures.mlp.spec import factored_axes, factored_shapes
+from lopt.float32 import to_float32, to_float32s
 
-# optimizer.py's constants (it says why).
-RSQRT_EPSILON = 1e-12
-NORM_EPSILON = 1e-12
-LOG_FLOOR = 1e-30
-LOG_STEP_LIMIT = 8.0
-LOG_SCALE = 0.1
 G2_EPSILON = 1e-30  # the second moment's g^2 + eps (mlp architecture)
 
 RECURRENT = ("h", "c", "log_step", "gradient_rms", "update_ratio", "feedback")  # state kept in at least float32
@@ -247,26 +242,10 @@ def shape_features(shape: tuple[int, ...]) -> np.ndarray:
 
 # -- global features (float32 on the CPU, as the JAX side's) ---------------------------------------------------------
 
-_FLOAT32 = struct.Struct("f")
-
-
-def _f32(value: float) -> float:
-  """``value`` rounded to float32 (C's conversion, as numpy's; through ``struct``: a quarter of numpy's time)."""
-  try:
-    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
-  except OverflowError:  # beyond float32's range: numpy's infinity
-    return float(np.float32(value))
-
-
-def _f32s(values: list) -> list:
-  """``values`` rounded to float32, all at once (C's conversion; beyond float32's range: infinities)."""
-  return array.array("f", values).tolist()
-
-
 # float32 constants, as the JAX side's.
-_DECAYS = tuple(_f32(d) for d in LOSS_DECAYS)
+_DECAYS = tuple(to_float32(d) for d in LOSS_DECAYS)
 _ONE_MINUS_DECAYS = tuple(float(np.float32(1) - np.float32(d)) for d in LOSS_DECAYS)
-_LOG_FLOOR = _f32(LOG_FLOOR)
+_LOG_FLOOR = to_float32(LOG_FLOOR)
 
 
 def init_global_state() -> dict:
@@ -310,13 +289,14 @@ def accumulate(state: dict, name: str, loss) -> None:
   cheaper than tensor operations on the host."""
   if loss is None:
     return
-  loss = _f32(float(loss))
+  loss = to_float32(float(loss))
   if not math.isfinite(loss):
     return
   seen, first, last, ema = (_array(state, f"{name}_{part}") for part in ("seen", "first", "last", "ema"))
-  x = _f32(math.log(max(loss, _LOG_FLOOR)))
+  x = to_float32(math.log(max(loss, _LOG_FLOOR)))
   if seen > 0:
-    ema[...] = [_f32(_f32(d * float(e)) + _f32(c * x)) for d, c, e in zip(_DECAYS, _ONE_MINUS_DECAYS, ema)]
+    ema[...] = [to_float32(to_float32(d * float(e)) + to_float32(c * x))
+                for d, c, e in zip(_DECAYS, _ONE_MINUS_DECAYS, ema)]
   else:
     ema[...] = x
     first[...] = x
@@ -330,21 +310,24 @@ def loss_features(state: dict) -> list:
       [_read(state, f"{name}_{part}") for part in ("seen", "first", "last", "ema")] for name in ("train", "valid")]
   features = []
   for seen, first, last, ema in accumulators:
-    features += [seen, seen * math.tanh(_f32(last - first) / 4)] + [seen * math.tanh(4 * _f32(last - e)) for e in ema]
-  gap = valid_seen * train_seen * math.tanh(_f32(valid_last - train_ema[-1]) - _f32(valid_first - train_first))
-  return _f32s(features + [gap])
+    features += [seen, seen * math.tanh(to_float32(last - first) / 4)]
+    features += [seen * math.tanh(4 * to_float32(last - e)) for e in ema]
+  gap = valid_seen * train_seen * math.tanh(to_float32(valid_last - train_ema[-1])
+                                            - to_float32(valid_first - train_first))
+  return to_float32s(features + [gap])
 
 
 def time_features(step, num_steps) -> list:
   """len(TIME_SCALES) + len(FRACTION_POWERS) floats, float32 values, for the new global count ``step`` (a tensor or
   a number; ``optimizer.time_features``)."""
-  t = _f32(int(step))
+  t = to_float32(int(step))
   fraction = 0.0
   if num_steps is not None:
-    horizon = _f32(num_steps)
+    horizon = to_float32(num_steps)
     if horizon > 0:
-      fraction = min(max(_f32(t / max(horizon, 1.0)), 0.0), 1.0)
-  return _f32s([math.tanh(_f32(t / tau)) for tau in TIME_SCALES] + [fraction ** q for q in FRACTION_POWERS])
+      fraction = min(max(to_float32(t / max(horizon, 1.0)), 0.0), 1.0)
+  return to_float32s([math.tanh(to_float32(t / tau)) for tau in TIME_SCALES]
+                     + [fraction ** q for q in FRACTION_POWERS])
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -403,7 +386,7 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
   t = steps.add(1).to(rec)                                       # each tensor's new count
   old_rms, old_ratio, old_log_step = scalars.unbind(0)          # (the buffer is overwritten only at the end)
   decay = rtheta.clip_decay
-  history = old_rms / torch.clamp(1 - decay ** (t - 1), min=1e-12)
+  history = old_rms / torch.clamp(1 - decay ** (t - 1), min=CORRECTION_FLOOR)
   has_history = (t > 1) & (old_rms > 0)
   threshold = torch.where(has_history, rtheta.clip_multiplier * history, torch.full_like(history, math.inf))
   upper = threshold.to(dtype)

@@ -44,13 +44,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lopt.architectures.hierarchical.spec import CORRECTION_FLOOR, LOG_FLOOR, LOG_SCALE, LOG_STEP_LIMIT, NORM_EPSILON
+
 # Coordinates and warps per program of each per-coordinate pass, the best of 128..4096 and 1..8 on the H200 at 10M
 # and 100M parameters: one warp where a block's sums are many (no reduction across warps). The grids are (blocks,
 # tensors): a tensor may have up to 2^31 - 1 blocks, a group up to 65535 tensors (CUDA's limit on a grid's second
 # axis; torch.py's KERNEL_TENSORS).
 FINITE, STATISTICS, UPDATE = (1024, 4), (256, 1), (128, 1)
 ROWS, COLUMNS = 16, 128      # factored_sums: a program's rows, and the columns it reads at once
-MAX_DECAYS = 4               # momenta the kernels hold (the architecture's limit)
+# spec.py's numbers of the update, as the kernels' compile-time constants
+FLOOR, NORM, SCALE, STEP_LIMIT, CORRECTION = map(tl.constexpr, (LOG_FLOOR, NORM_EPSILON, LOG_SCALE, LOG_STEP_LIMIT,
+                                                                CORRECTION_FLOOR))
 
 
 @triton.jit
@@ -310,7 +314,7 @@ def _prepare_kernel(scalars_ptr, steps_ptr, powers_ptr, clip_multiplier_ptr, out
   i = tl.program_id(0)
   t = tl.load(steps_ptr + i).to(tl.float32) + 1.0
   old_rms = tl.load(scalars_ptr + i)
-  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), 1e-12)
+  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), CORRECTION)
   has_history = (t > 1.0) & (old_rms > 0.0)
   tl.store(out_ptr + i, tl.where(has_history, tl.load(clip_multiplier_ptr) * history, float("inf")))
   tl.store(out_ptr + n + i, 1.0 - tl.load(powers_ptr + i))
@@ -364,31 +368,31 @@ def _controller_kernel(
   old_rms, old_ratio, old_log_step = tl.load(scalars_ptr + i), tl.load(scalars_ptr + n + i), tl.load(
       scalars_ptr + 2 * n + i)
   decay = tl.load(clip_decay_ptr)
-  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), 1e-12)
+  history = old_rms / tl.maximum(1.0 - tl.load(powers_ptr + 2 * n + i), CORRECTION)
   has_history = (t > 1.0) & (old_rms > 0.0)
   adam_correction = 1.0 - tl.load(powers_ptr + n + i)
-  new_rms = decay * old_rms + (1.0 - decay) * tl.sqrt(clipped2 / size + 1e-30)
-  raw_rms = tl.sqrt(raw2 / size + 1e-30)
-  spike = tl.minimum(tl.maximum(tl.log(raw_rms + 1e-30) - tl.log(history + 1e-30), -5.0), 5.0) / 5.0
+  new_rms = decay * old_rms + (1.0 - decay) * tl.sqrt(clipped2 / size + FLOOR)
+  raw_rms = tl.sqrt(raw2 / size + FLOOR)
+  spike = tl.minimum(tl.maximum(tl.log(raw_rms + FLOOR) - tl.log(history + FLOOR), -5.0), 5.0) / 5.0
   spike = tl.where(has_history, spike, 0.0)
-  p_rms = tl.sqrt(p2 / size + 1e-30)
-  adam_rms = tl.sqrt(m1rs2 / size / (adam_correction * adam_correction) + 1e-30)
-  drift_rms = tl.sqrt(drift2 / size + 1e-30)
+  p_rms = tl.sqrt(p2 / size + FLOOR)
+  adam_rms = tl.sqrt(m1rs2 / size / (adam_correction * adam_correction) + FLOOR)
+  drift_rms = tl.sqrt(drift2 / size + FLOOR)
   # The LSTM's inputs x (D,): [0.1 log RMS of g, p, adam, p - a; 0.1 ratio; spike; alignments (K); log step / 8;
   # shape (4); feedback (F); global features (G)]
   d = tl.arange(0, BLOCK_D)
-  x = tl.where(d == 0, 0.1 * tl.log(raw_rms + 1e-30), 0.0)
-  x = tl.where(d == 1, 0.1 * tl.log(p_rms + 1e-30), x)
-  x = tl.where(d == 2, 0.1 * tl.log(adam_rms + 1e-30), x)
-  x = tl.where(d == 3, 0.1 * tl.log(drift_rms + 1e-30), x)
-  x = tl.where(d == 4, old_ratio * 0.1, x)
+  x = tl.where(d == 0, SCALE * tl.log(raw_rms + FLOOR), 0.0)
+  x = tl.where(d == 1, SCALE * tl.log(p_rms + FLOOR), x)
+  x = tl.where(d == 2, SCALE * tl.log(adam_rms + FLOOR), x)
+  x = tl.where(d == 3, SCALE * tl.log(drift_rms + FLOOR), x)
+  x = tl.where(d == 4, old_ratio * SCALE, x)
   x = tl.where(d == 5, spike, x)
   in_alignment = (d >= 6) & (d < 6 + K)
   dot = tl.load(row + 3 * K + d - 6, mask=in_alignment, other=0.0)
   old2 = tl.load(row + 2 * K + d - 6, mask=in_alignment, other=0.0)
-  alignment = dot / tl.sqrt(clipped2 * old2 + 1e-30)
+  alignment = dot / tl.sqrt(clipped2 * old2 + FLOOR)
   x = tl.where(in_alignment, alignment, x)
-  x = tl.where(d == 6 + K, old_log_step / 8.0, x)
+  x = tl.where(d == 6 + K, old_log_step / STEP_LIMIT, x)
   x += tl.load(shape_ptr + i * 4 + d - 7 - K, mask=(d >= 7 + K) & (d < 11 + K), other=0.0)
   x += tl.load(feedback_ptr + i * F + d - 11 - K, mask=(d >= 11 + K) & (d < 11 + K + F), other=0.0)
   x += tl.load(features_ptr + d - 11 - K - F, mask=(d >= 11 + K + F) & (d < D), other=0.0)
@@ -413,7 +417,7 @@ def _controller_kernel(
                                                                   other=0.0), 0.0), axis=0)
   if DIRECT:
     log_step += tl.sum(x * tl.load(step_direct_ptr + d, mask=d < D, other=0.0), axis=0)
-  log_step = tl.minimum(tl.maximum(log_step, -8.0), 8.0)
+  log_step = tl.minimum(tl.maximum(log_step, -STEP_LIMIT), STEP_LIMIT)
   schedule = tl.sum(tl.load(features_ptr + G - T + d, mask=d < T, other=0.0)
                     * tl.load(step_schedule_ptr + d, mask=d < T, other=0.0), axis=0)
   cs = tl.arange(0, BLOCK_C)
@@ -431,7 +435,7 @@ def _controller_kernel(
   w_mask = (col < COLUMNS)[:, None] & (u < UNITS)[None, :]
   w0 = tl.load(w0_ptr + col[:, None] * UNITS + u[None, :], mask=w_mask, other=0.0)
   tl.store(first_w_out + i * COLUMNS * UNITS + col[:, None] * UNITS + u[None, :],
-           w0 / tl.sqrt(means + 1e-12)[:, None], mask=w_mask)
+           w0 / tl.sqrt(means + NORM)[:, None], mask=w_mask)
   wc = tl.load(w0_ptr + (COLUMNS + cs)[:, None] * UNITS + u[None, :], mask=(cs < C)[:, None] & (u < UNITS)[None, :],
                other=0.0)
   tl.store(first_b_out + i * UNITS + u, tl.load(b0_ptr + u, mask=u < UNITS, other=0.0)
@@ -455,8 +459,8 @@ def _finish_kernel(update_sums_ptr, p_rms_ptr, size_ptr, scalars_ptr, feedback_p
                    F: tl.constexpr, GATED: tl.constexpr, BLOCK_F: tl.constexpr):
   i = tl.program_id(0)
   size = tl.load(size_ptr + i)
-  update_rms = tl.sqrt(tl.load(update_sums_ptr + i * (F + 1)) / size + 1e-30)
-  ratio = tl.log(update_rms / (update_rms + tl.load(p_rms_ptr + i) + 1e-30) + 1e-30)
+  update_rms = tl.sqrt(tl.load(update_sums_ptr + i * (F + 1)) / size + FLOOR)
+  ratio = tl.log(update_rms / (update_rms + tl.load(p_rms_ptr + i) + FLOOR) + FLOOR)
   keep = _keep(ok_ptr, GATED)
   f = tl.arange(0, BLOCK_F)
   tl.store(feedback_ptr + i * F + f, tl.load(update_sums_ptr + i * (F + 1) + 1 + f, mask=f < F, other=0.0) / size,
