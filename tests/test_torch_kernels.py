@@ -123,6 +123,25 @@ def test_kernels_take_tensors_beyond_a_grid_axis_limit():
 
 
 @pytest.mark.gpu
+def test_kernels_index_a_group_beyond_32_bits():
+  """Three identical vectors of 400M coordinates, one group: their momenta hold 2.4B entries, beyond a 32-bit index
+  (an LLM's same-shaped matrices add up to that). The last steps exactly as the first (34 GB of GPU memory)."""
+  if not torch.cuda.is_available():
+    pytest.skip("no CUDA device")
+  n = 400_000_000
+  first = torch.nn.Parameter(torch.linspace(-1, 1, n, device="cuda"))
+  params = [first] + [torch.nn.Parameter(first.detach().clone()) for _ in range(2)]
+  optimizer = LearnedOptimizer(params, "general")
+  for t in range(3):
+    g = torch.sin(torch.arange(n, device="cuda", dtype=torch.float32) * (1e-3 * (t + 1)))
+    for p in params:
+      p.grad = g.clone()
+    optimizer.step(loss=1.0 / (t + 1))
+  assert optimizer.rule._graphs and not torch.equal(first, torch.linspace(-1, 1, n, device="cuda"))
+  assert torch.equal(params[2], first)
+
+
+@pytest.mark.gpu
 def test_kernels_fall_back_where_they_cannot_run():
   """A non-contiguous gradient or a bfloat16 bucket takes the PyTorch operations, with the same numbers."""
   if not torch.cuda.is_available():

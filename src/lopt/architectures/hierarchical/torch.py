@@ -82,8 +82,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POWERS, LOG_FLOOR, LOG_SCALE,
-                                                  LOG_STEP_LIMIT, LOSS_DECAYS, NORM_EPSILON, RSQRT_EPSILON,
-                                                  TIME_SCALES)
+                                                  LOG_STEP_LIMIT, LOSS_DECAYS, MAX_DECAYS, NORM_EPSILON,
+                                                  RSQRT_EPSILON, TIME_SCALES)
 from lopt.architectures.mlp.spec import factored_axes, factored_shapes
 from lopt.float32 import to_float32, to_float32s
 
@@ -94,6 +94,7 @@ UNROLL_LIMIT = 512  # compiled: the MLP unrolled into coordinate-wise expression
 MLP_CHUNK = 1 << 24  # eager: the MLP over at most this many coordinates at once (more when one tensor is larger)
 KERNEL_UNITS = 8  # the kernels' MLP width (``triton_passes``: fewer units padded with zero weights)
 KERNEL_TENSORS = 65535  # the kernels' tensors per bucket at most (their grids' second axis, CUDA's limit there)
+KERNEL_COORDINATES = (2 ** 31 - 1) // MAX_DECAYS  # and coordinates per tensor (a momentum's index is 32 bits)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: its kernels on CPU tensors (tests)
 
 
@@ -353,14 +354,14 @@ def _batch(tensors: list, shape: tuple) -> torch.Tensor:
 def _kernel_bucket(params: list, grads: list) -> bool:
   """Whether a bucket's passes can run as ``triton_passes`` kernels: Triton importable, float32 tensors on a CUDA
   device (or Triton's interpreter), every parameter and gradient contiguous (the kernels index them flat), at most
-  KERNEL_TENSORS of them."""
+  KERNEL_TENSORS of them, each of at most KERNEL_COORDINATES."""
   p = params[0]
   return (p.dtype is torch.float32 and (p.is_cuda or _INTERPRET) and len(params) <= KERNEL_TENSORS
-          and all(map(_CONTIGUOUS, params))
+          and max(map(_NUMEL, params)) <= KERNEL_COORDINATES and all(map(_CONTIGUOUS, params))
           and all(map(_CONTIGUOUS, grads)) and _missing_triton() is None)
 
 
-_CONTIGUOUS, _ADDRESS = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
+_CONTIGUOUS, _ADDRESS, _NUMEL = torch.Tensor.is_contiguous, torch.Tensor.data_ptr, torch.Tensor.numel
 
 
 def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, features: torch.Tensor, lr,

@@ -48,8 +48,9 @@ from lopt.architectures.hierarchical.spec import CORRECTION_FLOOR, LOG_FLOOR, LO
 
 # Coordinates and warps per program of each per-coordinate pass, the best of 128..4096 and 1..8 on the H200 at 10M
 # and 100M parameters: one warp where a block's sums are many (no reduction across warps). The grids are (blocks,
-# tensors): a tensor may have up to 2^31 - 1 blocks, a group up to 65535 tensors (CUDA's limit on a grid's second
-# axis; torch.py's KERNEL_TENSORS).
+# tensors): a group may hold up to 65535 tensors (CUDA's limit on a grid's second axis), each of up to 2^31 / 4
+# coordinates (32-bit offsets within a tensor, 64-bit ones across the group; torch.py's KERNEL_TENSORS and
+# KERNEL_COORDINATES).
 FINITE, STATISTICS, UPDATE = (1024, 4), (256, 1), (128, 1)
 ROWS, COLUMNS = 16, 128      # factored_sums: a program's rows, and the columns it reads at once
 # spec.py's numbers of the update, as the kernels' compile-time constants
@@ -119,7 +120,7 @@ def _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr, size, GATED: tl.con
   tensor = tl.program_id(1)
   offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
   mask = offsets < size
-  base = tensor * size
+  base = tensor.to(tl.int64) * size   # (64 bits: a group's state may hold more than 2^31 entries)
   raw, g = _gradient(g_table, upper_ptr, tensor, offsets, mask)
   p_ptr = tl.load(p_table + tensor).to(tl.pointer_type(tl.float32))
   p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
@@ -131,7 +132,7 @@ def _coordinates(g_table, p_table, upper_ptr, a_ptr, ok_ptr, size, GATED: tl.con
 def _momentum(m_ptr, base, offsets, mask, k: tl.constexpr, K: tl.constexpr):
   """Momentum k at the coordinates (zeros for k >= K); the momenta are interleaved: (..., K)."""
   if k < K:
-    return tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
+    return tl.load(m_ptr + base * K + offsets * K + k, mask=mask, other=0.0)
   else:
     return offsets.to(tl.float32) * 0.0
 
@@ -195,12 +196,12 @@ def _statistics_kernel(g_table, p_table, upper_ptr, a_ptr, m_ptr, v_ptr, scale_p
   blocks = tl.num_programs(0)
   out = partial_ptr + tensor * (4 * K + 5) * blocks + tl.program_id(0)   # sum j of this block at out + j * blocks
   for k in tl.static_range(K):
-    m = tl.load(m_ptr + (base + offsets) * K + k, mask=mask, other=0.0)
+    m = tl.load(m_ptr + base * K + offsets * K + k, mask=mask, other=0.0)
     old = m * rs
     tl.store(out + (2 * K + k) * blocks, tl.sum(old * old, axis=0))
     tl.store(out + (3 * K + k) * blocks, tl.sum(grs * m, axis=0))
     m = m + tl.load(one_minus_decays_ptr + k) * (g - m)     # lerp(m, g, 1 - b_k), a weight below 1/2
-    tl.store(m_ptr + (base + offsets) * K + k, m, mask=written)
+    tl.store(m_ptr + base * K + offsets * K + k, m, mask=written)
     new = m * rs
     tl.store(out + k * blocks, tl.sum(m * m, axis=0))
     tl.store(out + (K + k) * blocks, tl.sum(new * new, axis=0))
