@@ -455,20 +455,21 @@ def _copy(state):
 class _Values(NamedTuple):
   """A CPU tensor's values in a snapshot (``tolist``: a fifth of a clone's time), made a tensor again if restored."""
   dtype: torch.dtype
+  shape: torch.Size    # (an empty tensor's list does not keep it)
   values: object
 
 
 def _snapshot(state: dict) -> dict:
   """What ``_restore`` needs to give back the global state as it is now, if the step is skipped: CPU tensors as
   their values, others copied as ``_copy`` does."""
-  return {name: _Values(value.dtype, value.tolist()) if isinstance(value, torch.Tensor) and value.is_cpu
+  return {name: _Values(value.dtype, value.shape, value.tolist()) if isinstance(value, torch.Tensor) and value.is_cpu
           and not value.requires_grad else _copy({name: value})[name] for name, value in state.items()}
 
 
 def _restore(snapshot: dict) -> dict:
   """The global state ``_snapshot`` saw."""
-  return {name: torch.tensor(value.values, dtype=value.dtype) if isinstance(value, _Values) else value
-          for name, value in snapshot.items()}
+  return {name: torch.tensor(value.values, dtype=value.dtype).reshape(value.shape) if isinstance(value, _Values)
+          else value for name, value in snapshot.items()}
 
 
 def _to_numpy(value):
