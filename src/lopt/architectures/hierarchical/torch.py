@@ -84,10 +84,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POWERS, LOG_FLOOR, LOG_SCALE,
                                                   LOG_STEP_LIMIT, LOSS_DECAYS, MAX_DECAYS, NORM_EPSILON,
                                                   RSQRT_EPSILON, TIME_SCALES)
-from lopt.architectures.mlp.spec import factored_axes, factored_shapes
+from lopt.architectures.mlp.spec import G2_EPSILON, factored_axes, factored_shapes  # (its second moment's)
 from lopt.float32 import to_float32, to_float32s
-
-G2_EPSILON = 1e-30  # the second moment's g^2 + eps (mlp architecture)
 
 RECURRENT = ("h", "c", "log_step", "gradient_rms", "update_ratio", "feedback")  # state kept in at least float32
 UNROLL_LIMIT = 512  # compiled: the MLP unrolled into coordinate-wise expressions up to this many products

@@ -35,13 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.architectures.mlp.spec import SPEC, TIME_SCALES, factored_axes, factored_shapes, num_inputs
+from lopt.architectures.mlp.spec import (G2_EPSILON, NORM_EPSILON, RSQRT_EPSILON, SPEC, TIME_SCALES, factored_axes,
+                                         factored_shapes, num_inputs)
 
 Theta = dict[str, Any]  # {"layers": [{"w": (fan_in, fan_out), "b": (fan_out,)}, ...]}: key paths 'layers/i/w'
-
-G2_EPSILON = 1e-30     # added to g*g: an all-zero gradient keeps mean(r) > 0 (Adafactor's eps1)
-RSQRT_EPSILON = 1e-12  # added to v before rsqrt: a coordinate that never had a gradient gets a large, finite rs
-NORM_EPSILON = 1e-12   # added to a feature's mean square: an all-zero feature (zero-initialized biases) stays 0
 
 
 class Factored(NamedTuple):

@@ -15,6 +15,11 @@ TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 MAX_WIDTH = 4096
 MAX_DECAYS = 8
 
+# Numbers of the update, read by optimizer.py (JAX) and torch.py (PyTorch).
+G2_EPSILON = 1e-30     # added to g*g: an all-zero gradient keeps mean(r) > 0 (Adafactor's eps1)
+RSQRT_EPSILON = 1e-12  # added to v before rsqrt: a coordinate that never had a gradient gets a large, finite rs
+NORM_EPSILON = 1e-12   # added to a feature's mean square: an all-zero feature (zero-initialized biases) stays 0
+
 
 def factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
   """The two axes Adafactor's second moment is factored over: the two largest (ties: the later axis), in index

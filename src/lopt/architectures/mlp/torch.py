@@ -24,11 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from lopt.architectures.mlp.spec import TIME_SCALES, factored_axes, factored_shapes
-
-G2_EPSILON = 1e-30     # the JAX side's constants (optimizer.py says why)
-RSQRT_EPSILON = 1e-12
-NORM_EPSILON = 1e-12
+from lopt.architectures.mlp.spec import (G2_EPSILON, NORM_EPSILON, RSQRT_EPSILON, TIME_SCALES, factored_axes,
+                                         factored_shapes)
 
 
 class Theta(NamedTuple):
