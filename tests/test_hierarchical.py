@@ -13,7 +13,7 @@ import pytest
 
 import lopt
 from lopt.architectures.hierarchical import optimizer as hjax
-from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer, TensorState
+from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer, TensorState, coordinate_groups
 from lopt.architectures.hierarchical.spec import FRACTION_POWERS, TIME_SCALES
 from lopt.io.checkpoint import save_optimizer
 
@@ -156,9 +156,11 @@ def test_torch_matches_jax(saved, jax_run):
     for part in ("seen", "first", "last", "ema"):
       np.testing.assert_allclose(found[f"{name}_{part}"].numpy(), getattr(getattr(state, name), part), rtol=1e-6)
   tensors = HierarchicalOptimizer().tensor_states(state, expected)
+  coordinates = HierarchicalOptimizer().coordinate_states(state, expected)
   for k, p in params.items():  # per-tensor state: float64 like its parameter, the layout of the JAX state
     np.testing.assert_allclose(optimizer.state[p]["log_step"].numpy(), tensors[k].log_step, atol=1e-4)
-    np.testing.assert_allclose(optimizer.state[p]["momentum"].numpy(), state.momentum[k], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(optimizer.state[p]["momentum"].numpy(), coordinates[k].momentum, rtol=1e-5,
+                               atol=1e-12)
     assert optimizer.state[p]["h"].dtype == torch.float64 and int(optimizer.state[p]["step"]) == STEPS
 
 
@@ -233,8 +235,7 @@ def test_tensors_of_one_shape_stepped_as_a_batch_give_the_same_steps(monkeypatch
       steps.append(u)
     return steps, state
 
-  monkeypatch.setattr(HierarchicalOptimizer, "_batches_tensors", lambda self: True)
-  groups = OPTIMIZER._groups([jax.tree.leaves(x) for x in (params, params, params, params, params, params)])
+  groups = coordinate_groups(jax.tree.leaves(params))
   assert sorted(len(g) for g in groups) == [1, 1, 2, 3]
   (one, one_state), (batch, batch_state) = run(False), run(True)
   for a, b in zip(jax.tree.leaves((one, one_state)), jax.tree.leaves((batch, batch_state))):
@@ -505,29 +506,50 @@ def test_meta_training_can_withhold_the_validation_loss_per_problem():
   np.testing.assert_array_equal(half[::-1], np.asarray(seen(keys[::-1])))  # a pure function of the problem's key
 
 
-def test_checkpoints_with_one_tensor_state_per_tensor_restore_stacked():
-  """lopt 0.2 stored one TensorState per tensor (``.../tensors/<param path>/<field>``, shapes B + F); restoring
-  stacks them into ``.../tensors/<field>`` (B + (T,) + F) with the rows in the tree order of params, leaving every
-  other tensor as it was."""
-  from lopt.architectures.hierarchical.optimizer import stack_legacy_tensor_states
+@pytest.mark.parametrize("version, sibling", [("0.2", True), ("0.4", True), ("0.4", False)])
+def test_checkpoints_of_earlier_layouts_restore_into_the_current_one(version, sibling):
+  """lopt 0.2 stored one TensorState per tensor (``.../tensors/<param path>/<field>``, shapes B + F) and lopt 0.2-0.4
+  the per-coordinate states like params (``.../momentum/<param path>``, B + S + (K,)); restoring stacks them into
+  ``.../tensors/<field>`` (B + (T,) + F) and one entry per group of same-shaped tensors (``.../momentum/<k>``, B +
+  (n,) + S + (K,)), the tensors in the tree order of params -- taken from the estimator's inner parameters, a
+  sibling tree, or without one from the paths (list indices as numbers) -- leaving every other tensor as it was."""
+  from lopt.architectures.hierarchical.optimizer import upgrade_legacy_states
   from lopt.pytree import flatten_by_path
+  # Lists of more than ten entries: tree order is not the paths' string order ("10" < "2").
   params = {"z": jnp.ones((3,)), "a": {"w": jnp.ones((2, 4)), "b": jnp.ones((4,))},
-            "list": [jnp.ones(()), jnp.ones((5,))]}
+            "list": [jnp.ones(()), *(jnp.ones((5,)) for _ in range(10)), jnp.ones((2, 4))]}
   state = OPTIMIZER.init_state(default_theta(OPTIMIZER), params)
   batch = (2, 3)  # e.g. problems x particles, as in an estimator's state
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: rng.normal(size=batch + x.shape).astype(x.dtype), state)
-  wanted = {f"estimator_state/inner/{k}": np.asarray(v) for k, v in flatten_by_path(state).items()}
-  legacy = {k: v for k, v in wanted.items() if "/tensors/" not in k}
-  param_paths = list(flatten_by_path(params))
-  for field in TensorState._fields:
-    stacked = wanted[f"estimator_state/inner/tensors/{field}"]
-    for i, path in enumerate(param_paths):
-      legacy[f"estimator_state/inner/tensors/{path}/{field}"] = stacked[:, :, i]
-  restored = stack_legacy_tensor_states(legacy, list(wanted))
+  inner = {"opt_state": state}
+  if sibling:
+    inner["params"] = jax.tree.map(lambda x: np.zeros(batch + x.shape, x.dtype), params)
+  wanted = {f"estimator_state/inner/{k}": np.asarray(v) for k, v in flatten_by_path(inner).items()}
+  shapes = {k: v.shape for k, v in wanted.items()}
+  prefix = "estimator_state/inner/opt_state/"
+  legacy = {k: v for k, v in wanted.items()
+            if not k.startswith(tuple(prefix + f for f in ("momentum/", "average/", "second_moment/")))}
+  paths = list(flatten_by_path(params))
+  leaves = jax.tree.leaves(params)
+  groups = coordinate_groups(leaves)
+  assert sorted(len(group) for group in groups) == [1, 1, 1, 2, 10]
+  for k, group in enumerate(groups):
+    row = (lambda x, j: x) if len(group) == 1 else (lambda x, j: x[:, :, j])  # noqa: E731
+    for j, i in enumerate(group):
+      for field in ("momentum", "average"):
+        legacy[f"{prefix}{field}/{paths[i]}"] = row(wanted[f"{prefix}{field}/{k}"], j)
+      for part in (("/rows", "/cols") if leaves[i].ndim >= 2 else ("",)):
+        legacy[f"{prefix}second_moment/{paths[i]}{part}"] = row(wanted[f"{prefix}second_moment/{k}{part}"], j)
+  if version == "0.2":
+    for field in TensorState._fields:
+      stacked = legacy.pop(f"{prefix}tensors/{field}")
+      for i, path in enumerate(paths):
+        legacy[f"{prefix}tensors/{path}/{field}"] = stacked[:, :, i]
+  restored = upgrade_legacy_states(legacy, shapes)
   for name, value in wanted.items():
     np.testing.assert_array_equal(restored[name], value, err_msg=name)
-  assert stack_legacy_tensor_states(wanted, list(wanted)) is wanted  # a current checkpoint passes through
+  assert upgrade_legacy_states(wanted, shapes) is wanted  # a current checkpoint passes through
 
 
 # -- the direct step head (``direct_step``) ----------------------------------------------------------------------------
@@ -625,3 +647,16 @@ def test_a_run_with_the_head_warm_starts_from_an_optimizer_without_it():
   assert all(np.array_equal(np.asarray(flat[k]), general[k]) for k in general)
   with pytest.raises(UserError, match="they must match"):
     initial_theta(config, HierarchicalOptimizer(direct_step=True, lstm_size=16))
+
+
+def test_a_state_made_for_other_parameters_is_refused_with_what_it_needs():
+  """The per-coordinate states are stored by group of same-shaped tensors (``coordinate_groups``); a state made for
+  other parameters is refused, naming the shapes found and needed, rather than read with the wrong rows."""
+  theta = default_theta(OPTIMIZER)
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3)), "c": jnp.ones((4,))}
+  state = OPTIMIZER.init_state(theta, params)
+  assert [m.shape for m in state.momentum] == [(2, 2, 3, 2), (4, 2)]
+  assert OPTIMIZER.coordinate_states(state, params)["b"].momentum.shape == (2, 3, 2)
+  other = {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 2)), "c": jnp.ones((4,))}
+  with pytest.raises(ValueError, match=r"not made for these parameters.*\(2, 2, 3, 2\)"):
+    OPTIMIZER.update(theta, state, other, other)

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lopt.architectures.hierarchical.optimizer import stack_legacy_tensor_states
+from lopt.architectures.hierarchical.optimizer import upgrade_legacy_states
 from lopt.io.checkpoint import (TMP_SUFFIX, CheckpointError, WriteError, atomic_write_bytes, atomic_write_json,
                                 read_json, read_tensors, save_optimizer, tensors_to_bytes)
 from lopt.errors import UserError
@@ -212,9 +212,10 @@ def _state_from_checkpoint(path: Path, template: TrainState) -> TrainState:
 def _restore_tree(tensors: dict, prefix: str, template, path: Path):
   """The pytree shaped like ``template`` from ``tensors[prefix/key path]`` (PRNG keys rewrapped)."""
   flat = flatten_by_path(template)
-  # Checkpoints written by lopt 0.2 hold the hierarchical optimizer's per-tensor states one tensor at a time.
-  tensors = stack_legacy_tensor_states(tensors, [f"{prefix}/{name}" for name in flat])
-  found = _matching(tensors, prefix, {name: _storable(leaf) for name, leaf in flat.items()}, path)
+  # Checkpoints written by lopt 0.2-0.4 hold the hierarchical optimizer's states one tensor at a time.
+  storable = {name: _storable(leaf) for name, leaf in flat.items()}
+  tensors = upgrade_legacy_states(tensors, {f"{prefix}/{name}": np.shape(x) for name, x in storable.items()})
+  found = _matching(tensors, prefix, storable, path)
   restored = [jax.random.wrap_key_data(found[name], impl=jax.random.key_impl(leaf)) if _is_key(leaf) else found[name]
               for name, leaf in flat.items()]
   return jax.tree.unflatten(jax.tree.structure(template), restored)

@@ -82,45 +82,99 @@ class TensorState(NamedTuple):
 
 
 class HierarchicalState(NamedTuple):
-  """momentum: like params, S + (K,); second_moment: like params, ``Factored`` for ndim >= 2 else S; average: like
-  params (the slow average of p); tensors: one ``TensorState`` for all T tensors, leaves (T,) or (T, n), rows in the
-  tree order of params (``tensor_states`` gives them per tensor); train, valid: the loss ``Accumulator``s; step: ()
+  """momentum, second_moment, average: tuples, one entry per ``coordinate_groups`` group (tensors of one shape and
+  dtype) -- for a lone tensor momentum S + (K,), second_moment ``Factored`` for ndim >= 2 else S, average S (the slow
+  average of p); for a group of n > 1 its tensors' entries stacked on a new first axis, (n,) + ...
+  (``coordinate_states`` gives them per tensor); tensors: one ``TensorState`` for all T tensors, leaves (T,) or
+  (T, n), rows in the tree order of params (``tensor_states``); train, valid: the loss ``Accumulator``s; step: ()
   int32.
 
-  The per-tensor states are stacked, not one per tensor, so that a step reads and writes six arrays for them rather
-  than six per tensor: on a GPU, every array a jitted step takes and returns costs host time (H200: about 3 us)."""
-  momentum: Any
-  second_moment: Any
-  average: Any
+  Stacked rather than one entry per tensor: an accelerator steps a group as one batch (``update``) that reads and
+  writes the group's states where they lie, where states like params had to be stacked into copies and back at every
+  step (H200, 10M parameters: 1.39-1.64 ms a step before, 1.16-1.28 after); and every array a jitted step takes and
+  returns costs host time (about 3 us)."""
+  momentum: tuple
+  second_moment: tuple
+  average: tuple
   tensors: Any
   train: Accumulator
   valid: Accumulator
   step: jax.Array
 
 
+class CoordinateState(NamedTuple):
+  """One tensor's per-coordinate state (``coordinate_states``): momentum S + (K,), second_moment (``Factored`` or
+  S), average S."""
+  momentum: jax.Array
+  second_moment: Any
+  average: jax.Array
+
+
 # The rank of each TensorState field for one tensor (h: (lstm_size,), log_step: (), ...).
 TENSOR_STATE_RANKS = {"h": 1, "c": 1, "log_step": 0, "gradient_rms": 0, "update_ratio": 0, "feedback": 1}
 
 
-def stack_legacy_tensor_states(tensors: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-  """Upgrades checkpoint tensors written before the per-tensor states were stacked (one ``TensorState`` per tensor:
-  names ``.../tensors/<param path>/<field>``, shapes B + F) to the names in ``wanted`` that now hold them stacked
-  (``.../tensors/<field>``, B + (T,) + F, tensors in the order of the sibling ``.../momentum/<param path>`` names).
-  ``wanted``: every name the restoring template expects, in tree order. Other tensors are passed through."""
+def upgrade_legacy_states(tensors: dict[str, np.ndarray], wanted: dict[str, tuple]) -> dict[str, np.ndarray]:
+  """Checkpoint tensors of ``HierarchicalState``s written by earlier versions, in the current layout. lopt 0.2 kept
+  one ``TensorState`` per tensor (``<state>/tensors/<param path>/<field>``, shapes B + F; now stacked:
+  ``<state>/tensors/<field>``, B + (T,) + F); lopt 0.2-0.4 kept the per-coordinate states like params
+  (``<state>/momentum/<param path>``, B + S + (K,); now one entry per ``coordinate_groups`` group:
+  ``<state>/momentum/<k>``, B + S + (K,) for a group of one, else B + (n,) + S + (K,); the same for ``average`` and
+  ``second_moment``). The tensors' tree order is that of a sibling tree like params in ``wanted`` (the estimator's
+  inner parameters), else their paths' natural order. (Where every group has one tensor and the params are a list,
+  the old names and shapes are the new ones, with the same contents.)
+
+  wanted: name -> shape of every tensor the restoring template expects, in tree order. A current checkpoint is
+  returned as it is; other tensors are passed through."""
   out = tensors
-  for name in wanted:
-    base, _, field = name.rpartition("/")
-    if name in tensors or field not in TENSOR_STATE_RANKS or not (base + "/").endswith("/tensors/"):
+  owners = [name[:-len("tensors/h")] for name in wanted if name.endswith("/tensors/h") or name == "tensors/h"]
+  for owner in owners:
+    coordinates = {n: shape for n, shape in wanted.items() if n.startswith(tuple(
+        owner + field + "/" for field in ("momentum", "average", "second_moment")))}
+    fields = {n: shape for n, shape in wanted.items() if n.startswith(owner + "tensors/")}
+    current = lambda names: all(n in tensors and np.shape(tensors[n]) == tuple(names[n]) for n in names)  # noqa: E731
+    if current(coordinates) and current(fields):
       continue
-    owner = base[:-len("tensors")]
-    params = [n[len(owner + "momentum/"):] for n in wanted if n.startswith(owner + "momentum/")]
-    legacy = [f"{base}/{p}/{field}" for p in params]
-    if not params or not all(k in tensors for k in legacy):
+    paths = _legacy_param_paths(tensors, wanted, owner)
+    if not paths or owner + "step" not in tensors:
       continue
-    parts = [np.asarray(tensors[k]) for k in legacy]
+    batch = np.ndim(tensors[owner + "step"])
     out = dict(out) if out is tensors else out
-    out[name] = np.stack(parts, axis=parts[0].ndim - TENSOR_STATE_RANKS[field])
+    for name in fields:  # lopt 0.2: one TensorState per tensor
+      field = name[len(owner + "tensors/"):]
+      legacy = [f"{owner}tensors/{p}/{field}" for p in paths]
+      if name not in tensors and field in TENSOR_STATE_RANKS and all(k in tensors for k in legacy):
+        out[name] = np.stack([np.asarray(tensors[k]) for k in legacy], axis=batch)
+    averages = [np.asarray(tensors[f"{owner}average/{p}"]) for p in paths]
+    leaves = [jax.ShapeDtypeStruct(x.shape[batch:], x.dtype) for x in averages]
+    for k, group in enumerate(coordinate_groups(leaves)):
+      for field in ("momentum", "average", "second_moment/rows", "second_moment/cols", "second_moment"):
+        parent, _, part = field.partition("/")
+        legacy = [f"{owner}{parent}/{paths[i]}" + (f"/{part}" if part else "") for i in group]
+        name = f"{owner}{parent}/{k}" + (f"/{part}" if part else "")
+        if name in wanted and all(n in tensors for n in legacy):
+          parts = [np.asarray(tensors[n]) for n in legacy]
+          out[name] = parts[0] if len(parts) == 1 else np.stack(parts, axis=batch)
   return out
+
+
+def _legacy_param_paths(tensors: dict, wanted: dict, owner: str) -> list[str]:
+  """The parameter paths of a legacy ``HierarchicalState`` at ``owner`` (its ``average/<path>`` names), in tree
+  order: that of the first tree in ``wanted`` that holds exactly these paths, else natural order (list indices as
+  numbers)."""
+  prefix = owner + "average/"
+  paths = [n[len(prefix):] for n in tensors if n.startswith(prefix)]
+  wanted_paths = set(paths)
+  bases: dict = {}
+  for name in wanted:
+    for path in wanted_paths:
+      if name.endswith("/" + path) or name == path:
+        bases.setdefault(name[:len(name) - len(path)], []).append(path)
+  for base, found in bases.items():
+    if len(found) == len(paths) and set(found) == wanted_paths and not base.startswith(owner):
+      return found
+  natural = lambda p: [(0, int(c), "") if c.isdigit() else (1, 0, c) for c in p.split("/")]  # noqa: E731
+  return sorted(paths, key=natural)
 
 
 # -- global features ------------------------------------------------------------------------------------------------
@@ -202,20 +256,31 @@ def second_moment_estimate(second_moment, shape: tuple[int, ...]) -> jax.Array:
   return second_moment
 
 
+def coordinate_groups(leaves: list) -> list[list[int]]:
+  """Indices of the tensors whose per-coordinate states are stored together (``HierarchicalState``): tensors of at
+  most GROUP_LIMIT coordinates with the same shape and dtype, in order of first appearance; every other tensor alone.
+  A function of the shapes and dtypes only, the same on every backend, so that a state moves between them."""
+  groups: dict = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault((tuple(x.shape), x.dtype) if np.prod(x.shape) <= GROUP_LIMIT else i, []).append(i)
+  return list(groups.values())
+
+
 def _stack(items: list):
   """One pytree from a group's entries: the entry itself for a group of one, else its leaves stacked on a new first
-  axis."""
+  axis (the layout of ``HierarchicalState``'s per-coordinate states)."""
   return items[0] if len(items) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *items)
 
 
-def _unstack(tree, count: int) -> list:
-  """The inverse of ``_stack``: a group's ``count`` entries from its pytree."""
-  return [tree] if count == 1 else [_row(tree, j) for j in range(count)]
-
-
-def _batched(fn, group: list):
-  """``fn`` for a group of one; else ``fn`` over the group's stacked entries (every argument batched on axis 0)."""
-  return fn if len(group) == 1 else jax.vmap(fn)
+def _map_group(fn, p, g, entries: tuple, count: int, vmapped: bool):
+  """``fn(p, g, *entries)`` for every tensor of a group of ``count``, its results as ``_stack`` lays them out. p, g,
+  entries: as ``_stack`` lays them out, except p and g given as lists where not ``vmapped`` (one computation per
+  tensor, not one batched computation)."""
+  if count == 1:
+    return fn(p, g, *entries)
+  if vmapped:
+    return jax.vmap(fn)(p, g, *entries)
+  return _stack([fn(p[j], g[j], *_row(entries, j)) for j in range(count)])
 
 
 def _as_rows(x: jax.Array, count: int) -> jax.Array:
@@ -239,8 +304,8 @@ def _row(tree, i: int):
 
 
 def _rows(tree, group: list[int]):
-  """A group's rows of every leaf: the row itself for a group of one (as ``_stack``), a slice for consecutive
-  indices, else a gather."""
+  """A group's rows of every leaf, as ``_stack`` lays them out: the row itself for a group of one, a slice for
+  consecutive indices, else a gather."""
   if len(group) == 1:
     return _row(tree, group[0])
   if group == list(range(group[0], group[0] + len(group))):
@@ -325,13 +390,41 @@ class HierarchicalOptimizer:
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten([_row(state.tensors, i) for i in range(len(leaves))])
 
+  def coordinate_states(self, state: HierarchicalState, params: Any) -> Any:
+    """The per-coordinate states as a tree like ``params``: one ``CoordinateState`` per tensor."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten(self._coordinate_rows(state, leaves))
+
+  def _coordinate_rows(self, state: HierarchicalState, leaves: list) -> list[CoordinateState]:
+    """One ``CoordinateState`` per leaf, in tree order, from the grouped state."""
+    groups = self._check_groups(state, leaves)
+    rows = [None] * len(leaves)
+    for group, *entries in zip(groups, state.momentum, state.second_moment, state.average):
+      for j, i in enumerate(group):
+        rows[i] = CoordinateState(*(entries if len(group) == 1 else _row(tuple(entries), j)))
+    return rows
+
+  def _check_groups(self, state: HierarchicalState, leaves: list) -> list[list[int]]:
+    """The ``coordinate_groups`` of ``leaves``, after checking that the state's momenta were made for them."""
+    groups = coordinate_groups(leaves)
+    wanted = [(len(group),) * (len(group) > 1) + leaves[group[0]].shape + (len(self.momentum_decays),)
+              for group in groups]
+    found = [tuple(m.shape) for m in state.momentum]
+    if found != wanted:
+      raise ValueError(f"HierarchicalOptimizer: the state was not made for these parameters: its momenta have "
+                       f"shapes {found}, theirs must be {wanted} (one per group of tensors of one shape and dtype; "
+                       f"init_state makes them)")
+    return groups
+
   def init_state(self, theta: Theta, params: Any) -> HierarchicalState:
     """Zero momenta, second moments and recurrent states; the slow average starts at p; step 0."""
     k = len(self.momentum_decays)
+    leaves = jax.tree.leaves(params)
+    groups = coordinate_groups(leaves)
     return HierarchicalState(
-        momentum=jax.tree.map(lambda p: jnp.zeros(p.shape + (k,), p.dtype), params),
-        second_moment=jax.tree.map(init_second_moment, params),
-        average=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # its own buffer: donation-safe
+        momentum=tuple(_stack([jnp.zeros(leaves[i].shape + (k,), leaves[i].dtype) for i in group]) for group in groups),
+        second_moment=tuple(_stack([init_second_moment(leaves[i]) for i in group]) for group in groups),
+        average=tuple(_stack([jnp.array(leaves[i], copy=True) for i in group]) for group in groups),  # donation-safe
         tensors=self._init_tensors(params),
         train=init_accumulator(), valid=init_accumulator(), step=jnp.zeros((), jnp.int32))
 
@@ -350,30 +443,41 @@ class HierarchicalOptimizer:
     global_features = jnp.concatenate([loss_features(train, valid), time_features(new_step, num_steps)])
 
     leaves, treedef = jax.tree.flatten(params)
-    flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-    per_tensor = [leaves, flat(grads), flat(state.momentum), flat(state.average), flat(state.second_moment)]
+    grads = treedef.flatten_up_to(grads)
     if not leaves:
       return params, state._replace(train=train, valid=valid, step=new_step)
-    # Tensors of one shape and dtype are stepped as one batch on accelerators (``_groups``): a pass over a group is
-    # one kernel where it was one per tensor. A group of one is the tensor itself, as on a CPU.
-    groups = self._groups(per_tensor)
-    p, g, m, a, v = ([_stack([x[i] for i in group]) for group in groups] for x in per_tensor)
+    groups = self._check_groups(state, leaves)
+    # On accelerators the tensors of a group step as one batch (``_batches_tensors``): a pass over the group is one
+    # kernel where it was one per tensor, and its states are read and written where they lie; only the parameters
+    # and gradients are stacked (and the updates unstacked). Elsewhere, and for a group of one, tensor by tensor.
+    vmapped = [self._batches_tensors() and len({(grads[i].shape, grads[i].dtype) for i in group}) == 1
+               for group in groups]
+    by_group = lambda x: [  # noqa: E731
+        _stack([x[i] for i in group]) if batch or len(group) == 1 else [x[i] for i in group]
+        for group, batch in zip(groups, vmapped)]
+    p, g = by_group(leaves), by_group(grads)
+    m, a, v = state.momentum, state.average, state.second_moment
     ts = [_rows(state.tensors, group) for group in groups]
+    counts = [len(group) for group in groups]
     # Three passes over each group: the clipping threshold and the new second moment; the statistics the LSTM reads;
     # after the LSTM, the per-coordinate update. Each pass recomputes the per-coordinate terms it needs from the
     # tensors (cheaper than writing and reading them), and reads them through an optimization barrier: XLA then
     # neither keeps an earlier pass's terms in memory nor writes the new momenta and average (the step's outputs)
-    # before the last read of the old ones, which would make it copy the donated state.
-    first_pass = lambda *args: self._first_pass(theta, new_step, *args)  # noqa: E731
-    firsts = [_batched(first_pass, group)(*args) for group, *args in zip(groups, g, v, ts)]
-    p, g, m, a, v = jax.lax.optimization_barrier((p, g, m, a, [f["second_moment"] for f in firsts]))
+    # before the last read of the old ones, which would make it copy the donated state. Each group's own per-tensor
+    # values (recurrent states, thresholds, statistics, context) pass the barriers too: where the passes of several
+    # groups read slices of one array, XLA merged their reductions into multi-output kernels that ran slower than
+    # separate ones (H200, eight lone 12.5M-coordinate matrices: 1.9 ms against 1.3 ms).
+    first_pass = lambda p, g, *args: self._first_pass(theta, new_step, g, *args)  # noqa: E731
+    firsts = [_map_group(first_pass, *args) for args in zip(p, g, zip(v, ts), counts, vmapped)]
+    p, g, m, a, v, ts, firsts = jax.lax.optimization_barrier((p, g, m, a, [f["second_moment"] for f in firsts], ts,
+                                                               firsts))
     statistics = lambda *args: self._statistics(theta, new_step, *args)  # noqa: E731
-    stats = [_batched(statistics, group)(*args) for group, *args in zip(groups, p, g, m, a, v, ts, firsts)]
+    stats = [_map_group(statistics, *args) for args in zip(p, g, zip(m, a, v, ts, firsts), counts, vmapped)]
 
     # The LSTM runs once over every tensor (the same weights for every tensor): rows (T, ...) in group order.
     dtype = state.tensors.h.dtype
     cast = lambda x: x.astype(dtype)  # noqa: E731
-    cat = lambda values: jnp.concatenate([_as_rows(x, len(group)) for x, group in zip(values, groups)])  # noqa: E731
+    cat = lambda values: jnp.concatenate([_as_rows(x, n) for x, n in zip(values, counts)])  # noqa: E731
     tensors = [s["tensor"] for s in stats]
     inputs = cat([s["inputs"] for s in stats])
     inputs = jnp.concatenate([inputs, jnp.broadcast_to(cast(global_features), (len(leaves), global_features.shape[0]))],
@@ -388,30 +492,31 @@ class HierarchicalOptimizer:
     schedule = cast(global_features[-theta["step"]["schedule"].shape[0]:]) @ cast(theta["step"]["schedule"])
     context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
     offsets = np.cumsum([0] + [len(group) for group in groups])
-    part = lambda x, k: _from_rows(x[offsets[k]:offsets[k + 1]], len(groups[k]))  # noqa: E731
+    parts = lambda x: [_from_rows(x[offsets[k]:offsets[k + 1]], n) for k, n in enumerate(counts)]  # noqa: E731
 
-    p, g, m, a, v, log_step, context = jax.lax.optimization_barrier((p, g, m, a, v, log_step, context))
+    contexts, steps = parts(context), parts(log_step + schedule)
+    p, g, m, a, v, firsts, stats, contexts, steps = jax.lax.optimization_barrier(
+        (p, g, m, a, v, firsts, stats, contexts, steps))
     third_pass = lambda *args: self._coordinate_update(theta, new_step, *args)  # noqa: E731
-    results = [_batched(third_pass, group)(*args, first, s, part(context, k), part(log_step, k) + schedule)
-               for k, (group, *args, first, s) in enumerate(zip(groups, p, g, m, a, v, firsts, stats))]
+    results = [_map_group(third_pass, *args) for args in
+               zip(p, g, zip(m, a, v, firsts, stats, contexts, steps), counts, vmapped)]
     ratios = [jnp.log(rms / (rms + s["param_rms"] + LOG_FLOOR) + LOG_FLOOR) for (*_, rms), s in zip(results, stats)]
     new_tensors = TensorState(h, c, log_step, cat([t.gradient_rms for t in tensors]), cast(cat(ratios)),
                               cast(cat([feedback for _, _, _, feedback, _ in results])))
-    # Back to tree order: the tensors' rows, and one entry per tensor in its own dtypes.
+    # Back to tree order: the tensors' rows, and each tensor's update in its gradient's dtype.
     order = [i for group in groups for i in group]
     if order != sorted(order):
       new_tensors = jax.tree.map(lambda x: x[np.argsort(order)], new_tensors)
-    out = [[None] * len(leaves) for _ in range(4)]
-    for group, (u, new_momentum, new_average, _, _), first in zip(groups, results, firsts):
-      for column, value in zip(out, (u, new_momentum, new_average, first["second_moment"])):
-        for i, entry in zip(group, _unstack(value, len(group))):
-          column[i] = entry
-    updates = [u.astype(grad.dtype) for u, grad in zip(out[0], per_tensor[1])]
-    second_moment = [jax.tree.map(lambda new, old: new.astype(old.dtype), new, old)
-                     for new, old in zip(out[3], per_tensor[4])]
-    unflatten = treedef.unflatten
-    return unflatten(updates), HierarchicalState(unflatten(out[1]), unflatten(second_moment), unflatten(out[2]),
-                                                 new_tensors, train, valid, new_step)
+    updates = [None] * len(leaves)
+    for group, (u, *_) in zip(groups, results):
+      for j, i in enumerate(group):
+        updates[i] = (u if len(group) == 1 else u[j]).astype(grads[i].dtype)
+    momentum = tuple(new for _, new, _, _, _ in results)
+    average = tuple(new for _, _, new, _, _ in results)
+    second_moment = tuple(jax.tree.map(lambda new, old: new.astype(old.dtype), f["second_moment"], old)
+                          for f, old in zip(firsts, state.second_moment))
+    return treedef.unflatten(updates), HierarchicalState(momentum, second_moment, average, new_tensors, train, valid,
+                                                         new_step)
 
   # -- analysis helpers (``lopt.dynamics.hierarchical``): pure, read-only; ``update`` does not use them -------------
 
@@ -424,13 +529,11 @@ class HierarchicalOptimizer:
     losses = loss_features(accumulate(state.train, loss), accumulate(state.valid, valid_loss))
     global_features = jnp.concatenate([losses, time_features(new_step, num_steps)])
     leaves, treedef = jax.tree.flatten(params)
-    flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
     rows = []
-    for i, (p, g, m, v, a) in enumerate(zip(leaves, flat(grads), flat(state.momentum), flat(state.second_moment),
-                                            flat(state.average))):
+    for i, (p, g, own) in enumerate(zip(leaves, treedef.flatten_up_to(grads), self._coordinate_rows(state, leaves))):
       ts = _row(state.tensors, i)
-      first = self._first_pass(theta, new_step, g, v, ts)
-      stats = self._statistics(theta, new_step, p, g, m, a, first["second_moment"], ts, first)
+      first = self._first_pass(theta, new_step, g, own.second_moment, ts)
+      stats = self._statistics(theta, new_step, p, g, own.momentum, own.average, first["second_moment"], ts, first)
       rows.append(stats["inputs"].astype(jnp.float32))
     return jnp.stack([jnp.concatenate([row, global_features.astype(jnp.float32)]) for row in rows])
 
@@ -525,20 +628,6 @@ class HierarchicalOptimizer:
         tensor.feedback.astype(dtype)]).astype(rec)
     return {"norms": jnp.sqrt(squares + NORM_EPSILON), "alignment": alignment.astype(rec), "inputs": inputs,
             "param_rms": param_rms, "tensor": tensor._replace(gradient_rms=gradient_rms.astype(rec))}
-
-  def _groups(self, per_tensor: list) -> list[list[int]]:
-    """Indices of the tensors stepped together (``_batches_tensors``): tensors of at most GROUP_LIMIT coordinates
-    whose parameter, gradient and state entries all have the same shapes and dtypes, in order of first appearance;
-    every other tensor alone."""
-    count = len(per_tensor[0])
-    if not self._batches_tensors():
-      return [[i] for i in range(count)]
-    groups: dict = {}
-    for i in range(count):
-      entries = jax.tree.leaves([x[i] for x in per_tensor])
-      key = tuple((x.shape, x.dtype) for x in entries) if per_tensor[0][i].size <= GROUP_LIMIT else i
-      groups.setdefault(key, []).append(i)
-    return list(groups.values())
 
   def _batches_tensors(self) -> bool:
     """Whether tensors of one shape are stepped as one batch: on accelerators, where a pass over a batch is one
