@@ -8,12 +8,23 @@ directory holding their cache reuses it (delete ``cache/*general*`` there first:
 a cache with the plain `general`'s).
 
   python benchmarks/general_step_multiplier.py --scale 2 --schedule cosine --floor 0.1 benchmark general --quick --out DIR
+
+Several scales run one benchmark each, in ``DIR/x<scale>`` (the baselines computed once and their cache shared), then
+an oracle: for every problem and learned optimizer, the scale whose run had the lowest mean loss relative to tuned
+Adam, on the evaluation seeds themselves -- an optimistic bound on what a right step size alone would give, printed
+and written to ``DIR/oracle.json``:
+
+  python benchmarks/general_step_multiplier.py --scale 0.125,0.25,0.5,1,2,4,8 benchmark general --quick --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 import sys
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -53,16 +64,69 @@ def multiplied(inner: optax.GradientTransformationExtraArgs, scale: float, sched
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+def oracle(results: dict[float, dict]) -> dict:
+  """Per learned optimizer, per problem, the scale with the lowest mean loss relative to tuned Adam, from
+  ``lopt benchmark``'s benchmark.json per scale; and the wins and geometric mean that choice gives."""
+  first = next(iter(results.values()))
+  out = {}
+  for name in first["summary"]:
+    ratios = {scale: {problem: entry["results"][name]["mean_loss"] / entry["results"]["adam_tuned"]["mean_loss"]
+                      for problem, entry in result["problems"].items()} for scale, result in results.items()}
+    best = {problem: min(ratios, key=lambda scale: ratios[scale][problem]) for problem in first["problems"]}
+    chosen = [ratios[best[p]][p] for p in best]
+    out[name] = {"ratio_mean_loss": ratios, "best_scale": best,
+                 "wins_vs_tuned_adam": sum(r < 1 for r in chosen), "num_problems": len(chosen),
+                 "geometric_mean": math.exp(sum(map(math.log, chosen)) / len(chosen))}
+  return out
+
+
+def print_oracle(table: dict) -> None:
+  for name, entry in table.items():
+    scales = list(entry["ratio_mean_loss"])
+    print(f"{name}: mean loss / tuned Adam's at each scale, and the oracle's choice")
+    print(f"{'problem':24s}" + "".join(f"{'x%g' % x:>8s}" for x in scales) + "    best")
+    for problem, scale in entry["best_scale"].items():
+      print(f"{problem:24s}" + "".join(f"{entry['ratio_mean_loss'][x][problem]:8.3f}" for x in scales)
+            + f"    x{scale:g}")
+    print(f"oracle: wins {entry['wins_vs_tuned_adam']} of {entry['num_problems']} against tuned Adam, "
+          f"geometric mean {entry['geometric_mean']:.3f}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scale", type=float, default=1.0)
+  parser.add_argument("--scale", type=lambda text: [float(x) for x in text.split(",")], default=[1.0],
+                      help="the constant factor; several, comma-separated: one benchmark each, then the oracle")
   parser.add_argument("--schedule", choices=("none", "cosine", "linear"), default="none")
   parser.add_argument("--floor", type=float, default=0.1, help="the schedule's last value, relative to its first")
   args, rest = parser.parse_known_args(argv)
   as_optax = lopt.trained.TrainedOptimizer.as_optax
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: multiplied(as_optax(self, **kw), args.scale,
-                                                                        args.schedule, args.floor)
-  return lopt_main(rest)
+  if len(args.scale) == 1:
+    lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: multiplied(as_optax(self, **kw), args.scale[0],
+                                                                          args.schedule, args.floor)
+    return lopt_main(rest)
+  if "--out" not in rest:
+    parser.error("several scales need the benchmark's --out DIR")
+  where = rest.index("--out") + 1
+  out, results, previous = Path(rest[where]), {}, None
+  for scale in args.scale:
+    run = out / f"x{scale:g}"
+    if previous is not None and not (run / "cache").exists():  # the baselines' cache; never a learned optimizer's
+      (run / "cache").mkdir(parents=True)
+      for cached in (previous / "cache").glob("*.json"):
+        if cached.name.split(".")[1] in ("adam_tuned", "nadamw_cosine", "adam_1e-3"):
+          shutil.copy(cached, run / "cache" / cached.name)
+    lopt.trained.TrainedOptimizer.as_optax = lambda self, scale=scale, **kw: multiplied(
+        as_optax(self, **kw), scale, args.schedule, args.floor)
+    code = lopt_main(rest[:where] + [str(run)] + rest[where + 1:])
+    if code:
+      return code
+    results[scale] = json.loads((run / "benchmark.json").read_text())
+    previous = run
+  table = oracle(results)
+  print_oracle(table)
+  (out / "oracle.json").write_text(json.dumps({"scales": args.scale, "schedule": args.schedule,
+                                               "floor": args.floor, "oracle": table}, indent=1))
+  return 0
 
 
 if __name__ == "__main__":
