@@ -511,8 +511,9 @@ def test_checkpoints_of_earlier_layouts_restore_into_the_current_one(version, si
   """lopt 0.2 stored one TensorState per tensor (``.../tensors/<param path>/<field>``, shapes B + F) and lopt 0.2-0.4
   the per-coordinate states like params (``.../momentum/<param path>``, B + S + (K,)); restoring stacks them into
   ``.../tensors/<field>`` (B + (T,) + F) and one entry per group of same-shaped tensors (``.../momentum/<k>``, B +
-  (n,) + S + (K,)), the tensors in the tree order of params -- taken from the estimator's inner parameters, a
-  sibling tree, or without one from the paths (list indices as numbers) -- leaving every other tensor as it was."""
+  (n,) + S + (K,), a lone tensor's B + S + (K,)), the tensors in the tree order of params -- taken from the
+  estimator's inner parameters, a sibling tree, or without one from the paths (list indices as numbers) -- leaving
+  every other tensor as it was."""
   from lopt.architectures.hierarchical.optimizer import upgrade_legacy_states
   from lopt.pytree import flatten_by_path
   # Lists of more than ten entries: tree order is not the paths' string order ("10" < "2").
