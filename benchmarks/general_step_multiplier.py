@@ -1,8 +1,9 @@
-"""`lopt benchmark` with `general`'s every update multiplied by a constant and, optionally, a decay over the horizon.
+"""`lopt benchmark` with `general`'s every update multiplied by a constant and, optionally, a schedule over the horizon.
 
 A diagnostic of what a fixed rule on top of the learned step size would give: the factor is
 ``scale * schedule(t / num_steps)``, with the schedule 1 (``--schedule none``), a cosine from 1 to ``--floor`` or a
-linear ramp to it, t the update's count and num_steps the horizon hint the benchmark passes. The rest is `lopt
+linear ramp to it, t the update's count and num_steps the horizon hint the benchmark passes, optionally after a
+linear warm-up over a fraction of the horizon (``--warmup``). The rest is `lopt
 benchmark`'s command line, run in this process with `general` wrapped; the baselines are unchanged, so an ``--out``
 directory holding their cache reuses it (delete ``cache/*general*`` there first: the variant's results must not share
 a cache with the plain `general`'s).
@@ -40,25 +41,29 @@ class MultipliedState(NamedTuple):
   count: jax.Array  # () int32, updates so far
 
 
-def factor(count, horizon, scale: float, schedule: str, floor: float):
-  """() the multiplier at update ``count`` of ``horizon``."""
-  if schedule == "none" or horizon is None:
+def factor(count, horizon, scale: float, schedule: str, floor: float, warmup: float = 0.0):
+  """() the multiplier at update ``count`` (from 0) of ``horizon``: ``scale`` times the schedule, times a linear
+  warm-up (count + 1) / (warmup * horizon) while that is below 1."""
+  if horizon is None or (schedule == "none" and not warmup):
     return jnp.float32(scale)
   fraction = jnp.minimum(count.astype(jnp.float32) / jnp.float32(horizon), 1.0)
+  ramp = jnp.minimum(1.0, (count.astype(jnp.float32) + 1) / jnp.maximum(warmup * jnp.float32(horizon), 1.0))
   if schedule == "cosine":
-    return scale * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * fraction)))
-  return scale * (1 - (1 - floor) * fraction)
+    return ramp * scale * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * fraction)))
+  if schedule == "linear":
+    return ramp * scale * (1 - (1 - floor) * fraction)
+  return ramp * scale
 
 
 def multiplied(inner: optax.GradientTransformationExtraArgs, scale: float, schedule: str,
-               floor: float) -> optax.GradientTransformationExtraArgs:
+               floor: float, warmup: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """``inner`` with every update multiplied by ``factor``."""
   def init(params):
     return MultipliedState(inner.init(params), jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, **extra):
     updates, inner_state = inner.update(updates, state.inner, params, **extra)
-    f = factor(state.count, extra.get("num_steps"), scale, schedule, floor)
+    f = factor(state.count, extra.get("num_steps"), scale, schedule, floor, warmup)
     return (jax.tree.map(lambda u: u * f.astype(u.dtype), updates),
             MultipliedState(inner_state, state.count + 1))
   return optax.GradientTransformationExtraArgs(init, update)
@@ -98,11 +103,13 @@ def main(argv=None) -> int:
                       help="the constant factor; several, comma-separated: one benchmark each, then the oracle")
   parser.add_argument("--schedule", choices=("none", "cosine", "linear"), default="none")
   parser.add_argument("--floor", type=float, default=0.1, help="the schedule's last value, relative to its first")
+  parser.add_argument("--warmup", type=float, default=0.0,
+                      help="a linear warm-up over this fraction of the horizon (0: none)")
   args, rest = parser.parse_known_args(argv)
   as_optax = lopt.trained.TrainedOptimizer.as_optax
   if len(args.scale) == 1:
     lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: multiplied(as_optax(self, **kw), args.scale[0],
-                                                                          args.schedule, args.floor)
+                                                                          args.schedule, args.floor, args.warmup)
     return lopt_main(rest)
   if "--out" not in rest:
     parser.error("several scales need the benchmark's --out DIR")
@@ -116,7 +123,7 @@ def main(argv=None) -> int:
         if cached.name.split(".")[1] in ("adam_tuned", "nadamw_cosine", "adam_1e-3"):
           shutil.copy(cached, run / "cache" / cached.name)
     lopt.trained.TrainedOptimizer.as_optax = lambda self, scale=scale, **kw: multiplied(
-        as_optax(self, **kw), scale, args.schedule, args.floor)
+        as_optax(self, **kw), scale, args.schedule, args.floor, args.warmup)
     code = lopt_main(rest[:where] + [str(run)] + rest[where + 1:])
     if code:
       return code
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
   table = oracle(results)
   print_oracle(table)
   (out / "oracle.json").write_text(json.dumps({"scales": args.scale, "schedule": args.schedule,
-                                               "floor": args.floor, "oracle": table}, indent=1))
+                                               "floor": args.floor, "warmup": args.warmup, "oracle": table}, indent=1))
   return 0
 
 
