@@ -144,7 +144,7 @@ def upgrade_legacy_states(tensors: dict[str, np.ndarray], wanted: dict[str, tupl
       field = name[len(owner + "tensors/"):]
       legacy = [f"{owner}tensors/{p}/{field}" for p in paths]
       if name not in tensors and field in TENSOR_STATE_RANKS and all(k in tensors for k in legacy):
-        out[name] = np.stack([np.asarray(tensors[k]) for k in legacy], axis=batch)
+        _put_stacked(out, name, [np.asarray(tensors[k]) for k in legacy], batch)
     averages = [np.asarray(tensors[f"{owner}average/{p}"]) for p in paths]
     leaves = [jax.ShapeDtypeStruct(x.shape[batch:], x.dtype) for x in averages]
     for k, group in enumerate(coordinate_groups(leaves)):
@@ -153,9 +153,17 @@ def upgrade_legacy_states(tensors: dict[str, np.ndarray], wanted: dict[str, tupl
         legacy = [f"{owner}{parent}/{paths[i]}" + (f"/{part}" if part else "") for i in group]
         name = f"{owner}{parent}/{k}" + (f"/{part}" if part else "")
         if name in wanted and all(n in tensors for n in legacy):
-          parts = [np.asarray(tensors[n]) for n in legacy]
-          out[name] = parts[0] if len(parts) == 1 else np.stack(parts, axis=batch)
+          _put_stacked(out, name, [np.asarray(tensors[n]) for n in legacy], batch)
   return out
+
+
+def _put_stacked(out: dict, name: str, parts: list, axis: int) -> None:
+  """``out[name]``: the one part, or the parts stacked on ``axis``; nothing where they do not stack (a damaged file,
+  whose reader then reports the tensor missing)."""
+  try:
+    out[name] = parts[0] if len(parts) == 1 else np.stack(parts, axis=axis)
+  except ValueError:
+    pass
 
 
 def _legacy_param_paths(tensors: dict, wanted: dict, owner: str) -> list[str]:
