@@ -34,6 +34,7 @@ import optax
 
 import lopt.trained
 from lopt.cli import main as lopt_main
+from lopt.evaluation.benchmark import BASELINES
 
 
 class MultipliedState(NamedTuple):
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     if previous is not None and not (run / "cache").exists():  # the baselines' cache; never a learned optimizer's
       (run / "cache").mkdir(parents=True)
       for cached in (previous / "cache").glob("*.json"):
-        if cached.name.split(".")[1] in ("adam_tuned", "nadamw_cosine", "adam_1e-3"):
+        if cached.name.split(".")[1] in BASELINES:
           shutil.copy(cached, run / "cache" / cached.name)
     lopt.trained.TrainedOptimizer.as_optax = lambda self, scale=scale, **kw: multiplied(
         as_optax(self, **kw), scale, args.schedule, args.floor, args.warmup)

@@ -280,6 +280,11 @@ def _stack(items: list):
   return items[0] if len(items) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *items)
 
 
+def _unstack(tree, count: int) -> list:
+  """The inverse of ``_stack``: a group's ``count`` entries from its pytree."""
+  return [tree] if count == 1 else [_row(tree, j) for j in range(count)]
+
+
 def _map_group(fn, p, g, entries: tuple, count: int, vmapped: bool):
   """``fn(p, g, *entries)`` for every tensor of a group of ``count``, its results as ``_stack`` lays them out. p, g,
   entries: as ``_stack`` lays them out, except p and g given as lists where not ``vmapped`` (one computation per
@@ -408,8 +413,8 @@ class HierarchicalOptimizer:
     groups = self._check_groups(state, leaves)
     rows = [None] * len(leaves)
     for group, *entries in zip(groups, state.momentum, state.second_moment, state.average):
-      for j, i in enumerate(group):
-        rows[i] = CoordinateState(*(entries if len(group) == 1 else _row(tuple(entries), j)))
+      for i, row in zip(group, _unstack(tuple(entries), len(group))):
+        rows[i] = CoordinateState(*row)
     return rows
 
   def _check_groups(self, state: HierarchicalState, leaves: list) -> list[list[int]]:
@@ -517,8 +522,8 @@ class HierarchicalOptimizer:
       new_tensors = jax.tree.map(lambda x: x[np.argsort(order)], new_tensors)
     updates = [None] * len(leaves)
     for group, (u, *_) in zip(groups, results):
-      for j, i in enumerate(group):
-        updates[i] = (u if len(group) == 1 else u[j]).astype(grads[i].dtype)
+      for i, row in zip(group, _unstack(u, len(group))):
+        updates[i] = row.astype(grads[i].dtype)
     momentum = tuple(new for _, new, _, _, _ in results)
     average = tuple(new for _, _, new, _, _ in results)
     second_moment = tuple(jax.tree.map(lambda new, old: new.astype(old.dtype), f["second_moment"], old)
