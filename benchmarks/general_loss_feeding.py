@@ -5,7 +5,7 @@ neither given, and with the (smooth) validation loss given in place of the (nois
 Adam at 1e-3 with both given and beats it with neither; this script measures which feed does it, side by side with
 Adam at a few learning rates on the same problems and keys (the benchmark's evaluation keys, quick horizons).
 
-  python benchmarks/general_loss_feeding.py s_curve_batch2 friedman_mlp --json results/general_loss_feeding_cpu.json
+  python benchmarks/general_loss_feeding.py s_curve_batch2 friedman_mlp --ablate --snr --json OUT.json
 
 ``--benchmark FEED`` runs `lopt benchmark` instead (the rest of the command line), with `general` given only what
 FEED says ("validation loss only", "training loss only", "neither"; the baselines are unchanged):
