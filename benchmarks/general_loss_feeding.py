@@ -42,23 +42,21 @@ FEEDS = {
 ADAM_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def unroll(task, optimizer, key, horizon: int, feed=None):
-  """(horizon,) training losses of one problem; ``feed`` (a FEEDS value) says what the optimizer is given, None: a
-  plain optax optimizer (given nothing). The validation loss is given every ``benchmark.VALID_EVERY`` steps."""
+def unroll(task, optimizer, key, horizon: int, feed: str | None = None):
+  """(horizon,) training losses of one problem, run as `lopt benchmark` runs it (``benchmark.training_scan``); with
+  ``feed`` (a FEEDS label) the optimizer is given only what that feed names. The one feed the benchmark's scan cannot
+  give, the validation loss in the training loss's place, needs the validation loss at every step: its own scan."""
+  if feed is None or not FEEDS[feed][2]:
+    given = optax.with_extra_args_support(optimizer) if feed is None else fed_only(optimizer, feed)
+    return benchmark.training_scan(task, given, key, horizon)[1]
   params = task.init(key)
 
   def step(carry, t):
     params, state = carry
     loss, grads = jax.value_and_grad(task.loss)(params, key, t)
-    extra = {}
-    if feed is not None:
-      train, valid, valid_as_train = feed
-      measured = task.valid_loss(params, key, t) if valid or valid_as_train else None
-      none = jnp.full((), jnp.nan, loss.dtype)
-      extra = {"num_steps": horizon,
-               "value": measured if valid_as_train else loss if train else None,
-               "valid_loss": jnp.where(t % benchmark.VALID_EVERY == 0, measured, none) if valid else None}
-    updates, state = optimizer.update(grads, state, params, **extra)
+    valid = task.valid_loss(params, key, t)
+    fed = jnp.where(t % benchmark.VALID_EVERY == 0, valid, jnp.full((), jnp.nan, loss.dtype))
+    updates, state = optimizer.update(grads, state, params, value=valid, valid_loss=fed, num_steps=horizon)
     return (optax.apply_updates(params, updates), state), loss
 
   _, losses = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
@@ -121,10 +119,9 @@ def measure(name: str, seeds: int, ablate: bool = False, snr: bool = False) -> d
   task, horizon = problem.task(), problem.quick_horizon or problem.horizon
   keys = benchmark.seed_keys(benchmark.EVALUATION_SEED, seeds)
   general = lopt.load("general").as_optax()
-  runs = {f"general, {label}": (general, feed) for label, feed in FEEDS.items()}
+  runs = {f"general, {feed}": (general, feed) for feed in FEEDS}
   if ablate:
-    both = FEEDS["both (as the benchmark runs it)"]
-    runs.update({f"general blind to the {feature}": (ablated(rows), both)
+    runs.update({f"general blind to the {feature}": (ablated(rows), "both (as the benchmark runs it)")
                  for feature, rows in loss_feature_rows().items()})
   runs.update({f"adam {rate:g}": (optax.adam(rate), None) for rate in ADAM_RATES})
   out = {}
