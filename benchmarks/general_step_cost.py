@@ -3,6 +3,7 @@
   python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
                                          [--compile MODE ...] [--frameworks jax torch] [--kernels]
                                          [--group-limit N] [--triton auto|on|off ...] [--tensor-loss]
+                                         [--jax-passes pallas|xla ...]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
 random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
@@ -18,7 +19,10 @@ PyTorch on a GPU, the kernels one step launches (torch.profiler). --group-limit 
 ``GROUP_LIMIT`` (on accelerators, tensors of one shape with up to N coordinates are stacked and stepped as one batch),
 to compare batching choices on one machine. --triton on/off forces the PyTorch optimizer's hand-written Triton
 kernels on or off (``kernels=``; auto, the default, uses them on a GPU when no --compile is given). --tensor-loss
-passes PyTorch's loss as a 0-d tensor on the device (as a training loop does) rather than a number.
+passes PyTorch's loss as a 0-d tensor on the device (as a training loop does) rather than a number. --jax-passes
+xla makes the JAX step's large matrices take XLA's passes instead of the Pallas kernels (on GPUs; several: a line
+each, to compare them on one machine). --profile N adds the JAX step's N costliest GPU kernels (µs per step and
+launches per step, from a jax.profiler trace of 10 steps) and its total kernel time.
 """
 
 from __future__ import annotations
@@ -79,11 +83,37 @@ def hlo_kernels(compiled_text: str) -> dict:
   return {**{f"{k}s": v for k, v in counts.items()}, "traffic_mb": round(traffic / 1e6, 1)}
 
 
-def jax_times(shapes, repeats: int, kernels: bool = False) -> dict:
+def gpu_kernel_times(run, steps: int, top: int) -> dict:
+  """The GPU kernels of ``steps`` calls of ``run`` (which waits for its result) from a jax.profiler trace: total µs
+  per step, launches per step, and the ``top`` costliest kernels as {name: [µs per step, launches per step]}."""
+  import collections
+  import glob
+  import gzip
+  import tempfile
+  import jax
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      for _ in range(steps):
+        run()
+    events = json.load(gzip.open(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
+  devices = {e["pid"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:GPU" in e["args"]["name"]}
+  total, launches = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in devices:
+      total[e["name"]] += e["dur"]
+      launches[e["name"]] += 1
+  return {"kernel_us": round(sum(total.values()) / steps, 1), "launches": sum(launches.values()) / steps,
+          "top": {name: [round(t / steps, 1), launches[name] / steps] for name, t in total.most_common(top)}}
+
+
+def jax_times(shapes, repeats: int, kernels: bool = False, passes: str = "pallas", profile: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
   import lopt
+  from lopt.architectures.hierarchical import optimizer
+  optimizer.PALLAS = "auto" if passes == "pallas" else "off"
   keys = jax.random.split(jax.random.key(0), len(shapes))
   params = [jax.random.normal(k, s) * 0.05 for k, s in zip(keys, shapes)]
   grads = [jax.random.normal(k, s) * 1e-3 for k, s in zip(jax.random.split(jax.random.key(1), len(shapes)), shapes)]
@@ -102,6 +132,8 @@ def jax_times(shapes, repeats: int, kernels: bool = False) -> dict:
     def run():
       state[0], state[1] = step(state[0], state[1], grads)
     out[name] = median_ms(run, repeats, lambda: jax.block_until_ready(state[0]))
+    if profile and jax.default_backend() == "gpu":
+      out[f"{name}_profile"] = gpu_kernel_times(lambda: (run(), jax.block_until_ready(state[0])), 10, profile)
   return out
 
 
@@ -157,6 +189,10 @@ def main() -> None:
                       help="the PyTorch optimizer's hand-written kernels (LearnedOptimizer's kernels=None/True/False; "
                            "several: a line each)")
   parser.add_argument("--tensor-loss", action="store_true", help="PyTorch: the loss as a device tensor")
+  parser.add_argument("--jax-passes", nargs="+", default=["pallas"], choices=["pallas", "xla"],
+                      help="the JAX step's passes over large matrices: Pallas kernels (GPUs) or XLA's fusions")
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="JAX on a GPU: the step's N costliest kernels and its kernel time, from a profiler trace")
   args = parser.parse_args()
   if args.group_limit is not None:
     from lopt.architectures.hierarchical import optimizer
@@ -171,8 +207,11 @@ def main() -> None:
     count = sum(math.prod(s) for s in shapes)
     runs = []
     if "jax" in args.frameworks:
-      extra = {} if args.group_limit is None else {"group_limit": args.group_limit}
-      runs.append(("jax", extra, lambda: jax_times(shapes, args.repeats, args.kernels)))
+      for passes in args.jax_passes:
+        extra = ({} if args.group_limit is None else {"group_limit": args.group_limit}) | (
+            {"jax_passes": passes} if args.jax_passes != ["pallas"] else {})
+        runs.append(("jax", extra, lambda passes=passes: jax_times(shapes, args.repeats, args.kernels, passes,
+                                                                            args.profile)))
     if "torch" in args.frameworks:
       for mode in args.compile:
         for triton in args.triton:
@@ -183,7 +222,7 @@ def main() -> None:
               args.tensor_loss)))
     for framework, extra, measure in runs:
       times = measure()
-      kernels = {k: v for k, v in times.items() if k.endswith("_kernels")}
+      kernels = {k: v for k, v in times.items() if k.endswith(("_kernels", "_profile"))}
       print(json.dumps({"params": count, **common, "framework": framework, **extra,
                         "adam_ms": round(times["adam"], 4), "general_ms": round(times["general"], 4),
                         "ratio": round(times["general"] / times["adam"], 2), **kernels}), flush=True)

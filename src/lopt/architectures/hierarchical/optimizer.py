@@ -38,6 +38,7 @@ features are zero, as at the start of a run: the learned schedule does not decay
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt.architectures.hierarchical import pallas_passes
 from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POWERS, LOG_FLOOR, LOG_SCALE,
                                                   LOG_STEP_LIMIT, LOSS_DECAYS, NORM_EPSILON, RSQRT_EPSILON, SPEC,
                                                   TIME_SCALES)
@@ -58,6 +60,9 @@ ALIGNMENT_GAIN_INIT = 0.5  # hypergradient gain on cos(g, m_1 rs) at initializat
 GROUP_LIMIT = 1 << 21    # on accelerators, tensors of one shape with up to this many coordinates step as one batch
 UNITS_LIMIT = 512        # on accelerators, per-coordinate MLPs with up to this many products are written unit by
                          # unit (see ``_units_form``); larger ones, and any on a CPU, as matrix products
+PALLAS_MIN_SIZE = 1 << 16  # on GPUs, float32 matrices of at least this many coordinates take the Pallas passes
+PALLAS_MODES = ("auto", "off", "interpret")  # GPUs (see ``_pallas``); never; Pallas's interpreter anywhere (tests)
+PALLAS = os.environ.get("LOPT_JAX_PALLAS", "auto")
 
 
 class Accumulator(NamedTuple):
@@ -324,6 +329,16 @@ def _rows(tree, group: list[int]):
   if group == list(range(group[0], group[0] + len(group))):
     return jax.tree.map(lambda x: x[group[0]:group[0] + len(group)], tree)
   return jax.tree.map(lambda x: x[np.asarray(group)], tree)
+
+
+def _with_derivatives_of(reference, fast):
+  """``fast`` (same arguments and results as ``reference``, e.g. a Pallas kernel) with ``reference``'s reverse-mode
+  derivatives: meta-gradients through a step differentiate XLA's arithmetic, which Pallas kernels lack rules for.
+  Both take every traced value as an argument (the meta-parameters too): a custom VJP cannot differentiate what its
+  function closes over."""
+  function = jax.custom_vjp(fast)
+  function.defvjp(lambda *args: (fast(*args), args), lambda args, cotangent: jax.vjp(reference, *args)[1](cotangent))
+  return function
 
 
 def _default(name: str):
@@ -611,14 +626,26 @@ class HierarchicalOptimizer:
     del theta
     dtype = g.dtype
     k = len(self.momentum_decays)
-    c = self._coordinates(step, p, g, momentum, average, second_moment, first["threshold"])
-    columns, previous = c["columns"], c["previous"]
-    # Means of: the raw g^2; each column squared (column 0 is the clipped g); g m_k rs and (m_k rs)^2 with the
-    # previous momenta, for the alignments.
-    means = tensor_means(g * g, *(f * f for f in columns),
-                         *(c["g"] * m for m in previous), *(m * m for m in previous))
-    squares = means[1:1 + len(columns)]
-    dots, previous_squares = means[1 + len(columns):1 + len(columns) + k], means[1 + len(columns) + k:]
+    count = 4 + 2 * k
+
+    def reference(step, p, g, momentum, average, second_moment, threshold):
+      c = self._coordinates(step, p, g, momentum, average, second_moment, threshold)
+      # Means of: the raw g^2; each column squared (column 0 is the clipped g); g m_k rs and (m_k rs)^2 with the
+      # previous momenta, for the alignments.
+      return tensor_means(g * g, *(f * f for f in c["columns"]),
+                          *(c["g"] * m for m in c["previous"]), *(m * m for m in c["previous"]))
+
+    args = (step, p, g, momentum, average, second_moment, first["threshold"])
+    if self._pallas(g, p, momentum, average, second_moment):
+      def fast(step, p, g, momentum, average, second_moment, threshold):
+        constants = self._pallas_constants(step, g, second_moment, threshold)
+        return pallas_passes.statistics_sums(p, g, momentum, average, *second_moment, constants,
+                                             interpret=PALLAS == "interpret") / g.size
+      means = _with_derivatives_of(reference, fast)(*args)
+    else:
+      means = reference(*args)
+    squares = means[1:1 + count]
+    dots, previous_squares = means[1 + count:1 + count + k], means[1 + count + k:]
     # The RMS of a tensor with this mean square; the floor keeps its derivative finite at an all-zero tensor.
     floor_sqrt = lambda mean: jnp.sqrt(mean + LOG_FLOOR)  # noqa: E731
     raw_rms = floor_sqrt(means[0])
@@ -627,7 +654,7 @@ class HierarchicalOptimizer:
                       jnp.clip(jnp.log(raw_rms + LOG_FLOOR) - jnp.log(history + LOG_FLOOR), -5, 5) / 5, 0)
     decay = first["decay"]
     gradient_rms = decay * tensor.gradient_rms.astype(dtype) + (1 - decay) * floor_sqrt(squares[0])
-    correction = c["adam_correction"]
+    correction = 1 - jnp.asarray(self.momentum_decays[0], dtype) ** step.astype(dtype)  # as ``_coordinates``'
     adam_rms = floor_sqrt(squares[4 + k] / (correction * correction))  # Adam's direction: column 4 + k, corrected
     param_rms, drift_rms = floor_sqrt(squares[1]), floor_sqrt(squares[2])
     # cos(g, previous m_k rs): > 0 while successive steps keep going the same way (the hypergradient's sign). The
@@ -666,34 +693,81 @@ class HierarchicalOptimizer:
     On accelerators a small MLP is written unit by unit (``_units_form``); XLA fuses it with the reads of the
     tensors (on an H200 it still writes the hidden units once, to share them between the update and the feedback
     sums: splitting those into two passes was slower)."""
-    c = self._coordinates(step, p, g, momentum, average, second_moment, first["threshold"])
-    update, feedback = self._mlp_update(theta, c, s["norms"], context, log_step)
-    means = tensor_means(update * update, *(jnp.tanh(f) for f in feedback))
-    new_average = self.average_decay * average + (1 - self.average_decay) * p.astype(average.dtype)
-    return (update, c["momentum"].astype(momentum.dtype), new_average, means[1:],
-            jnp.sqrt(means[0] + LOG_FLOOR))
+    def reference(theta, step, p, g, momentum, average, second_moment, threshold, norms, context, log_step):
+      c = self._coordinates(step, p, g, momentum, average, second_moment, threshold)
+      update, feedback = self._mlp_update(theta, c, norms, context, log_step)
+      means = tensor_means(update * update, *(jnp.tanh(f) for f in feedback))
+      new_average = self.average_decay * average + (1 - self.average_decay) * p.astype(average.dtype)
+      return update, c["momentum"].astype(momentum.dtype), new_average, means
+
+    args = (theta, step, p, g, momentum, average, second_moment, first["threshold"], s["norms"], context, log_step)
+    if self._pallas(g, p, momentum, average, second_moment):
+      def fast(theta, step, p, g, momentum, average, second_moment, threshold, norms, context, log_step):
+        weights, bias, layers = self._first_layer(theta, norms, context, g.dtype)
+        constants = pallas_passes.update_constants(
+            self._pallas_constants(step, g, second_moment, threshold), log_step,
+            (self.step_scale, self.magnitude_scale, self.direction_scale, self.average_decay,
+             1 - self.average_decay), weights, bias, layers)
+        sizes = tuple((weights.shape[0], weights.shape[1]) if i == 0 else tuple(layer["w"].shape)
+                      for i, layer in enumerate([None] + layers))
+        *outputs, sums = pallas_passes.coordinate_update(p, g, momentum, average, *second_moment, constants, sizes,
+                                                         interpret=PALLAS == "interpret")
+        return (*outputs, sums / g.size)
+      update, new_momentum, new_average, means = _with_derivatives_of(reference, fast)(*args)
+    else:
+      update, new_momentum, new_average, means = reference(*args)
+    return update, new_momentum, new_average, means[1:], jnp.sqrt(means[0] + LOG_FLOOR)
+
+  def _pallas(self, g, p, momentum, average, second_moment) -> bool:
+    """Whether a tensor's statistics and update passes run as Pallas kernels (``pallas_passes``): on GPUs, for
+    float32 matrices of at least PALLAS_MIN_SIZE coordinates (XLA keeps the rest: small tensors cost it nothing
+    extra, and vectors have no factored second moment), with the MLP written unit by unit. Derivatives (meta-
+    gradients through the step) are XLA's (``_with_derivatives_of``). LOPT_JAX_PALLAS=off in the environment keeps
+    XLA's passes everywhere."""
+    if PALLAS not in PALLAS_MODES:
+      raise ValueError(f"LOPT_JAX_PALLAS is {PALLAS!r}; allowed: {', '.join(PALLAS_MODES)}")
+    if PALLAS == "off" or (PALLAS == "auto" and not (jax.default_backend() == "gpu" and pallas_passes.available())):
+      return False
+    arrays = [g, p, momentum, average, *jax.tree.leaves(second_moment)]
+    return (g.ndim == 2 and g.size >= PALLAS_MIN_SIZE and isinstance(second_moment, Factored)
+            and all(x.dtype == jnp.float32 for x in arrays) and (self._units_form() or PALLAS == "interpret"))
+
+  def _pallas_constants(self, step: jax.Array, g, second_moment: Factored, threshold) -> jax.Array:
+    """``pallas_passes.statistics_constants`` of a float32 matrix at the new step count, computed as
+    ``_coordinates`` computes them."""
+    t = step.astype(g.dtype)
+    decays = jnp.asarray(self.momentum_decays, g.dtype)
+    return pallas_passes.statistics_constants(
+        threshold, jnp.mean(second_moment.rows), 1 - jnp.power(jnp.asarray(self.rms_decay, g.dtype), t),
+        1 - decays[0] ** t, decays)
+
+  def _first_layer(self, theta: Theta, norms: jax.Array, context: jax.Array, dtype) -> tuple:
+    """The per-coordinate MLP's layers in ``dtype``, its first layer folded for one tensor: (weights over the feature
+    columns divided by their normalizers (columns, H), bias with the context's contribution (H,), later layers)."""
+    layers = [jax.tree.map(lambda w: w.astype(dtype), layer) for layer in theta["mlp"]]
+    count = norms.shape[0]
+    weights = layers[0]["w"][:count] / norms[:, None]
+    bias = layers[0]["b"] + context.astype(dtype) @ layers[0]["w"][count:]
+    return weights, bias, layers[1:]
 
   def _mlp_update(self, theta: Theta, c: dict, norms: jax.Array, context: jax.Array,
                   log_step: jax.Array) -> tuple[jax.Array, list]:
     """The per-coordinate MLP over ``_coordinates``' columns normalized by ``norms`` -> (update S, the feedback
     units [S] * feedback_size)."""
     dtype = c["g"].dtype
-    layers = [jax.tree.map(lambda w: w.astype(dtype), layer) for layer in theta["mlp"]]
     columns = c["columns"]
-    count = len(columns)
-    weights = layers[0]["w"][:count] / norms[:, None]
-    bias = layers[0]["b"] + context.astype(dtype) @ layers[0]["w"][count:]
+    weights, bias, layers = self._first_layer(theta, norms, context, dtype)
     shape = c["g"].shape
     if self._units_form():
       units = [bias[j] + sum(f * weights[i, j] for i, f in enumerate(columns)) for j in range(bias.shape[0])]
-      for layer in layers[1:]:
+      for layer in layers:
         w, b = layer["w"], layer["b"]
         units = [sum(jax.nn.relu(x) * w[j, o] for j, x in enumerate(units)) + b[o] for o in range(w.shape[1])]
       direction, magnitude, feedback = units[0], units[1], units[2:]
     else:
       x = bias + sum(f[..., None] * w for f, w in zip(columns, weights))
       x = x.reshape(-1, x.shape[-1])
-      for layer in layers[1:]:
+      for layer in layers:
         x = jax.nn.relu(x) @ layer["w"] + layer["b"]
       direction, magnitude = x[:, 0].reshape(shape), x[:, 1].reshape(shape)
       feedback = [x[:, 2 + i].reshape(shape) for i in range(x.shape[1] - 2)]
