@@ -708,8 +708,7 @@ class HierarchicalOptimizer:
             self._pallas_constants(step, g, second_moment, threshold), log_step,
             (self.step_scale, self.magnitude_scale, self.direction_scale, self.average_decay,
              1 - self.average_decay), weights, bias, layers)
-        sizes = tuple((weights.shape[0], weights.shape[1]) if i == 0 else tuple(layer["w"].shape)
-                      for i, layer in enumerate([None] + layers))
+        sizes = (weights.shape,) + tuple(layer["w"].shape for layer in layers)
         *outputs, sums = pallas_passes.coordinate_update(p, g, momentum, average, *second_moment, constants, sizes,
                                                          interpret=PALLAS == "interpret")
         return (*outputs, sums / g.size)
@@ -722,8 +721,8 @@ class HierarchicalOptimizer:
     """Whether a tensor's statistics and update passes run as Pallas kernels (``pallas_passes``): on GPUs, for
     float32 matrices of at least PALLAS_MIN_SIZE coordinates (XLA keeps the rest: small tensors cost it nothing
     extra, and vectors have no factored second moment), with the MLP written unit by unit. Derivatives (meta-
-    gradients through the step) are XLA's (``_with_derivatives_of``). LOPT_JAX_PALLAS=off in the environment keeps
-    XLA's passes everywhere."""
+    gradients through the step) are XLA's (``_with_derivatives_of``; forward-mode derivatives of a step are not
+    defined on those tensors). LOPT_JAX_PALLAS=off in the environment keeps XLA's passes everywhere."""
     if PALLAS not in PALLAS_MODES:
       raise ValueError(f"LOPT_JAX_PALLAS is {PALLAS!r}; allowed: {', '.join(PALLAS_MODES)}")
     if PALLAS == "off" or (PALLAS == "auto" and not (jax.default_backend() == "gpu" and pallas_passes.available())):
