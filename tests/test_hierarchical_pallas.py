@@ -39,8 +39,12 @@ def test_pallas_passes_step_as_xla_does(monkeypatch, batched):
 
   def run(mode):
     _use(monkeypatch, mode, batched)
-    update = jax.jit(functools.partial(OPTIMIZER.update, num_steps=10))
+    update = functools.partial(OPTIMIZER.update, num_steps=10)
     p, state, steps = params, OPTIMIZER.init_state(theta, params), []
+    # Which passes the step takes: two kernels per matrix (one pair per group when batched), or none.
+    calls = str(jax.make_jaxpr(update)(theta, state, grads[0], p, loss=2.0)).count("pallas_call")
+    assert calls == (0 if mode == "off" else 4 if batched else 6)
+    update = jax.jit(update)
     for t, g in enumerate(grads):
       u, state = update(theta, state, g, p, loss=2.0 - 0.1 * t, valid_loss=2.1 if t % 2 else np.nan)
       p = jax.tree.map(lambda a, b: a + b, p, u)
@@ -50,8 +54,7 @@ def test_pallas_passes_step_as_xla_does(monkeypatch, batched):
   xla, pallas = run("off"), run(FAST)
   for a, b in zip(jax.tree.leaves(xla), jax.tree.leaves(pallas)):
     np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=2e-5, atol=1e-7)
-  # A mutant of the kernels' arithmetic shows: the test compares what the kernels compute.
-  assert float(jnp.max(jnp.abs(pallas[0][-1]["w1"]))) > 0
+  assert float(jnp.min(jnp.abs(pallas[0][-1]["w1"]))) > 0  # not vacuous: every coordinate moved
 
 
 def test_pallas_passes_only_take_large_float32_matrices(monkeypatch):
