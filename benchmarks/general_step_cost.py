@@ -3,10 +3,10 @@
   python benchmarks/general_step_cost.py [--params 10_000_000 [100_000_000 ...]] [--repeats 50]
                                          [--compile MODE ...] [--frameworks jax torch] [--kernels]
                                          [--group-limit N] [--triton auto|on|off ...] [--tensor-loss]
-                                         [--jax-passes pallas|xla ...]
+                                         [--jax-passes pallas|xla ...] [--layers dense|conv] [--profile N]
 
-The model is a list of square weight matrices and bias vectors adding up to about --params scalars; gradients are
-random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
+The model is a list of square weight matrices and bias vectors adding up to about --params scalars (--layers conv:
+3 x 3 convolution kernels laid out (H, W, in, out), with biases); gradients are random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
 lopt.load("general").as_optax() with the loss passed as ``value=``. PyTorch: torch.optim.Adam (fused where the
 device supports it, else foreach) and lopt.torch.LearnedOptimizer(params, "general") with ``step(loss=...)``.
 Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines, one per framework,
@@ -37,8 +37,12 @@ import time
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s64": 8, "u8": 1, "s8": 1}
 
 
-def shapes_for(num_params: int) -> list[tuple[int, ...]]:
-  """8 square layers with biases, about num_params scalars in all."""
+def shapes_for(num_params: int, layers: str = "dense") -> list[tuple[int, ...]]:
+  """8 layers with biases, about num_params scalars in all: square matrices, or 3 x 3 convolution kernels with as
+  many input as output channels."""
+  if layers == "conv":
+    channels = int(math.sqrt(num_params / 72))
+    return [s for _ in range(8) for s in ((3, 3, channels, channels), (channels,))]
   width = int(math.sqrt(num_params / 8))
   return [s for _ in range(8) for s in ((width, width), (width,))]
 
@@ -191,6 +195,8 @@ def main() -> None:
   parser.add_argument("--tensor-loss", action="store_true", help="PyTorch: the loss as a device tensor")
   parser.add_argument("--jax-passes", nargs="+", default=["pallas"], choices=["pallas", "xla"],
                       help="the JAX step's passes over large matrices: Pallas kernels (GPUs) or XLA's fusions")
+  parser.add_argument("--layers", choices=["dense", "conv"], default="dense",
+                      help="the model's layers: square matrices or 3 x 3 convolution kernels")
   parser.add_argument("--profile", type=int, default=0, metavar="N",
                       help="JAX on a GPU: the step's N costliest kernels and its kernel time, from a profiler trace")
   args = parser.parse_args()
@@ -203,7 +209,7 @@ def main() -> None:
             "torch": torch.__version__, "jax_device": str(jax.devices()[0].device_kind),
             "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
   for num_params in args.params:
-    shapes = shapes_for(num_params)
+    shapes = shapes_for(num_params, args.layers)
     count = sum(math.prod(s) for s in shapes)
     runs = []
     if "jax" in args.frameworks:
@@ -223,6 +229,7 @@ def main() -> None:
     for framework, extra, measure in runs:
       times = measure()
       kernels = {k: v for k, v in times.items() if k.endswith(("_kernels", "_profile"))}
+      extra = extra | ({"layers": args.layers} if args.layers != "dense" else {})
       print(json.dumps({"params": count, **common, "framework": framework, **extra,
                         "adam_ms": round(times["adam"], 4), "general_ms": round(times["general"], 4),
                         "ratio": round(times["general"] / times["adam"], 2), **kernels}), flush=True)

@@ -14,7 +14,7 @@ from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
 from test_hierarchical import OPTIMIZER, random_theta
 
 FAST = "auto" if jax.default_backend() == "gpu" else "interpret"
-SHAPES = {"w1": (19, 133), "w2": (19, 133), "w3": (40, 17), "b": (17,), "s": ()}
+SHAPES = {"w1": (19, 133), "w2": (19, 133), "w3": (40, 17), "conv": (3, 2, 17, 21), "b": (17,), "s": ()}
 
 
 def _problem(seed=3, steps=3):
@@ -41,9 +41,9 @@ def test_pallas_passes_step_as_xla_does(monkeypatch, batched):
     _use(monkeypatch, mode, batched)
     update = functools.partial(OPTIMIZER.update, num_steps=10)
     p, state, steps = params, OPTIMIZER.init_state(theta, params), []
-    # Which passes the step takes: two kernels per matrix (one pair per group when batched), or none.
+    # Which passes the step takes: two kernels per matrix or convolution kernel (one pair per group when batched).
     calls = str(jax.make_jaxpr(update)(theta, state, grads[0], p, loss=2.0)).count("pallas_call")
-    assert calls == (0 if mode == "off" else 4 if batched else 6)
+    assert calls == (0 if mode == "off" else 6 if batched else 8)
     update = jax.jit(update)
     for t, g in enumerate(grads):
       u, state = update(theta, state, g, p, loss=2.0 - 0.1 * t, valid_loss=2.1 if t % 2 else np.nan)
@@ -68,6 +68,9 @@ def test_pallas_passes_only_take_large_float32_matrices(monkeypatch):
   assert not OPTIMIZER._pallas(g.astype(jnp.bfloat16), g, m, g, factored)
   v = jnp.zeros((4096,), jnp.float32)
   assert not OPTIMIZER._pallas(v, v, jnp.zeros((4096, 2)), v, v)             # no factored second moment
+  for shape, taken in (((3, 3, 16, 32), True), ((32, 16, 3, 3), False)):     # factored over the last two axes only
+    c = jnp.zeros(shape, jnp.float32)
+    assert OPTIMIZER._pallas(c, c, jnp.zeros(shape + (2,)), c, hierarchical.init_second_moment(c)) == taken
   monkeypatch.setattr(hierarchical, "PALLAS", "auto")
   assert OPTIMIZER._pallas(g, g, m, g, factored) == (jax.default_backend() == "gpu")  # elsewhere XLA's passes
   monkeypatch.setattr(hierarchical, "PALLAS", "on")  # LOPT_JAX_PALLAS=on: not a mode

@@ -719,8 +719,10 @@ class HierarchicalOptimizer:
 
   def _pallas(self, g, p, momentum, average, second_moment) -> bool:
     """Whether a tensor's statistics and update passes run as Pallas kernels (``pallas_passes``): on GPUs, for
-    float32 matrices of at least PALLAS_MIN_SIZE coordinates (XLA keeps the rest: small tensors cost it nothing
-    extra, and vectors have no factored second moment), with the MLP written unit by unit. Derivatives (meta-
+    float32 tensors of at least PALLAS_MIN_SIZE coordinates whose second moment is factored over their last two axes
+    (matrices; convolution kernels laid out (H, W, in, out)), with the MLP written unit by unit. XLA keeps the rest:
+    small tensors cost it nothing extra, vectors have no factored second moment, and other layouts would need
+    transposed copies. Derivatives (meta-
     gradients through the step) are XLA's (``_with_derivatives_of``; forward-mode derivatives of a step are not
     defined on those tensors). LOPT_JAX_PALLAS=off in the environment keeps XLA's passes everywhere."""
     if PALLAS not in PALLAS_MODES:
@@ -728,17 +730,19 @@ class HierarchicalOptimizer:
     if PALLAS == "off" or (PALLAS == "auto" and not (jax.default_backend() == "gpu" and pallas_passes.available())):
       return False
     arrays = [g, p, momentum, average, *jax.tree.leaves(second_moment)]
-    return (g.ndim == 2 and g.size >= PALLAS_MIN_SIZE and isinstance(second_moment, Factored)
+    return (g.ndim >= 2 and factored_axes(g.shape) == (g.ndim - 2, g.ndim - 1) and g.size >= PALLAS_MIN_SIZE
+            and isinstance(second_moment, Factored)
             and all(x.dtype == jnp.float32 for x in arrays) and (self._units_form() or PALLAS == "interpret"))
 
   def _pallas_constants(self, step: jax.Array, g, second_moment: Factored, threshold) -> jax.Array:
-    """``pallas_passes.statistics_constants`` of a float32 matrix at the new step count, computed as
-    ``_coordinates`` computes them."""
+    """``pallas_passes.statistics_constants`` of a float32 tensor (..., R, C) at the new step count, computed as
+    ``_coordinates`` computes them: (..., n), one row per matrix (each has its own mean of the second moment's
+    rows)."""
     t = step.astype(g.dtype)
     decays = jnp.asarray(self.momentum_decays, g.dtype)
     return pallas_passes.statistics_constants(
-        threshold, jnp.mean(second_moment.rows), 1 - jnp.power(jnp.asarray(self.rms_decay, g.dtype), t),
-        1 - decays[0] ** t, decays)
+        threshold, jnp.mean(second_moment.rows, axis=-2)[..., 0],
+        1 - jnp.power(jnp.asarray(self.rms_decay, g.dtype), t), 1 - decays[0] ** t, decays)
 
   def _first_layer(self, theta: Theta, norms: jax.Array, context: jax.Array, dtype) -> tuple:
     """The per-coordinate MLP's layers in ``dtype``, its first layer folded for one tensor: (weights over the feature

@@ -1,4 +1,4 @@
-"""The JAX step's statistics and update passes over a float32 matrix as Pallas kernels (GPU, Triton).
+"""The JAX step's statistics and update passes over float32 matrices as Pallas kernels (GPU, Triton).
 
 XLA fuses each pass of ``HierarchicalOptimizer.update`` into its own kernels, but over a large matrix it writes the
 per-coordinate MLP's hidden units once and reads them back, and runs its statistics pass well below the memory
@@ -8,13 +8,16 @@ tile writes its partial sums, which XLA adds up afterwards.
 
 The arithmetic is ``optimizer.py``'s ``_coordinates`` and ``_mlp_update`` (unit by unit), in their order. The
 per-tensor scalars arrive as one float32 vector (``statistics_constants``, ``update_constants``), so that a group of
-same-shaped tensors steps as one vmapped call (Pallas adds the group as a grid axis). ``interpret=True`` runs the
+same-shaped tensors steps as one vmapped call (Pallas adds the group as a grid axis). A tensor of more axes whose
+second moment is factored over its last two (a convolution's (H, W, in, out) kernel) is a stack of such matrices,
+each with its own second moment's mean: the same kernels, vmapped over the leading axes. ``interpret=True`` runs the
 kernels in Pallas's interpreter (any backend; the tests' CPU check of the arithmetic).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +41,14 @@ def available() -> bool:
 
 
 def statistics_constants(threshold, mean_rows, rms_correction, adam_correction, decays) -> jax.Array:
-  """(4 + 2K,) float32: the clipping threshold, mean(rows) of the factored second moment, 1 - rho^t,
-  1 - b_1^t, the momentum decays b_k and 1 - b_k (K each)."""
+  """(..., 4 + 2K) float32: the clipping threshold, mean(rows) of the factored second moment (one per matrix of the
+  tensor: shape (...)), 1 - rho^t, 1 - b_1^t, the momentum decays b_k and 1 - b_k (K each)."""
+  mean_rows = jnp.asarray(mean_rows, jnp.float32)
+  every = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), mean_rows.shape)  # noqa: E731
   decays = jnp.asarray(decays, jnp.float32)
-  scalars = jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in
-                       (threshold, mean_rows, rms_correction, adam_correction)])
-  return jnp.concatenate([scalars, decays, 1 - decays])
+  complements = 1 - decays
+  return jnp.stack([every(threshold), mean_rows, every(rms_correction), every(adam_correction),
+                    *(every(b) for b in decays), *(every(c) for c in complements)], axis=-1)
 
 
 def update_constants(statistics: jax.Array, log_step, scales: tuple, weights: jax.Array, bias: jax.Array,
@@ -52,11 +57,12 @@ def update_constants(statistics: jax.Array, log_step, scales: tuple, weights: ja
   magnitude_scale, direction_scale, average_decay, 1 - average_decay) (Python floats: rounded as XLA rounds them),
   the first layer's weights already divided by the columns' normalizers (columns, H) and its bias with the context
   folded in (H,), then each further layer's w (fan_in, fan_out) and b (fan_out,)."""
-  parts = [statistics, jnp.asarray(log_step, jnp.float32).reshape(1), jnp.asarray(scales, jnp.float32),
-           weights.reshape(-1), bias.reshape(-1)]
+  parts = [jnp.asarray(log_step, jnp.float32).reshape(1), jnp.asarray(scales, jnp.float32), weights.reshape(-1),
+           bias.reshape(-1)]
   for layer in layers:
     parts += [layer["w"].astype(jnp.float32).reshape(-1), layer["b"].astype(jnp.float32).reshape(-1)]
-  return jnp.concatenate(parts)
+  rest = jnp.concatenate(parts)
+  return jnp.concatenate([statistics, jnp.broadcast_to(rest, statistics.shape[:-1] + rest.shape)], axis=-1)
 
 
 def _tile(shape: tuple, block: tuple, interpret: bool):
@@ -186,11 +192,26 @@ def _compiler_params(block: tuple, interpret: bool):
   return plt.CompilerParams(num_warps=block[2])
 
 
+def _over_matrices(one, g, arrays: tuple, interpret: bool):
+  """``one(*arrays)`` for a matrix (R, C), or vmapped over the matrices of a tensor (..., R, C): each array's leading
+  axes (those of g before its last two) flattened to one, then restored."""
+  lead = g.shape[:-2]
+  if not lead:
+    return one(*arrays, interpret=interpret)
+  flat = lambda x: x.reshape((math.prod(lead),) + x.shape[len(lead):])  # noqa: E731
+  return jax.vmap(functools.partial(one, interpret=interpret))(*map(flat, arrays))
+
+
 def statistics_sums(p, g, momentum, average, rows, cols, constants, *, interpret: bool = False) -> jax.Array:
-  """(1 + (4 + 2K) + 2K,) float32 sums over the matrix of g^2, each feature column squared, g m_k rs and (m_k rs)^2
-  with the previous momenta: ``tensor_means``' terms in ``_statistics``, times the size. p, g, average (R, C);
-  momentum (R, C, K); rows (R, 1), cols (1, C): the new factored second moment; constants:
-  ``statistics_constants``."""
+  """(1 + (4 + 2K) + 2K,) float32 sums over the tensor of g^2, each feature column squared, g m_k rs and (m_k rs)^2
+  with the previous momenta: ``tensor_means``' terms in ``_statistics``, times the size. p, g, average (..., R, C);
+  momentum (..., R, C, K); rows (..., R, 1), cols (..., 1, C): the new second moment, factored over the last two
+  axes; constants (..., n): ``statistics_constants``."""
+  sums = _over_matrices(_matrix_statistics_sums, g, (p, g, momentum, average, rows, cols, constants), interpret)
+  return sums.reshape(-1, sums.shape[-1]).sum(axis=0)
+
+
+def _matrix_statistics_sums(p, g, momentum, average, rows, cols, constants, *, interpret: bool) -> jax.Array:
   shape, K = g.shape, momentum.shape[-1]
   count = 1 + (4 + 2 * K) + 2 * K
   grid = _grid(shape, STATISTICS)
@@ -206,9 +227,18 @@ def statistics_sums(p, g, momentum, average, rows, cols, constants, *, interpret
 
 def coordinate_update(p, g, momentum, average, rows, cols, constants, sizes: tuple, *,
                       interpret: bool = False) -> tuple:
-  """(update (R, C), new momentum (R, C, K), new average (R, C), sums (1 + feedback,) of update^2 and of each
-  tanh(feedback unit)): ``_coordinate_update``'s per-coordinate work. sizes: the MLP's layers as (fan_in, fan_out)
-  pairs, the first over the feature columns only; constants: ``update_constants``."""
+  """(update like g, new momentum like momentum, new average like average, sums (1 + feedback,) of update^2 and of
+  each tanh(feedback unit) over the tensor): ``_coordinate_update``'s per-coordinate work, shapes as in
+  ``statistics_sums``. sizes: the MLP's layers as (fan_in, fan_out) pairs, the first over the feature columns only;
+  constants (..., n): ``update_constants``."""
+  one = functools.partial(_matrix_update, sizes=sizes)
+  update, new_momentum, new_average, sums = _over_matrices(
+      one, g, (p, g, momentum, average, rows, cols, constants), interpret)
+  return (update.reshape(g.shape), new_momentum.reshape(momentum.shape), new_average.reshape(average.shape),
+          sums.reshape(-1, sums.shape[-1]).sum(axis=0))
+
+
+def _matrix_update(p, g, momentum, average, rows, cols, constants, *, sizes: tuple, interpret: bool) -> tuple:
   shape, K = g.shape, momentum.shape[-1]
   count = 1 + sizes[-1][1] - 2
   grid = _grid(shape, UPDATE)
