@@ -56,8 +56,8 @@ def update_constants(statistics: jax.Array, log_step, scales: tuple, weights: ja
                      layers: list) -> jax.Array:
   """(..., n) the update kernel's constants: ``statistics_constants``'s rows, each followed by the log step,
   ``scales`` = (step_scale, magnitude_scale, direction_scale, average_decay, 1 - average_decay) (Python floats:
-  rounded as XLA rounds them), the first layer's weights already divided by the columns' normalizers (columns, H) and its bias with the context
-  folded in (H,), then each further layer's w (fan_in, fan_out) and b (fan_out,)."""
+  rounded as XLA rounds them), the first layer's weights already divided by the columns' normalizers (columns, H)
+  and its bias with the context folded in (H,), then each further layer's w (fan_in, fan_out) and b (fan_out,)."""
   parts = [jnp.asarray(log_step, jnp.float32).reshape(1), jnp.asarray(scales, jnp.float32), weights.reshape(-1),
            bias.reshape(-1)]
   for layer in layers:
