@@ -6,8 +6,9 @@
                                          [--jax-passes pallas|xla ...] [--layers dense|conv] [--profile N]
 
 The model is a list of square weight matrices and bias vectors adding up to about --params scalars (--layers conv:
-3 x 3 convolution kernels laid out (H, W, in, out), with biases); gradients are random and fixed. JAX: one jitted step (update + apply_updates, state donated) of optax.adam(1e-3) and of
-lopt.load("general").as_optax() with the loss passed as ``value=``. PyTorch: torch.optim.Adam (fused where the
+3 x 3 convolution kernels laid out (H, W, in, out), with biases); gradients are random and fixed. JAX: one jitted
+step (update + apply_updates, state donated) of optax.adam(1e-3) and of lopt.load("general").as_optax() with the loss
+passed as ``value=``. PyTorch: torch.optim.Adam (fused where the
 device supports it, else foreach) and lopt.torch.LearnedOptimizer(params, "general") with ``step(loss=...)``.
 Prints ms per step (median of --repeats after warm-up) and the ratio to Adam, as JSON lines, one per framework,
 size and compile mode. --compile runs the PyTorch optimizer through torch.compile (``none`` for eager, ``default``,
