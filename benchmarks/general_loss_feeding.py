@@ -158,15 +158,13 @@ def main(argv=None) -> int:
   parser.add_argument("--json", help="write the results here")
   args, rest = parser.parse_known_args(argv)
   if args.benchmark or args.benchmark_blind:
-    import lopt.trained
-    from lopt.cli import main as lopt_main
-    as_optax = lopt.trained.TrainedOptimizer.as_optax
+    from wrapped_benchmark import benchmark_wrapped  # this folder (on the path when the script runs)
     if args.benchmark:
-      lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: fed_only(as_optax(self, **kw), args.benchmark)
+      wrap, name = lambda trained, transformation: fed_only(transformation, args.benchmark), args.benchmark
     else:
       rows = loss_feature_rows()[args.benchmark_blind]
-      lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: ablated(rows, self)
-    return lopt_main(args.problems + rest)  # the positionals took the command's own: "benchmark general ..."
+      wrap, name = lambda trained, transformation: ablated(rows, trained), f"blind to {args.benchmark_blind}"
+    return benchmark_wrapped(wrap, name, args.problems + rest)  # the positionals took "benchmark general ..."
   if rest:
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   started, results = time.time(), {}

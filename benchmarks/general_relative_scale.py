@@ -20,9 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-import lopt.trained
 from general_family_problems import relative_factor  # this folder: the same variant
-from lopt.cli import main as lopt_main
+from wrapped_benchmark import benchmark_wrapped  # this folder
 
 
 class RelativeState(NamedTuple):
@@ -45,9 +44,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reference", type=float, default=0.33)
   args, rest = parser.parse_known_args(argv)
-  as_optax = lopt.trained.TrainedOptimizer.as_optax
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: relative(as_optax(self, **kw), args.reference)
-  return lopt_main(rest)
+  return benchmark_wrapped(lambda trained, transformation: relative(transformation, args.reference),
+                           f"relative scale, reference {args.reference:g}", rest)
 
 
 if __name__ == "__main__":

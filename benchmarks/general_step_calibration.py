@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from general_trust_ratio import benchmark_wrapped, family_comparison  # this folder
+from general_trust_ratio import family_comparison  # this folder
+from wrapped_benchmark import benchmark_wrapped  # this folder
 
 PROBE_STEPS = 20
 SETTINGS = ((1.0, -1.52), (1.19, -1.52), (1.83, -1.86))  # (stretch k, center c in log10); k 1 is the plain `general`
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
   parser.add_argument("--stretch", type=float, default=1.19)
   parser.add_argument("--center", type=float, default=-1.52)
   args, rest = parser.parse_known_args(argv)
-  return benchmark_wrapped(lambda inner: calibrated(inner, args.stretch, args.center), rest)
+  return benchmark_wrapped(lambda trained, transformation: calibrated(transformation, args.stretch, args.center),
+                           f"calibrated, stretch {args.stretch:g}, center {args.center:g}", rest)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,9 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import lopt.trained
-from lopt.cli import main as lopt_main
-from lopt.evaluation.benchmark import BASELINES
+from wrapped_benchmark import benchmark_wrapped, copy_baselines  # this folder
 
 
 class MultipliedState(NamedTuple):
@@ -107,29 +104,27 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=float, default=0.0,
                       help="a linear warm-up over this fraction of the horizon (0: none)")
   args, rest = parser.parse_known_args(argv)
-  as_optax = lopt.trained.TrainedOptimizer.as_optax
+
+  def run(scale: float, argv: list[str]) -> int:
+    name = f"x{scale:g}, schedule {args.schedule}, floor {args.floor:g}, warm-up {args.warmup:g}"
+    return benchmark_wrapped(lambda trained, transformation: multiplied(
+        transformation, scale, args.schedule, args.floor, args.warmup), name, argv)
+
   if len(args.scale) == 1:
-    lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: multiplied(as_optax(self, **kw), args.scale[0],
-                                                                          args.schedule, args.floor, args.warmup)
-    return lopt_main(rest)
+    return run(args.scale[0], rest)
   if "--out" not in rest:
     parser.error("several scales need the benchmark's --out DIR")
   where = rest.index("--out") + 1
   out, results, previous = Path(rest[where]), {}, None
   for scale in args.scale:
-    run = out / f"x{scale:g}"
-    if previous is not None and not (run / "cache").exists():  # the baselines' cache; never a learned optimizer's
-      (run / "cache").mkdir(parents=True)
-      for cached in (previous / "cache").glob("*.json"):
-        if cached.name.split(".")[1] in BASELINES:
-          shutil.copy(cached, run / "cache" / cached.name)
-    lopt.trained.TrainedOptimizer.as_optax = lambda self, scale=scale, **kw: multiplied(
-        as_optax(self, **kw), scale, args.schedule, args.floor, args.warmup)
-    code = lopt_main(rest[:where] + [str(run)] + rest[where + 1:])
+    folder = out / f"x{scale:g}"
+    if previous is not None and not (folder / "cache").exists():
+      copy_baselines(previous, folder)
+    code = run(scale, rest[:where] + [str(folder)] + rest[where + 1:])
     if code:
       return code
-    results[scale] = json.loads((run / "benchmark.json").read_text())
-    previous = run
+    results[scale] = json.loads((folder / "benchmark.json").read_text())
+    previous = folder
   table = oracle(results)
   print_oracle(table)
   (out / "oracle.json").write_text(json.dumps({"scales": args.scale, "schedule": args.schedule,

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 import lopt
-import lopt.trained
 from general_family_problems import family_problem, fed_valid_loss, mean_loss, report  # this folder
+from wrapped_benchmark import benchmark_wrapped  # this folder
 
 SETTINGS = ((0.0, 0.5), (0.05, 0.5), (0.05, 0.25), (0.1, 0.5))  # (eta, target); eta 0 is the plain `general`
 LOG_LIMIT = 4.6  # the multiplier stays within [1/100, 100]
@@ -135,16 +135,8 @@ def main(argv=None) -> int:
   parser.add_argument("--eta", type=float, default=0.05)
   parser.add_argument("--target", type=float, default=0.25)
   args, rest = parser.parse_known_args(argv)
-  return benchmark_wrapped(lambda inner: controlled(inner, args.eta, args.target), rest)
-
-
-def benchmark_wrapped(wrap, argv) -> int:
-  """``lopt benchmark``'s command line ``argv``, run in this process with every trained optimizer's ``as_optax()``
-  wrapped by ``wrap(transformation)``."""
-  as_optax = lopt.trained.TrainedOptimizer.as_optax
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: wrap(as_optax(self, **kw))
-  from lopt.cli import main as lopt_main
-  return lopt_main(argv)
+  return benchmark_wrapped(lambda trained, transformation: controlled(transformation, args.eta, args.target),
+                           f"trust-region ratio, eta {args.eta:g}, target {args.target:g}", rest)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ import sys
 import optax
 import optax.contrib
 
-import lopt.trained
-from lopt.cli import main as lopt_main
 
 from general_step_multiplier import multiplied  # (this folder is on the path when the script runs)
+from wrapped_benchmark import benchmark_wrapped
 
 METHODS = {"prodigy": optax.contrib.prodigy, "dog": optax.contrib.dog, "dadapt_adamw": optax.contrib.dadapt_adamw}
 
@@ -37,8 +36,8 @@ def main(argv=None) -> int:
   parser.add_argument("--method", choices=sorted(METHODS), default="prodigy")
   parser.add_argument("--schedule", choices=("none", "cosine"), default="none")
   args, rest = parser.parse_known_args(argv)
-  lopt.trained.TrainedOptimizer.as_optax = lambda self, **kw: method(args.method, args.schedule)
-  return lopt_main(rest)
+  return benchmark_wrapped(lambda trained, transformation: method(args.method, args.schedule),
+                           f"{args.method}, schedule {args.schedule}", rest)
 
 
 if __name__ == "__main__":
