@@ -2,14 +2,13 @@
 from the plain optimizer's results, the baselines shared."""
 
 import json
-import sys
 
 import jax
 import optax
 import pytest
 
 import lopt.trained
-from conftest import ROOT, load_script
+from conftest import load_script
 from lopt.evaluation import benchmark
 
 TINY = ["--problems", "least_squares,matrix_completion", "--tuning-seeds", "1", "--eval-seeds", "1", "--horizon", "30",
@@ -18,7 +17,6 @@ TINY = ["--problems", "least_squares,matrix_completion", "--tuning-seeds", "1", 
 
 @pytest.fixture(scope="module")
 def wrapped():
-  sys.path.insert(0, str(ROOT / "benchmarks"))  # as when the scripts run: they import their siblings
   return load_script("benchmarks/wrapped_benchmark.py")
 
 
