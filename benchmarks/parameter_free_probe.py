@@ -18,7 +18,6 @@ import sys
 import optax
 import optax.contrib
 
-
 from general_step_multiplier import multiplied  # (this folder is on the path when the script runs)
 from wrapped_benchmark import benchmark_wrapped
 
