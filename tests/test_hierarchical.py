@@ -301,6 +301,24 @@ def test_state_is_about_three_times_the_parameters():
   assert count(state) <= 3.2 * count(params)
 
 
+def test_a_fresh_state_shares_no_buffer_with_the_parameters_and_steps_donated():
+  """init_state's slow averages are copies of p (stacked for a group, copied for a lone tensor), so that a jitted step
+  may donate both the parameters and the state."""
+  theta = default_theta(OPTIMIZER)
+  params = {"w1": jnp.ones((4, 3)), "w2": jnp.full((4, 3), 2.0), "w3": jnp.ones((5, 2))}
+  state = OPTIMIZER.init_state(theta, params)
+  pointers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(params)}
+  assert not pointers & {x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)}
+  assert [tuple(m.shape) for m in state.momentum] == [(2, 4, 3, 2), (5, 2, 2)]
+  np.testing.assert_array_equal(state.average[0], np.stack([np.ones((4, 3)), np.full((4, 3), 2.0)]))
+
+  def step(params, state, grads):
+    updates, state = OPTIMIZER.update(theta, state, grads, params)
+    return jax.tree.map(lambda p, u: p + u, params, updates), state
+  params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, jax.tree.map(jnp.ones_like, params))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
 # -- lopt.torch with a rule that keeps global state ----------------------------------------------------------------
 
 def test_zero_tensor_with_zero_gradient_stays_finite_in_torch(saved):

@@ -449,10 +449,15 @@ class HierarchicalOptimizer:
     k = len(self.momentum_decays)
     leaves = jax.tree.leaves(params)
     groups = coordinate_groups(leaves)
+    # Each group's arrays made once at their stacked shape (not per tensor, then stacked: twice the memory); the
+    # average a copy of p, so that a step may donate the state.
+    stacked = lambda group: (len(group),) if len(group) > 1 else ()  # noqa: E731
     return HierarchicalState(
-        momentum=tuple(_stack([jnp.zeros(leaves[i].shape + (k,), leaves[i].dtype) for i in group]) for group in groups),
+        momentum=tuple(jnp.zeros(stacked(group) + leaves[group[0]].shape + (k,), leaves[group[0]].dtype)
+                       for group in groups),
         second_moment=tuple(_stack([init_second_moment(leaves[i]) for i in group]) for group in groups),
-        average=tuple(_stack([jnp.array(leaves[i], copy=True) for i in group]) for group in groups),  # donation-safe
+        average=tuple(jnp.stack([leaves[i] for i in group]) if len(group) > 1 else
+                      jnp.array(leaves[group[0]], copy=True) for group in groups),
         tensors=self._init_tensors(params),
         train=init_accumulator(), valid=init_accumulator(), step=jnp.zeros((), jnp.int32))
 
