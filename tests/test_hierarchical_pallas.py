@@ -11,6 +11,7 @@ import pytest
 
 from lopt.architectures.hierarchical import optimizer as hierarchical
 from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
+from lopt.errors import UserError
 from test_hierarchical import OPTIMIZER, random_theta
 
 FAST = "auto" if jax.default_backend() == "gpu" else "interpret"
@@ -74,7 +75,7 @@ def test_pallas_passes_only_take_large_float32_matrices(monkeypatch):
   monkeypatch.setattr(hierarchical, "PALLAS", "auto")
   assert OPTIMIZER._pallas(g, g, m, g, factored) == (jax.default_backend() == "gpu")  # elsewhere XLA's passes
   monkeypatch.setattr(hierarchical, "PALLAS", "on")  # LOPT_JAX_PALLAS=on: not a mode
-  with pytest.raises(ValueError, match="LOPT_JAX_PALLAS is 'on'; allowed: auto, off, interpret"):
+  with pytest.raises(UserError, match="LOPT_JAX_PALLAS is 'on'; allowed: auto, off, interpret"):  # CLI: exit 2
     OPTIMIZER._pallas(g, g, m, g, factored)
 
 

@@ -53,6 +53,7 @@ from lopt.architectures.hierarchical.spec import (CORRECTION_FLOOR, FRACTION_POW
 from lopt.architectures.mlp.optimizer import (Factored, init_second_moment, update_momentum,
                                               update_second_moment)
 from lopt.architectures.mlp.spec import factored_axes
+from lopt.errors import SettingError
 
 Theta = dict[str, Any]
 
@@ -60,7 +61,7 @@ ALIGNMENT_GAIN_INIT = 0.5  # hypergradient gain on cos(g, m_1 rs) at initializat
 GROUP_LIMIT = 1 << 21    # on accelerators, tensors of one shape with up to this many coordinates step as one batch
 UNITS_LIMIT = 512        # on accelerators, per-coordinate MLPs with up to this many products are written unit by
                          # unit (see ``_units_form``); larger ones, and any on a CPU, as matrix products
-PALLAS_MIN_SIZE = 1 << 16  # on GPUs, float32 matrices of at least this many coordinates take the Pallas passes
+PALLAS_MIN_SIZE = 1 << 16  # on GPUs, float32 tensors of at least this many coordinates may take the Pallas passes
 PALLAS_MODES = ("auto", "off", "interpret")  # GPUs (see ``_pallas``); never; Pallas's interpreter anywhere (tests)
 PALLAS = os.environ.get("LOPT_JAX_PALLAS", "auto")
 
@@ -731,7 +732,7 @@ class HierarchicalOptimizer:
     gradients through the step) are XLA's (``_with_derivatives_of``; forward-mode derivatives of a step are not
     defined on those tensors). LOPT_JAX_PALLAS=off in the environment keeps XLA's passes everywhere."""
     if PALLAS not in PALLAS_MODES:
-      raise ValueError(f"LOPT_JAX_PALLAS is {PALLAS!r}; allowed: {', '.join(PALLAS_MODES)}")
+      raise SettingError(f"LOPT_JAX_PALLAS is {PALLAS!r}; allowed: {', '.join(PALLAS_MODES)}")
     if PALLAS == "off" or (PALLAS == "auto" and not (jax.default_backend() == "gpu" and pallas_passes.available())):
       return False
     arrays = [g, p, momentum, average, *jax.tree.leaves(second_moment)]
