@@ -92,20 +92,18 @@ def ablated(rows: list[int], trained=None):
 def signal_to_noise(task, learning_rate: float, keys, horizon: int, fractions=(0.1, 0.3, 0.6, 0.99)) -> list[float]:
   """Adam's median over tensors of mean(m^2) / mean(v) (bias-corrected; about (1 - b1) / (1 + b1) = 0.05 for pure
   noise, 1 for a constant gradient) at ``fractions`` of the run, averaged over ``keys``."""
-  optimizer = optax.adam(learning_rate)
+  optimizer = optax.with_extra_args_support(optax.adam(learning_rate))
+
+  def median_ratio(updates, state):
+    adam = state[0]
+    t = adam.count.astype(jnp.float32)  # steps taken, this one included
+    first, second = 1 - 0.9 ** t, 1 - 0.999 ** t
+    ratios = jnp.stack([jnp.mean((m / first) ** 2) / (jnp.mean(v / second) + 1e-30)
+                        for m, v in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu))])
+    return jnp.median(ratios)
 
   def run(key):
-    params = task.init(key)
-
-    def step(carry, t):
-      params, state = carry
-      grads = jax.grad(task.loss)(params, key, t)
-      updates, state = optimizer.update(grads, state, params)
-      first, second = (1 - 0.9 ** (t + 1.0)), (1 - 0.999 ** (t + 1.0))
-      ratios = jnp.stack([jnp.mean((m / first) ** 2) / (jnp.mean(v / second) + 1e-30)
-                          for m, v in zip(jax.tree.leaves(state[0].mu), jax.tree.leaves(state[0].nu))])
-      return (optax.apply_updates(params, updates), state), jnp.median(ratios)
-    return jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))[1]
+    return benchmark.training_scan(task, optimizer, key, horizon, measure=median_ratio)[3]
 
   ratios = np.asarray(jax.jit(jax.vmap(run))(keys)).mean(0)
   return [float(ratios[int(f * (horizon - 1))]) for f in fractions]

@@ -40,6 +40,7 @@ import optax
 
 import lopt
 from general_family_problems import adam_runner, fed_valid_loss  # this folder
+from lopt.evaluation import benchmark
 from lopt.tasks import families
 
 LEARNING_RATES = tuple(float(x) for x in 10.0 ** np.arange(-4.0, 0.01, 0.5))
@@ -61,19 +62,14 @@ def adam_mean_losses(task, horizon: int, keys) -> np.ndarray:
 def adam_log_update_rms(task, steps: int, key, learning_rate: float) -> float:
   """The mean over the first ``steps`` steps of log RMS of Adam's update at ``learning_rate`` (the step tuned Adam
   takes: the reference for `general`'s)."""
-  adam = optax.adam(learning_rate)
+  adam = optax.with_extra_args_support(optax.adam(learning_rate))
+
+  def size(updates, state):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)))
 
   @jax.jit
   def run(key):
-    params = task.init(key)
-
-    def step(carry, t):
-      params, state = carry
-      grads = jax.grad(task.loss)(params, key, t)
-      updates, state = adam.update(grads, state, params)
-      size = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)))
-      return (optax.apply_updates(params, updates), state), size
-    return jax.lax.scan(step, (params, adam.init(params)), jnp.arange(steps))[1]
+    return benchmark.training_scan(task, adam, key, steps, measure=size)[3]
   numel = sum(x.size for x in jax.tree.leaves(task.init(key)))
   return float(np.mean(np.log(np.asarray(run(key), np.float64) / np.sqrt(numel) + 1e-30)))
 

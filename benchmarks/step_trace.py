@@ -30,8 +30,8 @@ def transformation(name: str) -> optax.GradientTransformationExtraArgs:
   return optax.with_extra_args_support(lopt.load(name).as_optax())
 
 
-def update_rms(updates) -> jax.Array:
-  """() the RMS of an update over all parameters."""
+def update_rms(updates, state=None) -> jax.Array:
+  """() the RMS of an update over all parameters (``training_scan``'s ``measure``; the state is not read)."""
   leaves = jax.tree.leaves(updates)
   return jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2) for u in leaves) / sum(u.size for u in leaves))
 

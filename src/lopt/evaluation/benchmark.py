@@ -109,8 +109,8 @@ def seed_keys(seed: int, count: int) -> jax.Array:
 def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True, measure=None):
   """(final params, train (horizon,), valid (horizon,)) of one problem; valid is NaN except every VALID_EVERY steps.
   The optimizer gets value=, num_steps= and valid_loss= (non-finite: none this step; always none without
-  ``feed_valid``) at every step. With ``measure(updates) -> ()``, a fourth result: its value at every step
-  (horizon,)."""
+  ``feed_valid``) at every step. With ``measure(updates, state) -> ()`` (the step's updates and the optimizer's new
+  state), a fourth result: its value at every step (horizon,)."""
   params = task.init(key)
 
   def step(carry, t):
@@ -123,7 +123,7 @@ def training_scan(task, optimizer, key, horizon: int, feed_valid: bool = True, m
                            lambda: jnp.full((), jnp.nan, loss.dtype))
     fed = valid if feed_valid else jnp.full((), jnp.nan, loss.dtype)
     updates, state = optimizer.update(grads, state, params, value=loss, valid_loss=fed, num_steps=horizon)
-    measured = () if measure is None else (measure(updates),)
+    measured = () if measure is None else (measure(updates, state),)
     return (optax.apply_updates(params, updates), state), (loss, valid, *measured)
 
   (params, _), outputs = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(horizon))
