@@ -23,8 +23,10 @@
 # INIT_SCALE_RANGE (a JSON [low,high] of the initialization scales, default [0.5,2]; below 1: starts near a saddle),
 # DISTANCE_SCALE_RANGE (a JSON [low,high]: a share of the training problems' solutions lie d times farther from their
 # start, d log-uniform there, with nothing at the start to tell; unset: off), DISTANCE_SCALE_PROBABILITY (that share,
-# 0.5), ESTIMATOR (nres, the default; pes, es, or mixed: Metz 2019's per-coordinate mix of backpropagation through
-# each truncation and ES, whose gradient has every meta-parameter's dimension; mixed takes no REFERENCES),
+# 0.5), ESTIMATOR (nres, the default; pes, es, mixed: Metz 2019's per-coordinate mix of backpropagation through
+# each truncation and ES, whose gradient has every meta-parameter's dimension, and takes no REFERENCES; or tbptt:
+# backpropagation through each truncation, which takes REFERENCES and step_calibration but no SIGMA), TRUNCATION
+# (inner steps per estimate, 50),
 # ESTIMATOR_OPTIONS (space-separated KEY=VALUE fields of the estimator, e.g. remat=true).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES (or ESTIMATOR) on all six task families: the first call starts it (from INIT_FROM's meta-parameters when
@@ -42,14 +44,16 @@ arch=${2:-hierarchical}
 init=${3:-}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_cache
 run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
-args=(--task-family all --estimator "${ESTIMATOR:-nres}" --truncation 50 --meta-batch-size "${PROBLEMS:-256}" --num-particles 1
-      --sigma "${SIGMA:-0.01}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
+args=(--task-family all --estimator "${ESTIMATOR:-nres}" --truncation "${TRUNCATION:-50}"
+      --meta-batch-size "${PROBLEMS:-256}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
       --meta-loss "${META_LOSS:-mean}"
       --task-option num_groups="${NUM_GROUPS:-6}" --task-option max_step_flops="${MAX_STEP_FLOPS:-2e7}"
       --clip-value 0.1 --decay-steps 2000 --steps "${STEPS:-100000}" --eval-every 25 --eval-problems 64
       --checkpoint-every "${CHECKPOINT_EVERY:-25}" --log-every 5
       --optimizer "$arch" --seed "${SEED:-1}" --out "$run")
+# tbptt perturbs nothing: it has no particles and no sigma
+[ "${ESTIMATOR:-nres}" != tbptt ] && args+=(--num-particles 1 --sigma "${SIGMA:-0.01}")
 case $arch in hierarchical) args+=(--learning-rate "${LR:-1e-3}");; *) args+=(--learning-rate "${LR:-3e-3}");; esac
 [ -n "${TRAINABLE:-}" ] && args+=(--trainable "$TRAINABLE")
 for option in ${OPTIMIZER_OPTIONS:-}; do args+=(--optimizer-option "$option"); done

@@ -393,3 +393,81 @@ def test_step_calibration_needs_references():
   estimators.get("es").validate({"step_calibration": 0.0})  # off: fine without references
   with pytest.raises(ValueError, match="needs reference_learning_rates"):  # built directly, not through a spec
     es.Antithetic(None, es.ES_RULE, 1, step_calibration=1.0)
+
+
+# -- the same term backpropagated (tbptt with references) -----------------------------------------------------------
+
+def test_tbptt_references_at_lambda_zero_weigh_nothing_where_every_problem_is_the_same():
+  """tbptt relative to Adam references, on identical problems at the same step: every weight is exactly 1 and the
+  estimate is the plain one, bit for bit; the references follow their problems (same key, same step)."""
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 4, "truncation": WIDTH}
+  grads, states = {}, {}
+  for references in ([], [0.01, 0.3]):
+    estimator = estimators.get("tbptt").create(TASK, LogLearningRate(),
+                                               {**values, "reference_learning_rates": references}, WIDTH)
+    assert estimator.inner_steps_per_estimate == (1 + len(references)) * 4 * WIDTH
+    state = estimator.init(theta, jax.random.key(0))
+    for k in range(3):
+      state, grads[len(references)], metrics = jax.jit(estimator.estimate)(theta, state, jax.random.key(k + 1))
+    states[len(references)] = state
+    assert metrics.extra is None
+  assert float(grads[0]["log_lr"]) == float(grads[2]["log_lr"]) != 0.0
+  referenced = states[2]
+  np.testing.assert_array_equal(referenced.references.inner.step,
+                                np.repeat(np.asarray(referenced.episodes.inner.step)[:, None], 2, axis=1))
+  np.testing.assert_array_equal(jax.random.key_data(referenced.references.inner.key[:, 0]),
+                                jax.random.key_data(referenced.episodes.inner.key))
+
+
+def test_tbptt_step_calibration_is_the_gradient_of_the_objective():
+  """One tbptt estimate from step 0 with the step-calibration term, against float64 central differences of the
+  closed forms: the mean over problems of d/d log_lr [w L + lambda mean_t (r_t - r*_t)^2], w the relative weight
+  and r* the best Adam reference's log update RMS (constants of theta)."""
+  task, curvatures, start = scaled_task()
+  theta = LogLearningRate().init(None)
+  rates, lam, problems = [0.01, 0.1, 0.5], 0.7, 8
+  values = {"meta_batch_size": problems, "truncation": WIDTH, "reference_learning_rates": rates,
+            "step_calibration": lam}
+  estimator = estimators.get("tbptt").create(task, LogLearningRate(), values, None)
+  state = estimator.init(theta, jax.random.key(3))
+  _, grads, metrics = jax.jit(estimator.estimate)(theta, state, jax.random.key(4))
+
+  def objective(log_lr, c, x0, weight, target):
+    losses, log_rms = descent_steps(log_lr, c, x0, WIDTH)
+    return weight * np.mean(losses / losses[0]) + lam * np.mean((log_rms - target) ** 2)
+
+  setups, best_losses, terms, gaps = [], [], [], []
+  for p in range(problems):
+    problem = state.episodes.inner.key[p]
+    c, x0 = (np.asarray(f(problem), np.float64) for f in (curvatures, start))
+    references = [adam_steps(lr, c, x0, WIDTH) for lr in rates]
+    scores = [np.mean(r_losses / r_losses[0]) for r_losses, _ in references]
+    best_losses.append(min(scores))
+    target = references[int(np.argmin(scores))][1]
+    setups.append((c, x0, target))
+    log_rms = descent_steps(LOG_LR, c, x0, WIDTH)[1]
+    terms.append(np.mean((log_rms - target) ** 2))
+    gaps.append(np.mean(log_rms - target))
+  weights = 1 / np.maximum(best_losses, es.REFERENCE_FLOOR)
+  weights = weights / weights.mean()
+  h = 1e-5
+  expected = np.mean([(objective(LOG_LR + h, c, x0, w, t) - objective(LOG_LR - h, c, x0, w, t)) / (2 * h)
+                      for (c, x0, t), w in zip(setups, weights)])
+  calibration_only = np.mean([(objective(LOG_LR + h, c, x0, 0.0, t) - objective(LOG_LR - h, c, x0, 0.0, t))
+                              / (2 * h) for c, x0, t in setups])
+
+  assert np.ptp(weights) > 0.2 and np.mean(terms) > 0.1  # the weights vary and the term is not negligible
+  assert abs(calibration_only) > 0.1 * abs(expected)  # the term's share of the gradient is visible
+  np.testing.assert_allclose(float(grads["log_lr"]), expected, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(grads["unused"]), 0.0)
+  np.testing.assert_allclose(float(metrics.extra["step_calibration"]), np.mean(terms), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics.extra["step_log_gap"]), np.mean(gaps), rtol=1e-4, atol=1e-6)
+
+
+def test_tbptt_step_calibration_needs_references():
+  with pytest.raises(estimators.EstimatorConfigError, match="needs reference_learning_rates"):
+    estimators.get("tbptt").validate({"step_calibration": 1.0})
+  from lopt.meta.estimators.tbptt import TruncatedBPTT
+  with pytest.raises(ValueError, match="needs reference_learning_rates"):
+    TruncatedBPTT(None, 1, step_calibration=1.0)

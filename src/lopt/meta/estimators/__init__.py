@@ -181,12 +181,6 @@ register(EstimatorSpec(
     },
     build="lopt.meta.estimators.full_bptt:build",
 ))
-register(EstimatorSpec(
-    name="tbptt",
-    description="truncated backpropagation: the gradient of each truncation, carried state held constant (biased)",
-    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **BACKPROPAGATION_FIELDS},
-    build="lopt.meta.estimators.tbptt:build",
-))
 
 
 def _non_negative_finite(value) -> bool:
@@ -200,8 +194,8 @@ def _learning_rates(value) -> bool:
 
 REFERENCE_FIELDS = {
     "reference_learning_rates": Field([], _learning_rates, "a list of at most 16 positive numbers",
-                                      "Adam learning rates run beside every pair's problem; each pair is weighted by "
-                                      "1 / the best one's meta-loss, so the meta-objective is relative to a tuned "
+                                      "Adam learning rates run beside every problem; each problem (or pair) is weighted "
+                                      "by 1 / the best one's meta-loss, so the meta-objective is relative to a tuned "
                                       "Adam (empty: off)", lambda v: [float(x) for x in v]),
     "step_calibration": Field(0.0, _non_negative_finite, "a non-negative finite number",
                               "lambda of a meta-objective term lambda * mean over the truncation of (log RMS of the "
@@ -209,6 +203,13 @@ REFERENCE_FIELDS = {
                               "step of the problem's best learning rate; needs reference_learning_rates (0: off)",
                               float),
 }
+
+register(EstimatorSpec(
+    name="tbptt",
+    description="truncated backpropagation: the gradient of each truncation, carried state held constant (biased)",
+    fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(50), **BACKPROPAGATION_FIELDS, **REFERENCE_FIELDS},
+    build="lopt.meta.estimators.tbptt:build",
+))
 
 # The antithetic family differs only in its noise rule (and es in its default: whole episodes).
 for _name, _description, _truncation_default in (

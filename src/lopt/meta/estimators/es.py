@@ -132,6 +132,39 @@ def step_calibration_terms(gaps: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(gaps), axis=-1)
 
 
+def start_references(unroll, learning_rates: tuple, keys: jax.Array, lengths: jax.Array):
+  """(N,) problem keys and episode lengths -> (N, R) Adam episodes at step 0 on each problem, one per reference
+  learning rate."""
+  adam = reference_optimizer()
+
+  def one(key, length, learning_rate):
+    inner = init_inner(unroll.task, adam, key)
+    hyperparams = {**inner.opt_state.hyperparams, "learning_rate": learning_rate}
+    inner = inner._replace(opt_state=inner.opt_state._replace(hyperparams=hyperparams))
+    return Episode(inner, length, jnp.asarray(jnp.nan, jnp.float32), jnp.zeros((), bool))
+  per_problem = jax.vmap(one, in_axes=(None, None, 0))
+  return jax.vmap(per_problem, in_axes=(0, 0, None))(keys, lengths, jnp.asarray(learning_rates, jnp.float32))
+
+
+def advance_references(unroll, learning_rates: tuple, references, keys: jax.Array, lengths: jax.Array,
+                       starting: jax.Array, *, measure_update: bool = False):
+  """(N, R) references restarted where their problem's episode starts (``starting`` (N,); ``keys``, ``lengths``
+  (N,) the problems), then advanced one truncation and scored as the learned optimizer's truncations are: ((N, R)
+  meta-losses, references); with ``measure_update`` ((N, R) meta-losses, (N, R, T) log RMS of each step's update,
+  references)."""
+  references = where_pairs(starting, start_references(unroll, learning_rates, keys, lengths), references)
+
+  def one(reference):
+    inner, out = advance(unroll.task, reference_optimizer(), reference.inner, unroll.schedule.truncation,
+                         valid=unroll.objective == "valid", measure_update=measure_update)
+    if not measure_update:
+      return unroll.score(reference, inner, out)
+    measured, log_rms = out
+    meta_loss, reference = unroll.score(reference, inner, measured)
+    return meta_loss, log_rms, reference
+  return jax.vmap(jax.vmap(one))(references)
+
+
 @dataclass(frozen=True)
 class Antithetic:
   """``lopt.api.GradientEstimator`` by antithetic perturbations of theta (see the module docstring)."""
@@ -180,34 +213,13 @@ class Antithetic:
 
   def start_references(self, episodes):
     """(pairs, R) Adam episodes at step 0 on each pair's problem, of its episode's length."""
-    learning_rates = jnp.asarray(self.reference_learning_rates, jnp.float32)
-    adam = reference_optimizer()
-
-    def one(key, length, learning_rate):
-      inner = init_inner(self.unroll.task, adam, key)
-      hyperparams = {**inner.opt_state.hyperparams, "learning_rate": learning_rate}
-      inner = inner._replace(opt_state=inner.opt_state._replace(hyperparams=hyperparams))
-      return Episode(inner, length, jnp.asarray(jnp.nan, jnp.float32), jnp.zeros((), bool))
-    per_pair = jax.vmap(one, in_axes=(None, None, 0))
-    return jax.vmap(per_pair, in_axes=(0, 0, None))(episodes.inner.key[:, 0], episodes.length[:, 0], learning_rates)
+    return start_references(self.unroll, self.reference_learning_rates, episodes.inner.key[:, 0],
+                            episodes.length[:, 0])
 
   def advance_references(self, references, episodes, *, measure_update: bool = False):
-    """References restarted where their pair's episode starts, then advanced one truncation: ((pairs, R)
-    meta-losses, references); with ``measure_update`` ((pairs, R) meta-losses, (pairs, R, T) log RMS of each
-    step's update, references)."""
-    starting = episodes.inner.step[:, 0] == 0
-    references = where_pairs(starting, self.start_references(episodes), references)
-    u = self.unroll
-
-    def one(reference):
-      inner, out = advance(u.task, reference_optimizer(), reference.inner, u.schedule.truncation,
-                           valid=u.objective == "valid", measure_update=measure_update)
-      if not measure_update:
-        return u.score(reference, inner, out)  # scored as the learned optimizer's truncations are
-      measured, log_rms = out
-      meta_loss, reference = u.score(reference, inner, measured)
-      return meta_loss, log_rms, reference
-    return jax.vmap(jax.vmap(one))(references)
+    """``advance_references`` for the pairs' problems (their + members say where an episode starts)."""
+    return advance_references(self.unroll, self.reference_learning_rates, references, episodes.inner.key[:, 0],
+                              episodes.length[:, 0], episodes.inner.step[:, 0] == 0, measure_update=measure_update)
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,
