@@ -69,12 +69,13 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message)
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_step_calibration_trains_and_is_logged(tmp_path, capsys):
-  """--estimator-option step_calibration with references: the run trains, the config keeps it, and every log line
-  has the term's mean (before lambda) and the mean signed log-step gap."""
-  assert train(tmp_path, "mlp", "nres", "--truncation", "5", "--estimator-option",
+@pytest.mark.parametrize("estimator", ["nres", "tbptt"])
+def test_step_calibration_trains_and_is_logged(tmp_path, capsys, estimator):
+  """--estimator-option step_calibration with references (ES, or backpropagated): the run trains, the config keeps
+  it, and every log line has the term's mean (before lambda) and the mean signed log-step gap."""
+  assert train(tmp_path, "mlp", estimator, "--truncation", "5", "--estimator-option",
                "reference_learning_rates=[0.001,0.1]", "--estimator-option", "step_calibration=0.5") == 0
-  run = tmp_path / "mlp-nres"
+  run = tmp_path / f"mlp-{estimator}"
   assert json.loads((run / "config.json").read_text())["estimator"]["step_calibration"] == 0.5
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert all(r["step_calibration"] > 0 and np.isfinite(r["step_log_gap"]) for r in records if "meta_loss" in r)
