@@ -194,9 +194,9 @@ def _learning_rates(value) -> bool:
 
 REFERENCE_FIELDS = {
     "reference_learning_rates": Field([], _learning_rates, "a list of at most 16 positive numbers",
-                                      "Adam learning rates run beside every problem; each problem (or pair) is weighted "
-                                      "by 1 / the best one's meta-loss, so the meta-objective is relative to a tuned "
-                                      "Adam (empty: off)", lambda v: [float(x) for x in v]),
+                                      "Adam learning rates run beside every problem; each problem (or pair) is "
+                                      "weighted by 1 / the best one's meta-loss, so the meta-objective is relative to "
+                                      "a tuned Adam (empty: off)", lambda v: [float(x) for x in v]),
     "step_calibration": Field(0.0, _non_negative_finite, "a non-negative finite number",
                               "lambda of a meta-objective term lambda * mean over the truncation of (log RMS of the "
                               "learned update - that of the best reference Adam)^2, pulling the step toward the "
