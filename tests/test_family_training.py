@@ -69,7 +69,7 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, extra, message)
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("estimator", ["nres", "tbptt"])
+@pytest.mark.parametrize("estimator", ["nres", pytest.param("tbptt", marks=pytest.mark.slow)])  # tbptt: 35 s
 def test_step_calibration_trains_and_is_logged(tmp_path, capsys, estimator):
   """--estimator-option step_calibration with references (ES, or backpropagated): the run trains, the config keeps
   it, and every log line has the term's mean (before lambda) and the mean signed log-step gap."""
