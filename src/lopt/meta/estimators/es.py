@@ -122,9 +122,13 @@ def best_reference_log_rms(reference_losses: jax.Array, reference_log_rms: jax.A
 
 
 def step_gaps(learned_log_rms: jax.Array, target_log_rms: jax.Array) -> jax.Array:
-  """(pairs, 2, T) learned log update RMS and (pairs, T) the best reference's -> (pairs, 2, T) learned - reference,
-  both bounded (positive: the learned optimizer steps larger)."""
-  return bounded_log_rms(learned_log_rms) - bounded_log_rms(target_log_rms)[:, None]
+  """Learned log update RMS (N, ..., T) and the best reference's (N, T) -> (N, ..., T) learned - reference, both
+  bounded (positive: the learned optimizer steps larger). The axes between N and T (an antithetic pair's 2
+  members) share their problem's target; (T,) and (T,) is one trajectory."""
+  target = bounded_log_rms(target_log_rms)
+  if learned_log_rms.ndim > target.ndim:
+    target = jnp.expand_dims(target, tuple(range(1, 1 + learned_log_rms.ndim - target.ndim)))
+  return bounded_log_rms(learned_log_rms) - target
 
 
 def step_calibration_terms(gaps: jax.Array) -> jax.Array:
@@ -146,22 +150,26 @@ def start_references(unroll, learning_rates: tuple, keys: jax.Array, lengths: ja
   return jax.vmap(per_problem, in_axes=(0, 0, None))(keys, lengths, jnp.asarray(learning_rates, jnp.float32))
 
 
+class ReferenceTruncation(NamedTuple):
+  """What one truncation of the (N, R) references gives: meta_losses (N, R); log_rms (N, R, T) the log RMS of each
+  step's update (None unless measured); references (N, R) advanced."""
+  meta_losses: jax.Array
+  log_rms: jax.Array | None
+  references: Any
+
+
 def advance_references(unroll, learning_rates: tuple, references, keys: jax.Array, lengths: jax.Array,
-                       starting: jax.Array, *, measure_update: bool = False):
+                       starting: jax.Array, *, measure_update: bool = False) -> ReferenceTruncation:
   """(N, R) references restarted where their problem's episode starts (``starting`` (N,); ``keys``, ``lengths``
-  (N,) the problems), then advanced one truncation and scored as the learned optimizer's truncations are: ((N, R)
-  meta-losses, references); with ``measure_update`` ((N, R) meta-losses, (N, R, T) log RMS of each step's update,
-  references)."""
+  (N,) the problems), then advanced one truncation and scored as the learned optimizer's truncations are."""
   references = where_pairs(starting, start_references(unroll, learning_rates, keys, lengths), references)
 
   def one(reference):
     inner, out = advance(unroll.task, reference_optimizer(), reference.inner, unroll.schedule.truncation,
                          valid=unroll.objective == "valid", measure_update=measure_update)
-    if not measure_update:
-      return unroll.score(reference, inner, out)
-    measured, log_rms = out
+    measured, log_rms = out if measure_update else (out, None)
     meta_loss, reference = unroll.score(reference, inner, measured)
-    return meta_loss, log_rms, reference
+    return ReferenceTruncation(meta_loss, log_rms, reference)
   return jax.vmap(jax.vmap(one))(references)
 
 
@@ -246,7 +254,7 @@ class Antithetic:
       return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
     if self.reference_learning_rates:
-      reference_losses, references = self.advance_references(state.references, episodes)
+      reference_losses, _, references = self.advance_references(state.references, episodes)
       pair_weights = relative_weights(jnp.min(reference_losses, axis=1))
       weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.meta.estimators.es import (advance_references, best_reference_log_rms, bounded_log_rms, relative_weights,
-                                     start_references)
+from lopt.meta.estimators.es import (advance_references, best_reference_log_rms, relative_weights, start_references,
+                                     step_gaps)
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
@@ -87,11 +87,11 @@ class TruncatedBPTT:
     then holds the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in
     nats: positive, the learned optimizer steps larger than the best reference)."""
     u, calibrating = self.unroll, self.step_calibration > 0
-    out = advance_references(u, self.reference_learning_rates, references, episodes.inner.key, episodes.length,
-                             episodes.inner.step == 0, measure_update=calibrating)
-    reference_losses, references = out[0], out[-1]
+    reference_losses, reference_log_rms, references = advance_references(
+        u, self.reference_learning_rates, references, episodes.inner.key, episodes.length, episodes.inner.step == 0,
+        measure_update=calibrating)
     weights = relative_weights(jnp.min(reference_losses, axis=1))
-    targets = (best_reference_log_rms(reference_losses, out[1]) if calibrating
+    targets = (best_reference_log_rms(reference_losses, reference_log_rms) if calibrating
                else jnp.zeros((self.num_tasks, 0), jnp.float32))
 
     def objective(theta, episode, weight, target):
@@ -99,7 +99,7 @@ class TruncatedBPTT:
         meta_loss, episode = u(theta, episode)
         return weight * meta_loss, (meta_loss, episode, jnp.zeros(()), jnp.zeros(()))
       meta_loss, episode, log_rms = u.measured(theta, episode)
-      gaps = bounded_log_rms(log_rms) - bounded_log_rms(target)
+      gaps = step_gaps(log_rms, target)
       term = jnp.mean(jnp.square(gaps))
       return weight * meta_loss + self.step_calibration * term, (meta_loss, episode, term, jnp.mean(gaps))
 
