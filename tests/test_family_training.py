@@ -265,3 +265,36 @@ def test_a_run_checkpointed_by_lopt_0_2_resumes(tmp_path, capsys):
   assert main(["train", "--resume", "--out", str(run), "--steps", "2010"]) == 0
   last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 2010 and jnp.isfinite(last["meta_loss"]), last
+
+
+def test_groups_compiled_side_by_side_give_the_one_programs_numbers():
+  """A run of several shape groups steps through one program per group (compiled side by side on the first call)
+  and one that combines them: theta, the outer state, the estimator state and the metrics are bit for bit those of
+  the whole step as one program; so are the held-out scores of the groups' evaluators compiled side by side."""
+  from lopt.meta import train as meta
+  from lopt.meta.config import PRESETS, EstimatorSection, OptimizerSection, TaskSection
+  task = TaskSection(name="logistic_regression", family="logistic_regression", horizon=10,
+                     options={"num_groups": 2, "max_step_flops": 2e5})
+  config = PRESETS["demo"].replace(
+      task=task, optimizer=OptimizerSection("gru", {"hidden_size": 4, "input_scale": 0.1, "output_scale": 10.0}),
+      estimator=EstimatorSection("nres", {"meta_batch_size": 4, "truncation": 5}))
+  groups, optimizer = meta.task_from(config), meta.optimizer_from(config)
+  theta = meta.initial_theta(config, optimizer)
+  estimator = meta.estimator_from(config, groups, optimizer)
+  outer = meta.outer_optimizer_from(config, optimizer)
+  split, whole = meta.build_outer_step(estimator, outer), jax.jit(meta._outer_step(estimator, outer))
+  assert isinstance(split, meta.GroupedOuterStep)
+  a = b = (theta, outer.init(theta), estimator.init(theta, jax.random.key(0)))
+  for step in range(2):
+    *a, metrics_a = split(*a, jax.random.key(step))
+    *b, metrics_b = whole(*b, jax.random.key(step))
+  raw = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x  # noqa: E731
+  for x, y in zip(jax.tree.leaves((a, metrics_a)), jax.tree.leaves((b, metrics_b))):
+    np.testing.assert_array_equal(raw(x), raw(y))
+  evaluate = meta.build_evaluator(groups, optimizer, 10)
+  keys = meta.held_out_keys(config.seed, 3)
+  first, again = evaluate(theta, keys), evaluate(theta, keys)  # side by side, then one after the other
+  parts = jnp.array_split(jnp.arange(3), 2)
+  alone = [meta.build_evaluator(g, optimizer, 10)(theta, keys[p]) for g, p in zip(groups, parts)]
+  np.testing.assert_array_equal(first, again)
+  np.testing.assert_array_equal(first, jnp.concatenate(alone))
