@@ -30,8 +30,8 @@
 # ESTIMATOR_OPTIONS (space-separated KEY=VALUE fields of the estimator, e.g. remat=true).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES (or ESTIMATOR) on all six task families: the first call starts it (from INIT_FROM's meta-parameters when
-# given), later calls resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint; the best optimizer is
-# exported only when the run reaches STEPS, so set STEPS to end within SECONDS when the optimizer should come back.
+# given), later calls resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint and the best optimizer
+# so far (in the run's optimizer/, which comes back with the tarball; the run's export at STEPS replaces it).
 # The run directory without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
 # Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again. The cache also comes back
 # as $OUT/jax_cache.tar.gz (11-14 MB): unpacked into gpu_runs/ here (`tar -xzf jax_cache.tar.gz -C gpu_runs`) and

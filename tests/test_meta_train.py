@@ -118,6 +118,32 @@ def test_interrupted_run_resumes_to_the_same_theta(tmp_path):
   assert [m["meta_loss"] for m in load_metrics(tmp_path / "resumed")] == reference_log
 
 
+def test_ctrl_c_exports_the_best_optimizer_so_far_and_resume_replaces_it(tmp_path):
+  """A Ctrl-C after a held-out evaluation leaves the best theta so far as the run's optimizer (a device session
+  that ends mid-run still brings a usable optimizer back); the finished run's export replaces it."""
+  import os
+  import signal
+
+  from lopt import interrupts
+  from lopt.checkpoint import read_json
+
+  def ctrl_c_at_step_6(step, total, record):
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  run = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    meta_train(TINY, run, progress=ctrl_c_at_step_6)
+  interrupts.clear()
+  info = read_json(run / "optimizer" / "config.json", "optimizer")["info"]
+  assert (info["best_step"], info["final_step"]) == (4, 6)
+  best = [m["best_held_out_loss"] for m in load_metrics(run) if m["step"] == 6][0]
+  assert info["held_out_loss"] == best
+  finished = meta_train(TINY, run, resume=True)
+  info = read_json(run / "optimizer" / "config.json", "optimizer")["info"]
+  assert info["final_step"] == TINY.num_steps and info["best_step"] == finished.best_step
+
+
 def test_existing_run_without_resume_is_refused(tmp_path):
   from lopt.meta.run import RunError
   meta_train(TINY.replace(num_steps=1), tmp_path / "run")

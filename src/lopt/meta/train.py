@@ -487,6 +487,8 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, device
         if run is not None:
           run.checkpoint(snapshot)
       if stop:  # with several processes, all of them (one that got no signal too) and only at the agreed step
+        if run is not None and snapshot.best_step > 0:  # the best theta so far stays usable (resume replaces it)
+          run.export(optimizer, snapshot, config)
         raise KeyboardInterrupt
     sync_counters()
     if run is not None:
