@@ -225,6 +225,10 @@ def test_architecture_contract(name, tmp_path):
   assert isinstance(optimizer, api.RecurrentView) == spec.recurrent
   assert optimizer.config() == spec.config(spec.validate(small))
   assert architectures.from_config(optimizer.config()) == optimizer
+  # No weak-typed leaf (a Python number made an array): the first outer update makes it strong, and meta-training's
+  # outer step would then compile a second time at step 2.
+  fresh = jax.tree_util.tree_flatten_with_path(optimizer.init(jax.random.key(0)))[0]
+  assert not [jax.tree_util.keystr(p) for p, x in fresh if jnp.asarray(x).aval.weak_type]
   theta = _random_theta(optimizer)
   shapes = {k: tuple(np.shape(v)) for k, v in flatten_by_path(theta).items()}
   assert shapes == {k: tuple(v) for k, v in optimizer.param_shapes().items()}

@@ -391,7 +391,7 @@ class HierarchicalOptimizer:
                  "schedule": jnp.zeros(shapes["step/schedule"])},
         "context": {"w": jax.random.normal(next(keys), shapes["context/w"]) / jnp.sqrt(hidden),
                     "b": jnp.zeros(shapes["context/b"])},
-        "clip": {"log_multiplier": jnp.log(jnp.asarray(10.0)), "decay_logit": jnp.log(jnp.asarray(99.0))},
+        "clip": {"log_multiplier": jnp.log(jnp.float32(10.0)), "decay_logit": jnp.log(jnp.float32(99.0))},
         "mlp": [],
     }
     if self.direct_step:
