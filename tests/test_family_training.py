@@ -298,3 +298,8 @@ def test_groups_compiled_side_by_side_give_the_one_programs_numbers():
   alone = [meta.build_evaluator(g, optimizer, 10)(theta, keys[p]) for g, p in zip(groups, parts)]
   np.testing.assert_array_equal(first, again)
   np.testing.assert_array_equal(first, jnp.concatenate(alone))
+  # Traced inside another jit (a self-training population's evaluator), the groups run in the tracing thread.
+  from lopt.meta.selftrain import build_population_evaluator
+  population = jax.tree.map(lambda x: jnp.stack([x, x]), theta)
+  scores = build_population_evaluator(groups, optimizer, 10)(population, keys)
+  np.testing.assert_allclose(scores, [float(jnp.mean(first))] * 2, rtol=1e-5)

@@ -65,9 +65,11 @@ class GroupedOuterStep:
   """``build_outer_step``'s function for a task-family run of several shape groups: one program per group's
   estimate and one that combines them and applies the update, the same arithmetic as one program of the whole.
 
-  Why: XLA compiles one program at a time, and a run's single program grew with its groups (eight groups with
-  backpropagated references had not compiled after nine minutes on the H200). Separate programs compile side by
-  side on the first call, one thread each (XLA releases the GIL), and each is cached on its own."""
+  Why: XLA compiles most of a program on one thread, and a run's single program grew with its groups (eight groups
+  with backpropagated references had not compiled after nine minutes on the H200). Separate programs compile side
+  by side on the first call, a thread each (XLA releases the GIL), and each is cached on its own. Only for one
+  device: several devices keep one sharded program (threads could launch the groups' collectives in different
+  orders)."""
 
   def __init__(self, grouped: Grouped, outer_optimizer: optax.GradientTransformation):
     self.estimates = [jax.jit(functools.partial(grouped.estimate_group, g)) for g in range(len(grouped.estimators))]
@@ -318,9 +320,10 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
     def evaluate_groups(theta, keys):
       parts = jnp.array_split(jnp.arange(keys.shape[0]), len(groups))
       calls = [functools.partial(evaluate, theta, keys[p]) for evaluate, p in zip(groups, parts) if p.size]
-      scores = [call() for call in calls] if keys.shape[0] in compiled else side_by_side(calls)
+      traced = isinstance(keys, jax.core.Tracer)  # inside another jit (a population's): tracing stays in this thread
+      first = not traced and keys.shape[0] not in compiled
       compiled.add(keys.shape[0])
-      return jnp.concatenate(scores)
+      return jnp.concatenate(side_by_side(calls) if first else [call() for call in calls])
 
     return evaluate_groups
 
