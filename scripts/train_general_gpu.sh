@@ -43,6 +43,8 @@ seconds=${1:-480}
 arch=${2:-hierarchical}
 init=${3:-}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_cache
+# every program cached, the small ones too (by default those under 1 s are compiled again at every start)
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
 args=(--task-family all --estimator "${ESTIMATOR:-nres}" --truncation "${TRUNCATION:-50}"
       --meta-batch-size "${PROBLEMS:-256}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
