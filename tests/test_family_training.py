@@ -298,8 +298,23 @@ def test_groups_compiled_side_by_side_give_the_one_programs_numbers():
   alone = [meta.build_evaluator(g, optimizer, 10)(theta, keys[p]) for g, p in zip(groups, parts)]
   np.testing.assert_array_equal(first, again)
   np.testing.assert_array_equal(first, jnp.concatenate(alone))
-  # Traced inside another jit (a self-training population's evaluator), the groups run in the tracing thread.
+  # Traced inside another jit, the groups stay in the tracing thread (a self-training population's evaluator
+  # crashed otherwise; -m slow runs it through selftrain.build_population_evaluator).
+  np.testing.assert_allclose(jax.jit(meta.build_evaluator(groups, optimizer, 10))(theta, keys), first, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_family_population_is_evaluated_in_the_tracing_thread():
+  from lopt.meta import train as meta
+  from lopt.meta.config import PRESETS, OptimizerSection, TaskSection
   from lopt.meta.selftrain import build_population_evaluator
+  task = TaskSection(name="logistic_regression", family="logistic_regression", horizon=10,
+                     options={"num_groups": 2, "max_step_flops": 2e5})
+  config = PRESETS["demo"].replace(task=task, optimizer=OptimizerSection("gru", {"hidden_size": 4}))
+  groups, optimizer = meta.task_from(config), meta.optimizer_from(config)
+  theta = meta.initial_theta(config, optimizer)
+  keys = meta.held_out_keys(config.seed, 3)
+  alone = meta.build_evaluator(groups, optimizer, 10)(theta, keys)
   population = jax.tree.map(lambda x: jnp.stack([x, x]), theta)
   scores = build_population_evaluator(groups, optimizer, 10)(population, keys)
-  np.testing.assert_allclose(scores, [float(jnp.mean(first))] * 2, rtol=1e-5)
+  np.testing.assert_allclose(scores, [float(jnp.mean(alone))] * 2, rtol=1e-5)

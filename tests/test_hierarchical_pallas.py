@@ -33,7 +33,9 @@ def _use(monkeypatch, mode: str, batched: bool, units: bool = True) -> None:
   monkeypatch.setattr(HierarchicalOptimizer, "_batches_tensors", lambda self: batched)
 
 
-@pytest.mark.parametrize("batched", [False, True])
+# Batched (31 s in Pallas's interpreter on 2 cores) and the meta-gradients (38 s) with -m slow, to keep CI under 20
+# minutes; all of them run compiled on the H200 (-m gpu).
+@pytest.mark.parametrize("batched", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pallas_passes_step_as_xla_does(monkeypatch, batched):
   theta = random_theta(OPTIMIZER)
   params, grads = _problem()
@@ -79,6 +81,7 @@ def test_pallas_passes_only_take_large_float32_matrices(monkeypatch):
     OPTIMIZER._pallas(g, g, m, g, factored)
 
 
+@pytest.mark.slow
 def test_meta_gradients_through_pallas_passes_are_xlas(monkeypatch):
   """Reverse-mode derivatives through a step (meta-training's backpropagation) come from XLA's arithmetic. (XLA's MLP
   as matrix products on a CPU, which compiles faster under derivatives; the interpreter's kernels are unit by unit.)"""
