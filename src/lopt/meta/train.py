@@ -322,7 +322,8 @@ def build_evaluator(task, optimizer, horizon: int) -> Callable:
       calls = [functools.partial(evaluate, theta, keys[p]) for evaluate, p in zip(groups, parts) if p.size]
       traced = isinstance(keys, jax.core.Tracer)  # inside another jit (a population's): tracing stays in this thread
       first = not traced and keys.shape[0] not in compiled
-      compiled.add(keys.shape[0])
+      if not traced:  # a traced call compiles nothing of these programs
+        compiled.add(keys.shape[0])
       return jnp.concatenate(side_by_side(calls) if first else [call() for call in calls])
 
     return evaluate_groups
