@@ -465,6 +465,93 @@ def test_tbptt_step_calibration_is_the_gradient_of_the_objective():
   np.testing.assert_allclose(float(metrics.extra["step_log_gap"]), np.mean(gaps), rtol=1e-4, atol=1e-6)
 
 
+# -- which reference is the best: on the truncation, or on the episode so far (reference_window) ---------------------
+
+def reference_truncation_losses(rates, c, x0, steps):
+  """(R, steps // WIDTH) float64 meta-losses of each Adam reference's truncations from step 0 (each the mean of the
+  losses over the truncation divided by the episode's first), and their (R, steps) log update RMS."""
+  runs = [adam_steps(lr, c, x0, steps) for lr in rates]
+  losses = np.array([(r_losses / r_losses[0]).reshape(-1, WIDTH).mean(axis=1) for r_losses, _ in runs])
+  return losses, np.array([log_rms for _, log_rms in runs])
+
+
+@pytest.mark.parametrize("name", ["nres", "tbptt"])
+def test_episode_window_scores_are_the_references_sums_since_their_episode_began(name):
+  """reference_window="episode": the state carries each reference's meta-losses summed over the truncations since
+  its problem's episode began (float64 closed forms), reset at a restart; the default keeps no scores."""
+  task, curvatures, start = scaled_task((2 * WIDTH, 4 * WIDTH))
+  theta = LogLearningRate().init(None)
+  rates = [0.01, 0.1, 0.5]
+  values = {"meta_batch_size": 8, "truncation": WIDTH, "reference_learning_rates": rates,
+            "reference_window": "episode", **({"sigma": SIGMA} if name == "nres" else {})}
+  estimator = estimators.get(name).create(task, LogLearningRate(), values, None)
+  state = estimator.init(theta, jax.random.key(0))
+  step = jax.jit(estimator.estimate)
+  for k in range(5):  # episodes of 1-4 truncations: some restart on the way
+    state, _, _ = step(theta, state, jax.random.key(k + 1))
+  episodes = state.episodes
+  keys, steps = (episodes.inner.key[:, 0], episodes.inner.step[:, 0]) if name == "nres" else (
+      episodes.inner.key, episodes.inner.step)
+  assert len(set(np.asarray(steps).tolist())) > 1  # problems at different points of their episodes
+  for p in range(8):
+    c, x0 = (np.asarray(f(keys[p]), np.float64) for f in (curvatures, start))
+    losses, _ = reference_truncation_losses(rates, c, x0, int(steps[p]))
+    np.testing.assert_allclose(state.scores[p], losses.sum(axis=1), rtol=1e-4)
+  plain = estimators.get(name).create(task, LogLearningRate(), {**values, "reference_window": "truncation"}, None)
+  assert plain.init(theta, jax.random.key(0)).scores is None  # no new leaves: older checkpoints still match
+
+
+def test_tbptt_episode_window_calibrates_to_the_reference_best_over_the_episode():
+  """The second truncation of each episode, backpropagated with reference_window="episode": the target step and
+  the weight are those of the reference with the lowest meta-loss summed over both truncations, which here differs
+  from the best on the second truncation alone for some problems; against float64 central differences."""
+  task, curvatures, start = scaled_task((2 * WIDTH, 2 * WIDTH))
+  theta = LogLearningRate().init(None)
+  rates, lam, problems = [0.01, 0.1, 0.5], 0.7, 16
+  values = {"meta_batch_size": problems, "truncation": WIDTH, "reference_learning_rates": rates,
+            "step_calibration": lam, "reference_window": "episode"}
+  estimator = estimators.get("tbptt").create(task, LogLearningRate(), values, None)
+  state = estimator.init(theta, jax.random.key(3))
+  state, _, _ = jax.jit(estimator.estimate)(theta, state, jax.random.key(4))
+  # one truncation done and one to go; the others (first episodes of one truncation) restart with a new problem
+  second = np.asarray(state.episodes.length) == 2 * WIDTH
+  assert 4 <= second.sum() < problems
+  state, grads, metrics = jax.jit(estimator.estimate)(theta, state, jax.random.key(5))
+  assert np.all(np.asarray(state.episodes.inner.step) == np.where(second, 2 * WIDTH, WIDTH))
+
+  lr = np.exp(LOG_LR)
+  def objective(log_lr, c, x_start, initial, weight, target):
+    losses, log_rms = descent_steps(log_lr, c, x_start, WIDTH)
+    return weight * np.mean(losses / initial) + lam * np.mean((log_rms - target) ** 2)
+
+  setups, chosen, switched = [], [], 0
+  for p in range(problems):
+    c, x0 = (np.asarray(f(state.episodes.inner.key[p]), np.float64) for f in (curvatures, start))
+    done = WIDTH if second[p] else 0  # a problem restarted by this estimate starts its episode here
+    losses, log_rms = reference_truncation_losses(rates, c, x0, done + WIDTH)
+    best = int(np.argmin(losses.sum(axis=1)))
+    switched += best != int(np.argmin(losses[:, -1]))
+    chosen.append(losses[best, -1])
+    setups.append((c, x0 * (1 - lr * c) ** done, 0.5 * np.sum(c * x0**2), log_rms[best, done:]))
+  weights = 1 / np.maximum(chosen, es.REFERENCE_FLOOR)
+  weights = weights / weights.mean()
+  h = 1e-5
+  expected = np.mean([(objective(LOG_LR + h, *setup[:3], w, setup[3]) - objective(LOG_LR - h, *setup[:3], w, setup[3]))
+                      / (2 * h) for setup, w in zip(setups, weights)])
+  assert switched > 0  # the episode's best is not the truncation's for some problems: the window matters here
+  np.testing.assert_allclose(float(grads["log_lr"]), expected, rtol=1e-3)
+  assert metrics.extra["step_calibration"] > 0
+
+
+def test_reference_window_is_checked():
+  with pytest.raises(estimators.EstimatorConfigError, match="'reference_window' must be one of"):
+    estimators.get("nres").validate({"reference_window": "run", "reference_learning_rates": [0.01]})
+  with pytest.raises(estimators.EstimatorConfigError, match="reference_window 'episode' needs reference_learning"):
+    estimators.get("tbptt").validate({"reference_window": "episode"})
+  with pytest.raises(ValueError, match="reference_window 'run'"):
+    es.Antithetic(None, es.ES_RULE, 1, reference_learning_rates=(0.01,), reference_window="run")
+
+
 def test_tbptt_step_calibration_needs_references():
   with pytest.raises(estimators.EstimatorConfigError, match="needs reference_learning_rates"):
     estimators.get("tbptt").validate({"step_calibration": 1.0})

@@ -79,6 +79,10 @@ def check_fields(values: dict, where: str, error: type[Exception] = EstimatorCon
     raise error(f"{where}: step_calibration {values['step_calibration']} needs reference_learning_rates (the step "
                 f"it calibrates to is the best reference Adam's); add e.g. --estimator-option "
                 f"reference_learning_rates=[0.001,0.01,0.1], or set step_calibration=0")
+  if values.get("reference_window", "truncation") != "truncation" and not values.get("reference_learning_rates"):
+    raise error(f"{where}: reference_window {values['reference_window']!r} needs reference_learning_rates (it says "
+                f"which reference is a problem's best); add e.g. --estimator-option "
+                f"reference_learning_rates=[0.001,0.01,0.1], or leave reference_window out")
 
 
 def check_combination(name: str, values: dict, tasks: list, horizon: int | None) -> None:
@@ -202,6 +206,11 @@ REFERENCE_FIELDS = {
                               "learned update - that of the best reference Adam)^2, pulling the step toward the "
                               "step of the problem's best learning rate; needs reference_learning_rates (0: off)",
                               float),
+    "reference_window": Field("truncation", lambda v: v in ("truncation", "episode"),
+                              "one of ['truncation', 'episode']",
+                              "which reference is a problem's best, for its weight and its step-calibration target: "
+                              "the lowest meta-loss on this truncation, or the lowest sum since the episode began "
+                              "(one learning rate per run, as a tuner picks it)"),
 }
 
 register(EstimatorSpec(

@@ -36,6 +36,13 @@ relative weight divides the loss only: the term is already scale-free (log units
 reference's loss would let the problems Adam solves outright dominate the regression. A pair's estimate is then
 (O+ - O-) / (2 sigma^2) * w with O = (relative weight) * L + term. The term is a smooth function of theta (no
 loss noise, no chaos over 20-50 steps), so it gives ES a dense signal on the step size that the loss alone does not.
+
+Which reference is the best (``reference_window``): by default the one with the lowest meta-loss on this truncation.
+With ``reference_window="episode"`` it is the one with the lowest sum of meta-losses since the episode began, as a
+tuner picks one learning rate for a whole run: the target step then follows one learning rate through an episode
+instead of switching with each truncation's noise, and later in an episode it is chosen over a longer horizon than
+one truncation, which counters the short-horizon bias toward small steps. The weight divides by that reference's
+meta-loss on this truncation. The sums live in the estimator state (``scores``, (pairs, R)).
 """
 
 from __future__ import annotations
@@ -89,10 +96,12 @@ ES_RULE = NoiseRule("es", init=lambda eps: (), apply=lambda state, eps, starting
 
 class ReferencedState(NamedTuple):
   """AntitheticState with reference_learning_rates: references, an Episode with leading axes (pairs, R) of Adam at
-  each reference learning rate on the pair's problem."""
+  each reference learning rate on the pair's problem; scores (pairs, R) their meta-losses summed since the episode
+  began (``reference_window="episode"``; None otherwise, so that older checkpoints still match)."""
   episodes: Any
   noise: Any
   references: Any
+  scores: Any = None
 
 
 def reference_optimizer():
@@ -114,10 +123,35 @@ def bounded_log_rms(log_rms: jax.Array) -> jax.Array:
   return jnp.clip(jnp.where(jnp.isnan(log_rms), high, log_rms), low, high)
 
 
-def best_reference_log_rms(reference_losses: jax.Array, reference_log_rms: jax.Array) -> jax.Array:
-  """(pairs, R) reference meta-losses and (pairs, R, T) their log update RMS -> (pairs, T) the log RMS of each
-  pair's best reference (lowest meta-loss; on a tie the first listed)."""
-  best = jnp.argmin(reference_losses, axis=1)
+REFERENCE_WINDOWS = ("truncation", "episode")
+
+
+def episode_scores(scores: jax.Array | None, meta_losses: jax.Array, starting: jax.Array) -> jax.Array:
+  """(pairs, R) sums of the references' meta-losses since their episode began (None: none yet), this truncation's
+  (pairs, R) and ``starting`` (pairs,) -> the sums after this truncation (a non-finite meta-loss counts as inf)."""
+  losses = jnp.where(jnp.isnan(meta_losses), jnp.inf, meta_losses)
+  if scores is None:
+    return losses
+  return jnp.where(starting[:, None], 0.0, scores) + losses
+
+
+class BestReference(NamedTuple):
+  """Per pair: index (pairs,) of its best reference, meta_loss (pairs,) that reference's on this truncation."""
+  index: jax.Array
+  meta_loss: jax.Array
+
+
+def best_reference(reference_losses: jax.Array, scores: jax.Array | None = None) -> BestReference:
+  """(pairs, R) reference meta-losses of this truncation -> the best reference of each pair: the lowest
+  ``scores`` (pairs, R) where given (the episode's sums), else the lowest meta-loss; on a tie the first listed."""
+  if scores is None:
+    return BestReference(jnp.argmin(reference_losses, axis=1), jnp.min(reference_losses, axis=1))
+  index = jnp.argmin(scores, axis=1)
+  return BestReference(index, jnp.take_along_axis(reference_losses, index[:, None], axis=1)[:, 0])
+
+
+def best_reference_log_rms(reference_log_rms: jax.Array, best: jax.Array) -> jax.Array:
+  """(pairs, R, T) the references' log update RMS and (pairs,) the best one's index -> (pairs, T) its log RMS."""
   return jnp.take_along_axis(reference_log_rms, best[:, None, None], axis=1)[:, 0]
 
 
@@ -185,11 +219,10 @@ class Antithetic:
   perturb_mask: tuple | None = None  # per leaf of theta (flattening order): False leaves are never perturbed
   reference_learning_rates: tuple = ()  # Adam references weighting each pair (see the module docstring)
   step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
+  reference_window: str = "truncation"  # which reference is the best: on this truncation or on the episode so far
 
   def __post_init__(self):
-    if self.step_calibration and not self.reference_learning_rates:
-      raise ValueError("step_calibration needs reference_learning_rates: the step it calibrates to is the best "
-                       "reference's")
+    check_references(self)
 
   @property
   def num_pairs(self) -> int:
@@ -217,17 +250,25 @@ class Antithetic:
     noise = self.rule.init(self.draw(theta, jax.random.fold_in(key, NOISE_STREAM)))
     if not self.reference_learning_rates:
       return AntitheticState(episodes, noise)
-    return ReferencedState(episodes, noise, self.start_references(episodes))
+    scores = (jnp.zeros((self.num_pairs, len(self.reference_learning_rates)), jnp.float32)
+              if self.reference_window == "episode" else None)
+    return ReferencedState(episodes, noise, self.start_references(episodes), scores)
 
   def start_references(self, episodes):
     """(pairs, R) Adam episodes at step 0 on each pair's problem, of its episode's length."""
     return start_references(self.unroll, self.reference_learning_rates, episodes.inner.key[:, 0],
                             episodes.length[:, 0])
 
-  def advance_references(self, references, episodes, *, measure_update: bool = False):
-    """``advance_references`` for the pairs' problems (their + members say where an episode starts)."""
-    return advance_references(self.unroll, self.reference_learning_rates, references, episodes.inner.key[:, 0],
-                              episodes.length[:, 0], episodes.inner.step[:, 0] == 0, measure_update=measure_update)
+  def advance_references(self, state: ReferencedState, episodes, *, measure_update: bool = False):
+    """``advance_references`` for the pairs' problems (their + members say where an episode starts) -> (the
+    truncation, its best references, the scores after it)."""
+    starting = episodes.inner.step[:, 0] == 0
+    truncation = advance_references(self.unroll, self.reference_learning_rates, state.references,
+                                    episodes.inner.key[:, 0], episodes.length[:, 0], starting,
+                                    measure_update=measure_update)
+    scores = (episode_scores(state.scores, truncation.meta_losses, starting)
+              if self.reference_window == "episode" else None)
+    return truncation, best_reference(truncation.meta_losses, scores), scores
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,
@@ -254,8 +295,8 @@ class Antithetic:
       return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
     if self.reference_learning_rates:
-      reference_losses, _, references = self.advance_references(state.references, episodes)
-      pair_weights = relative_weights(jnp.min(reference_losses, axis=1))
+      truncation, best, scores = self.advance_references(state, episodes)
+      pair_weights = relative_weights(best.meta_loss)
       weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
     per_pair = es_terms(meta_losses, weight, self.sigma)
@@ -264,7 +305,7 @@ class Antithetic:
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
                       2 * self.num_pairs)
     if self.reference_learning_rates:
-      return ReferencedState(episodes, noise, references), grads, metrics
+      return ReferencedState(episodes, noise, truncation.references, scores), grads, metrics
     return AntitheticState(episodes, noise), grads, metrics
 
   def calibrated_estimate(self, theta, state: ReferencedState, key):
@@ -273,12 +314,11 @@ class Antithetic:
     the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in nats:
     positive, the learned optimizer steps larger than the best reference)."""
     episodes, noise, used, weight = self.prepare(theta, state, key)
-    reference_losses, reference_log_rms, references = self.advance_references(state.references, episodes,
-                                                                              measure_update=True)
-    pair_weights = relative_weights(jnp.min(reference_losses, axis=1))
+    truncation, best, scores = self.advance_references(state, episodes, measure_update=True)
+    pair_weights = relative_weights(best.meta_loss)
     meta_losses, episodes, learned_log_rms = jax.vmap(jax.vmap(self.unroll.measured))(
         self.perturbed(theta, used), episodes)
-    gaps = step_gaps(learned_log_rms, best_reference_log_rms(reference_losses, reference_log_rms))
+    gaps = step_gaps(learned_log_rms, best_reference_log_rms(truncation.log_rms, best.index))
     terms = step_calibration_terms(gaps)
     objective = pair_weights[:, None] * meta_losses + self.step_calibration * terms
     per_pair = es_terms(objective, weight, self.sigma)
@@ -286,7 +326,16 @@ class Antithetic:
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
                       2 * self.num_pairs, {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)})
-    return ReferencedState(episodes, noise, references), grads, metrics
+    return ReferencedState(episodes, noise, truncation.references, scores), grads, metrics
+
+
+def check_references(estimator) -> None:
+  """ValueError for reference fields that do not fit together (an estimator with references' fields)."""
+  if estimator.step_calibration and not estimator.reference_learning_rates:
+    raise ValueError("step_calibration needs reference_learning_rates: the step it calibrates to is the best "
+                     "reference's")
+  if estimator.reference_window not in REFERENCE_WINDOWS:
+    raise ValueError(f"reference_window {estimator.reference_window!r}: expected one of {list(REFERENCE_WINDOWS)}")
 
 
 def es_terms(meta_losses: jax.Array, weight, sigma: float):
@@ -300,7 +349,8 @@ def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: in
   return Antithetic(Unroller.from_values(task, optimizer, values, horizon), rule, values["meta_batch_size"],
                     values["num_particles"], values["sigma"], values["l2_penalty"],
                     reference_learning_rates=tuple(values.get("reference_learning_rates", ())),
-                    step_calibration=values.get("step_calibration", 0.0))
+                    step_calibration=values.get("step_calibration", 0.0),
+                    reference_window=values.get("reference_window", "truncation"))
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:

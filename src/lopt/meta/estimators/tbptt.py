@@ -11,7 +11,8 @@ optimized by Adam at those rates, and each trajectory's objective becomes
   O = w * L + lambda * mean over the truncation's steps of (r_t - r*_t)^2,
 
 w the problem's relative weight (1 / its best reference's meta-loss, normalized to mean 1), r_t the log RMS of the
-learned update and r*_t the best reference's. Backpropagated, the term is an exact, dense regression of the step
+learned update and r*_t the best reference's (the best on this truncation, or with ``reference_window="episode"``
+on the episode so far: es.py's module docstring). Backpropagated, the term is an exact, dense regression of the step
 size on the problem's best one, where ES gets only a noisy estimate of it for thousands of meta-parameters; it also
 counters the short-horizon bias toward small steps.
 """
@@ -24,16 +25,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.meta.estimators.es import (advance_references, best_reference_log_rms, relative_weights, start_references,
-                                     step_gaps)
+from lopt.meta.estimators.es import (advance_references, best_reference, best_reference_log_rms, check_references,
+                                     episode_scores, relative_weights, start_references, step_gaps)
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
 
 class ReferencedEpisodes(NamedTuple):
-  """The state with references: episodes (N,) and, per problem, its Adam references (N, R)."""
+  """The state with references: episodes (N,) and, per problem, its Adam references (N, R) and their meta-losses
+  summed since the episode began (N, R) (``reference_window="episode"``; None otherwise)."""
   episodes: Any
   references: Any
+  scores: Any = None
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,10 @@ class TruncatedBPTT:
   l2_penalty: float = 0.0
   reference_learning_rates: tuple = ()  # Adam references weighting each problem (es.py's module docstring)
   step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
+  reference_window: str = "truncation"  # which reference is the best: on this truncation or on the episode so far
 
   def __post_init__(self):
-    if self.step_calibration and not self.reference_learning_rates:
-      raise ValueError("step_calibration needs reference_learning_rates: the step it calibrates to is the best "
-                       "reference's")
+    check_references(self)
 
   @property
   def inner_steps_per_estimate(self) -> int:
@@ -61,8 +63,10 @@ class TruncatedBPTT:
     episodes = first_episodes(u.task, u.optimizer, theta, jax.random.split(key, self.num_tasks), u.schedule)
     if not self.reference_learning_rates:
       return episodes
+    scores = (jnp.zeros((self.num_tasks, len(self.reference_learning_rates)), jnp.float32)
+              if self.reference_window == "episode" else None)
     return ReferencedEpisodes(episodes, start_references(u, self.reference_learning_rates, episodes.inner.key,
-                                                        episodes.length))
+                                                        episodes.length), scores)
 
   def estimate(self, theta, state, key):
     u = self.unroll
@@ -72,7 +76,7 @@ class TruncatedBPTT:
         u.task, u.optimizer, theta, episodes, keys, u.schedule)
     episodes = jax.lax.stop_gradient(episodes)
     if self.reference_learning_rates:
-      return self.referenced_estimate(theta, state.references, episodes)
+      return self.referenced_estimate(theta, state, episodes)
     grad = jax.vmap(jax.value_and_grad(u, has_aux=True), in_axes=(None, 0))
     (meta_losses, episodes), grads = grad(theta, episodes)
     finite = jax.vmap(all_finite)(grads)
@@ -82,16 +86,19 @@ class TruncatedBPTT:
                       self.num_tasks)
     return episodes, jax.tree.map(jnp.add, mean, penalty), metrics
 
-  def referenced_estimate(self, theta, references, episodes):
+  def referenced_estimate(self, theta, state: ReferencedEpisodes, episodes):
     """``estimate`` relative to the references, with the step-calibration term where lambda > 0. Metrics.extra
     then holds the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in
     nats: positive, the learned optimizer steps larger than the best reference)."""
     u, calibrating = self.unroll, self.step_calibration > 0
-    reference_losses, reference_log_rms, references = advance_references(
-        u, self.reference_learning_rates, references, episodes.inner.key, episodes.length, episodes.inner.step == 0,
-        measure_update=calibrating)
-    weights = relative_weights(jnp.min(reference_losses, axis=1))
-    targets = (best_reference_log_rms(reference_losses, reference_log_rms) if calibrating
+    starting = episodes.inner.step == 0
+    truncation = advance_references(u, self.reference_learning_rates, state.references, episodes.inner.key,
+                                    episodes.length, starting, measure_update=calibrating)
+    scores = (episode_scores(state.scores, truncation.meta_losses, starting)
+              if self.reference_window == "episode" else None)
+    best = best_reference(truncation.meta_losses, scores)
+    weights = relative_weights(best.meta_loss)
+    targets = (best_reference_log_rms(truncation.log_rms, best.index) if calibrating
                else jnp.zeros((self.num_tasks, 0), jnp.float32))
 
     def objective(theta, episode, weight, target):
@@ -110,11 +117,11 @@ class TruncatedBPTT:
     extra = {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)} if calibrating else None
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), self.num_tasks - jnp.sum(finite),
                       self.num_tasks, extra)
-    return ReferencedEpisodes(episodes, references), grads, metrics
+    return ReferencedEpisodes(episodes, truncation.references, scores), grads, metrics
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> TruncatedBPTT:
   """The registry's constructor: validated fields -> TruncatedBPTT."""
   return TruncatedBPTT(Unroller.from_values(task, optimizer, values, horizon), values["meta_batch_size"],
                        values["l2_penalty"], tuple(values.get("reference_learning_rates", ())),
-                       values.get("step_calibration", 0.0))
+                       values.get("step_calibration", 0.0), values.get("reference_window", "truncation"))
