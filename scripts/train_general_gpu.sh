@@ -27,7 +27,9 @@
 # each truncation and ES, whose gradient has every meta-parameter's dimension, and takes no REFERENCES; or tbptt:
 # backpropagation through each truncation, which takes REFERENCES and step_calibration but no SIGMA), TRUNCATION
 # (inner steps per estimate, 50),
-# ESTIMATOR_OPTIONS (space-separated KEY=VALUE fields of the estimator, e.g. remat=true).
+# ESTIMATOR_OPTIONS (space-separated KEY=VALUE fields of the estimator, e.g. remat=true), MLP_FORM (how `hierarchical`
+# writes its per-coordinate MLP while meta-training, LOPT_JAX_MLP_FORM: matrix, the default here, or auto, the GPU's
+# unit-by-unit form; matrix has less than half the equations to trace and compile at every start, docs/SCALING.md).
 # Runs gpu_runs/general-ARCHITECTURE-h200 (ignored by git, so it stays on a warm device machine between calls) with
 # NRES (or ESTIMATOR) on all six task families: the first call starts it (from INIT_FROM's meta-parameters when
 # given), later calls resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint and the best optimizer
@@ -77,8 +79,8 @@ fi
 [ -n "${GPU:-}" ] && export CUDA_VISIBLE_DEVICES=$GPU
 log="$OUT/$(basename "$run").log"
 mkdir -p gpu_runs
-timeout -s INT -k 60 "$seconds" python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' train "${args[@]}" \
-  > "$log" 2>&1
+LOPT_JAX_MLP_FORM=${MLP_FORM:-matrix} timeout -s INT -k 60 "$seconds" \
+  python3 -c 'import sys; from lopt.cli import main; sys.exit(main())' train "${args[@]}" > "$log" 2>&1
 tar -czf "$OUT/$(basename "$run").tar.gz" --exclude=checkpoints -C gpu_runs "$(basename "$run")"
 tr '\r' '\n' < "$log" | tail -n 4
 if [ "${EVALUATE:-0}" = 1 ] && [ -f "$run/optimizer/config.json" ]; then

@@ -242,6 +242,23 @@ def test_tensors_of_one_shape_stepped_as_a_batch_give_the_same_steps(monkeypatch
     np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=2e-5, atol=1e-7)
 
 
+def test_the_mlp_form_setting_chooses_the_form_and_refuses_unknown_values(monkeypatch):
+  """LOPT_JAX_MLP_FORM: ``auto`` is the backend's choice (units on accelerators), ``matrix`` never units, ``units``
+  wherever the MLP is small; an MLP above UNITS_LIMIT products is never written unit by unit; anything else is a
+  clear error (exit 2 from the CLI). Both forms give the same steps (the test above)."""
+  from lopt.errors import UserError
+  accelerator = jax.default_backend() != "cpu"
+  for form, expected in (("auto", accelerator), ("matrix", False), ("units", True)):
+    monkeypatch.setattr(hjax, "MLP_FORM", form)
+    assert OPTIMIZER._units_form() == expected, form
+    monkeypatch.setattr(hjax, "UNITS_LIMIT", 1)  # OPTIMIZER's MLP is larger than this
+    assert not OPTIMIZER._units_form()
+    monkeypatch.undo()
+  monkeypatch.setattr(hjax, "MLP_FORM", "unit")
+  with pytest.raises(UserError, match="LOPT_JAX_MLP_FORM is 'unit'; allowed: auto, matrix, units"):
+    OPTIMIZER._units_form()
+
+
 def test_losses_are_optional_and_a_missing_validation_loss_changes_nothing():
   theta = random_theta(OPTIMIZER)
   params, grads = {"b": jnp.ones(5)}, {"b": jnp.linspace(-1, 1, 5)}

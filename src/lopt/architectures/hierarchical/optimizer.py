@@ -64,6 +64,10 @@ UNITS_LIMIT = 512        # on accelerators, per-coordinate MLPs with up to this 
 PALLAS_MIN_SIZE = 1 << 16  # on GPUs, float32 tensors of at least this many coordinates may take the Pallas passes
 PALLAS_MODES = ("auto", "off", "interpret")  # GPUs (see ``_pallas``); never; Pallas's interpreter anywhere (tests)
 PALLAS = os.environ.get("LOPT_JAX_PALLAS", "auto")
+# How the per-coordinate MLP is written (see ``_units_form``): units where small on accelerators; always as matrix
+# products (half the equations to trace and differentiate: a meta-training run's start-up); units wherever small.
+MLP_FORMS = ("auto", "matrix", "units")
+MLP_FORM = os.environ.get("LOPT_JAX_MLP_FORM", "auto")
 
 
 class Accumulator(NamedTuple):
@@ -684,10 +688,18 @@ class HierarchicalOptimizer:
     """Whether the per-coordinate MLP is written unit by unit, each unit an expression of shape S: on accelerators,
     for small MLPs (UNITS_LIMIT products per coordinate). There XLA fuses it with the reads of the tensors instead of
     writing and reading (N, width) products (H200, 100M parameters: 6.8 ms per step against 12.3 ms). On a CPU the
-    matrix products compile in half the time when meta-gradients differentiate through the step."""
+    matrix products compile in half the time when meta-gradients differentiate through the step.
+
+    LOPT_JAX_MLP_FORM in the environment overrides the backend's choice: ``matrix`` everywhere (the units form has
+    about twice the equations once differentiated, which a meta-training run traces at every start), ``units``
+    everywhere the MLP is small (tests of the GPU form on a CPU). Same numbers to float32 rounding."""
+    if MLP_FORM not in MLP_FORMS:
+      raise SettingError(f"LOPT_JAX_MLP_FORM is {MLP_FORM!r}; allowed: {', '.join(MLP_FORMS)}")
     products = sum(w[0] * w[1] for name, w in self.param_shapes().items() if name.startswith("mlp/") and
                    name.endswith("/w"))
-    return jax.default_backend() != "cpu" and products <= UNITS_LIMIT
+    if MLP_FORM == "matrix" or products > UNITS_LIMIT:
+      return False
+    return MLP_FORM == "units" or jax.default_backend() != "cpu"
 
   def _coordinate_update(self, theta: Theta, step: jax.Array, p, g, momentum, average, second_moment, first: dict,
                          s: dict, context: jax.Array, log_step: jax.Array):
