@@ -379,6 +379,21 @@ def test_step_calibration_gaps_are_bounded():
   assert np.all(np.isfinite(es.step_calibration_terms(gaps)))
 
 
+def test_an_all_zero_update_gives_the_calibration_a_zero_derivative_not_a_nan():
+  """Backpropagated (tbptt), a learned optimizer whose update is exactly zero (a zero-initialized output layer) has
+  a finite bounded log step with derivative 0, so the step-calibration term does not void its meta-gradient; an
+  update with a NaN still counts as the upper bound."""
+  from lopt.meta.unroll import log_update_rms
+  x = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
+
+  def bounded(scale, extra=0.0):
+    return es.bounded_log_rms(log_update_rms(jax.tree.map(lambda u: scale * u + extra, x)))
+  value, slope = jax.value_and_grad(bounded)(0.0)
+  assert float(value) == pytest.approx(es.LOG_RMS_BOUNDS[0]) and float(slope) == 0.0
+  np.testing.assert_allclose(jax.grad(bounded)(1e-3), 1e3, rtol=1e-5)  # inside the bounds: d log(s r) / ds = 1 / s
+  assert float(bounded(1.0, jnp.nan)) == pytest.approx(es.LOG_RMS_BOUNDS[1])
+
+
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True, [1.0]])
 def test_bad_step_calibration_is_refused(value):
   with pytest.raises(estimators.EstimatorConfigError, match="step_calibration"):

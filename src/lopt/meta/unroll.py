@@ -100,9 +100,13 @@ def advance(task: Task, optimizer: optax.GradientTransformation, state: InnerSta
   return state._replace(params=params, opt_state=opt_state, step=state.step + num_steps), losses
 
 
+RMS_FLOOR = 1e-10  # below LOG_RMS_BOUNDS' lower end (es.py), so the bounded values are unchanged
+
+
 def log_update_rms(updates) -> jax.Array:
-  """() log of the RMS of ``updates`` over every coordinate of every leaf, 0.5 * log(mean of u^2), in float32;
-  -inf for an all-zero update (callers bound it).
+  """() log of the RMS of ``updates`` over every coordinate of every leaf, 0.5 * log(mean of u^2), in float32; an
+  RMS below RMS_FLOOR counts as RMS_FLOOR (callers bound it higher), so that an all-zero update has a finite log and
+  a zero derivative instead of -inf and NaN (which would void a backpropagated meta-gradient).
 
   One RMS over all coordinates rather than a mean of per-tensor log RMS: it is the step size that
   benchmarks/step_size_predictability.py measures (the calibration's success measure), each tensor counts by its
@@ -110,7 +114,7 @@ def log_update_rms(updates) -> jax.Array:
   zero-initialized one with no gradient yet) does not make it -inf while the others move."""
   leaves = jax.tree.leaves(updates)
   total = sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in leaves)
-  return 0.5 * jnp.log(total / sum(u.size for u in leaves))
+  return 0.5 * jnp.log(jnp.maximum(total / sum(u.size for u in leaves), RMS_FLOOR**2))
 
 
 def unroll(task: Task, optimizer: optax.GradientTransformation, key: jax.Array, num_steps: int, *,
