@@ -214,7 +214,7 @@ def test_untrained_optimizer_is_adam_with_a_hypergradient_step():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("units", [False, True])
+@pytest.mark.parametrize("units", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: 24 s of CI
 def test_tensors_of_one_shape_stepped_as_a_batch_give_the_same_steps(monkeypatch, units):
   """Accelerators step tensors of one shape and dtype as one batch (``_batches_tensors``): the same updates and
   states as one tensor at a time, with the MLP in either form, for a mix of grouped and lone tensors."""

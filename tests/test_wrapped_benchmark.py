@@ -39,6 +39,7 @@ def test_the_variant_is_undone_on_leaving_even_after_an_error(wrapped):
   assert "variant" not in benchmark.learned_optimizers(["general"])["general"]["identity"]
 
 
+@pytest.mark.slow  # 44 s of CI; a development script
 def test_a_variant_is_benchmarked_and_cached_apart_from_the_plain_optimizer(wrapped, tmp_path, monkeypatch):
   out = tmp_path / "bench"
   argv = ["benchmark", "general", "--out", str(out), *TINY]

@@ -14,6 +14,8 @@ from lopt.errors import UserError
 from lopt.fields import Field, Registry, int_in, is_positive_finite, parse_option, resolve, validate_fields
 
 META_LOSS_NAMES = ("mean", "log_mean")  # the keys of lopt.meta.objectives.META_LOSSES (a test keeps them equal)
+# which reference is a problem's best: the lowest meta-loss on this truncation, or summed since the episode began
+REFERENCE_WINDOWS = ("truncation", "episode")
 
 
 class EstimatorConfigError(UserError, ValueError):
@@ -206,8 +208,7 @@ REFERENCE_FIELDS = {
                               "learned update - that of the best reference Adam)^2, pulling the step toward the "
                               "step of the problem's best learning rate; needs reference_learning_rates (0: off)",
                               float),
-    "reference_window": Field("truncation", lambda v: v in ("truncation", "episode"),
-                              "one of ['truncation', 'episode']",
+    "reference_window": Field("truncation", lambda v: v in REFERENCE_WINDOWS, f"one of {list(REFERENCE_WINDOWS)}",
                               "which reference is a problem's best, for its weight and its step-calibration target: "
                               "the lowest meta-loss on this truncation, or the lowest sum since the episode began "
                               "(one learning rate per run, as a tuner picks it)"),

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt.meta import sharding
+from lopt.meta.estimators import REFERENCE_WINDOWS
 from lopt.meta.estimators.truncated import (NOISE_STREAM, Episode, Metrics, Unroller, first_episodes,
                                             l2_penalty_gradient, masked_mean, restart_finished, restart_keys)
 from lopt.meta.unroll import advance, init_inner
@@ -121,9 +122,6 @@ def bounded_log_rms(log_rms: jax.Array) -> jax.Array:
   """Log RMS values (any shape) bounded to LOG_RMS_BOUNDS, NaN (a diverged update) as the upper bound."""
   low, high = LOG_RMS_BOUNDS
   return jnp.clip(jnp.where(jnp.isnan(log_rms), high, log_rms), low, high)
-
-
-REFERENCE_WINDOWS = ("truncation", "episode")
 
 
 def episode_scores(scores: jax.Array | None, meta_losses: jax.Array, starting: jax.Array) -> jax.Array:
