@@ -124,12 +124,15 @@ def bounded_log_rms(log_rms: jax.Array) -> jax.Array:
   return jnp.clip(jnp.where(jnp.isnan(log_rms), high, log_rms), low, high)
 
 
-def episode_scores(scores: jax.Array | None, meta_losses: jax.Array, starting: jax.Array) -> jax.Array:
-  """(pairs, R) sums of the references' meta-losses since their episode began (None: none yet), this truncation's
-  (pairs, R) and ``starting`` (pairs,) -> the sums after this truncation (a non-finite meta-loss counts as inf)."""
+def initial_scores(problems: int, learning_rates: tuple, window: str) -> jax.Array | None:
+  """(problems, R) zero sums where ``window`` is "episode"; None otherwise (the state then has no such leaves)."""
+  return jnp.zeros((problems, len(learning_rates)), jnp.float32) if window == "episode" else None
+
+
+def episode_scores(scores: jax.Array, meta_losses: jax.Array, starting: jax.Array) -> jax.Array:
+  """(pairs, R) sums of the references' meta-losses since their episode began, this truncation's (pairs, R) and
+  ``starting`` (pairs,) -> the sums after this truncation (a non-finite meta-loss counts as inf)."""
   losses = jnp.where(jnp.isnan(meta_losses), jnp.inf, meta_losses)
-  if scores is None:
-    return losses
   return jnp.where(starting[:, None], 0.0, scores) + losses
 
 
@@ -205,6 +208,17 @@ def advance_references(unroll, learning_rates: tuple, references, keys: jax.Arra
   return jax.vmap(jax.vmap(one))(references)
 
 
+def advance_and_pick_references(unroll, learning_rates: tuple, window: str, references, scores, keys: jax.Array,
+                                lengths: jax.Array, starting: jax.Array, *, measure_update: bool = False):
+  """``advance_references``, then each problem's best reference under ``window`` -> (ReferenceTruncation,
+  BestReference, the scores after it: (N, R) sums since the episode began for "episode", else None)."""
+  truncation = advance_references(unroll, learning_rates, references, keys, lengths, starting,
+                                  measure_update=measure_update)
+  if window == "episode":
+    scores = episode_scores(scores, truncation.meta_losses, starting)
+  return truncation, best_reference(truncation.meta_losses, scores), scores
+
+
 @dataclass(frozen=True)
 class Antithetic:
   """``lopt.api.GradientEstimator`` by antithetic perturbations of theta (see the module docstring)."""
@@ -248,8 +262,7 @@ class Antithetic:
     noise = self.rule.init(self.draw(theta, jax.random.fold_in(key, NOISE_STREAM)))
     if not self.reference_learning_rates:
       return AntitheticState(episodes, noise)
-    scores = (jnp.zeros((self.num_pairs, len(self.reference_learning_rates)), jnp.float32)
-              if self.reference_window == "episode" else None)
+    scores = initial_scores(self.num_pairs, self.reference_learning_rates, self.reference_window)
     return ReferencedState(episodes, noise, self.start_references(episodes), scores)
 
   def start_references(self, episodes):
@@ -258,15 +271,11 @@ class Antithetic:
                             episodes.length[:, 0])
 
   def advance_references(self, state: ReferencedState, episodes, *, measure_update: bool = False):
-    """``advance_references`` for the pairs' problems (their + members say where an episode starts) -> (the
-    truncation, its best references, the scores after it)."""
-    starting = episodes.inner.step[:, 0] == 0
-    truncation = advance_references(self.unroll, self.reference_learning_rates, state.references,
-                                    episodes.inner.key[:, 0], episodes.length[:, 0], starting,
-                                    measure_update=measure_update)
-    scores = (episode_scores(state.scores, truncation.meta_losses, starting)
-              if self.reference_window == "episode" else None)
-    return truncation, best_reference(truncation.meta_losses, scores), scores
+    """``advance_and_pick_references`` for the pairs' problems (their + members say where an episode starts)."""
+    return advance_and_pick_references(self.unroll, self.reference_learning_rates, self.reference_window,
+                                       state.references, state.scores, episodes.inner.key[:, 0],
+                                       episodes.length[:, 0], episodes.inner.step[:, 0] == 0,
+                                       measure_update=measure_update)
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lopt.meta.estimators.es import (advance_references, best_reference, best_reference_log_rms, check_references,
-                                     episode_scores, relative_weights, start_references, step_gaps)
+from lopt.meta.estimators.es import (advance_and_pick_references, best_reference_log_rms, check_references,
+                                     initial_scores, relative_weights, start_references, step_gaps)
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
@@ -63,8 +63,7 @@ class TruncatedBPTT:
     episodes = first_episodes(u.task, u.optimizer, theta, jax.random.split(key, self.num_tasks), u.schedule)
     if not self.reference_learning_rates:
       return episodes
-    scores = (jnp.zeros((self.num_tasks, len(self.reference_learning_rates)), jnp.float32)
-              if self.reference_window == "episode" else None)
+    scores = initial_scores(self.num_tasks, self.reference_learning_rates, self.reference_window)
     return ReferencedEpisodes(episodes, start_references(u, self.reference_learning_rates, episodes.inner.key,
                                                         episodes.length), scores)
 
@@ -91,12 +90,9 @@ class TruncatedBPTT:
     then holds the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in
     nats: positive, the learned optimizer steps larger than the best reference)."""
     u, calibrating = self.unroll, self.step_calibration > 0
-    starting = episodes.inner.step == 0
-    truncation = advance_references(u, self.reference_learning_rates, state.references, episodes.inner.key,
-                                    episodes.length, starting, measure_update=calibrating)
-    scores = (episode_scores(state.scores, truncation.meta_losses, starting)
-              if self.reference_window == "episode" else None)
-    best = best_reference(truncation.meta_losses, scores)
+    truncation, best, scores = advance_and_pick_references(
+        u, self.reference_learning_rates, self.reference_window, state.references, state.scores, episodes.inner.key,
+        episodes.length, episodes.inner.step == 0, measure_update=calibrating)
     weights = relative_weights(best.meta_loss)
     targets = (best_reference_log_rms(truncation.log_rms, best.index) if calibrating
                else jnp.zeros((self.num_tasks, 0), jnp.float32))
