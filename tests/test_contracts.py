@@ -274,7 +274,7 @@ SMALL_ARCHITECTURES = {"gru": {"hidden_size": 4, "input_scale": 0.1, "output_sca
 # The pairs that take 9-17 s each on 2 CPU cores run with -m slow; by default every estimator still runs with mlp,
 # gru and hierarchical with full and nres, and gru with tbptt and pes too.
 SLOW_CONTRACTS = {("es", "gru"), ("es", "hierarchical"), ("mixed", "gru"), ("mixed", "hierarchical"),
-                  ("tbptt", "hierarchical"), ("pes", "hierarchical")}
+                  ("tbptt", "hierarchical"), ("pes", "hierarchical"), ("full", "hierarchical")}
 
 
 @pytest.mark.parametrize("name, architecture", [

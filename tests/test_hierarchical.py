@@ -622,6 +622,7 @@ def test_a_zero_direct_step_head_changes_nothing():
     np.testing.assert_array_equal(found[k], expected[k])
 
 
+@pytest.mark.slow
 def test_the_direct_step_head_moves_the_log_step_by_its_inputs():
   """One step from the same state: the log step with the head minus without it is the head's gain times the LSTM's
   inputs (``lstm_inputs``), per tensor."""
