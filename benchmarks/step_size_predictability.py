@@ -9,7 +9,8 @@ it: ``num_steps`` and the validation loss every 10 steps). A ridge regression pr
 from them; printed: its error in decades under leave-one-out and on the last third of the problems (fitted on the
 first two thirds), against predicting the mean and against `general`'s own step size alone; how many decades
 `general`'s step moves per decade of tuned Adam's learning rate, beside tuned Adam's own step (its update's RMS at
-that rate over the same first steps); and which statistics the regression leans on.
+that rate over the same first steps) and beside the held-out predictions' own slope (the most a step chosen from
+these statistics follows lr*: tuned Adam's 1 needs lr* known); and which statistics the regression leans on.
 
   python benchmarks/step_size_predictability.py [--count 64] [--seed 990000] [--max-horizon 400] [--steps 20]
                                                 [--out results.jsonl] [--figure steps.png]
@@ -146,6 +147,7 @@ def summarize(rows: list) -> dict:
   rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))  # noqa: E731
   own = FEATURES.index("log_update_rms")
   loo = leave_one_out(x, y)
+  without_own = leave_one_out(np.delete(x, own, 1), y)
   split = (2 * n) // 3
   test = ridge_predict(ridge_fit(x[:split], y[:split]), x[split:])
   full = ridge_fit(x, y)
@@ -154,8 +156,12 @@ def summarize(rows: list) -> dict:
       "leave_one_out": {"rmse_decades": rmse(loo, y),
                         "mean_only_rmse_decades": rmse(np.array([np.delete(y, i).mean() for i in range(n)]), y),
                         "general_step_only_rmse_decades": rmse(leave_one_out(x[:, own:own + 1], y), y),
-                        "without_general_step_rmse_decades": rmse(leave_one_out(np.delete(x, own, 1), y), y),
-                        "within_half_decade": float(np.mean(np.abs(loo - y) <= 0.5))},
+                        "without_general_step_rmse_decades": rmse(without_own, y),
+                        "within_half_decade": float(np.mean(np.abs(loo - y) <= 0.5)),
+                        # The slope of those held-out predictions on log10 lr*: what a step chosen from these
+                        # statistics can reach. A prediction that is right on average regresses to the mean, so
+                        # its slope is about R^2 (here well below 1) however well it is fitted.
+                        "prediction_slope": float(np.polyfit(y, without_own, 1)[0])},
       "split": {"train": split, "test": n - split, "rmse_decades": rmse(test, y[split:]),
                 "mean_only_rmse_decades": rmse(np.full(n - split, y[:split].mean()), y[split:]),
                 "within_half_decade": float(np.mean(np.abs(test - y[split:]) <= 0.5))},
