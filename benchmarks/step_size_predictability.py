@@ -10,7 +10,7 @@ from them; printed: its error in decades under leave-one-out and on the last thi
 first two thirds), against predicting the mean and against `general`'s own step size alone; how many decades
 `general`'s step moves per decade of tuned Adam's learning rate, beside tuned Adam's own step (its update's RMS at
 that rate over the same first steps) and beside the held-out predictions' own slope (the most a step chosen from
-these statistics follows lr*: tuned Adam's 1 needs lr* known); and which statistics the regression leans on.
+these statistics follows lr*; tuned Adam's needs lr* known); and which statistics the regression leans on.
 
   python benchmarks/step_size_predictability.py [--count 64] [--seed 990000] [--max-horizon 400] [--steps 20]
                                                 [--out results.jsonl] [--figure steps.png]
