@@ -1,0 +1,61 @@
+"""benchmarks/theta_edit.py: a copy of a learned optimizer with named meta-parameters multiplied, the rest untouched;
+and step_size_predictability's reachable slope, which a prediction's regression to the mean bounds."""
+
+import numpy as np
+import pytest
+
+import lopt
+from lopt.pytree import flatten_by_path
+from conftest import ROOT, load_script
+
+
+@pytest.fixture(scope="module")
+def theta_edit():
+  return load_script("benchmarks/theta_edit.py")
+
+
+def test_the_copy_multiplies_only_the_named_leaves_and_records_the_edit(theta_edit, tmp_path):
+  out = tmp_path / "gain2"
+  assert theta_edit.main(["general", str(out), "step/alignment=2", "step/b=-1"]) == 0
+  original, copy = lopt.load("general"), lopt.load(out)
+  flat = lambda trained: flatten_by_path(trained.theta)  # noqa: E731
+  before, after = flat(original), flat(copy)
+  assert before.keys() == after.keys()
+  for name in before:
+    factor = {"step/alignment": 2.0, "step/b": -1.0}.get(name, 1.0)
+    np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(before[name]) * factor)
+    assert np.asarray(after[name]).dtype == np.asarray(before[name]).dtype
+  assert copy.config["info"]["edit"] == {"source": "general", "multiplied": {"step/alignment": 2.0, "step/b": -1.0}}
+  assert copy.optimizer.config() == original.optimizer.config()  # the same architecture, its fields as written today
+
+
+@pytest.mark.parametrize("item, message", [("step/nope=2", "no meta-parameter step/nope; known: "),
+                                           ("step/alignment", "is not KEY=FACTOR"),
+                                           ("step/alignment=two", "is not KEY=FACTOR"),
+                                           ("=2", "is not KEY=FACTOR")])
+def test_a_bad_edit_says_what_is_allowed_and_writes_nothing(theta_edit, tmp_path, item, message):
+  with pytest.raises(SystemExit, match=message):
+    theta_edit.main(["general", str(tmp_path / "out"), item])
+  assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_the_reachable_slope_is_the_held_out_predictions_own(monkeypatch):
+  """Features that fix lr* give held-out predictions of slope ~1; features that carry half of it (the rest noise the
+  features cannot see) give about R^2, well below 1, though the regression is right on average."""
+  monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+  predictability = load_script("benchmarks/step_size_predictability.py")
+  rng = np.random.default_rng(0)
+  n, names = 200, predictability.FEATURES
+
+  def rows(signal_share):
+    y = rng.normal(-2.0, 0.75, n)
+    seen = np.sqrt(signal_share) * (y - y.mean()) + np.sqrt(1 - signal_share) * rng.normal(0, 0.75, n)
+    features = rng.normal(0, 1, (n, len(names)))
+    features[:, 0] = seen  # one statistic carries what can be known of lr*; the others are noise
+    return [{"adam_learning_rate": 10.0 ** y[i], "adam_log_update_rms": np.log(10) * y[i],
+             "features": dict(zip(names, map(float, features[i])))} for i in range(n)]
+
+  exact = predictability.summarize(rows(1.0))["leave_one_out"]["prediction_slope"]
+  half = predictability.summarize(rows(0.5))["leave_one_out"]["prediction_slope"]
+  assert exact == pytest.approx(1.0, abs=0.05)
+  assert half == pytest.approx(0.5, abs=0.12)
