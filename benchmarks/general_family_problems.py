@@ -4,10 +4,11 @@
 six families' configurations that meta-training never drew (seeds it never used) come out as well as the ones it
 selected on? It is also a development set that leaves the benchmark untouched.
 
-  python benchmarks/general_family_problems.py [--count 24] [--seed 880000] [--max-horizon 600]
+  python benchmarks/general_family_problems.py [--count 24] [--seed 880000] [--max-horizon 600] [--family NAME]
       [--relative-reference R] [--update-cap K] [--candidate NAME|PATH ...] [--out results.json]
 
-Each problem is ``lopt.tasks.families.sample(seed + i, max_step_flops=1e6)``, run for min(its horizon,
+Each problem is ``lopt.tasks.families.sample(seed + i, max_step_flops=1e6)`` (``--family``: of that family only,
+an opt-in one too), run for min(its horizon,
 --max-horizon) steps on 2 keys. `general` gets ``num_steps`` and the validation loss every 10 steps, as in
 ``lopt benchmark``; Adam's learning rate is the best of 8 (1e-4..0.3, half decades) on the same keys (an optimistic
 Adam: tuned on the keys it is scored on). Printed per problem: the family, the horizon, Adam's learning rate, and the
@@ -69,10 +70,10 @@ def fed_valid_loss(task, params, key, t, dtype) -> jax.Array:
   return jax.lax.cond(t % VALID_EVERY == 0, lambda: task.valid_loss(params, key, t).astype(dtype), lambda: none)
 
 
-def family_problem(seed: int, max_horizon: int, keys: list) -> tuple:
-  """A fresh family problem and tuned Adam on it: (config, task, horizon, {learning rate: mean training loss over
-  ``keys``}, the best learning rate)."""
-  config = families.sample(seed, max_step_flops=1e6)
+def family_problem(seed: int, max_horizon: int, keys: list, family: str | None = None) -> tuple:
+  """A fresh family problem (of the mix, or of ``family``) and tuned Adam on it: (config, task, horizon, {learning
+  rate: mean training loss over ``keys``}, the best learning rate)."""
+  config = families.sample(seed, family, max_step_flops=1e6)
   task = families.task(config)
   horizon = min(int(config["horizon"]), max_horizon)
   adam = adam_runner(task, horizon)
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
   parser.add_argument("--count", type=int, default=24)
   parser.add_argument("--seed", type=int, default=880000)
   parser.add_argument("--max-horizon", type=int, default=600)
+  parser.add_argument("--family", help="draw the problems from this family only (default: the mix)")
   parser.add_argument("--relative-reference", type=float, default=0.0)
   parser.add_argument("--update-cap", type=float, default=0.0)
   parser.add_argument("--candidate", action="append", default=[], metavar="NAME|PATH")
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
   keys = [jax.random.key(1000 + k) for k in range(KEYS)]
   rows, start = [], time.time()
   for i in range(args.count):
-    config, task, horizon, adam_losses, best = family_problem(args.seed + i, args.max_horizon, keys)
+    config, task, horizon, adam_losses, best = family_problem(args.seed + i, args.max_horizon, keys, args.family)
     runners = {}  # one compilation per distinct optimizer configuration
     for optimizer, *_ in variants.values():
       runners.setdefault(optimizer, general_runner(task, horizon, optimizer))

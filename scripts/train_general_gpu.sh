@@ -2,7 +2,8 @@
 # Meta-trains the general-purpose optimizer on the H200 (one GPU), resumably across device calls:
 #   bash scripts/train_general_gpu.sh SECONDS ARCHITECTURE [INIT_FROM]
 # Environment: STEPS (stop and export at this outer step), NAME (run name suffix), PROBLEMS (meta-batch, 256),
-# SIGMA (0.01), LR (outer Adam), TRAINABLE (key-path prefixes), EVAL_HORIZON (held-out unrolls, 200), VALID_WITHHELD
+# SIGMA (0.01), LR (outer Adam), TRAINABLE (key-path prefixes), FAMILIES (--task-family, all; e.g.
+# all,ill_conditioned_regression for an opt-in family too), EVAL_HORIZON (held-out unrolls, 200), VALID_WITHHELD
 # (fraction of problems never fed a validation loss, 0), BATCH_NOISE (1: training problems draw a batch_fraction,
 # the share of each minibatch their loss counts, for gradient noise beyond the batch sizes; unset: off), OBJECTIVE
 # (the meta-objective's loss: train, the default, or valid), NUM_GROUPS (shape groups, 6), MAX_STEP_FLOPS (the
@@ -50,7 +51,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=gpu_runs/jax_
 # every program cached, the small ones too (by default those under 1 s are compiled again at every start)
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 run=gpu_runs/general-$arch-h200${NAME:+-$NAME}
-args=(--task-family all --estimator "${ESTIMATOR:-nres}" --truncation "${TRUNCATION:-50}"
+args=(--task-family "${FAMILIES:-all}" --estimator "${ESTIMATOR:-nres}" --truncation "${TRUNCATION:-50}"
       --meta-batch-size "${PROBLEMS:-256}" --task-option "eval_horizon=${EVAL_HORIZON:-200}"
       --estimator-option "valid_withheld=${VALID_WITHHELD:-0}" --estimator-option "objective=${OBJECTIVE:-train}"
       --meta-loss "${META_LOSS:-mean}"

@@ -116,6 +116,23 @@ def test_the_share_of_augmented_parameter_scales_is_a_training_option():
   assert all(g.options == h.options for g, h in zip(family_groups(always, 0), family_groups(plain, 0)))
 
 
+def test_an_opt_in_family_joins_a_run_that_names_it_and_leaves_the_mix_as_it_was():
+  """"all,ill_conditioned_regression": the six families' groups as "all" draws them, then the opt-in family's, in
+  training and held-out groups alike; its group task builds and gives a finite loss."""
+  from types import SimpleNamespace
+
+  from lopt.meta.train import family_configs, family_groups
+  options = {"num_groups": 7, "max_step_flops": 2e6}
+  plain = SimpleNamespace(family="all", options=options)
+  extended = SimpleNamespace(family="all,ill_conditioned_regression", options=options)
+  for held_out in (False, True):
+    with_it, without = family_configs(extended, 0, held_out=held_out), family_configs(plain, 0, held_out=held_out)
+    assert with_it[:6] == without[:6] and with_it[6]["family"] == "ill_conditioned_regression"
+  group = family_groups(SimpleNamespace(family="ill_conditioned_regression", options={"num_groups": 1}), 0)[0]
+  key = jax.random.key(0)
+  assert jnp.isfinite(group.loss(group.init(key), key, 0))
+
+
 def test_the_range_of_augmented_parameter_scales_is_a_training_option(tmp_path, capsys):
   """param_scale_range=[low, high] draws the training groups' augmented scales from there; held-out groups are as
   without it; a bad range is a one-line exit 2."""

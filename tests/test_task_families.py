@@ -15,7 +15,8 @@ from lopt.data import datasets
 from lopt.tasks import families
 from lopt.tasks.families import BATCH_NOISE_SPACE, FamilyError, _nn, batch_fraction, problem_fields
 
-NAMES = sorted(families.FAMILIES)
+NAMES = sorted(families.FAMILIES)  # the default mix ("all")
+EVERY = families.known()  # and the opt-in families
 SMALL = 2e6  # a step budget that keeps each family's test problem (and its compile) small
 
 
@@ -31,7 +32,7 @@ def test_six_families_at_least():
   assert {"mlp", "cnn", "rnn_lm", "transformer_lm", "autoencoder", "logistic_regression"} <= set(NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_sample_is_deterministic_in_the_key(name):
   family = families.get(name)
   for key in (3, [3, 4], jax.random.key(3)):
@@ -69,7 +70,7 @@ def group_run(name):
   return config, group, jax.tree.map(np.asarray, run(jax.random.split(jax.random.key(9), 4)))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_task_of_a_configuration_is_finite(name):
   config = small_config(name)
   task = families.task(config)
@@ -79,7 +80,7 @@ def test_task_of_a_configuration_is_finite(name):
   assert finite((loss, valid)) and loss.shape == valid.shape == ()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_group_task_is_finite_under_jit_and_vmap(name):
   _, group, out = group_run(name)
   assert group.valid_loss is not None and group.traits["horizon_range"] == (100, 2000)
@@ -88,7 +89,7 @@ def test_group_task_is_finite_under_jit_and_vmap(name):
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(out["grads"]))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_parameter_scale_augmentation_rescales_and_keeps_the_loss(name):
   _, _, out = group_run(name)
   init_scale, param_scale = out["init_scale"], out["param_scale"]
@@ -333,8 +334,34 @@ def test_the_mix_draws_what_each_family_would_and_respects_the_budget():
 def test_names_from_reads_one_several_or_all():
   assert families.names_from("all") == NAMES
   assert families.names_from(" mlp, cnn ,mlp") == ["mlp", "cnn"]
+  assert families.names_from("all, ill_conditioned_regression") == [*NAMES, "ill_conditioned_regression"]
+  assert families.names_from("ill_conditioned_regression,mlp,all") == [
+      "ill_conditioned_regression", "mlp", *[n for n in NAMES if n != "mlp"]]
   with pytest.raises(FamilyError, match="unknown task family 'cnnn'; known: autoencoder"):
     families.names_from("mlp,cnnn")
+
+
+def test_opt_in_families_are_never_drawn_by_the_mix_or_all():
+  """The mix and "all" draw what they drew before any opt-in family existed: every recorded run depends on it."""
+  assert set(families.OPT_IN).isdisjoint(NAMES)
+  assert {families.sample([0, i])["family"] for i in range(300)} == set(NAMES)
+  assert families.sample(7, "ill_conditioned_regression")["family"] == "ill_conditioned_regression"
+
+
+@pytest.mark.parametrize("condition", [1.0, 30.0, 1000.0])
+def test_ill_conditioned_regression_has_the_condition_number_it_draws(condition):
+  """The features' covariance (so the squared error's Hessian in w) has the drawn condition number, to the sampling
+  error of 2048 rows (Marchenko-Pastur); the targets' signal has unit variance, plus the drawn noise."""
+  from lopt.tasks.families import ill_conditioned_regression as family
+  shape = {"features": 32, "condition": condition, "noise": 0.1, "data_seed": 4, "batch_size": 16}
+  (x, y), (valid_x, valid_y) = family.data(shape)
+  assert x.shape == (family.NUM_TRAIN, 32) and valid_x.shape == (family.NUM_VALID, 32) and x.dtype == np.float32
+  eigenvalues = np.linalg.eigvalsh(x.T.astype(np.float64) @ x / len(x))
+  spread = ((1 + 1.1 * np.sqrt(32 / len(x))) / (1 - 1.1 * np.sqrt(32 / len(x)))) ** 2  # a sample covariance's, at most
+  assert condition / spread <= eigenvalues.max() / eigenvalues.min() <= condition * spread
+  assert np.var(y) == pytest.approx(1.0 + 0.1 ** 2, rel=0.15)
+  fitted, *_ = np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)
+  assert np.std(y - x @ fitted) == pytest.approx(0.1, rel=0.15)  # the noise is all that a linear fit leaves
 
 
 # -- datasets --------------------------------------------------------------------------------------------------------
@@ -378,11 +405,12 @@ def run_cli(capsys, *args):
 def test_lopt_tasks_lists_every_family_and_field(capsys):
   code, out, _ = run_cli(capsys)
   assert code == 0
-  for name, family in families.FAMILIES.items():
+  for name in EVERY:
+    family = families.get(name)
     assert f"{name}: {family.description}" in out
     for field_name in {**family.space, **family.problem_space}:
       assert f"  {field_name} " in out
-  assert out.count("  batch_fraction  problem  1 (with --task-option batch_noise=true: log-uniform") == len(NAMES)
+  assert out.count("  batch_fraction  problem  1 (with --task-option batch_noise=true: log-uniform") == len(EVERY)
 
 
 def test_lopt_tasks_sample_2000_is_varied_and_deterministic(capsys):

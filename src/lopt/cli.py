@@ -705,7 +705,8 @@ def command_reproduce(args) -> dict:
 
 def command_tasks(args) -> None:
   from lopt.tasks import families
-  chosen = [families.get(args.family, "--family")] if args.family is not None else list(families.FAMILIES.values())
+  chosen = ([families.get(args.family, "--family")] if args.family is not None
+            else [*families.FAMILIES.values(), *families.OPT_IN.values()])
   if args.sample is None:
     if args.seed != 0 or args.max_step_flops is not None:
       raise UserError("--seed and --max-step-flops go with --sample N")

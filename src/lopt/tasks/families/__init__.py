@@ -3,6 +3,8 @@ architectures, datasets and batch sizes (shape fields) and over initialization a
 opt-in, ``Family.with_batch_noise``: the fraction of each minibatch the training loss counts).
 
 ``sample(key)`` draws a JSON configuration (a uniform mix of the families unless ``family`` is named);
+``OPT_IN`` families are never in that mix, nor in "all": every recorded run's draws depend on the mix, so a new kind
+joins a run only when the run names it (``names_from("all,ill_conditioned_regression")``);
 ``task(config)`` builds exactly that problem and ``group_task(config)`` every problem sharing its shape fields, drawn
 per problem key (for vmap). ``lopt tasks`` lists the families and samples configurations.
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 import functools
 import itertools
 
-from lopt.fields import Registry
-from lopt.tasks.families import autoencoder, cnn, logistic_regression, mlp, rnn_lm, transformer_lm
+from lopt.fields import Registry, show
+from lopt.tasks.families import (autoencoder, cnn, ill_conditioned_regression, logistic_regression, mlp, rnn_lm,
+                                 transformer_lm)
 from lopt.tasks.families.base import (BATCH_NOISE_SPACE, DISTANCE_SPACE, PROBLEM_SPACE, Choice, Family, FamilyError,
                                       IntRange, LogUniform, Sometimes, augmented, batch_fraction, distance_scale,
                                       problem_fields, rng_from)
@@ -21,24 +24,34 @@ from lopt.tasks.families.base import (BATCH_NOISE_SPACE, DISTANCE_SPACE, PROBLEM
 FAMILIES = Registry("task family", FamilyError)
 for _module in (mlp, cnn, rnn_lm, transformer_lm, autoencoder, logistic_regression):
   FAMILIES.register(_module.FAMILY)
+OPT_IN = Registry("opt-in task family", FamilyError)  # named by a run, never drawn by "all" or the default mix
+OPT_IN.register(ill_conditioned_regression.FAMILY)
+
+
+def known() -> list[str]:
+  """Every family name, those in "all" and the opt-in ones, sorted."""
+  return sorted({*FAMILIES, *OPT_IN})
 
 
 def get(name: str, source: str = "") -> Family:
-  """The family registered as ``name`` (FamilyError listing the known ones otherwise)."""
-  return FAMILIES.get(name, source)
+  """The family registered as ``name``, in "all" or opt-in (FamilyError listing the known ones otherwise)."""
+  if isinstance(name, str) and name in OPT_IN and name not in FAMILIES:
+    return OPT_IN[name]
+  if not isinstance(name, str) or name not in FAMILIES:
+    where = f"{source}: " if source else ""
+    raise FamilyError(f"{where}unknown task family {show(name)}; known: {', '.join(known())}")
+  return FAMILIES[name]
 
 
 def names_from(text: str, source: str = "task family") -> list[str]:
-  """Family names from ``"mlp"``, ``"mlp, cnn"`` or ``"all"`` (every family, sorted); FamilyError naming an unknown
+  """Family names from ``"mlp"``, ``"mlp, cnn"``, ``"all"`` (every family of the default mix, sorted) or a list
+  with "all" in it (``"all,ill_conditioned_regression"``: the mix, then the others); FamilyError naming an unknown
   one and the known ones."""
   if not isinstance(text, str) or not text.strip():
-    raise FamilyError(f"{source}: expected family names (comma-separated, or 'all'); known: "
-                      f"{', '.join(sorted(FAMILIES))}")
-  if text.strip() == "all":
-    return sorted(FAMILIES)
-  names = [name.strip() for name in text.split(",") if name.strip()]
-  for name in names:
-    get(name, source)
+    raise FamilyError(f"{source}: expected family names (comma-separated, or 'all'); known: {', '.join(known())}")
+  names = []
+  for name in (name.strip() for name in text.split(",") if name.strip()):
+    names.extend(sorted(FAMILIES) if name == "all" else [get(name, source).name])
   return list(dict.fromkeys(names))  # each once, in the order given
 
 
@@ -96,6 +109,6 @@ def group_task(config: dict):
   return _family_of(config).group_task(config)
 
 
-__all__ = ["BATCH_NOISE_SPACE", "DISTANCE_SPACE", "FAMILIES", "Family", "FamilyError", "PROBLEM_SPACE", "Choice",
-           "IntRange", "LogUniform", "Sometimes", "augmented", "batch_fraction", "distance_scale", "get", "group_task",
-           "min_step_flops", "names_from", "problem_fields", "sample", "task"]
+__all__ = ["BATCH_NOISE_SPACE", "DISTANCE_SPACE", "FAMILIES", "OPT_IN", "Family", "FamilyError", "PROBLEM_SPACE",
+           "Choice", "IntRange", "LogUniform", "Sometimes", "augmented", "batch_fraction", "distance_scale", "get",
+           "group_task", "known", "min_step_flops", "names_from", "problem_fields", "sample", "task"]
