@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -75,10 +74,8 @@ def main():
     rows.append({"mlp_form": form, "tensors": "batched" if batched else "one at a time",
                  **json.loads(done.stdout.strip().splitlines()[-1])})
     print(rows[-1], flush=True)
-  import jax
-  result = {"benchmark": "mlp_form_trace", "date": datetime.date.today().isoformat(),
-            "machine": {"device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-                        "python": platform.python_version(), "jax": jax.__version__},
+  from lopt.evaluation.benchmark import machine  # jax only now: each variant ran in a fresh process
+  result = {"benchmark": "mlp_form_trace", "date": datetime.date.today().isoformat(), "machine": machine(),
             "config": os.path.relpath(args.config), "variants": rows}
   if args.json:
     with open(args.json, "w") as f:
