@@ -345,7 +345,10 @@ def test_opt_in_families_are_never_drawn_by_the_mix_or_all():
   """The mix and "all" draw what they drew before any opt-in family existed: every recorded run depends on it."""
   assert set(families.OPT_IN).isdisjoint(NAMES)
   assert {families.sample([0, i])["family"] for i in range(300)} == set(NAMES)
-  assert families.sample(7, "ill_conditioned_regression")["family"] == "ill_conditioned_regression"
+  assert set(families.OPT_IN) >= {"ill_conditioned_regression", "deep_linear_regression"}
+  for name in families.OPT_IN:
+    assert name in EVERY and families.sample(7, name)["family"] == name
+    assert families.names_from(f"all,{name}") == [*NAMES, name]
 
 
 @pytest.mark.parametrize("condition", [1.0, 30.0, 1000.0])
@@ -362,6 +365,67 @@ def test_ill_conditioned_regression_has_the_condition_number_it_draws(condition)
   assert np.var(y) == pytest.approx(1.0 + 0.1 ** 2, rel=0.15)
   fitted, *_ = np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)
   assert np.std(y - x @ fitted) == pytest.approx(0.1, rel=0.15)  # the noise is all that a linear fit leaves
+
+
+DEEP_LINEAR = {"features": 32, "outputs": 16, "rank": 3, "depth": 3, "width": 24, "init_gain": 0.3, "noise": 0.01,
+               "data_seed": 5, "batch_size": 16}
+
+
+@pytest.mark.parametrize("change, rank", [({"rank": 1}, 1), ({"rank": 3}, 3), ({"rank": 8}, 8),
+                                          ({"rank": 8, "outputs": 2}, 2), ({"rank": 5, "outputs": 1}, 1)])
+def test_deep_linear_regression_targets_have_the_rank_it_draws(change, rank):
+  """A* has the drawn rank (capped by its outputs), and so has the least-squares fit of y on x from the data itself
+  (all but the drawn rank's singular values at the noise's level); the signal has unit variance per output."""
+  from lopt.tasks.families import deep_linear_regression as family
+  shape = {**DEEP_LINEAR, **change}
+  target = family.target_map(shape)
+  assert target.shape == (32, shape["outputs"]) and np.linalg.matrix_rank(target) == rank == family.rank(shape)
+  (x, y), (valid_x, valid_y) = family.data(shape)
+  assert x.shape == (family.NUM_TRAIN, 32) and y.shape == (family.NUM_TRAIN, shape["outputs"]) and y.dtype == np.float32
+  assert valid_x.shape == (family.NUM_VALID, 32) and valid_y.shape == (family.NUM_VALID, shape["outputs"])
+  np.testing.assert_allclose(np.var(y, axis=0), 1.0, rtol=0.15)
+  fitted, *_ = np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)
+  singular = np.linalg.svd(fitted, compute_uv=False)
+  assert np.sum(singular > 0.1) == rank  # the noise's: ~0.01 (sqrt(32) + sqrt(16)) / sqrt(2048) = 2e-3 at most
+  np.testing.assert_allclose(fitted, target, atol=0.01)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_deep_linear_regression_has_the_depth_it_draws_and_a_small_start(depth):
+  """depth weight matrices chaining features -> width -> ... -> outputs, no biases, each LeCun times init_gain."""
+  from lopt.tasks.families import deep_linear_regression as family
+  shape = {**DEEP_LINEAR, "depth": depth, "width": 64, "features": 64}
+  params = family.build(shape).init(jax.random.key(0))
+  layers = [params[f"layer_{i}"]["w"] for i in range(len(params))]
+  assert len(layers) == len(jax.tree.leaves(params)) == depth
+  assert [w.shape for w in layers] == list(zip(family.sizes(shape)[:-1], family.sizes(shape)[1:]))
+  assert family.sizes(shape) == [64, *[64] * (depth - 1), 16]
+  for w in layers:
+    assert float(jnp.std(w)) * np.sqrt(w.shape[0]) == pytest.approx(0.3, rel=0.1)
+  macs = 64 * 64 * (depth - 1) + 64 * 16
+  assert family.step_flops(shape) == 6 * macs * shape["batch_size"]
+
+
+def test_a_sampled_deep_linear_regression_trains():
+  """A sampled problem builds, and a few Adam steps lower its training loss from the start near the saddle."""
+  import optax
+  config = families.sample([3, 11], "deep_linear_regression", max_step_flops=SMALL)
+  task, key = families.task(config), jax.random.key(2)
+  adam = optax.adam(3e-2)
+
+  @jax.jit
+  def train(params):
+    def step(carry, step):
+      params, state = carry
+      grads = jax.grad(task.loss)(params, key, step)
+      updates, state = adam.update(grads, state)
+      return (optax.apply_updates(params, updates), state), None
+    return jax.lax.scan(step, (params, adam.init(params)), jnp.arange(50))[0][0]
+
+  mean_loss = jax.jit(lambda params: jnp.mean(jax.vmap(lambda s: task.loss(params, key, s))(jnp.arange(8))))
+  start = task.init(key)
+  before, after = float(mean_loss(start)), float(mean_loss(train(start)))
+  assert np.isfinite(after) and after < 0.5 * before
 
 
 # -- datasets --------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import functools
 import itertools
 
 from lopt.fields import Registry, show
-from lopt.tasks.families import (autoencoder, cnn, ill_conditioned_regression, logistic_regression, mlp, rnn_lm,
-                                 transformer_lm)
+from lopt.tasks.families import (autoencoder, cnn, deep_linear_regression, ill_conditioned_regression,
+                                 logistic_regression, mlp, rnn_lm, transformer_lm)
 from lopt.tasks.families.base import (BATCH_NOISE_SPACE, DISTANCE_SPACE, PROBLEM_SPACE, Choice, Family, FamilyError,
                                       IntRange, LogUniform, Sometimes, augmented, batch_fraction, distance_scale,
                                       problem_fields, rng_from)
@@ -25,7 +25,8 @@ FAMILIES = Registry("task family", FamilyError)
 for _module in (mlp, cnn, rnn_lm, transformer_lm, autoencoder, logistic_regression):
   FAMILIES.register(_module.FAMILY)
 OPT_IN = Registry("opt-in task family", FamilyError)  # named by a run, never drawn by "all" or the default mix
-OPT_IN.register(ill_conditioned_regression.FAMILY)
+for _module in (ill_conditioned_regression, deep_linear_regression):
+  OPT_IN.register(_module.FAMILY)
 
 
 def known() -> list[str]:
