@@ -701,3 +701,80 @@ def test_a_state_made_for_other_parameters_is_refused_with_what_it_needs():
   other = {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 2)), "c": jnp.ones((4,))}
   with pytest.raises(ValueError, match=r"not made for these parameters.*\(2, 2, 3, 2\)"):
     OPTIMIZER.update(theta, state, other, other)
+
+
+# -- the log step's upper bound ------------------------------------------------------------------------------------
+
+BOUNDED = HierarchicalOptimizer(max_log_step=0.5)
+
+
+def climbing_theta(optimizer):
+  """random_theta with the log step's bias at +0.2: the log step climbs by about that every step."""
+  theta = random_theta(optimizer)
+  return {**theta, "step": {**theta["step"], "b": np.float32(0.2)}}
+
+
+@pytest.fixture(scope="module")
+def saved_bounded(tmp_path_factory):
+  return save_optimizer(tmp_path_factory.mktemp("hierarchical_bounded") / "opt", BOUNDED, climbing_theta(BOUNDED))
+
+
+def test_max_log_step_bounds_the_log_step_and_nothing_below_it():
+  """With ``max_log_step`` the per-tensor log step stops there (a climbing one otherwise passes it); the steps
+  before it gets there are the unbounded optimizer's, bit for bit."""
+  theta = climbing_theta(OPTIMIZER)
+  _, free = run_updates(OPTIMIZER, theta, steps=12)
+  _, bounded = run_updates(BOUNDED, theta, steps=12)
+  assert np.max(np.asarray(free.tensors.log_step)) > 1.0   # the bound binds: the check is not vacuous
+  np.testing.assert_allclose(np.max(np.asarray(bounded.tensors.log_step)), 0.5)
+  early_free, _ = run_updates(OPTIMIZER, theta, steps=1)
+  early_bounded, _ = run_updates(BOUNDED, theta, steps=1)
+  for k in early_free:
+    np.testing.assert_array_equal(early_bounded[k], early_free[k])
+
+
+def test_torch_matches_jax_with_a_log_step_bound(saved_bounded, monkeypatch):
+  """As test_torch_matches_jax_given_float64_global_features, for an optimizer whose log step reaches its bound:
+  PyTorch bounds it where JAX does."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hjax, "loss_features", lambda train, valid: jnp.asarray(FIXED_LOSS_FEATURES))
+    patch.setattr(hjax, "time_features", jax_time_features)
+    expected, state = train_jax(saved_bounded)
+  assert np.max(state.tensors.log_step) == 0.5   # reached, so the bound is compared
+  monkeypatch.setattr(htorch, "loss_features", lambda state: FIXED_LOSS_FEATURES.tolist())
+  monkeypatch.setattr(htorch, "time_features", torch_time_features)
+  params = torch_params()
+  optimizer = LearnedOptimizer(params.values(), saved_bounded, lr=0.5, weight_decay=0.1, num_steps=HORIZON)
+  train_torch(optimizer, params, schedule())
+  errors = relative_errors(expected, params)
+  assert max(errors.values()) < 1e-12, errors
+  assert max(float(optimizer.state[p]["log_step"].max()) for p in params.values()) == 0.5
+
+
+def test_files_saved_before_the_log_step_bound_load_with_the_old_limit(saved, tmp_path):
+  """A config.json without ``max_log_step`` (lopt 0.4 and earlier) loads with the limit it was stepped with (8);
+  the shipped `general` has its bound; a run may start from it with another (the bound shapes no meta-parameter),
+  and other fields must still match; a bound outside (0, 8] is refused naming the field."""
+  import json
+  import shutil
+  from types import SimpleNamespace
+
+  from lopt.architectures.spec import OptimizerConfigError
+  from lopt.errors import UserError
+  from lopt.meta.train import initial_theta
+  old = tmp_path / "old"
+  shutil.copytree(saved, old)
+  config = json.loads((old / "config.json").read_text())
+  del config["optimizer"]["max_log_step"]
+  (old / "config.json").write_text(json.dumps(config))
+  assert lopt.load(old).optimizer.max_log_step == 8.0 == HierarchicalOptimizer().max_log_step
+  general = lopt.load("general")
+  assert general.optimizer.max_log_step == 5.0
+  run = SimpleNamespace(seed=0, outer=SimpleNamespace(init_from="general"))
+  theta = initial_theta(run, HierarchicalOptimizer())
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(general.theta)))
+  with pytest.raises(UserError, match="they must match"):
+    initial_theta(run, HierarchicalOptimizer(lstm_size=16))
+  for bad in (0.0, 9.0, float("nan")):
+    with pytest.raises(OptimizerConfigError, match="max_log_step"):
+      HierarchicalOptimizer(max_log_step=bad)

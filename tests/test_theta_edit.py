@@ -59,3 +59,18 @@ def test_the_reachable_slope_is_the_held_out_predictions_own(monkeypatch):
   half = predictability.summarize(rows(0.5))["leave_one_out"]["prediction_slope"]
   assert exact == pytest.approx(1.0, abs=0.05)
   assert half == pytest.approx(0.5, abs=0.12)
+
+
+def test_a_field_that_shapes_no_meta_parameter_is_set_not_multiplied(theta_edit, tmp_path):
+  """``max_log_step=8``: the copy has that bound and the same meta-parameters; a bound the spec refuses is an error
+  naming the field, and nothing is written."""
+  out = tmp_path / "limit8"
+  assert theta_edit.main(["general", str(out), "max_log_step=8"]) == 0
+  original, copy = lopt.load("general"), lopt.load(out)
+  assert (original.optimizer.max_log_step, copy.optimizer.max_log_step) == (5.0, 8.0)
+  before, after = flatten_by_path(original.theta), flatten_by_path(copy.theta)
+  assert all(np.array_equal(np.asarray(after[k]), np.asarray(before[k])) for k in before)
+  assert copy.config["info"]["edit"] == {"source": "general", "multiplied": {}, "set": {"max_log_step": 8.0}}
+  with pytest.raises(SystemExit, match="max_log_step"):
+    theta_edit.main(["general", str(tmp_path / "bad"), "max_log_step=20"])
+  assert not (tmp_path / "bad" / "config.json").exists()

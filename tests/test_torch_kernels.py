@@ -256,13 +256,14 @@ def test_kernels_warn_where_they_cannot_be_used():
 
 def other_optimizer(directory) -> str:
   """A hierarchical optimizer of other sizes than general's -- three momenta, the direct step head, an LSTM of 16
-  units, 2 feedback outputs, 3 context units, 5 hidden units -- with random meta-parameters, saved."""
+  units, 2 feedback outputs, 3 context units, 5 hidden units, a log step bounded at 1 (the random log steps climb
+  to it within the run) -- with random meta-parameters, saved."""
   import jax
 
   from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
   from lopt.io.checkpoint import save_optimizer
   optimizer = HierarchicalOptimizer(momentum_decays=(0.5, 0.9, 0.99), direct_step=True, lstm_size=16,
-                                    feedback_size=2, context_size=3, hidden_size=5)
+                                    feedback_size=2, context_size=3, hidden_size=5, max_log_step=1.0)
   rng = np.random.default_rng(3)
   theta = jax.tree.map(lambda x: np.asarray(x + 0.3 * rng.normal(size=x.shape), np.float32),
                        optimizer.init(jax.random.key(0)))

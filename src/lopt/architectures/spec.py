@@ -44,6 +44,8 @@ class ArchitectureSpec:
   legacy_defaults: dict = field(default_factory=dict)  # filled in for files of format_version 1 (GRU only)
   # Fields added after files were written without them: the value such a file means (the behaviour it was saved with).
   added_fields: dict = field(default_factory=dict)
+  # Fields that no meta-parameter depends on (a bound, not a weight): a run may start from an optimizer with another.
+  unshaped_fields: tuple = ()
 
   def defaults(self) -> dict:
     """The fields that have defaults, with them."""

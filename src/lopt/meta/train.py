@@ -369,7 +369,8 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   """The seed's initialization, or the meta-parameters of the trained optimizer ``init_from``, which must have this
   run's architecture and fields (UserError otherwise) -- except fields added to the architecture since
   (``ArchitectureSpec.added_fields``) that the trained one has at their old value: the meta-parameters they add
-  start at the seed's initialization (``direct_step``: a zero head, which changes no step)."""
+  start at the seed's initialization (``direct_step``: a zero head, which changes no step); and fields that shape
+  no meta-parameter (``unshaped_fields``, e.g. ``max_log_step``), which keep this run's value."""
   source = config.outer.init_from
   if source is None:
     return optimizer.init(jax.random.key(config.seed))
@@ -377,8 +378,10 @@ def initial_theta(config: MetaTrainConfig, optimizer):
   trained = load(source)
   theirs, ours = trained.optimizer.config(), optimizer.config()
   kind = ours.get("architecture")
-  added = architectures.get(kind).added_fields if kind is not None and kind == theirs.get("architecture") else {}
-  differing = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+  spec = architectures.get(kind) if kind is not None and kind == theirs.get("architecture") else None
+  added = spec.added_fields if spec else {}
+  differing = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)} - set(
+      spec.unshaped_fields if spec else ())
   if not differing <= set(added) or any(theirs.get(k) != added[k] for k in differing):
     raise UserError(f"--init-from {source}: its optimizer is {theirs}, this run's is {ours}; they must match")
   if not differing:

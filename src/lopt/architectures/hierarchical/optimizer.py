@@ -20,7 +20,7 @@ validation-training gap) and the time (tanh(t / tau), and (t / num_steps)^q when
 
   (h, c)   <- LSTM((h, c), inputs)
   log_step <- clip(log_step + w_s . h + b_s + alignment_gain . cos(g, m rs) [+ w_d . inputs], -LOG_STEP_LIMIT,
-                   LOG_STEP_LIMIT)                     ([w_d . inputs]: with ``direct_step``, the inputs read directly)
+                   max_log_step)                       ([w_d . inputs]: with ``direct_step``, the inputs read directly)
   context   = tanh(h W_c + b_c)                                (context_size,) for every coordinate of the tensor
   (d, mag, feedback) = MLP([f, context])                        per coordinate; feedback averaged over the tensor
   u = step_scale * exp(log_step + schedule . time + magnitude_scale * mag) * (direction_scale * d - adam)
@@ -366,6 +366,7 @@ class HierarchicalOptimizer:
   magnitude_scale: float = _default("magnitude_scale")
   direction_scale: float = _default("direction_scale")
   direct_step: bool = _default("direct_step")
+  max_log_step: float = _default("max_log_step")
 
   def __post_init__(self):
     for name, value in SPEC.validate(asdict(self), type(self).__name__).items():
@@ -526,7 +527,7 @@ class HierarchicalOptimizer:
                 + cat([s["alignment"] for s in stats]) @ cast(theta["step"]["alignment"]))
     if "direct" in theta["step"]:
       log_step = log_step + inputs @ cast(theta["step"]["direct"])
-    log_step = jnp.clip(log_step, -LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+    log_step = jnp.clip(log_step, -LOG_STEP_LIMIT, self.max_log_step)
     schedule = cast(global_features[-theta["step"]["schedule"].shape[0]:]) @ cast(theta["step"]["schedule"])
     context = jnp.tanh(h @ cast(theta["context"]["w"]) + cast(theta["context"]["b"]))
     offsets = np.cumsum([0] + [len(group) for group in groups])

@@ -74,6 +74,10 @@ def _decays(value) -> bool:
           and all(is_positive_finite(v) and v < 1 for v in value))
 
 
+def _log_step_bound(value) -> bool:
+  return is_positive_finite(value) and value <= LOG_STEP_LIMIT
+
+
 def _fraction(value) -> bool:
   return is_positive_finite(value) and value < 1
 
@@ -110,12 +114,19 @@ SPEC = ArchitectureSpec(
                              "at initialization), so that meta-training the step-size heads alone can use every "
                              "statistic the LSTM reads (a weight on the log step's own input makes it revert to a "
                              "level)"),
+        # 8 by default, the limit optimizers saved before it existed were stepped with (their numbers unchanged).
+        "max_log_step": Field(LOG_STEP_LIMIT, _log_step_bound, f"a number in (0, {LOG_STEP_LIMIT:g}]",
+                              "the largest per-tensor log step: step sizes up to step_scale * exp(max_log_step). "
+                              "A lower bound stops a runaway step (one that climbs while the loss sits at zero and "
+                              "the gradients vanish) short of the sizes that wreck a network", float),
     },
     param_shapes=param_shapes,
     jax_class="lopt.architectures.hierarchical.optimizer:HierarchicalOptimizer",
     torch_class="lopt.architectures.hierarchical.torch:HierarchicalRule",
     recurrent=False,
-    added_fields={"direct_step": False},  # lopt 0.4: optimizers saved before have no direct step head
+    # lopt 0.4: optimizers saved before have no direct step head; 0.5: nor a log-step bound below the limit
+    added_fields={"direct_step": False, "max_log_step": LOG_STEP_LIMIT},
+    unshaped_fields=("max_log_step",),
     summary=lambda values: (f"hierarchical: per-tensor LSTM of {values['lstm_size']}, per-coordinate MLP "
                             f"{values['num_layers']}x{values['hidden_size']}"),
 )

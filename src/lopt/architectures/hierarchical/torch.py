@@ -159,6 +159,7 @@ class Constants(NamedTuple):
   #               coordinate-wise expression: one fused loop) or "matmul" (wide MLPs: the first layer as a broadcast
   #               sum, the others matrix products)
   kernels: bool = False  # eager: the per-coordinate passes of eligible buckets as Triton kernels (``triton_passes``)
+  max_log_step: float = LOG_STEP_LIMIT  # the log step's upper bound (the spec's field)
 
 
 class Group(NamedTuple):
@@ -479,7 +480,7 @@ def update_bucket(c: Constants, theta: Theta, rtheta: Theta, layout: Layout, fea
                          rtheta.step_alignment)
   if rtheta.step_direct is not None:  # the LSTM's inputs without its own hidden state (the last columns)
     log_step = torch.addmv(log_step, inputs[:, :-size_h], rtheta.step_direct)
-  log_step = log_step.clamp_(-LOG_STEP_LIMIT, LOG_STEP_LIMIT)
+  log_step = log_step.clamp_(-LOG_STEP_LIMIT, c.max_log_step)
   schedule = features[-rtheta.step_schedule.shape[0]:] @ rtheta.step_schedule
   context = torch.tanh(torch.addmm(rtheta.context_b, hidden, rtheta.context_w))
 
@@ -634,7 +635,7 @@ def kernel_second_pass(c: Constants, theta: Theta, rtheta: Theta, layout: Layout
   n = layout.size.shape[0]
   first_w, first_b, last_b, adam_factor, p_rms = triton_passes.controller(
       first.sums, first.powers, scalars, steps, h, cell_state, feedback, layout.size, layout.shape_features,
-      features, rtheta, theta.mlp[0], theta.last_b, theta.magnitude, ok)
+      features, rtheta, theta.mlp[0], theta.last_b, theta.magnitude, ok, c.max_log_step)
   update_sums = torch.empty((n, feedback.shape[1] + 1), dtype=torch.float32, device=h.device)
   for group, m, average, (v, scale) in zip(layout.groups, momenta, averages, first.kept):
     lo, hi = group.start, group.stop
@@ -721,7 +722,8 @@ class HierarchicalRule:
     # The numbers the update reads, per form of the MLP ("": eager; the compiled update's form): built once.
     self._fused = "unrolled" if self._mlp_products() <= UNROLL_LIMIT else "matmul"
     self._constants = {fused: Constants(self._decays, self.values["rms_decay"], self.values["average_decay"],
-                                        self.values["num_layers"], fused) for fused in ("", self._fused)}
+                                        self.values["num_layers"], fused, max_log_step=self.values["max_log_step"])
+                       for fused in ("", self._fused)}
 
   # -- states ------------------------------------------------------------------------------------------------------
 

@@ -353,7 +353,7 @@ def _controller_kernel(
     context_w_ptr, context_b_ptr, clip_decay_ptr, w0_ptr, b0_ptr, last_b_ptr, magnitude_ptr,
     first_w_out, first_b_out, last_b_out, adam_factor_out, p_rms_out, ok_ptr, n,
     K: tl.constexpr, F: tl.constexpr, G: tl.constexpr, T: tl.constexpr, L: tl.constexpr, C: tl.constexpr,
-    UNITS: tl.constexpr, OUTPUTS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
+    UNITS: tl.constexpr, OUTPUTS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr, MAX_STEP: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_COL: tl.constexpr):
   i = tl.program_id(0)
@@ -418,7 +418,7 @@ def _controller_kernel(
                                                                   other=0.0), 0.0), axis=0)
   if DIRECT:
     log_step += tl.sum(x * tl.load(step_direct_ptr + d, mask=d < D, other=0.0), axis=0)
-  log_step = tl.minimum(tl.maximum(log_step, -STEP_LIMIT), STEP_LIMIT)
+  log_step = tl.minimum(tl.maximum(log_step, -STEP_LIMIT), MAX_STEP)
   schedule = tl.sum(tl.load(features_ptr + G - T + d, mask=d < T, other=0.0)
                     * tl.load(step_schedule_ptr + d, mask=d < T, other=0.0), axis=0)
   cs = tl.arange(0, BLOCK_C)
@@ -573,13 +573,13 @@ def prepare(scalars: torch.Tensor, steps: torch.Tensor, powers: torch.Tensor,
 def controller(sums: torch.Tensor, powers: torch.Tensor, scalars: torch.Tensor, steps: torch.Tensor, h: torch.Tensor,
                cell: torch.Tensor, feedback: torch.Tensor, size: torch.Tensor, shape_features: torch.Tensor,
                features: torch.Tensor, theta, first_layer: tuple, last_b: torch.Tensor, magnitude: torch.Tensor,
-               ok: torch.Tensor | None) -> tuple:
+               ok: torch.Tensor | None, max_log_step: float = LOG_STEP_LIMIT) -> tuple:
   """The per-tensor controller between the two passes, one program per tensor: from the statistics pass's sums
   (n, 4K + 5) and the recurrent state -- scalars (3, n), steps (n,), h and cell (n, L), feedback (n, F) -- the
   LSTM's inputs, the LSTM, the log step and the context; h, cell, the gradient RMS and the log step are written
   in place (not where ``ok`` is false). size (n,) and shape_features (n, 4) the layout's, features (G,) the global
   ones, theta the meta-parameters (``Theta``), first_layer (w, b) the MLP's first layer, last_b and magnitude
-  (outputs,). Returns the update pass's per-tensor constants: first_w (n, 4 + 2K, units), first_b (n, units),
+  (outputs,), max_log_step the log step's upper bound. Returns the update pass's per-tensor constants: first_w (n, 4 + 2K, units), first_b (n, units),
   last_b (n, outputs), adam_factor (n,), and the parameters' RMS (n,) for ``finish``."""
   n, k, size_l = steps.shape[0], (sums.shape[1] - 5) // 4, h.shape[1]
   w0, b0 = first_layer
@@ -597,6 +597,7 @@ def controller(sums: torch.Tensor, powers: torch.Tensor, scalars: torch.Tensor, 
       theta.step_direct if direct else theta.step_w, theta.context_w, theta.context_b, theta.clip_decay, w0, b0,
       last_b, magnitude, first_w, first_b, new_last_b, rest[0], rest[1], sums if ok is None else ok, n,
       K=k, F=f, G=g, T=t, L=size_l, C=c, UNITS=units, OUTPUTS=outputs, DIRECT=direct, GATED=ok is not None,
+      MAX_STEP=float(max_log_step),
       BLOCK_D=triton.next_power_of_2(11 + k + f + g), BLOCK_L=triton.next_power_of_2(size_l),
       BLOCK_C=triton.next_power_of_2(c), BLOCK_U=triton.next_power_of_2(units),
       BLOCK_O=triton.next_power_of_2(outputs), BLOCK_COL=triton.next_power_of_2(columns), num_warps=4)
