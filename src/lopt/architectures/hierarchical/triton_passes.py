@@ -579,8 +579,9 @@ def controller(sums: torch.Tensor, powers: torch.Tensor, scalars: torch.Tensor, 
   LSTM's inputs, the LSTM, the log step and the context; h, cell, the gradient RMS and the log step are written
   in place (not where ``ok`` is false). size (n,) and shape_features (n, 4) the layout's, features (G,) the global
   ones, theta the meta-parameters (``Theta``), first_layer (w, b) the MLP's first layer, last_b and magnitude
-  (outputs,), max_log_step the log step's upper bound. Returns the update pass's per-tensor constants: first_w (n, 4 + 2K, units), first_b (n, units),
-  last_b (n, outputs), adam_factor (n,), and the parameters' RMS (n,) for ``finish``."""
+  (outputs,), max_log_step the log step's upper bound. Returns the update pass's per-tensor constants: first_w
+  (n, 4 + 2K, units), first_b (n, units), last_b (n, outputs), adam_factor (n,), and the parameters' RMS (n,) for
+  ``finish``."""
   n, k, size_l = steps.shape[0], (sums.shape[1] - 5) // 4, h.shape[1]
   w0, b0 = first_layer
   units, outputs, columns = w0.shape[1], last_b.shape[0], 4 + 2 * k
