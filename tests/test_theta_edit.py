@@ -74,3 +74,27 @@ def test_a_field_that_shapes_no_meta_parameter_is_set_not_multiplied(theta_edit,
   with pytest.raises(SystemExit, match="max_log_step"):
     theta_edit.main(["general", str(tmp_path / "bad"), "max_log_step=20"])
   assert not (tmp_path / "bad" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def theta_graft():
+  return load_script("benchmarks/theta_graft.py")
+
+
+def test_a_graft_takes_the_named_parts_from_the_donor_and_keeps_the_rest(theta_graft, theta_edit, tmp_path):
+  """The copy's lstm/* and context/* are the donor's, every other leaf and the fields the base's; a prefix that names
+  nothing is an error listing the known ones, and nothing is written."""
+  donor = tmp_path / "donor"
+  theta_edit.main(["general", str(donor), "lstm/w=0.5", "context/b=2", "step/w=3", "max_log_step=8"])
+  out = tmp_path / "graft"
+  assert theta_graft.main(["general", str(donor), str(out), "lstm,context"]) == 0
+  base, given, copy = (flatten_by_path(lopt.load(p).theta) for p in ("general", donor, out))
+  for name in base:
+    source = given if name.startswith(("lstm/", "context/")) else base
+    np.testing.assert_array_equal(np.asarray(copy[name]), np.asarray(source[name]))
+  assert not np.array_equal(np.asarray(copy["lstm/w"]), np.asarray(base["lstm/w"]))   # the graft is not vacuous
+  assert lopt.load(out).optimizer.max_log_step == 5.0   # the base's fields
+  assert lopt.load(out).config["info"]["graft"]["taken"] == ["lstm/b", "lstm/w", "context/b", "context/w"]
+  with pytest.raises(SystemExit, match="no meta-parameter under 'nope'; known: "):
+    theta_graft.main(["general", str(donor), str(tmp_path / "bad"), "nope"])
+  assert not (tmp_path / "bad" / "config.json").exists()

@@ -1,0 +1,58 @@
+"""A copy of a learned optimizer with some of its meta-parameters taken from another of the same shapes, for
+`lopt benchmark` to run beside both: which part of a meta-trained candidate carries what it learned?
+
+  python benchmarks/theta_graft.py BASE DONOR OUT PREFIX[,PREFIX ...]
+  python benchmarks/theta_graft.py general runs/general-hierarchical-h200-tbptt-illcond-8/optimizer \
+      runs/general-hybrid-lstm-illcond-8/optimizer lstm,context
+
+Every meta-parameter whose key path starts with one of the prefixes (``lstm``, ``context``, ``step``, ``clip``,
+``mlp`` for the hierarchical optimizer; ``lopt.load(BASE).optimizer.param_shapes()`` lists them) comes from DONOR,
+the rest from BASE; the copy has BASE's architecture fields (its ``max_log_step``, say). The copy records the graft in
+its config's ``info.graft``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+import lopt
+from lopt.io.checkpoint import save_optimizer
+from lopt.pytree import flatten_by_path, unflatten_by_path
+
+
+def grafted_theta(base, donor, prefixes: list[str]) -> tuple[dict, list[str]]:
+  """(base's theta with the leaves under ``prefixes`` taken from donor's, the key paths taken). SystemExit naming
+  the problem for a prefix that matches nothing or a leaf whose shape differs."""
+  ours, theirs = flatten_by_path(base), flatten_by_path(donor)
+  taken = []
+  for prefix in prefixes:
+    matched = [k for k in ours if k == prefix or k.startswith(prefix.rstrip("/") + "/")]
+    if not matched:
+      raise SystemExit(f"theta_graft: no meta-parameter under {prefix!r}; known: {', '.join(sorted(ours))}")
+    taken += [k for k in matched if k not in taken]
+  for k in taken:
+    if k not in theirs or np.shape(theirs[k]) != np.shape(ours[k]):
+      found = np.shape(theirs[k]) if k in theirs else "nothing"
+      raise SystemExit(f"theta_graft: the donor's {k} is {found}, the base's {np.shape(ours[k])}; they must match")
+  merged = {k: (np.asarray(theirs[k]).astype(np.asarray(v).dtype) if k in taken else v) for k, v in ours.items()}
+  return unflatten_by_path(merged, base), taken
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 4:
+    raise SystemExit(__doc__)
+  base_name, donor_name, out, prefixes = argv[0], argv[1], argv[2], [p for p in argv[3].split(",") if p]
+  base, donor = lopt.load(base_name), lopt.load(donor_name)
+  if base.optimizer.config()["architecture"] != donor.optimizer.config()["architecture"]:
+    raise SystemExit(f"theta_graft: {base_name} and {donor_name} are different architectures")
+  theta, taken = grafted_theta(base.theta, donor.theta, prefixes)
+  info = {**base.config.get("info", {}), "graft": {"base": base_name, "donor": donor_name, "taken": taken}}
+  save_optimizer(out, base.optimizer, theta, info)
+  print(f"{out}: {base_name} with {', '.join(taken)} from {donor_name}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
