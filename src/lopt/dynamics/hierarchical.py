@@ -49,7 +49,8 @@ class Controller(NamedTuple):
   """The per-tensor step-size controller as arrays: the LSTM's weights (inputs + hidden, 4 hidden) and biases, the
   log-step readout (w_s, b_s), the direct gains on the alignment inputs, the schedule's weights on the time inputs,
   and where those inputs sit in x (column indices); with ``direct_step``, the direct head's gain on every input
-  (``input_gain``, (F,); None without)."""
+  (``input_gain``, (F,); None without). ``log_step_limit`` scales the log step as an input; ``max_log_step`` bounds
+  it from above (the optimizer's field)."""
   lstm_w: np.ndarray
   lstm_b: np.ndarray
   step_w: np.ndarray
@@ -61,6 +62,7 @@ class Controller(NamedTuple):
   time_index: tuple
   log_step_limit: float = LOG_STEP_LIMIT
   input_gain: np.ndarray | None = None
+  max_log_step: float = LOG_STEP_LIMIT
 
   @property
   def size(self) -> int:
@@ -72,9 +74,9 @@ class Controller(NamedTuple):
     return int(np.shape(self.lstm_w)[0]) - self.size
 
 
-def controller_from_theta(theta: dict, names: list[str]) -> Controller:
+def controller_from_theta(theta: dict, names: list[str], max_log_step: float = LOG_STEP_LIMIT) -> Controller:
   """The controller of a hierarchical optimizer's ``theta``, with ``names`` its LSTM inputs
-  (``HierarchicalOptimizer.lstm_input_names``), as float64 numpy arrays."""
+  (``HierarchicalOptimizer.lstm_input_names``) and its ``max_log_step``, as float64 numpy arrays."""
   f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
   return Controller(
       lstm_w=f64(theta["lstm"]["w"]), lstm_b=f64(theta["lstm"]["b"]), step_w=f64(theta["step"]["w"]),
@@ -83,7 +85,7 @@ def controller_from_theta(theta: dict, names: list[str]) -> Controller:
       alignment_index=tuple(i for i, n in enumerate(names) if n.startswith("alignment_")),
       log_step_index=names.index("log_step"),
       time_index=tuple(i for i, n in enumerate(names) if n.startswith("time_")),
-      input_gain=f64(theta["step"]["direct"]) if "direct" in theta["step"] else None)
+      input_gain=f64(theta["step"]["direct"]) if "direct" in theta["step"] else None, max_log_step=max_log_step)
 
 
 # -- the maps ----------------------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def closed_loop(controller: Controller, z, x):
   limit = controller.log_step_limit
   x = x.at[controller.log_step_index].set(z[-1] / limit)
   s = cell(controller, z[:-1], x)
-  log_step = jnp.clip(z[-1] + drift(controller, s, x), -limit, limit)
+  log_step = jnp.clip(z[-1] + drift(controller, s, x), -limit, controller.max_log_step)
   return jnp.concatenate([s, log_step[None]])
 
 

@@ -235,7 +235,7 @@ def analyze_hierarchical(optimizer, theta, task, out: str | Path, *, num_problem
   x_star = typical[main]["median"]
 
   say("hierarchical: fixed points of the LSTM at typical inputs, linearization, the log step's equilibria")
-  controller = hd.controller_from_theta(theta, names)
+  controller = hd.controller_from_theta(theta, names, optimizer.max_log_step)
   cell, closed = hd.maps(controller)
   with jax.enable_x64(True):
     seeds = {kind: _seeds(by_kind(states, kind).reshape(-1, states.shape[-1]).astype(np.float64), num_seeds)

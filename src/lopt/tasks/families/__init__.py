@@ -36,12 +36,11 @@ def known() -> list[str]:
 
 def get(name: str, source: str = "") -> Family:
   """The family registered as ``name``, in "all" or opt-in (FamilyError listing the known ones otherwise)."""
-  if isinstance(name, str) and name in OPT_IN and name not in FAMILIES:
-    return OPT_IN[name]
-  if not isinstance(name, str) or name not in FAMILIES:
-    where = f"{source}: " if source else ""
-    raise FamilyError(f"{where}unknown task family {show(name)}; known: {', '.join(known())}")
-  return FAMILIES[name]
+  for registry in (FAMILIES, OPT_IN):
+    if isinstance(name, str) and name in registry:
+      return registry[name]
+  where = f"{source}: " if source else ""
+  raise FamilyError(f"{where}unknown task family {show(name)}; known: {', '.join(known())}")
 
 
 def names_from(text: str, source: str = "task family") -> list[str]:
