@@ -1,7 +1,7 @@
 """A copy of a learned optimizer with some of its meta-parameters taken from another of the same shapes, for
 `lopt benchmark` to run beside both: which part of a meta-trained candidate carries what it learned?
 
-  python benchmarks/theta_graft.py BASE DONOR OUT PREFIX[,PREFIX ...]
+  python benchmarks/theta_graft.py BASE DONOR OUT PREFIX[,PREFIX ...] [--weight W]
   python benchmarks/theta_graft.py general runs/general-hierarchical-h200-tbptt-illcond-8/optimizer \
       runs/general-hybrid-lstm-illcond-8/optimizer lstm,context
 
@@ -9,10 +9,15 @@ Every meta-parameter whose key path starts with one of the prefixes (``lstm``, `
 ``mlp`` for the hierarchical optimizer; ``lopt.load(BASE).optimizer.param_shapes()`` lists them) comes from DONOR,
 the rest from BASE; the copy has BASE's architecture fields (its ``max_log_step``, say). The copy records the graft in
 its config's ``info.graft``.
+
+``--weight W`` takes only part of the way to the donor: each grafted leaf is base + W·(donor − base), so 1 (the
+default) is the donor's and 0 the base's. Interpolating weights means something only where DONOR was meta-trained
+from BASE (``--init-from``), so that both lie in one basin.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -22,9 +27,9 @@ from lopt.io.checkpoint import save_optimizer
 from lopt.pytree import flatten_by_path, unflatten_by_path
 
 
-def grafted_theta(base, donor, prefixes: list[str]) -> tuple[dict, list[str]]:
-  """(base's theta with the leaves under ``prefixes`` taken from donor's, the key paths taken). SystemExit naming
-  the problem for a prefix that matches nothing or a leaf whose shape differs."""
+def grafted_theta(base, donor, prefixes: list[str], weight: float = 1.0) -> tuple[dict, list[str]]:
+  """(base's theta with the leaves under ``prefixes`` moved ``weight`` of the way to donor's, the key paths taken).
+  SystemExit naming the problem for a prefix that matches nothing or a leaf whose shape differs."""
   ours, theirs = flatten_by_path(base), flatten_by_path(donor)
   taken = []
   for prefix in prefixes:
@@ -36,21 +41,33 @@ def grafted_theta(base, donor, prefixes: list[str]) -> tuple[dict, list[str]]:
     if k not in theirs or np.shape(theirs[k]) != np.shape(ours[k]):
       found = np.shape(theirs[k]) if k in theirs else "nothing"
       raise SystemExit(f"theta_graft: the donor's {k} is {found}, the base's {np.shape(ours[k])}; they must match")
-  merged = {k: (np.asarray(theirs[k]).astype(np.asarray(v).dtype) if k in taken else v) for k, v in ours.items()}
+  def moved(ours_leaf, theirs_leaf):
+    ours_leaf = np.asarray(ours_leaf)
+    theirs_leaf = np.asarray(theirs_leaf, dtype=ours_leaf.dtype)
+    return theirs_leaf if weight == 1.0 else (ours_leaf + weight * (theirs_leaf - ours_leaf)).astype(ours_leaf.dtype)
+  merged = {k: (moved(v, theirs[k]) if k in taken else v) for k, v in ours.items()}
   return unflatten_by_path(merged, base), taken
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) != 4:
-    raise SystemExit(__doc__)
-  base_name, donor_name, out, prefixes = argv[0], argv[1], argv[2], [p for p in argv[3].split(",") if p]
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("base")
+  parser.add_argument("donor")
+  parser.add_argument("out")
+  parser.add_argument("prefixes", help="comma-separated key-path prefixes: lstm,context")
+  parser.add_argument("--weight", type=float, default=1.0, help="how far to move toward the donor (default 1)")
+  args = parser.parse_args(argv)
+  if not np.isfinite(args.weight):
+    parser.error(f"--weight must be a finite number, got {args.weight}")
+  base_name, donor_name, out = args.base, args.donor, args.out
+  prefixes = [p for p in args.prefixes.split(",") if p]
   base, donor = lopt.load(base_name), lopt.load(donor_name)
   if base.optimizer.config()["architecture"] != donor.optimizer.config()["architecture"]:
     raise SystemExit(f"theta_graft: {base_name} and {donor_name} are different architectures")
-  theta, taken = grafted_theta(base.theta, donor.theta, prefixes)
-  info = {**base.config.get("info", {}), "graft": {"base": base_name, "donor": donor_name, "taken": taken}}
-  save_optimizer(out, base.optimizer, theta, info)
-  print(f"{out}: {base_name} with {', '.join(taken)} from {donor_name}")
+  theta, taken = grafted_theta(base.theta, donor.theta, prefixes, args.weight)
+  graft = {"base": base_name, "donor": donor_name, "taken": taken, "weight": args.weight}
+  save_optimizer(out, base.optimizer, theta, {**base.config.get("info", {}), "graft": graft})
+  print(f"{out}: {base_name} with {', '.join(taken)} moved {args.weight:g} of the way to {donor_name}'s")
   return 0
 
 

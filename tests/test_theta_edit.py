@@ -98,3 +98,26 @@ def test_a_graft_takes_the_named_parts_from_the_donor_and_keeps_the_rest(theta_g
   with pytest.raises(SystemExit, match="no meta-parameter under 'nope'; known: "):
     theta_graft.main(["general", str(donor), str(tmp_path / "bad"), "nope"])
   assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_a_weighted_graft_moves_the_named_parts_that_far_toward_the_donor(theta_graft, theta_edit, tmp_path):
+  """--weight 0.5 puts the grafted leaves halfway between base and donor; 0 gives the base back; a weight that is not
+  finite is refused before anything is written."""
+  donor = tmp_path / "donor"
+  theta_edit.main(["general", str(donor), "lstm/w=3", "step/w=3"])
+  base, given = (flatten_by_path(lopt.load(p).theta) for p in ("general", donor))
+  for weight in (0.5, 0.0):
+    out = tmp_path / f"w{weight}"
+    assert theta_graft.main(["general", str(donor), str(out), "lstm", "--weight", str(weight)]) == 0
+    copy = flatten_by_path(lopt.load(out).theta)
+    for name in base:
+      expected = np.asarray(base[name])
+      if name.startswith("lstm/"):
+        expected = (expected + weight * (np.asarray(given[name]) - expected)).astype(expected.dtype)
+      np.testing.assert_allclose(np.asarray(copy[name]), expected, rtol=1e-6, atol=0)
+    assert lopt.load(out).config["info"]["graft"]["weight"] == weight
+  halfway = flatten_by_path(lopt.load(tmp_path / "w0.5").theta)["lstm/w"]
+  assert not np.allclose(np.asarray(halfway), np.asarray(given["lstm/w"]))   # not the donor's
+  with pytest.raises(SystemExit):
+    theta_graft.main(["general", str(donor), str(tmp_path / "bad"), "lstm", "--weight", "nan"])
+  assert not (tmp_path / "bad" / "config.json").exists()
