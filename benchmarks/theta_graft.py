@@ -8,7 +8,7 @@
 Every meta-parameter whose key path starts with one of the prefixes (``lstm``, ``context``, ``step``, ``clip``,
 ``mlp`` for the hierarchical optimizer; ``lopt.load(BASE).optimizer.param_shapes()`` lists them) comes from DONOR,
 the rest from BASE; the copy has BASE's architecture fields (its ``max_log_step``, say). The copy records the graft in
-its config's ``info.graft``.
+its config's ``info.graft``, and leaves out the base's ``info.benchmark`` (not the copy's numbers).
 
 ``--weight W`` takes only part of the way to the donor: each grafted leaf is base + W·(donor − base), so 1 (the
 default) is the donor's and 0 the base's. Interpolating weights means something only where DONOR was meta-trained
@@ -66,7 +66,9 @@ def main(argv: list[str]) -> int:
     raise SystemExit(f"theta_graft: {base_name} and {donor_name} are different architectures")
   theta, taken = grafted_theta(base.theta, donor.theta, prefixes, args.weight)
   graft = {"base": base_name, "donor": donor_name, "taken": taken, "weight": args.weight}
-  save_optimizer(out, base.optimizer, theta, {**base.config.get("info", {}), "graft": graft})
+  # The base's recorded benchmark is not the copy's: leave it out rather than mislabel it.
+  info = {k: v for k, v in base.config.get("info", {}).items() if k != "benchmark"}
+  save_optimizer(out, base.optimizer, theta, {**info, "graft": graft})
   print(f"{out}: {base_name} with {', '.join(taken)} moved {args.weight:g} of the way to {donor_name}'s")
   return 0
 

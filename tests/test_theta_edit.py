@@ -95,6 +95,8 @@ def test_a_graft_takes_the_named_parts_from_the_donor_and_keeps_the_rest(theta_g
   assert not np.array_equal(np.asarray(copy["lstm/w"]), np.asarray(base["lstm/w"]))   # the graft is not vacuous
   assert lopt.load(out).optimizer.max_log_step == 5.0   # the base's fields
   assert lopt.load(out).config["info"]["graft"]["taken"] == ["lstm/b", "lstm/w", "context/b", "context/w"]
+  assert "benchmark" in lopt.load("general").config["info"]
+  assert "benchmark" not in lopt.load(out).config["info"]   # the base's numbers are not the copy's
   with pytest.raises(SystemExit, match="no meta-parameter under 'nope'; known: "):
     theta_graft.main(["general", str(donor), str(tmp_path / "bad"), "nope"])
   assert not (tmp_path / "bad" / "config.json").exists()
