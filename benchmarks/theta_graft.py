@@ -24,7 +24,7 @@ import numpy as np
 
 import lopt
 from lopt.io.checkpoint import save_optimizer
-from lopt.pytree import flatten_by_path, unflatten_by_path
+from lopt.pytree import flatten_by_path, prefix_mask, unflatten_by_path
 
 
 def grafted_theta(base, donor, prefixes: list[str], weight: float = 1.0) -> tuple[dict, list[str]]:
@@ -32,11 +32,11 @@ def grafted_theta(base, donor, prefixes: list[str], weight: float = 1.0) -> tupl
   SystemExit naming the problem for a prefix that matches nothing or a leaf whose shape differs."""
   ours, theirs = flatten_by_path(base), flatten_by_path(donor)
   taken = []
-  for prefix in prefixes:
-    matched = [k for k in ours if k == prefix or k.startswith(prefix.rstrip("/") + "/")]
-    if not matched:
+  for prefix in prefixes:  # one at a time, so that the key paths taken keep the order the prefixes were named in
+    mask, unmatched = prefix_mask(base, (prefix.rstrip("/"),))
+    if unmatched:
       raise SystemExit(f"theta_graft: no meta-parameter under {prefix!r}; known: {', '.join(sorted(ours))}")
-    taken += [k for k in matched if k not in taken]
+    taken += [k for k, selected in flatten_by_path(mask).items() if selected and k not in taken]
   for k in taken:
     if k not in theirs or np.shape(theirs[k]) != np.shape(ours[k]):
       found = np.shape(theirs[k]) if k in theirs else "nothing"
@@ -44,7 +44,9 @@ def grafted_theta(base, donor, prefixes: list[str], weight: float = 1.0) -> tupl
   def moved(ours_leaf, theirs_leaf):
     ours_leaf = np.asarray(ours_leaf)
     theirs_leaf = np.asarray(theirs_leaf, dtype=ours_leaf.dtype)
-    return theirs_leaf if weight == 1.0 else (ours_leaf + weight * (theirs_leaf - ours_leaf)).astype(ours_leaf.dtype)
+    if weight == 1.0:  # the donor's values exactly: base + (donor - base) can differ from donor in the last bit
+      return theirs_leaf
+    return (ours_leaf + weight * (theirs_leaf - ours_leaf)).astype(ours_leaf.dtype)
   merged = {k: (moved(v, theirs[k]) if k in taken else v) for k, v in ours.items()}
   return unflatten_by_path(merged, base), taken
 
