@@ -1,7 +1,8 @@
-"""The shipped ``general`` optimizer's numbers, pinned: a few float32 steps on a small model, in JAX and in PyTorch,
-against values recorded before its step was restructured for speed (tests/data/general_step_pins.json, written by
-``python tests/test_general_pins.py --write`` at commit 51ce45d). A faster step must give the same numbers up to
-float32 rounding."""
+"""The shipped general-purpose optimizers' numbers, pinned: a few float32 steps on a small model, in JAX and in
+PyTorch. ``general-v1`` (``general`` until 2026-12-03) against values recorded before its step was restructured for
+speed (tests/data/general_step_pins.json, written at commit 51ce45d); ``general`` against values recorded when it
+was shipped (tests/data/general_step_pins_general.json). Written by ``python tests/test_general_pins.py --write
+NAME``. A faster step must give the same numbers up to float32 rounding, and a shipped optimizer must keep them."""
 
 import json
 import sys
@@ -15,7 +16,8 @@ import pytest
 
 import lopt
 
-PINS = Path(__file__).parent / "data" / "general_step_pins.json"
+PINS = {"general-v1": Path(__file__).parent / "data" / "general_step_pins.json",
+        "general": Path(__file__).parent / "data" / "general_step_pins_general.json"}
 STEPS, HORIZON = 12, 30
 # Per tensor, the relative error (norm-wise) allowed: on the final parameters, and on their displacement from the
 # initial ones (float32 rounding of reordered sums, through the LSTM and the clipping, over STEPS steps).
@@ -47,8 +49,8 @@ def schedule() -> list:
           for t in range(STEPS)]
 
 
-def run_jax() -> dict:
-  tx = lopt.load("general").as_optax(num_steps=HORIZON)
+def run_jax(name: str) -> dict:
+  tx = lopt.load(name).as_optax(num_steps=HORIZON)
   params = {k: jnp.asarray(v, jnp.float32) for k, v in model().items()}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -59,11 +61,11 @@ def run_jax() -> dict:
   return {k: np.asarray(v, np.float64) for k, v in params.items()}
 
 
-def run_torch() -> dict:
+def run_torch(name: str) -> dict:
   torch = pytest.importorskip("torch")
   from lopt.torch import LearnedOptimizer
   params = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in model().items()}
-  optimizer = LearnedOptimizer(params.values(), "general", num_steps=HORIZON)
+  optimizer = LearnedOptimizer(params.values(), name, num_steps=HORIZON)
   for grads, loss, valid in schedule():
     for k, g in grads.items():
       params[k].grad = torch.tensor(g, dtype=torch.float32)
@@ -83,23 +85,33 @@ def check(found: dict, expected: dict) -> None:
     assert displacement < DISPLACEMENT_TOLERANCE, (k, displacement)
 
 
-def test_jax_general_matches_the_pinned_values():
-  check(run_jax(), json.loads(PINS.read_text())["jax"])
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_jax_general_matches_the_pinned_values(name):
+  check(run_jax(name), json.loads(PINS[name].read_text())["jax"])
 
 
-def test_jax_general_unit_by_unit_matches_the_pinned_values(monkeypatch):
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_jax_general_unit_by_unit_matches_the_pinned_values(name, monkeypatch):
   """The per-coordinate MLP as accelerators write it (unit by unit; a CPU uses matrix products): the same numbers."""
   from lopt.architectures.hierarchical.optimizer import HierarchicalOptimizer
   monkeypatch.setattr(HierarchicalOptimizer, "_units_form", lambda self: True)
-  check(run_jax(), json.loads(PINS.read_text())["jax"])
+  check(run_jax(name), json.loads(PINS[name].read_text())["jax"])
 
 
-def test_torch_general_matches_the_pinned_values():
-  check(run_torch(), json.loads(PINS.read_text())["torch"])
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_torch_general_matches_the_pinned_values(name):
+  check(run_torch(name), json.loads(PINS[name].read_text())["torch"])
+
+
+def test_the_versions_pinned_differ():
+  """Each pin file pins its own optimizer: the shipped `general` is not `general-v1` under another name."""
+  pins = {name: json.loads(path.read_text())["jax"] for name, path in PINS.items()}
+  assert not np.allclose(pins["general"]["w"], pins["general-v1"]["w"], rtol=1e-4)
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
-  pins = {"written_by": "tests/test_general_pins.py --write", "steps": STEPS,
-          "jax": {k: v.tolist() for k, v in run_jax().items()},
-          "torch": {k: v.tolist() for k, v in run_torch().items()}}
-  PINS.write_text(json.dumps(pins) + "\n")
+  name = sys.argv[sys.argv.index("--write") + 1]
+  pins = {"written_by": f"tests/test_general_pins.py --write {name}", "steps": STEPS,
+          "jax": {k: v.tolist() for k, v in run_jax(name).items()},
+          "torch": {k: v.tolist() for k, v in run_torch(name).items()}}
+  PINS[name].write_text(json.dumps(pins) + "\n")

@@ -10,7 +10,7 @@ from lopt.meta.evaluate import EVALUATION_SEED, problem_keys, run_problems, scor
 from lopt.optimizers import as_optax
 
 TASKS = ("digits_cnn", "linear_regression", "rosenbrock", "two_moons")  # the paper's task-specific GRUs
-GENERAL = ("general",)  # the general-purpose optimizer (tests/test_hierarchical.py, docs/GENERAL.md)
+GENERAL = ("general", "general-v1")  # the general-purpose optimizers (tests/test_hierarchical.py, docs/GENERAL.md)
 # Problems x steps per check, sized for a 2-core CPU: the networks run the GRU on ~8,000 coordinates per problem, so
 # they get fewer problems and a shorter horizon than the 2- and 5-parameter tasks (the full-horizon numbers on 128
 # problems are in each config's info and docs/REPRODUCTION.md).
