@@ -21,6 +21,21 @@ def test_lists_the_four_tasks_and_general():
   assert pretrained.list() == sorted(TASKS + GENERAL)
 
 
+def test_general_is_general_v1_with_the_leaves_its_graft_record_names():
+  """The shipped `general` is what its config says: `general-v1`'s fields and meta-parameters but for the leaves
+  ``info.graft.taken``, which are the donor run's (the LSTM differs; the context map was not trained in that run, so
+  it is `general-v1`'s either way)."""
+  from lopt.pytree import flatten_by_path
+  general, v1 = lopt.load("general"), lopt.load("general-v1")
+  graft = general.config["info"]["graft"]
+  assert graft["base"] == "general-v1" and graft["weight"] == 1.0
+  assert general.optimizer == v1.optimizer
+  ours, theirs = flatten_by_path(general.theta), flatten_by_path(v1.theta)
+  assert sorted(ours) == sorted(theirs)
+  differing = {k for k in ours if not np.array_equal(ours[k], theirs[k])}
+  assert {"lstm/w", "lstm/b"} <= differing <= set(graft["taken"])
+
+
 def test_unknown_name_lists_the_available_ones():
   with pytest.raises(ValueError, match="available: digits_cnn"):
     pretrained.load("no_such_task")
