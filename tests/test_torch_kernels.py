@@ -78,10 +78,26 @@ def worst_error(device: str, decay: bool = False, name="general", tensors: bool 
   return max(float((a - b).norm() / (a - s).norm()) for a, b, s in zip(eager, fast, start))
 
 
+INTERPRETER_NUMPY_BUG = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def numpy_at_least(major: int, minor: int) -> bool:
+  return tuple(int(part) for part in np.__version__.split(".")[:2]) >= (major, minor)
+
+
+def triton_version() -> str:
+  import triton
+  return triton.__version__
+
+
 def test_kernels_match_pytorch_operations_in_the_interpreter():
   pytest.importorskip("triton")
   result = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600)
+  if result.returncode and INTERPRETER_NUMPY_BUG in result.stderr and numpy_at_least(2, 4):
+    # Triton's interpreter converts a runtime loop bound with int() of a 1-element array, which NumPy 2.4 refuses
+    # (triton-lang/triton#9171); the compiled kernels are still checked on the GPU (-m gpu).
+    pytest.skip(f"Triton {triton_version()}'s interpreter fails under NumPy {np.__version__} (triton-lang/triton#9171)")
   assert result.returncode == 0, result.stderr[-3000:]
   errors = [float(x) for x in result.stdout.split()[-3:]]
   assert all(0 < error < DISPLACEMENT_TOLERANCE for error in errors), result.stdout  # (0: the kernels did not run)
