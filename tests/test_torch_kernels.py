@@ -1,8 +1,9 @@
 """The hierarchical rule's Triton kernels (``lopt/architectures/hierarchical/triton_passes.py``) against its PyTorch
 operations: the same steps to float32 rounding, through a learning-rate change and a state-dict reload. On the CPU
 the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1; skipped where Triton is not
-installed, as in CI); on a GPU (``-m gpu``) compiled, replayed as CUDA graphs. The optimizer's side of a step
-skipped on the device runs everywhere, with a stand-in rule (``DeviceSkippingRule``)."""
+installed, as in CI, or where its interpreter fails under NumPy >= 2.4); on a GPU (``-m gpu``) compiled, replayed
+as CUDA graphs. The optimizer's side of a step skipped on the device runs everywhere, with a stand-in rule
+(``DeviceSkippingRule``)."""
 
 import io
 import math
@@ -85,19 +86,15 @@ def numpy_at_least(major: int, minor: int) -> bool:
   return tuple(int(part) for part in np.__version__.split(".")[:2]) >= (major, minor)
 
 
-def triton_version() -> str:
-  import triton
-  return triton.__version__
-
-
 def test_kernels_match_pytorch_operations_in_the_interpreter():
-  pytest.importorskip("triton")
+  triton = pytest.importorskip("triton")
   result = subprocess.run([sys.executable, __file__], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600)
   if result.returncode and INTERPRETER_NUMPY_BUG in result.stderr and numpy_at_least(2, 4):
     # Triton's interpreter converts a runtime loop bound with int() of a 1-element array, which NumPy 2.4 refuses
     # (triton-lang/triton#9171); the compiled kernels are still checked on the GPU (-m gpu).
-    pytest.skip(f"Triton {triton_version()}'s interpreter fails under NumPy {np.__version__} (triton-lang/triton#9171)")
+    pytest.skip(f"Triton {triton.__version__}'s interpreter fails under NumPy {np.__version__} "
+                "(triton-lang/triton#9171)")
   assert result.returncode == 0, result.stderr[-3000:]
   errors = [float(x) for x in result.stdout.split()[-3:]]
   assert all(0 < error < DISPLACEMENT_TOLERANCE for error in errors), result.stdout  # (0: the kernels did not run)
