@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import optax
 
 from lopt.architectures.hierarchical.optimizer import TensorState
@@ -22,13 +23,10 @@ from wrapped_benchmark import benchmark_wrapped  # this folder
 
 
 def shifted(state, shift: float):
-  """``state`` (any nest of tuples) with every ``TensorState``'s log step raised by ``shift``."""
-  if isinstance(state, TensorState):
-    return state._replace(log_step=state.log_step + shift)
-  if isinstance(state, tuple):
-    children = [shifted(child, shift) for child in state]
-    return type(state)(*children) if hasattr(state, "_fields") else tuple(children)
-  return state
+  """``state`` (any pytree) with every ``TensorState``'s log step raised by ``shift``."""
+  is_tensors = lambda x: isinstance(x, TensorState)  # noqa: E731
+  return jax.tree.map(lambda x: x._replace(log_step=x.log_step + shift) if is_tensors(x) else x, state,
+                      is_leaf=is_tensors)
 
 
 def main(argv=None) -> int:
