@@ -516,15 +516,18 @@ def test_episode_window_scores_are_the_references_sums_since_their_episode_began
   assert plain.init(theta, jax.random.key(0)).scores is None  # no new leaves: older checkpoints still match
 
 
-def test_tbptt_episode_window_calibrates_to_the_reference_best_over_the_episode():
+@pytest.mark.parametrize("weight_window", ["truncation", "episode"])
+def test_tbptt_episode_window_calibrates_to_the_reference_best_over_the_episode(weight_window):
   """The second truncation of each episode, backpropagated with reference_window="episode": the target step and
   the weight are those of the reference with the lowest meta-loss summed over both truncations, which here differs
-  from the best on the second truncation alone for some problems; against float64 central differences."""
+  from the best on the second truncation alone for some problems; against float64 central differences. The weight
+  divides by that reference's meta-loss on the second truncation, or with weight_window="episode" by its mean over
+  both (the first truncation's losses are larger, so the second weighs less there)."""
   task, curvatures, start = scaled_task((2 * WIDTH, 2 * WIDTH))
   theta = LogLearningRate().init(None)
   rates, lam, problems = [0.01, 0.1, 0.5], 0.7, 16
   values = {"meta_batch_size": problems, "truncation": WIDTH, "reference_learning_rates": rates,
-            "step_calibration": lam, "reference_window": "episode"}
+            "step_calibration": lam, "reference_window": "episode", "weight_window": weight_window}
   estimator = estimators.get("tbptt").create(task, LogLearningRate(), values, None)
   state = estimator.init(theta, jax.random.key(3))
   state, _, _ = jax.jit(estimator.estimate)(theta, state, jax.random.key(4))
@@ -546,7 +549,7 @@ def test_tbptt_episode_window_calibrates_to_the_reference_best_over_the_episode(
     losses, log_rms = reference_truncation_losses(rates, c, x0, done + WIDTH)
     best = int(np.argmin(losses.sum(axis=1)))
     switched += best != int(np.argmin(losses[:, -1]))
-    chosen.append(losses[best, -1])
+    chosen.append(losses[best, -1] if weight_window == "truncation" else losses[best].mean())
     setups.append((c, x0 * (1 - lr * c) ** done, 0.5 * np.sum(c * x0**2), log_rms[best, done:]))
   weights = 1 / np.maximum(chosen, es.REFERENCE_FLOOR)
   weights = weights / weights.mean()
@@ -565,6 +568,37 @@ def test_reference_window_is_checked():
     estimators.get("tbptt").validate({"reference_window": "episode"})
   with pytest.raises(ValueError, match="reference_window 'run'"):
     es.Antithetic(None, es.ES_RULE, 1, reference_learning_rates=(0.01,), reference_window="run")
+
+
+def test_weight_window_is_checked():
+  with pytest.raises(estimators.EstimatorConfigError, match="'weight_window' must be one of"):
+    estimators.get("pes").validate({"weight_window": "run", "reference_learning_rates": [0.01],
+                                    "reference_window": "episode"})
+  with pytest.raises(estimators.EstimatorConfigError, match="weight_window 'episode' needs reference_window=episode"):
+    estimators.get("tbptt").validate({"weight_window": "episode", "reference_learning_rates": [0.01]})
+  with pytest.raises(ValueError, match="weight_window 'episode' needs reference_window 'episode'"):
+    es.Antithetic(None, es.ES_RULE, 1, reference_learning_rates=(0.01,), weight_window="episode")
+
+
+def test_nres_episode_weights_are_the_truncation_weights_on_first_truncations_only():
+  """nres with weight_window="episode": on the first truncation of every episode the episode's mean is that
+  truncation's meta-loss, so the estimate equals the default's bit for bit; on the second it differs (the weight
+  divides by the mean over both truncations)."""
+  task, _, _ = scaled_task((2 * WIDTH, 2 * WIDTH))
+  theta = LogLearningRate().init(None)
+  values = {"meta_batch_size": 8, "truncation": WIDTH, "reference_learning_rates": [0.01, 0.1, 0.5],
+            "reference_window": "episode", "sigma": SIGMA}
+  grads = {}
+  for window in ("truncation", "episode"):
+    estimator = estimators.get("nres").create(task, LogLearningRate(), {**values, "weight_window": window}, None)
+    state = estimator.init(theta, jax.random.key(0))
+    state = state._replace(episodes=state.episodes._replace(length=jnp.full_like(state.episodes.length, 2 * WIDTH)))
+    step = jax.jit(estimator.estimate)
+    state, first, _ = step(theta, state, jax.random.key(1))
+    _, second, _ = step(theta, state, jax.random.key(2))
+    grads[window] = (float(first["log_lr"]), float(second["log_lr"]))
+  assert grads["truncation"][0] == grads["episode"][0] != 0.0
+  assert abs(grads["truncation"][1] - grads["episode"][1]) > 1e-3 * abs(grads["truncation"][1])
 
 
 def test_tbptt_step_calibration_needs_references():

@@ -85,6 +85,10 @@ def check_fields(values: dict, where: str, error: type[Exception] = EstimatorCon
     raise error(f"{where}: reference_window {values['reference_window']!r} needs reference_learning_rates (it says "
                 f"which reference is a problem's best); add e.g. --estimator-option "
                 f"reference_learning_rates=[0.001,0.01,0.1], or leave reference_window out")
+  if values.get("weight_window", "truncation") != "truncation" and values.get("reference_window") != "episode":
+    raise error(f"{where}: weight_window {values['weight_window']!r} needs reference_window=episode (the episode's "
+                f"sums of the references' meta-losses); add --estimator-option reference_window=episode (and "
+                f"reference_learning_rates), or leave weight_window out")
 
 
 def check_combination(name: str, values: dict, tasks: list, horizon: int | None) -> None:
@@ -212,6 +216,12 @@ REFERENCE_FIELDS = {
                               "which reference is a problem's best, for its weight and its step-calibration target: "
                               "the lowest meta-loss on this truncation, or the lowest sum since the episode began "
                               "(one learning rate per run, as a tuner picks it)"),
+    "weight_window": Field("truncation", lambda v: v in REFERENCE_WINDOWS, f"one of {list(REFERENCE_WINDOWS)}",
+                           "what divides a problem's relative weight: its best reference's meta-loss on this "
+                           "truncation (every truncation of a run weighs alike), or that reference's mean meta-loss "
+                           "per truncation since the episode began (a run's early, high losses weigh most, as in "
+                           "the mean loss over a run that lopt benchmark compares); episode needs "
+                           "reference_window=episode"),
 }
 
 register(EstimatorSpec(

@@ -43,6 +43,13 @@ tuner picks one learning rate for a whole run: the target step then follows one 
 instead of switching with each truncation's noise, and later in an episode it is chosen over a longer horizon than
 one truncation, which counters the short-horizon bias toward small steps. The weight divides by that reference's
 meta-loss on this truncation. The sums live in the estimator state (``scores``, (pairs, R)).
+
+What divides the weight (``weight_window``): by default that reference's meta-loss on this truncation, so every
+truncation of a run weighs alike, its late, small losses as much as its first. The mean loss over a run, which
+``lopt benchmark`` compares, weighs them by their size instead: the ratio of two runs' sums is the ratios of their
+truncations weighted by the reference's loss on each. With ``weight_window="episode"`` the divisor is the reference's
+mean meta-loss per truncation since the episode began: a run's first truncation weighs its full ratio and later ones
+their ratio times their share of the run's losses so far (causal: the rest of the run is not known yet).
 """
 
 from __future__ import annotations
@@ -151,6 +158,18 @@ def best_reference(reference_losses: jax.Array, scores: jax.Array | None = None)
   return BestReference(index, jnp.take_along_axis(reference_losses, index[:, None], axis=1)[:, 0])
 
 
+def weight_divisors(best: BestReference, scores: jax.Array | None, steps: jax.Array, truncation: int,
+                    window: str) -> jax.Array:
+  """(pairs,) what divides each pair's relative weight: its best reference's meta-loss on this truncation
+  ("truncation"), or that reference's mean meta-loss per truncation since the episode began ("episode": ``scores``
+  (pairs, R) the sums after this truncation, ``steps`` (pairs,) the inner step it started at). Under "episode" the
+  truncations of a run weigh as they weigh in its mean loss: the first, at high losses, most."""
+  if window == "truncation":
+    return best.meta_loss
+  count = steps // truncation + 1
+  return jnp.take_along_axis(scores, best.index[:, None], axis=1)[:, 0] / count.astype(scores.dtype)
+
+
 def best_reference_log_rms(reference_log_rms: jax.Array, best: jax.Array) -> jax.Array:
   """(pairs, R, T) the references' log update RMS and (pairs,) the best one's index -> (pairs, T) its log RMS."""
   return jnp.take_along_axis(reference_log_rms, best[:, None, None], axis=1)[:, 0]
@@ -232,6 +251,7 @@ class Antithetic:
   reference_learning_rates: tuple = ()  # Adam references weighting each pair (see the module docstring)
   step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
   reference_window: str = "truncation"  # which reference is the best: on this truncation or on the episode so far
+  weight_window: str = "truncation"  # what divides the relative weight: that truncation's or the episode's mean
 
   def __post_init__(self):
     check_references(self)
@@ -271,11 +291,14 @@ class Antithetic:
                             episodes.length[:, 0])
 
   def advance_references(self, state: ReferencedState, episodes, *, measure_update: bool = False):
-    """``advance_and_pick_references`` for the pairs' problems (their + members say where an episode starts)."""
-    return advance_and_pick_references(self.unroll, self.reference_learning_rates, self.reference_window,
-                                       state.references, state.scores, episodes.inner.key[:, 0],
-                                       episodes.length[:, 0], episodes.inner.step[:, 0] == 0,
-                                       measure_update=measure_update)
+    """``advance_and_pick_references`` for the pairs' problems (their + members say where an episode starts), and
+    the pairs' relative weights: (ReferenceTruncation, BestReference, scores, weights (pairs,))."""
+    steps = episodes.inner.step[:, 0]
+    truncation, best, scores = advance_and_pick_references(
+        self.unroll, self.reference_learning_rates, self.reference_window, state.references, state.scores,
+        episodes.inner.key[:, 0], episodes.length[:, 0], steps == 0, measure_update=measure_update)
+    divisors = weight_divisors(best, scores, steps, self.unroll.schedule.truncation, self.weight_window)
+    return truncation, best, scores, relative_weights(divisors)
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,
@@ -302,8 +325,7 @@ class Antithetic:
       return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
     if self.reference_learning_rates:
-      truncation, best, scores = self.advance_references(state, episodes)
-      pair_weights = relative_weights(best.meta_loss)
+      truncation, best, scores, pair_weights = self.advance_references(state, episodes)
       weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
     per_pair = es_terms(meta_losses, weight, self.sigma)
@@ -321,8 +343,7 @@ class Antithetic:
     the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in nats:
     positive, the learned optimizer steps larger than the best reference)."""
     episodes, noise, used, weight = self.prepare(theta, state, key)
-    truncation, best, scores = self.advance_references(state, episodes, measure_update=True)
-    pair_weights = relative_weights(best.meta_loss)
+    truncation, best, scores, pair_weights = self.advance_references(state, episodes, measure_update=True)
     meta_losses, episodes, learned_log_rms = jax.vmap(jax.vmap(self.unroll.measured))(
         self.perturbed(theta, used), episodes)
     gaps = step_gaps(learned_log_rms, best_reference_log_rms(truncation.log_rms, best.index))
@@ -341,8 +362,12 @@ def check_references(estimator) -> None:
   if estimator.step_calibration and not estimator.reference_learning_rates:
     raise ValueError("step_calibration needs reference_learning_rates: the step it calibrates to is the best "
                      "reference's")
-  if estimator.reference_window not in REFERENCE_WINDOWS:
-    raise ValueError(f"reference_window {estimator.reference_window!r}: expected one of {list(REFERENCE_WINDOWS)}")
+  for name in ("reference_window", "weight_window"):
+    if getattr(estimator, name) not in REFERENCE_WINDOWS:
+      raise ValueError(f"{name} {getattr(estimator, name)!r}: expected one of {list(REFERENCE_WINDOWS)}")
+  if estimator.weight_window == "episode" and estimator.reference_window != "episode":
+    raise ValueError("weight_window 'episode' needs reference_window 'episode' (the episode's sums of the "
+                     "references' meta-losses)")
 
 
 def es_terms(meta_losses: jax.Array, weight, sigma: float):
@@ -357,7 +382,8 @@ def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: in
                     values["num_particles"], values["sigma"], values["l2_penalty"],
                     reference_learning_rates=tuple(values.get("reference_learning_rates", ())),
                     step_calibration=values.get("step_calibration", 0.0),
-                    reference_window=values.get("reference_window", "truncation"))
+                    reference_window=values.get("reference_window", "truncation"),
+                    weight_window=values.get("weight_window", "truncation"))
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:

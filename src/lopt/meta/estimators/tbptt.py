@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from lopt.meta.estimators.es import (advance_and_pick_references, best_reference_log_rms, check_references,
-                                     initial_scores, relative_weights, start_references, step_gaps)
+                                     initial_scores, relative_weights, start_references, step_gaps,
+                                     weight_divisors)
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
@@ -49,6 +50,7 @@ class TruncatedBPTT:
   reference_learning_rates: tuple = ()  # Adam references weighting each problem (es.py's module docstring)
   step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
   reference_window: str = "truncation"  # which reference is the best: on this truncation or on the episode so far
+  weight_window: str = "truncation"  # what divides the relative weight: that truncation's or the episode's mean
 
   def __post_init__(self):
     check_references(self)
@@ -93,7 +95,8 @@ class TruncatedBPTT:
     truncation, best, scores = advance_and_pick_references(
         u, self.reference_learning_rates, self.reference_window, state.references, state.scores, episodes.inner.key,
         episodes.length, episodes.inner.step == 0, measure_update=calibrating)
-    weights = relative_weights(best.meta_loss)
+    weights = relative_weights(weight_divisors(best, scores, episodes.inner.step, u.schedule.truncation,
+                                               self.weight_window))
     targets = (best_reference_log_rms(truncation.log_rms, best.index) if calibrating
                else jnp.zeros((self.num_tasks, 0), jnp.float32))
 
@@ -120,4 +123,5 @@ def build(task, optimizer, values: dict, horizon: int | None) -> TruncatedBPTT:
   """The registry's constructor: validated fields -> TruncatedBPTT."""
   return TruncatedBPTT(Unroller.from_values(task, optimizer, values, horizon), values["meta_batch_size"],
                        values["l2_penalty"], tuple(values.get("reference_learning_rates", ())),
-                       values.get("step_calibration", 0.0), values.get("reference_window", "truncation"))
+                       values.get("step_calibration", 0.0), values.get("reference_window", "truncation"),
+                       values.get("weight_window", "truncation"))
