@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from general_initial_log_step import shifted  # this folder
+from general_trust_ratio import predicted_change  # this folder
 from wrapped_benchmark import benchmark_wrapped  # this folder
 
 
@@ -53,8 +54,7 @@ def searched(inner: optax.GradientTransformationExtraArgs, max_doublings: int = 
     shift = jnp.where(passed, math.log(2.0), jnp.where(failed, -back_off, 0.0))
     searching = state.searching & ~failed & (doublings < max_doublings)
     updates, inner_state = inner.update(grads, shifted(state.inner, shift), params, value=value, **extra)
-    predicted = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
-                    for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+    predicted = predicted_change(grads, updates)
     return updates, SearchState(inner_state, jnp.where(jnp.isfinite(loss), loss, state.last_loss),
                                 jnp.where(jnp.isfinite(predicted), predicted, 0.0), searching, doublings)
   return optax.GradientTransformationExtraArgs(init, update)

@@ -48,6 +48,12 @@ class TrustState(NamedTuple):
   ema_predicted: jax.Array  # ()
 
 
+def predicted_change(grads, updates) -> jax.Array:
+  """() the loss's change that ``updates`` predict to first order, g . u summed over every tensor (float32)."""
+  return sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
+             for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+
+
 def controlled(inner: optax.GradientTransformationExtraArgs, eta=0.05, target=0.25,
                decay: float = 0.9) -> optax.GradientTransformationExtraArgs:
   """``inner`` (called with ``value=`` the training loss) with every update scaled by exp(s), s the controller's
@@ -70,8 +76,7 @@ def controlled(inner: optax.GradientTransformationExtraArgs, eta=0.05, target=0.
     updates, inner_state = inner.update(grads, state.inner, params, value=value, **extra)
     factor = jnp.exp(log_scale)
     updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
-    predicted = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
-                    for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+    predicted = predicted_change(grads, updates)
     return updates, TrustState(inner_state, log_scale, jnp.where(jnp.isfinite(loss), loss, state.last_loss),
                                jnp.where(jnp.isfinite(predicted), predicted, 0.0), ema_actual, ema_predicted)
   return optax.GradientTransformationExtraArgs(init, update)

@@ -227,15 +227,19 @@ def advance_references(unroll, learning_rates: tuple, references, keys: jax.Arra
   return jax.vmap(jax.vmap(one))(references)
 
 
-def advance_and_pick_references(unroll, learning_rates: tuple, window: str, references, scores, keys: jax.Array,
-                                lengths: jax.Array, starting: jax.Array, *, measure_update: bool = False):
-  """``advance_references``, then each problem's best reference under ``window`` -> (ReferenceTruncation,
-  BestReference, the scores after it: (N, R) sums since the episode began for "episode", else None)."""
-  truncation = advance_references(unroll, learning_rates, references, keys, lengths, starting,
+def advance_and_pick_references(unroll, learning_rates: tuple, window: str, weight_window: str, references, scores,
+                                keys: jax.Array, lengths: jax.Array, steps: jax.Array, *,
+                                measure_update: bool = False):
+  """``advance_references`` from ``steps`` (N,) (0: the problem's episode starts), then each problem's best reference
+  under ``window`` and its relative weight under ``weight_window`` -> (ReferenceTruncation, BestReference, the scores
+  after it: (N, R) sums since the episode began for "episode", else None, weights (N,))."""
+  truncation = advance_references(unroll, learning_rates, references, keys, lengths, steps == 0,
                                   measure_update=measure_update)
   if window == "episode":
-    scores = episode_scores(scores, truncation.meta_losses, starting)
-  return truncation, best_reference(truncation.meta_losses, scores), scores
+    scores = episode_scores(scores, truncation.meta_losses, steps == 0)
+  best = best_reference(truncation.meta_losses, scores)
+  divisors = weight_divisors(best, scores, steps, unroll.schedule.truncation, weight_window)
+  return truncation, best, scores, relative_weights(divisors)
 
 
 @dataclass(frozen=True)
@@ -291,14 +295,11 @@ class Antithetic:
                             episodes.length[:, 0])
 
   def advance_references(self, state: ReferencedState, episodes, *, measure_update: bool = False):
-    """``advance_and_pick_references`` for the pairs' problems (their + members say where an episode starts), and
-    the pairs' relative weights: (ReferenceTruncation, BestReference, scores, weights (pairs,))."""
-    steps = episodes.inner.step[:, 0]
-    truncation, best, scores = advance_and_pick_references(
-        self.unroll, self.reference_learning_rates, self.reference_window, state.references, state.scores,
-        episodes.inner.key[:, 0], episodes.length[:, 0], steps == 0, measure_update=measure_update)
-    divisors = weight_divisors(best, scores, steps, self.unroll.schedule.truncation, self.weight_window)
-    return truncation, best, scores, relative_weights(divisors)
+    """``advance_and_pick_references`` for the pairs' problems (their + members say where an episode starts)."""
+    return advance_and_pick_references(self.unroll, self.reference_learning_rates, self.reference_window,
+                                       self.weight_window, state.references, state.scores, episodes.inner.key[:, 0],
+                                       episodes.length[:, 0], episodes.inner.step[:, 0],
+                                       measure_update=measure_update)
 
   def prepare(self, theta, state: AntitheticState, key):
     """Restarts finished pairs (both members together), applies the noise rule: (episodes, noise state,

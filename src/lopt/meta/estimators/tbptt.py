@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lopt.meta.estimators.es import (advance_and_pick_references, best_reference_log_rms, check_references,
-                                     initial_scores, relative_weights, start_references, step_gaps,
-                                     weight_divisors)
+                                     initial_scores, start_references, step_gaps)
 from lopt.meta.estimators.truncated import (Metrics, Unroller, all_finite, first_episodes, l2_penalty_gradient,
                                             masked_mean, restart_finished, restart_keys)
 
@@ -92,11 +91,9 @@ class TruncatedBPTT:
     then holds the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in
     nats: positive, the learned optimizer steps larger than the best reference)."""
     u, calibrating = self.unroll, self.step_calibration > 0
-    truncation, best, scores = advance_and_pick_references(
-        u, self.reference_learning_rates, self.reference_window, state.references, state.scores, episodes.inner.key,
-        episodes.length, episodes.inner.step == 0, measure_update=calibrating)
-    weights = relative_weights(weight_divisors(best, scores, episodes.inner.step, u.schedule.truncation,
-                                               self.weight_window))
+    truncation, best, scores, weights = advance_and_pick_references(
+        u, self.reference_learning_rates, self.reference_window, self.weight_window, state.references, state.scores,
+        episodes.inner.key, episodes.length, episodes.inner.step, measure_update=calibrating)
     targets = (best_reference_log_rms(truncation.log_rms, best.index) if calibrating
                else jnp.zeros((self.num_tasks, 0), jnp.float32))
 
