@@ -35,7 +35,10 @@
 # NRES (or ESTIMATOR) on all six task families: the first call starts it (from INIT_FROM's meta-parameters when
 # given), later calls resume it exactly. After SECONDS it gets SIGINT and writes a checkpoint and the best optimizer
 # so far (in the run's optimizer/, which comes back with the tarball; the run's export at STEPS replaces it).
-# The run directory without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT.
+# The run directory without its checkpoints (hundreds of MB of inner-problem states) comes back as a tarball in $OUT;
+# it holds meta_checkpoint.safetensors (theta, the outer optimizer's state, counters): committed as runs/RUN, it lets
+# a later session's fresh machine continue the run (the script copies runs/RUN into gpu_runs/ when the machine has no
+# copy of its own; the inner problems then start new episodes, lopt says so).
 # Compilations are cached in gpu_runs/jax_cache, so a resumed call does not compile again. The cache also comes back
 # as $OUT/jax_cache.tar.gz (11-14 MB): unpacked into gpu_runs/ here (`tar -xzf jax_cache.tar.gz -C gpu_runs`) and
 # named in the device call's `carry` (["gpu_runs/jax_cache"]), it spares a fresh machine of the same kind its
@@ -74,6 +77,9 @@ for option in ${ESTIMATOR_OPTIONS:-}; do args+=(--estimator-option "$option"); d
   "distance_scale_probability=$DISTANCE_SCALE_PROBABILITY")
 [ -n "${BATCH_SIZE_RANGE:-}" ] && args+=(--task-option "batch_size_range=$BATCH_SIZE_RANGE")
 [ -n "${PARAM_SCALE_PROBABILITY:-}" ] && args+=(--task-option "param_scale_probability=$PARAM_SCALE_PROBABILITY")
+if [ ! -f "$run/config.json" ] && [ -f "runs/$(basename "$run")/meta_checkpoint.safetensors" ]; then
+  mkdir -p gpu_runs && cp -r "runs/$(basename "$run")" "$run"  # a run committed by an earlier session continues
+fi
 if [ -f "$run/config.json" ]; then
   args=(--resume --out "$run" --steps "${STEPS:-100000}")
 elif [ -n "$init" ]; then

@@ -342,3 +342,31 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, damag
     run.restore(_state(0))
   if damage == "architecture":
     assert "tensor 'theta/bias' is float32[24], expected float32[12]" in str(error.value)
+
+
+def test_without_checkpoints_the_meta_checkpoint_resumes_with_fresh_estimator_state(tmp_path, capsys):
+  """A run carried to another machine without checkpoints/ continues from meta_checkpoint.safetensors: the newest
+  theta, best theta, outer state and counters exactly, the estimator's state made fresh for that step."""
+  import shutil
+  run = _run_with_checkpoints(tmp_path)
+  shutil.rmtree(run.checkpoints)
+  calls = []
+  restored = run.restore(_state(0), lambda theta, step: calls.append(step) or {"fresh": np.float32(step)})
+  original = _state(6)
+  assert restored.step == 6 and restored.best_score == 0.5 and calls == [6]
+  assert restored.estimator_state == {"fresh": np.float32(6)}
+  for a, b in zip(jax.tree.leaves((restored.theta, restored.outer_state, restored.best_theta)),
+                  jax.tree.leaves((original.theta, original.outer_state, original.best_theta)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  err = capsys.readouterr().err
+  assert "from meta_checkpoint.safetensors" in err and "start new episodes" in err, err
+
+
+def test_a_damaged_meta_checkpoint_without_checkpoints_is_an_error(tmp_path):
+  import shutil
+  run = _run_with_checkpoints(tmp_path)
+  shutil.rmtree(run.checkpoints)
+  meta = run.path / "meta_checkpoint.safetensors"
+  meta.write_bytes(meta.read_bytes()[:100])
+  with pytest.raises(RunError, match="meta_checkpoint.safetensors: unreadable"):
+    run.restore(_state(0))

@@ -22,11 +22,14 @@ def config(estimator: str, num_steps: int, **task) -> MetaTrainConfig:
                          num_eval_problems=4)
 
 
+def raw(tree) -> list:
+  """``tree``'s leaves as numpy arrays, typed PRNG keys as their key data."""
+  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+          for x in jax.tree.leaves(tree)]
+
+
 def leaves(state):
-  out = []
-  for x in jax.tree.leaves((state.theta, state.outer_state, state.estimator_state, state.best_theta)):
-    out.append(np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x))
-  return out
+  return raw((state.theta, state.outer_state, state.estimator_state, state.best_theta))
 
 
 # pes (an accumulator per pair) in the default run; the others share its machinery and run with -m slow.
@@ -39,3 +42,24 @@ def test_resume_mid_episode_is_bit_identical(estimator, tmp_path):
   assert resumed.step == unbroken.step == 7
   for a, b in zip(leaves(unbroken), leaves(resumed), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_without_its_checkpoints_continues_from_its_meta_checkpoint(tmp_path, capsys):
+  """checkpoints/ (the inner problems' states) left behind: the run resumes from meta_checkpoint.safetensors, its
+  meta-parameters and outer state exactly those it stopped with, its inner problems in new episodes, and goes on."""
+  import json
+  import shutil
+  stopped = meta_train(config("pes", 3), tmp_path / "run", progress=False)
+  shutil.rmtree(tmp_path / "run" / "checkpoints")
+  same = meta_train(config("pes", 3), tmp_path / "run", resume=True, progress=False)  # nothing left to train
+  assert same.step == 3
+  for a, b in zip(raw((stopped.theta, stopped.outer_state, stopped.best_theta)),
+                  raw((same.theta, same.outer_state, same.best_theta)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(raw(stopped.estimator_state), raw(same.estimator_state),
+                                                      strict=True)), "the inner problems should start afresh"
+  assert "start new episodes" in capsys.readouterr().err
+  resumed = meta_train(config("pes", 7), tmp_path / "run", resume=True, progress=False)
+  steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert resumed.step == 7 and steps == list(range(1, 8)), steps
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(resumed.theta))

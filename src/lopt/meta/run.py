@@ -5,6 +5,10 @@
     metrics.jsonl                one JSON line per logged outer step
     checkpoints/step_XXXXXXXX.safetensors   theta and best theta (by key path), outer-optimizer state (by leaf
                                  index), estimator state (by key path); step and counters in metadata
+    meta_checkpoint.safetensors  the newest checkpoint without the estimator state (theta, best theta, outer state,
+                                 counters): small enough to keep with the run's logs when checkpoints/ (the inner
+                                 problems' states, up to hundreds of MB) cannot travel, so that a run continues in
+                                 another working period on another machine, its inner problems starting new episodes
     optimizer/                   the trained optimizer (best on held-out problems): config.json + weights.safetensors
 """
 
@@ -28,6 +32,7 @@ from lopt.meta.state import TrainState
 from lopt.pytree import flatten_by_path
 
 KEEP_CHECKPOINTS = 2
+META_CHECKPOINT = "meta_checkpoint.safetensors"
 
 
 class RunError(UserError, RuntimeError):
@@ -130,15 +135,24 @@ class RunDirectory:
   # -- checkpoints ---------------------------------------------------------------------------------------------------
 
   def checkpoint(self, state) -> Path:
+    """checkpoints/step_STEP.safetensors (the whole state), then meta_checkpoint.safetensors (all but the estimator's
+    state); both atomic."""
     tensors = {f"theta/{k}": np.asarray(v) for k, v in flatten_by_path(state.theta).items()}
     tensors.update({f"best_theta/{k}": np.asarray(v) for k, v in flatten_by_path(state.best_theta).items()})
     for i, leaf in enumerate(jax.tree.leaves(state.outer_state)):
       tensors[f"outer_state/{i:04d}"] = np.asarray(leaf)
+    meta_tensors = dict(tensors)
     for k, v in flatten_by_path(state.estimator_state).items():
       tensors[f"estimator_state/{k}"] = _storable(v)
     metadata = {"step": str(state.step), "best_score": repr(state.best_score), "best_step": str(state.best_step),
                 "skipped_steps": str(state.skipped_steps), "dropped_problems": str(state.dropped_problems)}
-    return self.write_checkpoint(state.step, tensors, metadata)
+    path = self.write_checkpoint(state.step, tensors, metadata)
+    try:
+      atomic_write_bytes(self.path / META_CHECKPOINT, tensors_to_bytes(meta_tensors, metadata))
+    except WriteError as e:
+      raise WriteError(f"{e}; the checkpoint {path} is intact: free space or fix permissions, then continue with "
+                       f"`lopt train --resume --out {self.path}`") from None
+    return path
 
   def write_checkpoint(self, step: int, tensors: dict, metadata: dict, command: str = "lopt train") -> Path:
     """checkpoints/step_STEP.safetensors, atomically; then all but the newest KEEP_CHECKPOINTS go. A write that
@@ -154,12 +168,15 @@ class RunDirectory:
       old.unlink(missing_ok=True)
     return path
 
-  def restore(self, template):
+  def restore(self, template, fresh_estimator_state=None):
     """Loads the newest readable checkpoint into a copy of ``template``; None when there is none.
 
     An unreadable checkpoint (only possible if something outside lopt altered it: writes are atomic) is skipped with
     a warning for the next older one; when checkpoints exist but none is readable, RunError, rather than silently
-    starting over.
+    starting over. Without checkpoints/ (a run carried to another machine with its logs only) the state comes from
+    meta_checkpoint.safetensors, with the estimator's state ``fresh_estimator_state(theta, step)`` (the template's
+    when not given): the meta-parameters and the outer optimizer continue exactly, the inner problems start new
+    episodes, and a warning says so.
     """
     paths = sorted(self.checkpoints.glob("step_*.safetensors"), reverse=True)
     problems = []
@@ -175,6 +192,20 @@ class RunDirectory:
     if problems:
       raise RunError(f"{self.checkpoints}: no checkpoint is readable ({'; '.join(problems)}); move the directory "
                      f"aside to start over")
+    meta = self.path / META_CHECKPOINT
+    if meta.exists():
+      try:
+        state = _state_from_checkpoint(meta, template, with_estimator=False)
+      except (CheckpointError, KeyError, ValueError) as e:
+        raise RunError(f"{meta}: unreadable ({e}), and {self.checkpoints} holds no checkpoint; move the directory "
+                       f"aside to start over") from None
+      if fresh_estimator_state is not None:
+        state.estimator_state = fresh_estimator_state(state.theta, state.step)
+      print(f"lopt: resuming {self.path} at outer step {state.step} from {META_CHECKPOINT} ({self.checkpoints} holds "
+            f"no checkpoint): the meta-parameters and the outer optimizer continue exactly; the inner problems start "
+            f"new episodes", file=sys.stderr)
+      self._truncate_metrics(state.step)
+      return state
     self._truncate_metrics(0)
     return None
 
@@ -193,15 +224,17 @@ def _storable(leaf) -> np.ndarray:
   return np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
 
 
-def _state_from_checkpoint(path: Path, template: TrainState) -> TrainState:
-  """A TrainState from one checkpoint file, every tensor checked against ``template`` (names, shapes, dtypes)."""
+def _state_from_checkpoint(path: Path, template: TrainState, *, with_estimator: bool = True) -> TrainState:
+  """A TrainState from one checkpoint file, every tensor checked against ``template`` (names, shapes, dtypes); without
+  the estimator's state (a meta checkpoint), the template's."""
   tensors, meta = read_tensors(path)
   theta = _restore_tree(tensors, "theta", template.theta, path)
   best = _restore_tree(tensors, "best_theta", template.theta, path)
   leaves, treedef = jax.tree.flatten(template.outer_state)
   restored = _matching(tensors, "outer_state", {f"{i:04d}": leaf for i, leaf in enumerate(leaves)}, path)
   outer_state = jax.tree.unflatten(treedef, [restored[f"{i:04d}"] for i in range(len(leaves))])
-  estimator_state = _restore_tree(tensors, "estimator_state", template.estimator_state, path)
+  estimator_state = (_restore_tree(tensors, "estimator_state", template.estimator_state, path) if with_estimator
+                     else template.estimator_state)
   try:
     return TrainState(int(meta["step"]), theta, outer_state, best, float(meta["best_score"]), int(meta["best_step"]),
                       int(meta["skipped_steps"]), int(meta["dropped_problems"]), estimator_state)

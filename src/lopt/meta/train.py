@@ -435,7 +435,10 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, device
                         {"training": family_configs(config.task, config.seed),
                          "held_out": family_configs(config.task, config.seed, held_out=True)})
     if resume:
-      restored = run.restore(state)
+      # Resumed from a meta checkpoint alone, the inner problems start new episodes drawn for the step it stopped at.
+      fresh = lambda theta, step: estimator.init(theta, jax.random.fold_in(  # noqa: E731
+          jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM), step))
+      restored = run.restore(state, fresh)
       if restored is not None:
         state = restored
   if resume and run_dir is not None and layout.several_processes:
