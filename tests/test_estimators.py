@@ -607,3 +607,58 @@ def test_tbptt_step_calibration_needs_references():
   from lopt.meta.estimators.tbptt import TruncatedBPTT
   with pytest.raises(ValueError, match="needs reference_learning_rates"):
     TruncatedBPTT(None, 1, step_calibration=1.0)
+
+
+def test_soft_count_terms_telescope_to_the_soft_loss_of_the_run_so_far():
+  """win_temperature: the truncations' objectives g_k - g_(k-1) sum over an episode to sigmoid(log(the members'
+  summed meta-losses / the best reference's) / tau) - 1/2, whichever reference is best at each truncation; sums left
+  over from an earlier episode are ignored where the episode starts."""
+  rng = np.random.default_rng(0)
+  pairs, references, tau = 6, 3, 0.1
+  sums, scores = jnp.full((pairs, 2), 123.0), jnp.full((pairs, references), 7.0)  # stale: the episode starts
+  total, losses, reference_losses = 0.0, [], []
+  for k in range(TRUNCATIONS):
+    losses.append(rng.uniform(0.1, 1.0, (pairs, 2)).astype(np.float32))
+    reference_losses.append(rng.uniform(0.1, 1.0, (pairs, references)).astype(np.float32))
+    steps = jnp.full(pairs, k * WIDTH)
+    new_scores = es.episode_scores(scores, jnp.asarray(reference_losses[-1]), steps == 0)
+    count = es.soft_count_terms(sums, jnp.asarray(losses[-1]), scores, new_scores, steps, WIDTH, tau)
+    total, sums, scores = total + count.objective, count.sums, new_scores
+  ratio = np.sum(losses, axis=0) / np.min(np.sum(reference_losses, axis=0), axis=1)[:, None]
+  expected = 1 / (1 + np.exp(-np.log(ratio) / tau))
+  np.testing.assert_allclose(count.soft, expected, rtol=1e-5)
+  np.testing.assert_allclose(total, expected - 0.5, atol=1e-5)
+  soft = es.soft_losses(jnp.array([[1.0, 100.0], [0.0, jnp.nan]]), jnp.array([[1.0, 2.0], [0.0, 0.0]]),
+                        jnp.array([1, 2]), tau)
+  np.testing.assert_allclose(soft, [[0.5, 1.0], [0.0, 1.0]], atol=1e-6)  # a tie; lost by far; won; not finite
+
+
+def test_nres_soft_count_moves_a_too_small_step_toward_the_best_reference():
+  """On quadratics where gradient descent at 0.5 beats 0.05, the soft count's estimate (tau 1: not saturated) says
+  to raise the learning rate, reports the soft losses above 1/2 (losing), and ignores the relative weights."""
+  task, _, _ = scaled_task((2 * WIDTH, 2 * WIDTH))
+  theta = {**LogLearningRate().init(None), "log_lr": jnp.asarray(np.log(0.05), jnp.float32)}
+  values = {"meta_batch_size": 64, "truncation": WIDTH, "sigma": SIGMA, "reference_learning_rates": [0.01, 0.1, 0.5],
+            "reference_window": "episode", "win_temperature": 1.0}
+  estimator = estimators.get("nres").create(task, LogLearningRate(), values, None)
+  state = estimator.init(theta, jax.random.key(0))
+  assert state.learned_sums.shape == (64, 2)
+  step = jax.jit(estimator.estimate)
+  total = 0.0
+  for k in range(4):  # two episodes of two truncations
+    state, grads, metrics = step(theta, state, jax.random.key(k + 1))
+    total += float(grads["log_lr"])
+    assert 0.5 < float(metrics.extra["soft_losses"]) < 1.0
+  assert total < 0.0
+
+
+def test_win_temperature_is_checked():
+  with pytest.raises(estimators.EstimatorConfigError, match="win_temperature 0.1 needs reference_window=episode"):
+    estimators.get("nres").validate({"win_temperature": 0.1, "reference_learning_rates": [0.01]})
+  with pytest.raises(estimators.EstimatorConfigError, match="win_temperature"):
+    estimators.get("nres").validate({"win_temperature": -1.0})
+  with pytest.raises(estimators.EstimatorConfigError, match="win_temperature"):  # not a backpropagation field
+    estimators.get("tbptt").validate({"win_temperature": 0.1, "reference_learning_rates": [0.01],
+                                      "reference_window": "episode"})
+  with pytest.raises(ValueError, match="win_temperature needs reference_learning_rates"):
+    es.Antithetic(None, es.ES_RULE, 1, win_temperature=0.1)

@@ -89,6 +89,10 @@ def check_fields(values: dict, where: str, error: type[Exception] = EstimatorCon
     raise error(f"{where}: weight_window {values['weight_window']!r} needs reference_window=episode (the episode's "
                 f"sums of the references' meta-losses); add --estimator-option reference_window=episode (and "
                 f"reference_learning_rates), or leave weight_window out")
+  if values.get("win_temperature", 0.0) > 0 and values.get("reference_window") != "episode":
+    raise error(f"{where}: win_temperature {values['win_temperature']} needs reference_window=episode (the soft "
+                f"count compares a run's losses so far with the best reference's); add --estimator-option "
+                f"reference_window=episode (and reference_learning_rates), or set win_temperature=0")
 
 
 def check_combination(name: str, values: dict, tasks: list, horizon: int | None) -> None:
@@ -224,6 +228,15 @@ REFERENCE_FIELDS = {
                            "reference_window=episode"),
 }
 
+# The antithetic estimators only: their objective may be any function of the run so far (no gradient through it).
+WIN_FIELDS = {
+    "win_temperature": Field(0.0, _non_negative_finite, "a non-negative finite number",
+                             "tau > 0: the objective is a soft count of the problems lost to the best reference, "
+                             "sigmoid(log(the run's summed meta-losses so far / the best reference's) / tau), as lopt "
+                             "benchmark counts wins, instead of the loss relative to it; needs "
+                             "reference_window=episode (0: off)", float),
+}
+
 register(EstimatorSpec(
     name="tbptt",
     description="truncated backpropagation: the gradient of each truncation, carried state held constant (biased)",
@@ -241,7 +254,7 @@ for _name, _description, _truncation_default in (
   register(EstimatorSpec(
       name=_name, description=_description,
       fields={**TRUNCATED_PROBLEM_FIELDS, "truncation": _truncation(_truncation_default), **PERTURBATION_FIELDS,
-              **REFERENCE_FIELDS},
+              **REFERENCE_FIELDS, **WIN_FIELDS},
       build=f"lopt.meta.estimators.{_name}:build",
   ))
 register(EstimatorSpec(

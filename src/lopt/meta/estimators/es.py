@@ -50,6 +50,19 @@ truncation of a run weighs alike, its late, small losses as much as its first. T
 truncations weighted by the reference's loss on each. With ``weight_window="episode"`` the divisor is the reference's
 mean meta-loss per truncation since the episode began: a run's first truncation weighs its full ratio and later ones
 their ratio times their share of the run's losses so far (causal: the rest of the run is not known yet).
+
+A soft count of lost problems (``win_temperature`` = tau > 0, ours; antithetic estimators, ``reference_window=
+"episode"``): ``lopt benchmark`` counts the problems where the learned optimizer's mean loss over a run is below
+tuned Adam's, so a problem lost 10x counts as one lost by 1%. A mean of relative losses is dominated by the few
+problems lost badly; this objective counts them instead. Each member's objective on a truncation is
+
+  g_k - g_(k-1),   g_k = sigmoid(log(S_k / R_k) / tau)
+
+S_k the member's meta-losses summed since the episode began, R_k the best reference's sum (the lowest; floored at
+REFERENCE_FLOOR per truncation), g_0 = 1/2. Over an episode the terms telescope to g_K - 1/2: NRES (one perturbation
+per episode) and PES estimate the gradient of the smoothed soft loss of the whole run so far, g near 0 where the
+learned optimizer wins by far, 1 where it loses by far, 1/2 at a tie; a problem far from a tie hardly moves the
+estimate (tau 0.1: a 10% gap is sigmoid(0.95) = 0.72). The relative weight is then not used.
 """
 
 from __future__ import annotations
@@ -105,11 +118,13 @@ ES_RULE = NoiseRule("es", init=lambda eps: (), apply=lambda state, eps, starting
 class ReferencedState(NamedTuple):
   """AntitheticState with reference_learning_rates: references, an Episode with leading axes (pairs, R) of Adam at
   each reference learning rate on the pair's problem; scores (pairs, R) their meta-losses summed since the episode
-  began (``reference_window="episode"``; None otherwise, so that older checkpoints still match)."""
+  began (``reference_window="episode"``; None otherwise, so that older checkpoints still match); learned_sums
+  likewise, with ``win_temperature`` only."""
   episodes: Any
   noise: Any
   references: Any
   scores: Any = None
+  learned_sums: Any = None  # (pairs, 2) the members' meta-losses summed since the episode began (win_temperature)
 
 
 def reference_optimizer():
@@ -168,6 +183,37 @@ def weight_divisors(best: BestReference, scores: jax.Array | None, steps: jax.Ar
     return best.meta_loss
   count = steps // truncation + 1
   return jnp.take_along_axis(scores, best.index[:, None], axis=1)[:, 0] / count.astype(scores.dtype)
+
+
+def soft_losses(sums: jax.Array, reference_sums: jax.Array, count: jax.Array, temperature: float) -> jax.Array:
+  """(pairs, 2) the members' summed meta-losses, (pairs, R) the references' sums over the same ``count`` (pairs,)
+  truncations -> (pairs, 2) sigmoid(log(sums / best reference's) / temperature): 1/2 a tie, 1 lost by far. A
+  non-finite sum counts as lost."""
+  best = jnp.maximum(jnp.min(reference_sums, axis=1), REFERENCE_FLOOR * count.astype(sums.dtype))
+  ratio = jnp.where(jnp.isnan(sums), jnp.inf, sums) / best[:, None]
+  return jax.nn.sigmoid(jnp.log(jnp.maximum(ratio, 1e-30)) / temperature)
+
+
+class SoftCount(NamedTuple):
+  """One truncation of the soft count: objective (pairs, 2) g_k - g_(k-1) per member; sums (pairs, 2) the members'
+  meta-losses since the episode began, this truncation's included; soft (pairs, 2) g_k."""
+  objective: jax.Array
+  sums: jax.Array
+  soft: jax.Array
+
+
+def soft_count_terms(sums: jax.Array, meta_losses: jax.Array, scores: jax.Array, new_scores: jax.Array,
+                     steps: jax.Array, truncation: int, temperature: float) -> SoftCount:
+  """The members' sums before this truncation (pairs, 2) and its meta-losses (pairs, 2); the references' sums
+  before (pairs, R; stale where an episode starts) and after it; ``steps`` (pairs,) the inner step it started at
+  (0: the episode starts) -> the truncation's SoftCount (module docstring)."""
+  starting = steps == 0
+  count = steps // truncation
+  before = jnp.where(starting[:, None], 0.0, sums)
+  after = before + jnp.where(jnp.isnan(meta_losses), jnp.inf, meta_losses)
+  previous = jnp.where(starting[:, None], 0.5, soft_losses(before, scores, count, temperature))
+  soft = soft_losses(after, new_scores, count + 1, temperature)
+  return SoftCount(soft - previous, after, soft)
 
 
 def best_reference_log_rms(reference_log_rms: jax.Array, best: jax.Array) -> jax.Array:
@@ -256,6 +302,7 @@ class Antithetic:
   step_calibration: float = 0.0  # lambda of the step-calibration term (needs references; 0: off)
   reference_window: str = "truncation"  # which reference is the best: on this truncation or on the episode so far
   weight_window: str = "truncation"  # what divides the relative weight: that truncation's or the episode's mean
+  win_temperature: float = 0.0  # tau of the soft count of lost problems (0: off, the relative objective)
 
   def __post_init__(self):
     check_references(self)
@@ -287,7 +334,8 @@ class Antithetic:
     if not self.reference_learning_rates:
       return AntitheticState(episodes, noise)
     scores = initial_scores(self.num_pairs, self.reference_learning_rates, self.reference_window)
-    return ReferencedState(episodes, noise, self.start_references(episodes), scores)
+    sums = jnp.zeros((self.num_pairs, 2), jnp.float32) if self.win_temperature else None
+    return ReferencedState(episodes, noise, self.start_references(episodes), scores, sums)
 
   def start_references(self, episodes):
     """(pairs, R) Adam episodes at step 0 on each pair's problem, of its episode's length."""
@@ -325,17 +373,24 @@ class Antithetic:
     if self.step_calibration > 0:
       return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
+    steps = episodes.inner.step[:, 0]
     if self.reference_learning_rates:
       truncation, best, scores, pair_weights = self.advance_references(state, episodes)
-      weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
+      if not self.win_temperature:
+        weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
-    per_pair = es_terms(meta_losses, weight, self.sigma)
-    finite = jnp.isfinite(meta_losses[:, 0] - meta_losses[:, 1])
+    objective, sums, extra = meta_losses, None, None
+    if self.win_temperature:
+      count = soft_count_terms(state.learned_sums, meta_losses, state.scores, scores, steps,
+                               self.unroll.schedule.truncation, self.win_temperature)
+      objective, sums, extra = count.objective, count.sums, {"soft_losses": jnp.mean(count.soft)}
+    per_pair = es_terms(objective, weight, self.sigma)
+    finite = jnp.isfinite(objective[:, 0] - objective[:, 1])
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
-                      2 * self.num_pairs)
+                      2 * self.num_pairs, extra)
     if self.reference_learning_rates:
-      return ReferencedState(episodes, noise, truncation.references, scores), grads, metrics
+      return ReferencedState(episodes, noise, truncation.references, scores, sums), grads, metrics
     return AntitheticState(episodes, noise), grads, metrics
 
   def calibrated_estimate(self, theta, state: ReferencedState, key):
@@ -344,18 +399,26 @@ class Antithetic:
     the term's mean before lambda (``step_calibration``) and the mean signed gap (``step_log_gap``, in nats:
     positive, the learned optimizer steps larger than the best reference)."""
     episodes, noise, used, weight = self.prepare(theta, state, key)
+    steps = episodes.inner.step[:, 0]
     truncation, best, scores, pair_weights = self.advance_references(state, episodes, measure_update=True)
     meta_losses, episodes, learned_log_rms = jax.vmap(jax.vmap(self.unroll.measured))(
         self.perturbed(theta, used), episodes)
     gaps = step_gaps(learned_log_rms, best_reference_log_rms(truncation.log_rms, best.index))
     terms = step_calibration_terms(gaps)
-    objective = pair_weights[:, None] * meta_losses + self.step_calibration * terms
+    extra = {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)}
+    if self.win_temperature:
+      count = soft_count_terms(state.learned_sums, meta_losses, state.scores, scores, steps,
+                               self.unroll.schedule.truncation, self.win_temperature)
+      losses, sums, extra = count.objective, count.sums, {**extra, "soft_losses": jnp.mean(count.soft)}
+    else:
+      losses, sums = pair_weights[:, None] * meta_losses, None
+    objective = losses + self.step_calibration * terms
     per_pair = es_terms(objective, weight, self.sigma)
     finite = jnp.isfinite(objective[:, 0] - objective[:, 1])
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
-                      2 * self.num_pairs, {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)})
-    return ReferencedState(episodes, noise, truncation.references, scores), grads, metrics
+                      2 * self.num_pairs, extra)
+    return ReferencedState(episodes, noise, truncation.references, scores, sums), grads, metrics
 
 
 def check_references(estimator) -> None:
@@ -366,6 +429,10 @@ def check_references(estimator) -> None:
   for name in ("reference_window", "weight_window"):
     if getattr(estimator, name) not in REFERENCE_WINDOWS:
       raise ValueError(f"{name} {getattr(estimator, name)!r}: expected one of {list(REFERENCE_WINDOWS)}")
+  if getattr(estimator, "win_temperature", 0.0) and (not estimator.reference_learning_rates
+                                                      or estimator.reference_window != "episode"):
+    raise ValueError("win_temperature needs reference_learning_rates and reference_window 'episode' (the episode's "
+                     "sums of the references' meta-losses)")
   if estimator.weight_window == "episode" and estimator.reference_window != "episode":
     raise ValueError("weight_window 'episode' needs reference_window 'episode' (the episode's sums of the "
                      "references' meta-losses)")
@@ -384,7 +451,8 @@ def build_antithetic(rule: NoiseRule, task, optimizer, values: dict, horizon: in
                     reference_learning_rates=tuple(values.get("reference_learning_rates", ())),
                     step_calibration=values.get("step_calibration", 0.0),
                     reference_window=values.get("reference_window", "truncation"),
-                    weight_window=values.get("weight_window", "truncation"))
+                    weight_window=values.get("weight_window", "truncation"),
+                    win_temperature=values.get("win_temperature", 0.0))
 
 
 def build(task, optimizer, values: dict, horizon: int | None) -> Antithetic:
