@@ -635,7 +635,7 @@ def test_soft_count_terms_telescope_to_the_soft_loss_of_the_run_so_far():
 
 def test_nres_soft_count_moves_a_too_small_step_toward_the_best_reference():
   """On quadratics where gradient descent at 0.5 beats 0.05, the soft count's estimate (tau 1: not saturated) says
-  to raise the learning rate, reports the soft losses above 1/2 (losing), and ignores the relative weights."""
+  to raise the learning rate and reports the soft losses above 1/2 (losing)."""
   task, _, _ = scaled_task((2 * WIDTH, 2 * WIDTH))
   theta = {**LogLearningRate().init(None), "log_lr": jnp.asarray(np.log(0.05), jnp.float32)}
   values = {"meta_batch_size": 64, "truncation": WIDTH, "sigma": SIGMA, "reference_learning_rates": [0.01, 0.1, 0.5],
