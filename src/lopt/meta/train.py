@@ -419,7 +419,8 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, device
   evaluate = build_evaluator(eval_task, optimizer, eval_horizon)
   eval_keys = held_out_keys(config.seed, config.num_eval_problems)
 
-  estimator_state = estimator.init(theta, jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM))
+  estimator_key = jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM)
+  estimator_state = estimator.init(theta, estimator_key)
   state = TrainState(0, theta, outer.init(theta), theta, float("inf"), 0, estimator_state=estimator_state)
   # The default device count splits the per-problem axes; a given one that does not is a plain user error, raised
   # before the run directory exists.
@@ -436,8 +437,7 @@ def _meta_train(config: MetaTrainConfig, run_dir, resume: bool, progress, device
                          "held_out": family_configs(config.task, config.seed, held_out=True)})
     if resume:
       # Resumed from a meta checkpoint alone, the inner problems start new episodes drawn for the step it stopped at.
-      fresh = lambda theta, step: estimator.init(theta, jax.random.fold_in(  # noqa: E731
-          jax.random.fold_in(jax.random.key(config.seed), ESTIMATOR_INIT_STREAM), step))
+      fresh = lambda theta, step: estimator.init(theta, jax.random.fold_in(estimator_key, step))  # noqa: E731
       restored = run.restore(state, fresh)
       if restored is not None:
         state = restored

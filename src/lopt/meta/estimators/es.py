@@ -369,26 +369,32 @@ class Antithetic:
     """(pairs, 2, ...) meta-parameters theta + eps and theta - eps."""
     return jax.tree.map(lambda t, e: t + SIGNS.reshape((1, 2) + (1,) * t.ndim) * e[:, None], theta, used)
 
+  def counted(self, state, meta_losses: jax.Array, scores: jax.Array | None, steps: jax.Array):
+    """With ``win_temperature``: the soft count's (objective (pairs, 2), the members' sums after this truncation,
+    {"soft_losses": the mean g_k}), from ``scores`` (pairs, R) the references' sums after it and ``steps`` (pairs,)
+    where it started; otherwise (``meta_losses``, None, {})."""
+    if not self.win_temperature:
+      return meta_losses, None, {}
+    count = soft_count_terms(state.learned_sums, meta_losses, state.scores, scores, steps,
+                             self.unroll.schedule.truncation, self.win_temperature)
+    return count.objective, count.sums, {"soft_losses": jnp.mean(count.soft)}
+
   def estimate(self, theta, state: AntitheticState | ReferencedState, key):
     if self.step_calibration > 0:
       return self.calibrated_estimate(theta, state, key)
     episodes, noise, used, weight = self.prepare(theta, state, key)
-    steps = episodes.inner.step[:, 0]
+    steps, scores = episodes.inner.step[:, 0], None
     if self.reference_learning_rates:
       truncation, best, scores, pair_weights = self.advance_references(state, episodes)
       if not self.win_temperature:
         weight = jax.tree.map(lambda w: pair_weights.reshape((-1,) + (1,) * (w.ndim - 1)) * w, weight)
     meta_losses, episodes = jax.vmap(jax.vmap(self.unroll))(self.perturbed(theta, used), episodes)
-    objective, sums, extra = meta_losses, None, None
-    if self.win_temperature:
-      count = soft_count_terms(state.learned_sums, meta_losses, state.scores, scores, steps,
-                               self.unroll.schedule.truncation, self.win_temperature)
-      objective, sums, extra = count.objective, count.sums, {"soft_losses": jnp.mean(count.soft)}
+    objective, sums, extra = self.counted(state, meta_losses, scores, steps)
     per_pair = es_terms(objective, weight, self.sigma)
     finite = jnp.isfinite(objective[:, 0] - objective[:, 1])
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
-                      2 * self.num_pairs, extra)
+                      2 * self.num_pairs, extra or None)
     if self.reference_learning_rates:
       return ReferencedState(episodes, noise, truncation.references, scores, sums), grads, metrics
     return AntitheticState(episodes, noise), grads, metrics
@@ -405,19 +411,16 @@ class Antithetic:
         self.perturbed(theta, used), episodes)
     gaps = step_gaps(learned_log_rms, best_reference_log_rms(truncation.log_rms, best.index))
     terms = step_calibration_terms(gaps)
-    extra = {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps)}
-    if self.win_temperature:
-      count = soft_count_terms(state.learned_sums, meta_losses, state.scores, scores, steps,
-                               self.unroll.schedule.truncation, self.win_temperature)
-      losses, sums, extra = count.objective, count.sums, {**extra, "soft_losses": jnp.mean(count.soft)}
-    else:
-      losses, sums = pair_weights[:, None] * meta_losses, None
+    losses, sums, extra = self.counted(state, meta_losses, scores, steps)
+    if not self.win_temperature:
+      losses = pair_weights[:, None] * meta_losses
     objective = losses + self.step_calibration * terms
     per_pair = es_terms(objective, weight, self.sigma)
     finite = jnp.isfinite(objective[:, 0] - objective[:, 1])
     grads = jax.tree.map(jnp.add, masked_mean(per_pair, finite), l2_penalty_gradient(theta, self.l2_penalty))
     metrics = Metrics(jnp.mean(meta_losses), jnp.sum(episodes.diverged), 2 * (self.num_pairs - jnp.sum(finite)),
-                      2 * self.num_pairs, extra)
+                      2 * self.num_pairs,
+                      {"step_calibration": jnp.mean(terms), "step_log_gap": jnp.mean(gaps), **extra})
     return ReferencedState(episodes, noise, truncation.references, scores, sums), grads, metrics
 
 
